@@ -1,0 +1,142 @@
+"""The Hydra task: validate -> (dry run | run under ZeRO-3) -> MLflow. Thin on purpose."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from zi_app import preflight, tracking
+from zi_app.dsconfig import build_ds_config
+from zi_app.paths import conf_dir
+from zi_app.schema import ConfigError, validate
+
+log = logging.getLogger("zi_app")
+RUN_ID_FILE = "mlflow_run_id"
+EXIT_INVALID_CONFIG = 2
+EXIT_FAILED = 1
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Validate the composed config; for real weights read the checkpoint's architecture first."""
+    cfg = validate(cfg)
+    if cfg.model.weights == "pretrained":
+        from zi_app.model import architecture_from_checkpoint
+
+        arch = architecture_from_checkpoint(cfg.model.path)
+        with open_dict(cfg):
+            cfg.model.arch = arch
+            cfg.model.max_positions = cfg.model.max_positions or arch.get("max_position_embeddings")
+        cfg = validate(cfg)
+    return cfg
+
+
+def leaf_classes(cfg: DictConfig):
+    """Decoder-layer classes for leaf modules, resolved only when the memory group asks for them."""
+    if not cfg.memory.leaf_modules:
+        return None
+    from zi_app.model import decoder_layer_classes
+
+    return decoder_layer_classes(dict(cfg.model.arch))
+
+
+def _versions() -> dict:
+    tags = {}
+    for package in ("deepspeed", "torch", "transformers", "hydra-core", "mlflow"):
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{package}"] = "missing"
+    return tags
+
+
+def _device_name(cuda: bool) -> str:
+    if cuda:
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def _overrides() -> str:
+    try:
+        return " ".join(HydraConfig.get().overrides.task)
+    except ValueError:
+        return ""
+
+
+def _output_dir() -> Optional[Path]:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Run one job end to end and return its tokens/sec; failures are recorded in MLflow, then raised."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    experiment_id = tracking.open_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    out_dir = _output_dir()
+    tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: _overrides()}
+    run_name = _overrides().replace(" ", ",") or cfg.model.name
+    with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
+                          run_id_file=out_dir / RUN_ID_FILE if out_dir else None):
+        cfg = prepare(cfg)
+        preflight.check_environment(cfg, cuda)
+        ds_config = build_ds_config(cfg, leaf_classes(cfg))
+        tracking.log_json(ds_config, "ds_config.json")
+        tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+
+        from zi_app.runner import run_inference
+
+        result = run_inference(cfg, ds_config)
+        tracking.log_metrics(result.metrics)
+        tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
+    m = result.metrics
+    log.info("result: %s batch=%d %.2f tokens/s, decode step %.4f s, prefill %.3f s, peak host %.2f GiB%s",
+             cfg.model.name, cfg.batch, m["tokens_per_sec"], m.get("decode_step_s", float("nan")), m["prefill_s"],
+             m["peak_host_rss_bytes"] / 2**30,
+             f", peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB" if "peak_gpu_allocated_bytes" in m else "")
+    return m["tokens_per_sec"]
+
+
+def dry_run(cfg: DictConfig) -> None:
+    """Print the DeepSpeed config of ``cfg`` as one JSON document on stdout; load nothing, log nothing."""
+    import torch
+
+    cfg = prepare(cfg)
+    preflight.check_environment(cfg, torch.cuda.is_available())
+    print(json.dumps(build_ds_config(cfg, leaf_classes(cfg)), indent=2))
+
+
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> Optional[float]:
+    """``python -m zi_app [overrides]``: one ZeRO-Inference job (``-m`` for a sweep)."""
+    try:
+        if cfg.dry_run:
+            return dry_run(cfg)
+        return run_job(cfg)
+    except ConfigError as error:
+        print(f"error: invalid config: {error}", file=sys.stderr)
+        if _multirun():
+            raise
+        sys.exit(EXIT_INVALID_CONFIG)

@@ -1,0 +1,69 @@
+"""The accelerator and DeepSpeed's ZeRO-3 engine: one process, one rank unless a launcher says otherwise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any, Dict
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cuda_available() -> bool:
+    """Whether a CUDA device is usable (decides DeepSpeed's accelerator)."""
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Start DeepSpeed's process group; a single process needs no launcher (rank 0 of 1 on loopback)."""
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(verbose=False)
+
+
+def device() -> torch.device:
+    """The device inputs must live on: this rank's GPU, or the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def cap_gpu_memory(budget_gib: float | None) -> None:
+    """Limit this process's CUDA allocations to ``budget_gib`` so a large card stands in for a smaller one."""
+    if budget_gib is None or not cuda_available():
+        return
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = min(1.0, budget_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    log.info("GPU memory capped at %.1f GiB (%.3f of the card)", budget_gib, fraction)
+
+
+def initialize(model: torch.nn.Module, ds_config: Dict[str, Any]) -> torch.nn.Module:
+    """Wrap ``model`` in a ZeRO-3 engine (parameter fetch hooks, offload) and return the module to call."""
+    import deepspeed
+
+    engine = deepspeed.initialize(model=model, config=ds_config)[0]
+    engine.module.eval()
+    return engine.module
+
+
+def apply_post_init_quantization(model: torch.nn.Module, ds_config: Dict[str, Any]) -> torch.nn.Module:
+    """Quantize the modules named in ``weight_quantization.post_init_quant`` (DeepSpeed's group-wise INT4/INT8)."""
+    from deepspeed.inference.quantization.quantization import _init_group_wise_weight_quantization
+
+    return _init_group_wise_weight_quantization(model, ds_config)

@@ -1,0 +1,141 @@
+"""Measurements as small context managers and a per-token clock for ``generate``.
+
+Metric names are part of the interface (docs/metrics.md explains each one); they are produced here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from transformers import StoppingCriteria
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class PeakMemory:
+    """Peaks seen while the context was open (GPU figures only on CUDA)."""
+
+    host_rss_bytes: int = 0
+    gpu_allocated_bytes: Optional[int] = None
+    gpu_reserved_bytes: Optional[int] = None
+
+    def as_metrics(self) -> Dict[str, float]:
+        metrics = {"peak_host_rss_bytes": float(self.host_rss_bytes)}
+        if self.gpu_allocated_bytes is not None:
+            metrics["peak_gpu_allocated_bytes"] = float(self.gpu_allocated_bytes)
+            metrics["peak_gpu_reserved_bytes"] = float(self.gpu_reserved_bytes)
+        return metrics
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[PeakMemory]:
+    """Record the process's peak host RSS (ru_maxrss) and peak CUDA memory over the block.
+
+    ru_maxrss is the peak of the whole process so far: run one job per process (the launcher does) so
+    that it is the peak of this job, loading included, as the reference script reports it.
+    """
+    peaks = PeakMemory()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        yield peaks
+    finally:
+        peaks.host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if torch.cuda.is_available():
+            peaks.gpu_allocated_bytes = torch.cuda.max_memory_allocated()
+            peaks.gpu_reserved_bytes = torch.cuda.max_memory_reserved()
+
+
+@dataclass
+class Stopwatch:
+    """Wall seconds of a block, the device synchronised at both ends."""
+
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def stopwatch() -> Iterator[Stopwatch]:
+    """Time a block; queued device work is finished before the clock starts and stops."""
+    watch = Stopwatch()
+    _synchronize()
+    start = time.perf_counter()
+    try:
+        yield watch
+    finally:
+        _synchronize()
+        watch.seconds = time.perf_counter() - start
+
+
+class TokenClock(StoppingCriteria):
+    """Stamps the time each new token is ready; generate calls it once per forward step.
+
+    Never stops generation. The stamp follows a device sync, so step times are real device times.
+    """
+
+    def __init__(self) -> None:
+        self.stamps: List[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        _synchronize()
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class GenerateTiming:
+    """One timed ``generate``: total wall time, prefill (up to the first new token) and each decode step."""
+
+    total_s: float
+    prefill_s: float
+    step_s: List[float] = field(default_factory=list)
+
+
+def timed_generate(model, input_ids: torch.Tensor, gen_len: int, **generate_kwargs):
+    """Run greedy ``generate`` producing exactly ``gen_len`` tokens; return (output ids, timing)."""
+    clock = TokenClock()
+    _synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+            min_new_tokens=gen_len, max_new_tokens=gen_len, stopping_criteria=[clock], **generate_kwargs)
+    _synchronize()
+    total = time.perf_counter() - start
+    stamps = [start] + clock.stamps
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+    return output, GenerateTiming(total_s=total, prefill_s=stamps[1] - start, step_s=steps)
+
+
+def throughput_metrics(timing: GenerateTiming, batch: int, prompt_len: int, gen_len: int) -> Dict[str, float]:
+    """The speed metrics of one timed generate.
+
+    tokens_per_sec counts generated tokens only (batch * gen_len) over the whole generate, prefill
+    included (the reference table's metric); decode figures exclude the first token.
+    """
+    decode_s = timing.total_s - timing.prefill_s
+    metrics = {
+        "tokens_per_sec": batch * gen_len / timing.total_s,
+        "latency_s": timing.total_s,
+        "prefill_s": timing.prefill_s,
+        "prefill_tokens_per_sec": batch * prompt_len / timing.prefill_s,
+    }
+    if timing.step_s:
+        metrics["decode_step_s"] = statistics.median(timing.step_s)
+        metrics["decode_tokens_per_sec"] = batch * (gen_len - 1) / decode_s
+    return metrics
+
+
+def median_metrics(runs: List[Dict[str, float]]) -> Dict[str, float]:
+    """Per-metric median over repeated timed runs."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}

@@ -1,0 +1,126 @@
+"""Build or load the causal LM so that ZeRO-3 partitions it as it is constructed.
+
+Imports transformers and torch; DeepSpeed's config must already be registered through
+:class:`HfDeepSpeedConfig` (see :func:`zero3_construction`) for construction-time partitioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INIT_STD = 0.02  # the initializer_range of OPT, LLaMA and BLOOM
+
+
+def _auto_config(arch: Dict[str, Any]):
+    from transformers import AutoConfig
+
+    arch = dict(arch)
+    return AutoConfig.for_model(arch.pop("model_type"), **arch)
+
+
+def causal_lm_class(arch: Dict[str, Any]):
+    """The transformers *ForCausalLM class for an architecture dict."""
+    from transformers import AutoModelForCausalLM
+
+    config = _auto_config(arch)
+    return AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def decoder_layer_classes(arch: Dict[str, Any]) -> List[str]:
+    """Fully qualified names of the model's repeated decoder-layer classes (from ``_no_split_modules``)."""
+    cls = causal_lm_class(arch)
+    module = __import__(cls.__module__, fromlist=["_"])
+    return [f"{cls.__module__}.{name}" for name in (cls._no_split_modules or []) if hasattr(module, name)]
+
+
+def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
+    """The transformers config of a checkpoint (local directory or cached hub id) as a plain dict."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    arch = config.to_diff_dict()
+    arch["model_type"] = config.model_type
+    arch["hidden_size"] = config.hidden_size
+    arch.setdefault("max_position_embeddings", getattr(config, "max_position_embeddings", None))
+    return {k: v for k, v in arch.items() if v is not None and not k.startswith("_") and k != "transformers_version"}
+
+
+def _random_checkpoint_dir(arch: Dict[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
+    key = json.dumps({"arch": arch, "dtype": dtype, "seed": seed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / f"random-{arch['model_type']}-{digest}"
+
+
+@torch.no_grad()
+def materialize_random_checkpoint(arch: Dict[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
+    """Write (once, cached) a checkpoint of seeded random weights and return its directory.
+
+    Needed where weights must exist *before* ZeRO-3 sees them: init-time quantization quantizes each
+    weight inside ``zero.Init``, so a random init that runs afterwards would write into packed storage.
+    Matrices ~ N(0, 0.02), norm scales 1, biases 0: finite, and the same scheme transformers uses.
+    """
+    from transformers import AutoModelForCausalLM
+
+    target = _random_checkpoint_dir(arch, dtype, seed, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    log.info("writing random %s weights to %s (once)", arch["model_type"], target)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_auto_config(arch), dtype=TORCH_DTYPES[dtype])
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.ndim == 1:
+            param.fill_(1.0)
+        else:
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * INIT_STD)
+    tmp = target.with_name(target.name + ".partial")
+    model.save_pretrained(tmp, max_shard_size="2GB")
+    tmp.rename(target)
+    return target
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: Dict[str, Any]) -> Iterator[None]:
+    """While open, every model transformers builds is partitioned by ZeRO-3 as it is constructed."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
+
+
+def load_model(cfg):
+    """Build the model: real weights via ``from_pretrained``, or random ones.
+
+    Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = TORCH_DTYPES[cfg.model.dtype]
+    arch = dict(cfg.model.arch)
+    path = cfg.model.path
+    if cfg.model.weights == "random" and cfg.quant.mode == "init":
+        path = str(materialize_random_checkpoint(arch, cfg.model.dtype, cfg.seed, cfg.cache_dir))
+    if path:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(_auto_config(arch), dtype=dtype)
+    return model.eval()

@@ -1,0 +1,43 @@
+"""Checks of the machine a valid config must run on, done before anything expensive starts."""
+
+from __future__ import annotations
+
+import ctypes.util
+from importlib import metadata
+from pathlib import Path
+
+from packaging.version import Version
+
+from zi_app.schema import ConfigError
+
+MIN_DEEPSPEED = Version("0.10.3")
+_LIBAIO_HEADERS = ("/usr/include/libaio.h", "/usr/local/include/libaio.h")
+
+
+def check_deepspeed_version(installed: str | None = None) -> None:
+    """Refuse DeepSpeed releases older than ZeRO-Inference v2 (0.10.3)."""
+    installed = installed or metadata.version("deepspeed")
+    if Version(installed) < MIN_DEEPSPEED:
+        raise ConfigError("deepspeed", installed, f"version >= {MIN_DEEPSPEED} (ZeRO-Inference weight quantization)")
+
+
+def libaio_available() -> bool:
+    """True when DeepSpeed's async_io op can JIT-build: libaio's shared library and header are installed."""
+    return bool(ctypes.util.find_library("aio")) and any(Path(p).is_file() for p in _LIBAIO_HEADERS)
+
+
+def check_environment(cfg, cuda: bool) -> None:
+    """Raise ConfigError when the machine cannot run ``cfg`` (``cuda``: whether a CUDA device is usable)."""
+    check_deepspeed_version()
+    if cfg.offload.device == "nvme" and not libaio_available():
+        raise ConfigError("offload.device", "nvme",
+                          "cpu or none on this machine: libaio is missing (apt-get install libaio-dev), "
+                          "so DeepSpeed's async_io op cannot be built")
+    if not cuda:
+        if cfg.kvcache.cache_implementation == "offloaded":
+            raise ConfigError("kvcache", "cpu",
+                              "gpu on a machine without CUDA (transformers' offloaded cache streams over CUDA streams)")
+        if cfg.quant.mode != "none" and cfg.model.dtype == "float16":
+            raise ConfigError("model.dtype", "float16",
+                              "float32 or bfloat16 for quantized weights without CUDA (DeepSpeed's fp16 dequantizer "
+                              "is CUDA-only)")

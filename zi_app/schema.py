@@ -1,0 +1,243 @@
+"""Typed schema of a ZeRO-Inference job and the checks that turn bad input into clear messages.
+
+The dataclasses are registered in Hydra's ConfigStore as ``zi_schema`` so that composition already rejects
+wrong types (``batch=abc``, ``pin=maybe``) with the key's name; :func:`validate` adds the checks a type
+cannot express (ranges, combinations, paths on disk). Everything here is cheap to import.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DTYPES = ("float32", "float16", "bfloat16")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+QUANT_MODES = ("none", "init", "post")
+QUANT_BITS = (4, 8)
+CACHE_IMPLEMENTATIONS = (None, "offloaded")
+WEIGHTS = ("random", "pretrained")
+PERSISTENCE_WORDS = ("h", "hh")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; names the key, the bad value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unnamed"
+    path: Optional[str] = None
+    weights: str = "random"
+    dtype: str = "float16"
+    max_positions: Optional[int] = None
+    arch: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AioConfig:
+    block_size: int = 16 * 2**20
+    queue_depth: int = 64
+    intra_op_parallelism: int = 8
+    single_submit: bool = False
+    overlap_events: bool = True
+    use_gds: bool = False
+
+
+@dataclass
+class OffloadConfig:
+    device: str = "none"
+    nvme_path: Optional[str] = None
+    buffer_count: Optional[int] = None
+    buffer_size: Optional[int] = None
+    aio: Optional[AioConfig] = None
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "none"
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    group_dim: Optional[int] = None
+    symmetric: Optional[bool] = None
+    modules: Optional[List[str]] = None
+
+
+@dataclass
+class KVCacheConfig:
+    cache_implementation: Optional[str] = None
+
+
+@dataclass
+class MemoryConfig:
+    name: str = "reference"
+    prefetch_bucket_hh: float = 2
+    max_live_hh: float = 2
+    persistence: str = "h"
+    leaf_modules: bool = False
+    max_reuse_distance: Optional[int] = None
+    gpu_budget_gib: Optional[float] = None
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "zero-inference"
+
+
+@dataclass
+class ZIConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    kvcache: KVCacheConfig = field(default_factory=KVCacheConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    batch: int = 1
+    pin: bool = True
+    prompt_len: int = 512
+    gen_len: int = 32
+    warmup: int = 1
+    repeat: int = 3
+    seed: int = 0
+    dry_run: bool = False
+    cache_dir: str = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register() -> None:
+    """Register the schema as ``zi_schema`` in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="zi_schema", node=ZIConfig)
+
+
+register()
+
+
+def with_defaults(cfg: Any) -> DictConfig:
+    """Merge ``cfg`` (DictConfig or dict, possibly partial) over the schema defaults, type-checked."""
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is ZIConfig:
+        return cfg
+    base = OmegaConf.structured(ZIConfig)
+    base.cache_dir = str(Path.home() / ".cache" / "hydra-zero-inference")
+    return OmegaConf.merge(base, cfg if cfg is not None else {})
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "a positive integer")
+
+
+def _check_workload(cfg: DictConfig) -> None:
+    for key in ("batch", "prompt_len", "gen_len", "repeat"):
+        _positive_int(key, cfg[key])
+    if cfg.warmup < 0:
+        raise ConfigError("warmup", cfg.warmup, "an integer >= 0")
+    limit = cfg.model.max_positions or cfg.model.arch.get("max_position_embeddings")
+    if limit and cfg.prompt_len + cfg.gen_len > limit:
+        raise ConfigError(
+            "prompt_len", cfg.prompt_len,
+            f"prompt_len + gen_len = {cfg.prompt_len + cfg.gen_len} exceeds model {cfg.model.name}'s "
+            f"{limit} positions; keep it <= {limit}")
+
+
+def _check_model(model: DictConfig) -> None:
+    if model.dtype not in DTYPES:
+        raise ConfigError("model.dtype", model.dtype, f"one of {', '.join(DTYPES)}")
+    if model.weights not in WEIGHTS:
+        raise ConfigError("model.weights", model.weights, f"one of {', '.join(WEIGHTS)}")
+    if model.weights == "pretrained":
+        if not model.path:
+            raise ConfigError("model.path", model.path, "a local directory or hub id when model.weights=pretrained")
+        local = Path(os.path.expanduser(model.path))
+        looks_local = model.path.startswith(("/", ".", "~")) or not _HUB_ID.match(model.path)
+        if looks_local and not (local / "config.json").is_file():
+            raise ConfigError("model.path", model.path,
+                              "an existing directory holding config.json (as written by save_pretrained) or a hub id")
+    elif model.path:
+        raise ConfigError("model.weights", model.weights,
+                          "'pretrained' when model.path is set (add model.weights=pretrained, or use model=pretrained)")
+    elif "hidden_size" not in model.arch:
+        raise ConfigError("model.arch.hidden_size", None, "the architecture's hidden size (random weights need `arch`)")
+
+
+def _check_offload(offload: DictConfig) -> None:
+    if offload.device not in OFFLOAD_DEVICES:
+        raise ConfigError("offload.device", offload.device, f"one of {', '.join(OFFLOAD_DEVICES)}")
+    if offload.device != "nvme":
+        return
+    path = offload.nvme_path
+    if not path or not Path(path).is_dir():
+        raise ConfigError("offload.nvme_path", path, "an existing directory on a fast local disk")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("offload.nvme_path", path, "a directory this user can write to")
+    if offload.buffer_count is not None:
+        _positive_int("offload.buffer_count", offload.buffer_count)
+    if offload.buffer_size is not None:
+        _positive_int("offload.buffer_size", offload.buffer_size)
+
+
+def _check_quant(quant: DictConfig, model: DictConfig) -> None:
+    if quant.mode not in QUANT_MODES:
+        raise ConfigError("quant.mode", quant.mode, f"one of {', '.join(QUANT_MODES)}")
+    if quant.mode == "none":
+        return
+    if quant.bits not in QUANT_BITS:
+        raise ConfigError("quant.bits", quant.bits, "4 or 8 (DeepSpeed's group-wise weight quantizer)")
+    if quant.symmetric is not False:
+        raise ConfigError("quant.symmetric", quant.symmetric, "false (DeepSpeed implements asymmetric only)")
+    _positive_int("quant.group_size", quant.group_size)
+    hidden = model.arch.get("hidden_size")
+    if quant.group_size % 8 or (hidden and hidden % quant.group_size):
+        raise ConfigError("quant.group_size", quant.group_size,
+                          f"a multiple of 8 that divides the hidden size {hidden}")
+    if quant.group_dim not in (0, 1):
+        raise ConfigError("quant.group_dim", quant.group_dim, "0 or 1 (a dimension of a 2-D weight)")
+    if quant.mode == "post":
+        if model.dtype != "float16":
+            raise ConfigError("quant.mode", quant.mode,
+                              f"'post' needs model.dtype=float16 (DeepSpeed's post_init_quant is fp16 only), "
+                              f"got {model.dtype}; use quant=int4/int8 (init-time) instead")
+        if not quant.modules:
+            raise ConfigError("quant.modules", quant.modules, "a non-empty list of module-name substrings")
+
+
+def _check_memory(memory: DictConfig) -> None:
+    for key in ("prefetch_bucket_hh", "max_live_hh"):
+        if memory[key] <= 0:
+            raise ConfigError(f"memory.{key}", memory[key], "a positive multiple of h*h")
+    if memory.persistence not in PERSISTENCE_WORDS and not str(memory.persistence).isdigit():
+        raise ConfigError("memory.persistence", memory.persistence,
+                          "'h' (h elements), 'hh' (h*h+1) or a non-negative integer element count")
+    if memory.gpu_budget_gib is not None and memory.gpu_budget_gib <= 0:
+        raise ConfigError("memory.gpu_budget_gib", memory.gpu_budget_gib, "a positive number of GiB, or null")
+
+
+def _check_kvcache(kvcache: DictConfig) -> None:
+    if kvcache.cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise ConfigError("kvcache.cache_implementation", kvcache.cache_implementation,
+                          "null (default GPU cache) or 'offloaded' (host-memory cache)")
+
+
+def validate(cfg: Any) -> DictConfig:
+    """Return ``cfg`` merged over the schema defaults, or raise :class:`ConfigError` for the first bad key.
+
+    Checks only the configuration and the paths it names; environment checks (CUDA, libaio,
+    DeepSpeed's version) live in :mod:`zi_app.preflight`.
+    """
+    cfg = with_defaults(cfg)
+    _check_model(cfg.model)
+    _check_workload(cfg)
+    _check_offload(cfg.offload)
+    _check_quant(cfg.quant, cfg.model)
+    _check_memory(cfg.memory)
+    _check_kvcache(cfg.kvcache)
+    return cfg

@@ -1,0 +1,126 @@
+"""MLflow: the store, one run per job (params, metrics, tags, artifacts) and failures recorded as data.
+
+Receives plain dicts and files only; knows nothing of torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+SQLITE_PREFIX = "sqlite:///"
+FAILURE_KIND_TAG = "zi.failure_kind"
+FAILURE_MESSAGE_TAG = "zi.failure_message"
+OVERRIDES_TAG = "zi.overrides"
+PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
+# Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+PARAM_SKIP = ("tracking", "dry_run", "cache_dir")
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """Artifact location for a local SQLite store: ``artifacts/`` beside the database file."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return (Path(uri[len(SQLITE_PREFIX):]).resolve().parent / "artifacts").as_uri()
+
+
+def open_experiment(uri: str, experiment: str) -> str:
+    """Point MLflow at ``uri`` (creating a local SQLite store's folder) and return the experiment id."""
+    if uri.startswith(SQLITE_PREFIX):
+        Path(uri[len(SQLITE_PREFIX):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment, artifact_location=artifact_root(uri), tags=EXPERIMENT_TAGS)
+    except MlflowException:
+        # Another process created it between our lookup and create.
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}; lists become JSON strings."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def job_params(config: Dict[str, Any]) -> Dict[str, Any]:
+    """MLflow params of a job: the flattened composed config, bookkeeping keys left out."""
+    return {k: v for k, v in flatten(config).items() if not k.startswith(PARAM_SKIP)}
+
+
+def failure_kind(error: BaseException) -> str:
+    """Classify a job failure: ``oom``, ``invalid-config`` or ``error`` (``killed`` is set from outside)."""
+    from zi_app.schema import ConfigError
+
+    if isinstance(error, ConfigError):
+        return "invalid-config"
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return "oom"
+    return "error"
+
+
+def record_failure(run_id: str, kind: str, message: str) -> None:
+    """Mark a run FAILED with the kind and message of its failure."""
+    client = MlflowClient()
+    client.set_tag(run_id, FAILURE_KIND_TAG, kind)
+    client.set_tag(run_id, FAILURE_MESSAGE_TAG, message[:4000])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+@contextlib.contextmanager
+def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dict[str, str],
+            run_id_file: Optional[Path] = None) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one job; an exception inside marks it FAILED with its kind, then propagates.
+
+    The run id is written to ``run_id_file`` first, so that whoever started this process can mark
+    the run FAILED if the process is killed before it can. A parent run id in ``ZI_PARENT_RUN_ID``
+    nests the run under a sweep's parent run.
+    """
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags = {**tags, "mlflow.parentRunId": parent}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        if run_id_file is not None:
+            run_id_file.write_text(run.info.run_id)
+        mlflow.log_params(params)
+        try:
+            yield run
+        except BaseException as error:
+            record_failure(run.info.run_id, failure_kind(error), f"{type(error).__name__}: {error}")
+            raise
+
+
+def log_json(obj: Any, name: str) -> None:
+    """Store ``obj`` as a JSON artifact of the active run."""
+    mlflow.log_dict(obj, name)
+
+
+def log_text(text: str, name: str) -> None:
+    """Store ``text`` as an artifact of the active run."""
+    mlflow.log_text(text, name)
+
+
+def log_metrics(metrics: Dict[str, float]) -> None:
+    """Log the job's headline metrics on the active run."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
