@@ -101,7 +101,7 @@ def run_job(cfg: DictConfig) -> float:
 
         from zi_app.runner import run_inference
 
-        result = run_inference(cfg, ds_config)
+        result = run_inference(cfg, ds_config, on_metrics=tracking.log_metrics)
         tracking.log_metrics(result.metrics)
         tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
     m = result.metrics
