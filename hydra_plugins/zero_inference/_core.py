@@ -1,0 +1,207 @@
+"""The process-per-job launcher's work, on the driver's side: compose each job, run it in a new process
+(``_job``), collect its JobReturn, and print a progress line per job.
+
+The job travels to its process as a cloudpickle of the task function, the job's composed config, the
+Hydra context and Hydra's singletons; the JobReturn travels back the same way. A process that dies
+without sending one back (a signal, the kernel's OOM killer, a hard crash) becomes a FAILED JobReturn
+holding a :class:`JobProcessError`, Hydra's ``on_job_end`` callbacks are told about it, and the sweep
+goes on with the next job.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import pickle
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+import cloudpickle
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+JOB_MODULE = "hydra_plugins.zero_inference._job"
+JOB_DIR_KEY = "hydra.sweep.dir"
+JOB_SUBDIR_KEY = "hydra.sweep.subdir"
+
+
+class JobError(RuntimeError):
+    """A job's failure whose exception could not travel back from the job's process as itself."""
+
+
+class JobProcessError(RuntimeError):
+    """A job's process ended without sending back a result.
+
+    ``failure_kind`` is ``killed`` when a signal ended it, ``error`` when it exited on its own.
+    """
+
+    failure_kind = "error"
+
+
+@dataclass
+class Job:
+    """One job of the batch: its number, its overrides and its composed config (output dir resolved)."""
+
+    idx: int
+    overrides: List[str]
+    config: DictConfig
+
+    @property
+    def output_dir(self) -> str:
+        return str(self.config.hydra.runtime.output_dir)
+
+
+def visible_gpus() -> List[str]:
+    """The GPUs this sweep may use: ``CUDA_VISIBLE_DEVICES`` when set, else every GPU nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        gpus = []
+        for device in (d.strip() for d in env.split(",")):
+            if not device or device.startswith("-"):  # CUDA ignores everything from an invalid entry on
+                break
+            gpus.append(device)
+        return gpus
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
+
+
+def compose(launcher: Any, overrides: Sequence[str], idx: int) -> Job:
+    """The job's config as its process will see it, with ``hydra.runtime.output_dir`` already resolved
+    (the same path ``run_job`` computes), so the driver knows where a dead job kept its files."""
+    config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+    with open_dict(config):
+        config.hydra.job.id = idx
+        config.hydra.job.num = idx
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    hydra_config.set_config(config)  # ${hydra:...} in the output dir resolves against this job
+    try:
+        output_dir = os.path.join(str(OmegaConf.select(config, JOB_DIR_KEY)), str(OmegaConf.select(config, JOB_SUBDIR_KEY)))
+    finally:
+        hydra_config.cfg = previous
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = os.path.abspath(output_dir)
+    return Job(idx=idx, overrides=list(overrides), config=config)
+
+
+def describe_exit(returncode: int) -> JobProcessError:
+    """The error of a job process that exited with ``returncode`` without sending back a result."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else f"signal {-returncode}"
+        cause = " (the kernel's out-of-memory killer, or a kill from outside)" if -returncode == signal.SIGKILL else ""
+        error = JobProcessError(f"the job's process was killed by {name}{cause} before it could return a result")
+        error.failure_kind = "killed"
+        return error
+    return JobProcessError(f"the job's process exited with status {returncode} without returning a result "
+                           f"(its output above says why)")
+
+
+def dead_job_return(job: Job, returncode: int) -> JobReturn:
+    """A FAILED JobReturn standing for a job whose process died."""
+    task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
+    ret = JobReturn(overrides=job.overrides, cfg=task_cfg, hydra_cfg=job.config, working_dir=job.output_dir,
+                    task_name=str(job.config.hydra.job.name), status=JobStatus.FAILED)
+    ret.return_value = describe_exit(returncode)
+    return ret
+
+
+def outcome(ret: JobReturn, label: str) -> str:
+    """``COMPLETED 12.34 tokens/s`` or ``FAILED <error type>: <first line of its message>``."""
+    value = ret._return_value  # the public property raises for a failed job
+    if ret.status == JobStatus.COMPLETED:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"COMPLETED {value:.2f} {label}"
+        return "COMPLETED"
+    message = str(value).strip().splitlines()
+    return f"FAILED {type(value).__name__}: {message[0] if message else ''}"
+
+
+class Progress:
+    """Prints one line per finished job: ``[k/N] #idx overrides: outcome (seconds, GPU)``."""
+
+    def __init__(self, done: int, total: int, label: str) -> None:
+        self.done, self.total, self.label = done, total, label
+        self.lock = threading.Lock()
+
+    def job_ended(self, job: Job, ret: JobReturn, seconds: float, gpu: Optional[str]) -> None:
+        with self.lock:
+            self.done += 1
+            what = " ".join(filter_overrides(job.overrides)) or "(no overrides)"
+            where = f", GPU {gpu}" if gpu is not None else ""
+            print(f"[{self.done}/{self.total}] #{job.idx} {what}: {outcome(ret, self.label)} ({seconds:.1f} s{where})",
+                  flush=True)
+
+
+def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, workdir: Path) -> JobReturn:
+    """Run ``job`` in a new ``python -m hydra_plugins.zero_inference._job`` process and return its JobReturn."""
+    payload, result = workdir / f"job{job.idx}.pkl", workdir / f"job{job.idx}.result.pkl"
+    with open(payload, "wb") as f:
+        pickle.dump(list(sys.path), f)  # read first, so modules found only through the driver's path import
+        cloudpickle.dump((launcher.task_function, launcher.hydra_context, job.config, state), f)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    process = subprocess.run([sys.executable, "-m", JOB_MODULE, str(payload), str(result)], env=env)
+    if result.exists():
+        with open(result, "rb") as f:
+            return pickle.load(f)
+    return dead_job_return(job, process.returncode)
+
+
+def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+    """Run the batch, one job per process, one at a time per GPU slot; return JobReturns in job order."""
+    setup_globals()
+    config = launcher.config
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    gpus = visible_gpus() if launcher.gpus is None else launcher.gpus
+    slots: "queue.Queue[Optional[str]]" = queue.Queue()
+    for gpu in gpus or [None]:
+        slots.put(gpu)
+    jobs = [compose(launcher, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+    log.info("Launching %d jobs, each in a new process, %s", len(jobs),
+             f"one per GPU at a time on GPUs {','.join(gpus)}" if gpus else "one at a time")
+    state = Singleton.get_state()
+    progress = Progress(initial_job_idx, initial_job_idx + len(jobs), launcher.result_label)
+    callback_lock = threading.Lock()
+
+    def run_one(job: Job) -> JobReturn:
+        gpu = slots.get()
+        try:
+            log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+            start = time.monotonic()
+            ret = run_in_process(launcher, job, gpu, state, Path(workdir))
+            if isinstance(ret._return_value, JobProcessError):
+                with callback_lock:  # the job's own on_job_end never ran: tell the callbacks here
+                    launcher.hydra_context.callbacks.on_job_end(config=job.config, job_return=ret)
+            progress.job_ended(job, ret, time.monotonic() - start, gpu)
+            return ret
+        finally:
+            slots.put(gpu)
+
+    with tempfile.TemporaryDirectory(prefix="zi-launcher-") as workdir, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
+        returns = list(pool.map(run_one, jobs))
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return returns
