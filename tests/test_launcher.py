@@ -1,0 +1,136 @@
+"""The process_per_job launcher: Hydra's launcher test suites, plus what it adds (fresh process per job,
+jobs that die, one job per GPU)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+
+from hydra_plugins.zero_inference import _core
+from hydra_plugins.zero_inference.process_per_job_launcher import ProcessPerJobLauncher
+
+LAUNCHER = "hydra/launcher=process_per_job"
+
+
+def test_discovered_by_hydra():
+    # Hydra re-executes plugin modules while scanning: compare the classes by name.
+    names = {f"{cls.__module__}.{cls.__name__}" for cls in Plugins.instance().discover(Launcher)}
+    assert f"{ProcessPerJobLauncher.__module__}.{ProcessPerJobLauncher.__name__}" in names
+
+
+@pytest.mark.parametrize("launcher_name, overrides", [("process_per_job", [])])
+class TestProcessPerJobLauncher(LauncherTestSuite):
+    pass
+
+
+@pytest.mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", LAUNCHER])])
+class TestProcessPerJobLauncherIntegration(IntegrationTestSuite):
+    pass
+
+
+def test_every_job_gets_a_new_process(hydra_sweep_runner, tmp_path):
+    sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
+                               task_function=lambda cfg: os.getpid(), config_path="configs",
+                               config_name="compose.yaml", overrides=[LAUNCHER, "+a=0,1,2"], temp_dir=tmp_path)
+    with sweep:
+        pids = [ret.return_value for ret in sweep.returns[0]]
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+
+
+# A job app whose jobs record what they saw; x=2 kills its own process with SIGKILL, as the kernel's
+# OOM killer would. The callback (imported from the app's folder, so the job's process must see the
+# driver's sys.path) records on_job_end calls and the process they ran in.
+APP = '''
+import json, os, signal, time
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+@hydra.main(version_base=None, config_path=".", config_name="config")
+def main(cfg):
+    start = time.time()
+    if cfg.x == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(cfg.sleep)
+    record = {"x": cfg.x, "pid": os.getpid(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+              "start": start, "end": time.time()}
+    with open(os.path.join(HydraConfig.get().runtime.output_dir, "job.json"), "w") as f:
+        json.dump(record, f)
+    return cfg.x * 10.0
+
+if __name__ == "__main__":
+    main()
+'''
+CALLBACK = '''
+import json, os
+from hydra.experimental.callback import Callback
+
+class Recorder(Callback):
+    def on_job_end(self, config, job_return, **kwargs):
+        with open(os.path.join(config.hydra.sweep.dir, "job_end.jsonl"), "a") as f:
+            f.write(json.dumps({"num": config.hydra.job.num, "status": job_return.status.name,
+                                "pid": os.getpid(), "output_dir": config.hydra.runtime.output_dir}) + "\\n")
+'''
+CONFIG = '''
+x: 0
+sleep: 0
+hydra:
+  callbacks:
+    recorder:
+      _target_: recorder.Recorder
+'''
+
+
+def _run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "recorder.py").write_text(CALLBACK)
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    return subprocess.run([sys.executable, str(tmp_path / "app.py"), "-m", LAUNCHER, "hydra.sweep.dir=sweep",
+                           *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+
+def _records(sweep: Path) -> dict:
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/job.json")}
+
+
+def test_a_killed_job_fails_alone(tmp_path):
+    proc = _run_app(tmp_path, "x=1,2,3")
+    sweep = tmp_path / "sweep"
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    assert lines[0].startswith("[1/3] #0 x=1: COMPLETED 10.00 tokens/s")
+    assert lines[1].startswith("[2/3] #1 x=2: FAILED JobProcessError: the job's process was killed by SIGKILL")
+    assert lines[2].startswith("[3/3] #2 x=3: COMPLETED 30.00 tokens/s")
+    assert "killed by SIGKILL" in proc.stderr  # Hydra reports the failed job
+    assert sorted(_records(sweep)) == [0, 2]
+    ends = {e["num"]: e for e in map(json.loads, (sweep / "job_end.jsonl").read_text().splitlines())}
+    assert ends[1]["status"] == "FAILED"
+    assert ends[1]["output_dir"] == str(sweep / "1")
+    driver_pids = {ends[1]["pid"]}
+    assert driver_pids.isdisjoint({ends[0]["pid"], ends[2]["pid"]})  # the others ran in their own processes
+    assert ends[0]["pid"] == _records(sweep)[0]["pid"]
+
+
+def test_one_job_per_gpu_at_a_time(tmp_path):
+    proc = _run_app(tmp_path, "x=3,4,5,6", "sleep=1.5", "hydra.launcher.gpus=[a,b]")
+    assert proc.returncode == 0, proc.stderr
+    records = list(_records(tmp_path / "sweep").values())
+    assert len(records) == 4 and {r["gpu"] for r in records} == {"a", "b"}
+    for r in records:
+        running = [o for o in records if o["start"] < r["end"] and r["start"] < o["end"]]
+        assert len(running) <= 2  # itself and at most one other
+        assert len({o["gpu"] for o in running}) == len(running)  # never two at once on one GPU
+    assert any(len([o for o in records if o["start"] < r["end"] and r["start"] < o["end"]]) == 2 for r in records)
+
+
+@pytest.mark.parametrize("env, expected", [("0,1", ["0", "1"]), ("", []), ("2,-1,3", ["2"]),
+                                           ("GPU-9f2e, GPU-77aa", ["GPU-9f2e", "GPU-77aa"])])
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, env, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    assert _core.visible_gpus() == expected
