@@ -8,15 +8,15 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from zi_app import preflight, tracking
-from zi_app.dsconfig import build_ds_config
+from zi_app import dsconfig, preflight, tracking
+from zi_app.planner import Residency
 from zi_app.paths import conf_dir
 from zi_app.schema import ConfigError, validate
 
@@ -40,13 +40,24 @@ def prepare(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def leaf_classes(cfg: DictConfig):
-    """Decoder-layer classes for leaf modules, resolved only when the memory group asks for them."""
-    if not cfg.memory.leaf_modules:
-        return None
-    from zi_app.model import decoder_layer_classes
+def plan(cfg: DictConfig, cuda: bool) -> Tuple[dict, Residency]:
+    """The DeepSpeed config and the predicted GPU residency; refuses a job predicted not to fit its budget."""
+    import torch
 
-    return decoder_layer_classes(dict(cfg.model.arch))
+    from zi_app.model import model_facts
+
+    facts = model_facts(dict(cfg.model.arch))
+    device_bytes = torch.cuda.mem_get_info()[1] if cuda else None
+    residency = dsconfig.residency(cfg, facts, device_bytes)
+    budget = dsconfig.budget_bytes(cfg, device_bytes)
+    if cuda and budget is not None and residency.predicted_peak_bytes > budget:
+        raise ConfigError(
+            "batch", cfg.batch,
+            f"a batch that fits: predicted peak GPU memory {residency.predicted_peak_bytes / 2**30:.1f} GiB "
+            f"(resident weights {residency.resident_bytes / 2**30:.1f} GiB + KV cache, activations, live parameters) "
+            f"exceeds the budget of {budget / 2**30:.1f} GiB; lower batch or prompt_len + gen_len, "
+            f"or raise memory.gpu_budget_gib")
+    return dsconfig.build_ds_config(cfg, facts, device_bytes), residency
 
 
 def _versions() -> dict:
@@ -95,7 +106,9 @@ def run_job(cfg: DictConfig) -> float:
                           run_id_file=out_dir / RUN_ID_FILE if out_dir else None):
         cfg = prepare(cfg)
         preflight.check_environment(cfg, cuda)
-        ds_config = build_ds_config(cfg, leaf_classes(cfg))
+        ds_config, residency = plan(cfg, cuda)
+        tracking.log_metrics({"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
+                              "predicted_resident_bytes": residency.resident_bytes})
         tracking.log_json(ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
 
@@ -116,9 +129,10 @@ def dry_run(cfg: DictConfig) -> None:
     """Print the DeepSpeed config of ``cfg`` as one JSON document on stdout; load nothing, log nothing."""
     import torch
 
+    cuda = torch.cuda.is_available()
     cfg = prepare(cfg)
-    preflight.check_environment(cfg, torch.cuda.is_available())
-    print(json.dumps(build_ds_config(cfg, leaf_classes(cfg)), indent=2))
+    preflight.check_environment(cfg, cuda)
+    print(json.dumps(plan(cfg, cuda)[0], indent=2))
 
 
 def _multirun() -> bool:

@@ -1,16 +1,19 @@
-"""Turn a composed ZeRO-Inference config into DeepSpeed's config dict. Pure: no I/O, no heavy imports.
+"""Turn a composed ZeRO-Inference config into DeepSpeed's config dict. Pure: no I/O.
 
-Every size DeepSpeed needs that depends on the model (prefetch bucket, persistence threshold, live
-parameters, NVMe buffer size) is derived here and nowhere else, from the hidden size ``h`` and the
-architecture in ``cfg.model.arch``.
+Every size DeepSpeed needs that depends on the model (prefetch bucket, persistence thresholds, live
+parameters, reuse distance, NVMe buffer size) is derived here and nowhere else, from the hidden size
+``h``, the architecture in ``cfg.model.arch`` and, for the tuned memory settings, the model's facts
+(:class:`zi_app.planner.ModelFacts`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+import sys
+from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
+from zi_app.planner import DTYPE_BYTES, ModelFacts, Residency, Workload, plan_residency, predict
 from zi_app.schema import with_defaults
 
 DS_DTYPE_KEYS = {"float16": "fp16", "bfloat16": "bf16"}
@@ -33,30 +36,73 @@ def largest_parameter_numel(arch: Dict[str, Any]) -> int:
 
 
 def persistence_threshold(word: str, h: int) -> int:
-    """stage3_param_persistence_threshold for the memory group's ``persistence`` setting.
+    """stage3_param_persistence_threshold for a fixed ``memory.persistence`` setting.
 
     ``h``: the reference (only biases and norms stay resident); ``hh``: h*h+1, so every h x h
     projection (attention q/k/v/out) stays resident on the GPU too; digits: that many elements.
+    ``auto`` is planned against the GPU budget (:func:`residency`); without a known budget it falls
+    back to ``h``.
     """
-    if word == "h":
+    if word in ("h", "auto"):
         return h
     if word == "hh":
         return h * h + 1
     return int(word)
 
 
-def _zero_optimization(cfg, h: int, leaf_classes: Optional[Sequence[str]]) -> Dict[str, Any]:
+def weight_bytes(cfg) -> float:
+    """Bytes per stored weight element: the dtype's, or the quantized width plus a scale and zero point per group."""
+    if cfg.quant.mode == "none":
+        return float(DTYPE_BYTES[cfg.model.dtype])
+    return cfg.quant.bits / 8 + 2 * DTYPE_BYTES[cfg.model.dtype] / cfg.quant.group_size
+
+
+def budget_bytes(cfg, device_bytes: Optional[int]) -> Optional[int]:
+    """The GPU memory a job may use: ``memory.gpu_budget_gib`` if set, else the whole device (when known)."""
+    if cfg.memory.gpu_budget_gib is not None:
+        return int(cfg.memory.gpu_budget_gib * 2**30)
+    return device_bytes
+
+
+def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Residency:
+    """Persistence thresholds for ``cfg`` and the peak GPU memory they are predicted to give."""
+    cfg = with_defaults(cfg)
+    h = hidden_size(cfg.model.arch)
+    work = Workload(arch=dict(cfg.model.arch), dtype=cfg.model.dtype, weight_bytes=weight_bytes(cfg),
+                    batch=cfg.batch, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                    live_elements=int(cfg.memory.max_live_hh * h * h))
+    budget = budget_bytes(cfg, device_bytes)
+    if str(cfg.memory.persistence) == "auto" and budget is not None:
+        return plan_residency(work, facts, budget, base_threshold=h)
+    return predict(work, facts, persistence_threshold(str(cfg.memory.persistence), h), sys.maxsize)
+
+
+def max_reuse_distance(setting: Optional[str], facts: Optional[ModelFacts]) -> Optional[int]:
+    """stage3_max_reuse_distance: ``model`` = every parameter's count, so a weight used twice in one
+    forward (a tied embedding / LM head) stays on the GPU in between instead of being fetched twice."""
+    if setting is None:
+        return None
+    if setting == "model":
+        return sum(facts.param_numels) + 1
+    return int(setting)
+
+
+def _zero_optimization(cfg, h: int, facts: Optional[ModelFacts], plan: Optional[Residency]) -> Dict[str, Any]:
     memory = cfg.memory
     zero: Dict[str, Any] = {
         "stage": 3,
         "stage3_prefetch_bucket_size": int(memory.prefetch_bucket_hh * h * h),
-        "stage3_param_persistence_threshold": persistence_threshold(str(memory.persistence), h),
+        "stage3_param_persistence_threshold": (plan.param_threshold if plan
+                                               else persistence_threshold(str(memory.persistence), h)),
         "stage3_max_live_parameters": int(memory.max_live_hh * h * h),
     }
-    if memory.max_reuse_distance is not None:
-        zero["stage3_max_reuse_distance"] = int(memory.max_reuse_distance)
-    if memory.leaf_modules and leaf_classes:
-        zero["leaf_module"] = {"classes": list(leaf_classes)}
+    if plan and plan.model_threshold < sys.maxsize:
+        zero["stage3_model_persistence_threshold"] = plan.model_threshold
+    reuse = max_reuse_distance(memory.max_reuse_distance, facts)
+    if reuse is not None:
+        zero["stage3_max_reuse_distance"] = reuse
+    if memory.leaf_modules and facts.leaf_classes:
+        zero["leaf_module"] = {"classes": list(facts.leaf_classes)}
     offload = cfg.offload
     if offload.device == "cpu":
         zero["offload_param"] = {"device": "cpu", "pin_memory": bool(cfg.pin)}
@@ -81,17 +127,30 @@ def _weight_quantization(quant) -> Optional[Dict[str, Any]]:
     return {"post_init_quant": {name: dict(spec) for name in quant.modules}}
 
 
-def build_ds_config(cfg: Any, leaf_classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def needs_facts(cfg) -> bool:
+    """Whether the memory group derives settings from the model's classes and parameter sizes."""
+    memory = cfg.memory
+    return bool(memory.leaf_modules) or str(memory.persistence) == "auto" or memory.max_reuse_distance == "model"
+
+
+def build_ds_config(cfg: Any, facts: Optional[ModelFacts] = None, device_bytes: Optional[int] = None) -> Dict[str, Any]:
     """Return the complete DeepSpeed config for a ZeRO-Inference job.
 
     ``cfg`` is the composed config (or the node where the zero-inference groups are mounted); keys it
-    lacks take the schema's defaults. ``leaf_classes`` are the decoder-layer class names used when
-    ``memory.leaf_modules`` is on (found from the model class by :func:`zi_app.model.decoder_layer_classes`).
+    lacks take the schema's defaults. ``facts`` (decoder-layer classes and parameter sizes) are needed
+    by the tuned memory settings; when not given they are read from the architecture on the meta
+    device (imports transformers, allocates nothing). ``device_bytes`` is the GPU's memory, the budget
+    ``persistence=auto`` plans against when ``memory.gpu_budget_gib`` is not set.
     """
     cfg = with_defaults(cfg)
     h = hidden_size(cfg.model.arch)
+    if facts is None and needs_facts(cfg):
+        from zi_app.model import model_facts
+
+        facts = model_facts(dict(cfg.model.arch))
+    plan = residency(cfg, facts, device_bytes) if str(cfg.memory.persistence) == "auto" else None
     ds: Dict[str, Any] = {key: {"enabled": cfg.model.dtype == dtype} for dtype, key in DS_DTYPE_KEYS.items()}
-    ds["zero_optimization"] = _zero_optimization(cfg, h, leaf_classes)
+    ds["zero_optimization"] = _zero_optimization(cfg, h, facts, plan)
     if cfg.offload.device == "nvme":
         ds["aio"] = OmegaConf.to_container(cfg.offload.aio) if cfg.offload.aio else {}
     quantization = _weight_quantization(cfg.quant)

@@ -139,3 +139,62 @@ def throughput_metrics(timing: GenerateTiming, batch: int, prompt_len: int, gen_
 def median_metrics(runs: List[Dict[str, float]]) -> Dict[str, float]:
     """Per-metric median over repeated timed runs."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Median host-to-device copy bandwidth in GB/s (10^9 bytes/s) for a pinned or pageable buffer."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=pinned)
+    seconds = []
+    for _ in range(repeats):
+        with stopwatch() as watch:
+            device.copy_(host, non_blocking=pinned)
+        seconds.append(watch.seconds)
+    return nbytes / statistics.median(seconds) / 1e9
+
+
+class _DecodeStepProfiler(StoppingCriteria):
+    """Profiles exactly the first decode step: starts after the prefill's token, stops after the next."""
+
+    def __init__(self, profiler) -> None:
+        self.profiler = profiler
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            self.profiler.start()
+        elif self.calls == 2:
+            _synchronize()
+            self.profiler.stop()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def htod_bytes_per_decode_step(model, input_ids: torch.Tensor, trace_path: str, **generate_kwargs) -> int:
+    """Bytes copied host->device during one decode step, read from the CUDA profiler's memcpy records.
+
+    This is what the step really streams: resident parameters cost nothing, a weight fetched twice
+    counts twice, and an offloaded KV cache's transfers count too.
+    """
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CUDA])
+    with torch.no_grad():
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                       min_new_tokens=3, max_new_tokens=3, stopping_criteria=[_DecodeStepProfiler(profiler)],
+                       **generate_kwargs)
+    profiler.export_chrome_trace(trace_path)
+    with open(trace_path) as handle:
+        events = json.load(handle)["traceEvents"]
+    return sum(int(e.get("args", {}).get("bytes", 0)) for e in events
+               if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""))
+
+
+def roofline_metrics(decode_step_s: float, streamed_bytes: int, gbps: float) -> Dict[str, float]:
+    """A decode step against the PCIe bound: streaming ``streamed_bytes`` at ``gbps`` takes roofline_step_s."""
+    roofline_step_s = streamed_bytes / (gbps * 1e9)
+    return {"h2d_gbps": gbps, "streamed_bytes_per_step": float(streamed_bytes), "roofline_step_s": roofline_step_s,
+            "roofline_ratio": decode_step_s / roofline_step_s if roofline_step_s else float("nan")}

@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator
 
 import torch
+
+from zi_app.planner import ModelFacts
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +30,16 @@ def _auto_config(arch: Dict[str, Any]):
     return AutoConfig.for_model(arch.pop("model_type"), **arch)
 
 
-def causal_lm_class(arch: Dict[str, Any]):
-    """The transformers *ForCausalLM class for an architecture dict."""
+def model_facts(arch: Dict[str, Any]) -> ModelFacts:
+    """Decoder-layer classes (from ``_no_split_modules``) and parameter sizes, read on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    config = _auto_config(arch)
-    return AutoModelForCausalLM._model_mapping[type(config)]
-
-
-def decoder_layer_classes(arch: Dict[str, Any]) -> List[str]:
-    """Fully qualified names of the model's repeated decoder-layer classes (from ``_no_split_modules``)."""
-    cls = causal_lm_class(arch)
-    module = __import__(cls.__module__, fromlist=["_"])
-    return [f"{cls.__module__}.{name}" for name in (cls._no_split_modules or []) if hasattr(module, name)]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_auto_config(arch))
+    layer_names = set(type(model)._no_split_modules or [])
+    leaf = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()
+                   if type(m).__name__ in layer_names})
+    return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in model.parameters()))
 
 
 def architecture_from_checkpoint(path: str) -> Dict[str, Any]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -51,7 +55,7 @@ def run_inference(cfg, ds_config: Optional[Dict[str, Any]] = None,
     counters are process-wide.
     """
     if ds_config is None:
-        ds_config = build_ds_config(cfg, decoder_layer_classes(cfg))
+        ds_config = build_ds_config(cfg)
     engine.init_distributed()
     engine.cap_gpu_memory(cfg.memory.gpu_budget_gib)
     try:
@@ -76,8 +80,10 @@ def _load_and_generate(cfg, ds_config, on_progress, on_metrics):
     prompts = random_prompts(cfg.batch, cfg.prompt_len, model.config.vocab_size, cfg.seed, engine.device())
     kwargs = generate_kwargs(cfg)
     for i in range(cfg.warmup):
+        # Two tokens run the prefill and a decode step: every kernel, allocation and ZeRO-3's fetch
+        # trace is warm, at a fraction of a full generate's cost when each step streams the model.
         on_progress(f"warm-up {i + 1}/{cfg.warmup}")
-        measure.timed_generate(model, prompts, cfg.gen_len, **kwargs)
+        measure.timed_generate(model, prompts, min(2, cfg.gen_len), **kwargs)
     repeats = []
     for i in range(cfg.repeat):
         output, timing = measure.timed_generate(model, prompts, cfg.gen_len, **kwargs)
@@ -86,9 +92,30 @@ def _load_and_generate(cfg, ds_config, on_progress, on_metrics):
                     f"{timing.total_s:.2f} s")
     metrics = measure.median_metrics(repeats)
     metrics["load_s"] = load.seconds
+    if torch.cuda.is_available() and "decode_step_s" in metrics:
+        metrics.update(roofline(cfg, model, prompts, kwargs, metrics["decode_step_s"]))
+        on_progress(f"decode step {metrics['decode_step_s']:.4f} s = {metrics['roofline_ratio']:.2f}x the roofline "
+                    f"({metrics['streamed_bytes_per_step'] / 1e9:.2f} GB at {metrics['h2d_gbps']:.1f} GB/s)")
     return metrics, repeats, output
 
 
-def decoder_layer_classes(cfg) -> Optional[List[str]]:
-    """Leaf-module classes for the memory group, or None when it does not ask for them."""
-    return model_lib.decoder_layer_classes(dict(cfg.model.arch)) if cfg.memory.leaf_modules else None
+def cached_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
+    """Pinned and pageable host-to-device GB/s of this machine's GPU, measured once and cached."""
+    name = f"h2d-{socket.gethostname()}-{torch.cuda.get_device_name().replace(' ', '_')}.json"
+    path = Path(cache_dir).expanduser() / name
+    if path.is_file():
+        return json.loads(path.read_text())
+    bandwidth = {"pinned": measure.h2d_gbps(pinned=True), "pageable": measure.h2d_gbps(pinned=False)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(bandwidth))
+    return bandwidth
+
+
+def roofline(cfg, model, prompts, kwargs, decode_step_s: float) -> Dict[str, float]:
+    """Roofline figures of this job on CUDA: bandwidth, bytes streamed per decode step, bound and ratio."""
+    bandwidth = cached_h2d_bandwidth(cfg.cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        streamed = measure.htod_bytes_per_decode_step(model, prompts, f"{tmp}/trace.json", **kwargs)
+    metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if cfg.pin else "pageable"])
+    metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
+    return metrics

@@ -22,7 +22,7 @@ QUANT_MODES = ("none", "init", "post")
 QUANT_BITS = (4, 8)
 CACHE_IMPLEMENTATIONS = (None, "offloaded")
 WEIGHTS = ("random", "pretrained")
-PERSISTENCE_WORDS = ("h", "hh")
+PERSISTENCE_WORDS = ("h", "hh", "auto")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -85,7 +85,7 @@ class MemoryConfig:
     max_live_hh: float = 2
     persistence: str = "h"
     leaf_modules: bool = False
-    max_reuse_distance: Optional[int] = None
+    max_reuse_distance: Optional[str] = None
     gpu_budget_gib: Optional[float] = None
 
 
@@ -122,12 +122,20 @@ def register() -> None:
 register()
 
 
+def default_cache_dir() -> str:
+    """``$ZI_CACHE_DIR``, else ``~/.cache/hydra-zero-inference``: the default conf/config.yaml sets too."""
+    return os.environ.get("ZI_CACHE_DIR") or str(Path.home() / ".cache" / "hydra-zero-inference")
+
+
 def with_defaults(cfg: Any) -> DictConfig:
     """Merge ``cfg`` (DictConfig or dict, possibly partial) over the schema defaults, type-checked."""
-    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is ZIConfig:
+    # A typed config (zi_schema in a defaults list) is complete except for cache_dir when the app that
+    # composed it is not ours; merging keeps every value it has and fills the missing one.
+    typed = isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is ZIConfig
+    if typed and not OmegaConf.is_missing(cfg, "cache_dir"):
         return cfg
     base = OmegaConf.structured(ZIConfig)
-    base.cache_dir = str(Path.home() / ".cache" / "hydra-zero-inference")
+    base.cache_dir = default_cache_dir()
     return OmegaConf.merge(base, cfg if cfg is not None else {})
 
 
@@ -216,7 +224,12 @@ def _check_memory(memory: DictConfig) -> None:
             raise ConfigError(f"memory.{key}", memory[key], "a positive multiple of h*h")
     if memory.persistence not in PERSISTENCE_WORDS and not str(memory.persistence).isdigit():
         raise ConfigError("memory.persistence", memory.persistence,
-                          "'h' (h elements), 'hh' (h*h+1) or a non-negative integer element count")
+                          "'h' (h elements), 'hh' (h*h+1), 'auto' (planned against the GPU budget) "
+                          "or a non-negative integer element count")
+    reuse = memory.max_reuse_distance
+    if reuse is not None and reuse != "model" and not str(reuse).isdigit():
+        raise ConfigError("memory.max_reuse_distance", reuse,
+                          "null (DeepSpeed's default), 'model' (keep weights reused within a forward) or an integer")
     if memory.gpu_budget_gib is not None and memory.gpu_budget_gib <= 0:
         raise ConfigError("memory.gpu_budget_gib", memory.gpu_budget_gib, "a positive number of GiB, or null")
 

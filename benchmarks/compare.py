@@ -1,0 +1,146 @@
+"""Run named ZeRO-Inference variants side by side on one CUDA machine and print/write a comparison table.
+
+Each variant is one job of ``python -m zi_app`` in its own process (clean peaks, no leaked pinned
+memory), all in one MLflow experiment; ratios are against the first variant, measured in the same run.
+
+    python benchmarks/compare.py --title "OPT-13B batch 32" --common model=opt-13b batch=32 \\
+        --variant reference memory=reference --variant tuned memory=tuned --out docs/results/opt13b
+
+Writes ``<out>.md`` (table with command, machine and versions), ``<out>.json`` and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+COLUMNS = [  # (metric, header, scale, format)
+    ("tokens_per_sec", "tokens/s", 1, "{:.2f}"),
+    ("decode_step_s", "decode step s", 1, "{:.3f}"),
+    ("prefill_s", "prefill s", 1, "{:.2f}"),
+    ("streamed_bytes_per_step", "streamed GB/step", 1e-9, "{:.2f}"),
+    ("roofline_step_s", "roofline s", 1, "{:.3f}"),
+    ("roofline_ratio", "step/roofline", 1, "{:.2f}"),
+    ("peak_gpu_allocated_bytes", "peak GPU GiB", 2**-30, "{:.1f}"),
+    ("predicted_peak_gpu_bytes", "predicted GPU GiB", 2**-30, "{:.1f}"),
+    ("peak_host_rss_bytes", "peak host GiB", 2**-30, "{:.1f}"),
+    ("load_s", "load s", 1, "{:.0f}"),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--common", nargs="*", default=[], help="overrides shared by every variant")
+    parser.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE"),
+                        help="a variant: its name, then its overrides")
+    parser.add_argument("--out", required=True, help="path prefix of the .md/.json/.png results")
+    parser.add_argument("--store", default="sqlite:///mlruns/mlflow.db", help="MLflow tracking URI")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds one variant may take")
+    return parser.parse_args(argv)
+
+
+def require_cuda() -> None:
+    """Refuse to run without a CUDA GPU: every figure here is a GPU measurement."""
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: benchmarks/compare.py measures ZeRO-Inference on a CUDA GPU, and torch sees none here "
+                 "(torch.cuda.is_available() is False). Run it on a machine with an NVIDIA GPU.")
+
+
+def run_variant(name: str, overrides: list, store: str, experiment: str, timeout: int) -> dict:
+    """Run one variant as its own process and return its MLflow metrics and status."""
+    import mlflow
+
+    run_dir = Path("outputs/bench") / experiment / name
+    command = [sys.executable, "-m", "zi_app", *overrides, f"tracking.uri={store}", f"tracking.experiment={experiment}",
+               f"hydra.run.dir={run_dir}"]
+    print(f"== {name}: {' '.join(overrides)}", flush=True)
+    started = time.time()
+    try:
+        proc = subprocess.run(command, timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    metrics, status, reason = {}, f"exit {code}", ""
+    run_id_file = run_dir / "mlflow_run_id"
+    if run_id_file.is_file():
+        mlflow.set_tracking_uri(store)
+        run = mlflow.get_run(run_id_file.read_text().strip())
+        metrics, status = dict(run.data.metrics), run.info.status
+        reason = run.data.tags.get("zi.failure_kind", "")
+    print(f"== {name}: {status} {reason} in {time.time() - started:.0f} s", flush=True)
+    return {"name": name, "overrides": overrides, "status": status, "failure": reason, "metrics": metrics}
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "deepspeed", "transformers"))
+    return f"{gpu}, {platform.node()}, {versions}, Python {platform.python_version()}"
+
+
+def table(results: list) -> str:
+    """Markdown table of every variant, with tokens/s relative to the first variant."""
+    header = ["variant", "status", *[c[1] for c in COLUMNS], "x first"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = results[0]["metrics"].get("tokens_per_sec")
+    for row in results:
+        m = row["metrics"]
+        cells = [row["name"], row["status"] + (f" ({row['failure']})" if row["failure"] else "")]
+        cells += [fmt.format(m[key] * scale) if key in m else "" for key, _, scale, fmt in COLUMNS]
+        ratio = m.get("tokens_per_sec")
+        cells.append(f"{ratio / base:.2f}" if ratio and base else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    values = [r["metrics"].get("tokens_per_sec", 0.0) for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 4))
+    ax.bar(names, values, color=["tab:gray"] + ["tab:blue"] * (len(names) - 1))
+    for x, value in enumerate(values):
+        ax.text(x, value, f"{value:.1f}", ha="center", va="bottom")
+    ax.set_ylabel("tokens/s (batch x gen_len / generate wall time)")
+    ax.set_title(title)
+    plt.xticks(rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    require_cuda()
+    experiment = f"bench-{Path(args.out).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = []
+    for name, *overrides in args.variant:
+        results.append(run_variant(name, [*args.common, *overrides], args.store, experiment, args.timeout))
+    command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    text = "\n".join([f"### {args.title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
+                      table(results), ""])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"title": args.title, "machine": machine(), "command": command,
+                                                    "results": results}, indent=2))
+    plot(results, args.title, out.with_suffix(".png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
