@@ -127,17 +127,18 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     require_cuda()
     experiment = f"bench-{Path(args.out).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for name, *overrides in args.variant:
         results.append(run_variant(name, [*args.common, *overrides], args.store, experiment, args.timeout))
-    command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    text = "\n".join([f"### {args.title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
-                      table(results), ""])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"title": args.title, "machine": machine(), "command": command,
-                                                    "results": results}, indent=2))
+        # Written after every variant, so a run cut short still leaves what it measured.
+        text = "\n".join([f"### {args.title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
+                          table(results), ""])
+        out.with_suffix(".md").write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(
+            {"title": args.title, "machine": machine(), "command": command, "results": results}, indent=2))
     plot(results, args.title, out.with_suffix(".png"))
     print(text)
 
