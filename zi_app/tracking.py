@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -24,6 +25,11 @@ FAILURE_KIND_TAG = "zi.failure_kind"
 FAILURE_MESSAGE_TAG = "zi.failure_message"
 OVERRIDES_TAG = "zi.overrides"
 PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
+ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
+PID_TAG = "zi.pid"  # the process that owns the run, and its host: a RUNNING run whose process is gone
+HOST_TAG = "zi.host"  # was killed
+FAILURE_KINDS = ("oom", "invalid-config", "killed", "error")
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 PARAM_SKIP = ("tracking", "dry_run", "cache_dir")
@@ -34,6 +40,13 @@ def artifact_root(uri: str) -> Optional[str]:
     if not uri.startswith(SQLITE_PREFIX):
         return None
     return (Path(uri[len(SQLITE_PREFIX):]).resolve().parent / "artifacts").as_uri()
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a local SQLite store's path made absolute (relative paths start at the cwd)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return uri
+    return SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX):]).resolve())
 
 
 def open_experiment(uri: str, experiment: str) -> str:
@@ -70,14 +83,38 @@ def job_params(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def failure_kind(error: BaseException) -> str:
-    """Classify a job failure: ``oom``, ``invalid-config`` or ``error`` (``killed`` is set from outside)."""
+    """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``
+    or ``error``; an exception may name its kind itself in a ``failure_kind`` attribute (the launcher's
+    error for a job process killed by a signal does)."""
     from zi_app.schema import ConfigError
 
+    declared = getattr(error, "failure_kind", None)
+    if declared in FAILURE_KINDS:
+        return declared
     if isinstance(error, ConfigError):
         return "invalid-config"
-    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+    if isinstance(error, MemoryError) or any(m in str(error).lower() for m in _OOM_MESSAGES):
         return "oom"
     return "error"
+
+
+def process_tags() -> Dict[str, str]:
+    """Tags naming this process, so that a run it leaves RUNNING when killed can be recognised."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def process_alive(tags: Dict[str, str]) -> Optional[bool]:
+    """Whether the process named by a run's tags still runs; None when that cannot be known from here
+    (another host, or no process tags)."""
+    import psutil
+
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def record_failure(run_id: str, kind: str, message: str) -> None:
@@ -97,9 +134,10 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
     the run FAILED if the process is killed before it can. A parent run id in ``ZI_PARENT_RUN_ID``
     nests the run under a sweep's parent run.
     """
+    tags = {**tags, ROLE_TAG: "job", **process_tags()}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
-        tags = {**tags, "mlflow.parentRunId": parent}
+        tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         if run_id_file is not None:
             run_id_file.write_text(run.info.run_id)
@@ -109,6 +147,25 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
         except BaseException as error:
             record_failure(run.info.run_id, failure_kind(error), f"{type(error).__name__}: {error}")
             raise
+
+
+def start_sweep_run(experiment_id: str, run_name: str, tags: Dict[str, str]) -> str:
+    """Create a sweep's parent run (RUNNING, not made the active run) and return its id."""
+    run = MlflowClient().create_run(experiment_id, run_name=run_name,
+                                    tags={**tags, ROLE_TAG: "sweep", **process_tags()})
+    return run.info.run_id
+
+
+def failed_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dict[str, str], kind: str,
+               message: str) -> str:
+    """Record a job that failed before it could open its own run: a FAILED run holding its config."""
+    from mlflow.entities import Param
+
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id, run_name=run_name, tags={**tags, ROLE_TAG: "job"}).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    record_failure(run_id, kind, message)
+    return run_id
 
 
 def log_json(obj: Any, name: str) -> None:
