@@ -28,11 +28,13 @@ def hidden_size(arch: Dict[str, Any]) -> int:
 
 
 def largest_parameter_numel(arch: Dict[str, Any]) -> int:
-    """Elements in the model's largest weight: the embedding/LM head or an MLP projection."""
+    """Elements in the model's largest weight: the embedding/LM head, an MLP projection or a learned
+    position table (OPT's has max_position_embeddings + 2 rows; an upper bound for models without one)."""
     h = hidden_size(arch)
     ffn = arch.get("ffn_dim") or arch.get("intermediate_size") or 4 * h
     embed = arch.get("word_embed_proj_dim") or h
-    return max(int(arch.get("vocab_size", 0)) * embed, h * int(ffn))
+    positions = int(arch.get("max_position_embeddings") or arch.get("n_positions") or 0) + 2
+    return max(int(arch.get("vocab_size", 0)) * embed, h * int(ffn), positions * h)
 
 
 def persistence_threshold(word: str, h: int) -> int:
