@@ -24,9 +24,12 @@ INIT_STD = 0.02  # the initializer_range of OPT, LLaMA and BLOOM
 
 
 def _auto_config(arch: Dict[str, Any]):
+    from omegaconf import OmegaConf
     from transformers import AutoConfig
 
-    arch = dict(arch)
+    # dict() of a composed config keeps nested blocks (LLaMA's rope_parameters) as DictConfig, which
+    # transformers' config validation rejects: convert all the way down.
+    arch = OmegaConf.to_container(OmegaConf.create(dict(arch)))
     return AutoConfig.for_model(arch.pop("model_type"), **arch)
 
 
