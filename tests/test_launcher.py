@@ -45,18 +45,24 @@ def test_every_job_gets_a_new_process(hydra_sweep_runner, tmp_path):
 
 
 # A job app whose jobs record what they saw; x=2 kills its own process with SIGKILL, as the kernel's
-# OOM killer would. The callback (imported from the app's folder, so the job's process must see the
+# OOM killer would; x=4 raises an exception that cannot be unpickled (its constructor wants two arguments). The callback (imported from the app's folder, so the job's process must see the
 # driver's sys.path) records on_job_end calls and the process they ran in.
 APP = '''
 import json, os, signal, time
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
+class TwoArgError(Exception):
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
 @hydra.main(version_base=None, config_path=".", config_name="config")
 def main(cfg):
     start = time.time()
     if cfg.x == 2:
         os.kill(os.getpid(), signal.SIGKILL)
+    if cfg.x == 4:
+        raise TwoArgError("x", "four is right out")
     time.sleep(cfg.sleep)
     record = {"x": cfg.x, "pid": os.getpid(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
               "start": start, "end": time.time()}
@@ -100,14 +106,16 @@ def _records(sweep: Path) -> dict:
 
 
 def test_a_killed_job_fails_alone(tmp_path):
-    proc = _run_app(tmp_path, "x=1,2,3")
+    proc = _run_app(tmp_path, "x=1,2,3,4")
     sweep = tmp_path / "sweep"
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
-    assert lines[0].startswith("[1/3] #0 x=1: COMPLETED 10.00 tokens/s")
-    assert lines[1].startswith("[2/3] #1 x=2: FAILED JobProcessError: the job's process was killed by SIGKILL")
-    assert lines[2].startswith("[3/3] #2 x=3: COMPLETED 30.00 tokens/s")
-    assert "killed by SIGKILL" in proc.stderr  # Hydra reports the failed job
+    assert lines[0].startswith("[1/4] #0 x=1: COMPLETED 10.00 tokens/s")
+    assert lines[1].startswith("[2/4] #1 x=2: FAILED JobProcessError: the job's process was killed by SIGKILL")
+    assert lines[2].startswith("[3/4] #2 x=3: COMPLETED 30.00 tokens/s")
+    assert lines[3].startswith("[4/4] #3 x=4: FAILED JobError: TwoArgError: x: four is right out")
+    assert "killed by SIGKILL" in proc.stderr  # Hydra reports the first failed job
+    assert "TwoArgError: x: four is right out" in proc.stderr  # the job's own traceback, from its process
     assert sorted(_records(sweep)) == [0, 2]
     ends = {e["num"]: e for e in map(json.loads, (sweep / "job_end.jsonl").read_text().splitlines())}
     assert ends[1]["status"] == "FAILED"

@@ -88,7 +88,7 @@ def test_the_sweep_goes_on_and_says_how_many_failed(failing_sweep):
         "[1/4] #0 gen_len=4 prompt_len=16 warmup=0 repeat=1", "[2/4] #1 gen_len=0 prompt_len=16 warmup=0 repeat=1",
         "[3/4] #2 gen_len=1000 prompt_len=16 warmup=0 repeat=1", "[4/4] #3 gen_len=8 prompt_len=16 warmup=0 repeat=1"]
     assert "COMPLETED" in progress[0] and "tokens/s" in progress[0] and "COMPLETED" in progress[3]
-    assert "FAILED JobError: ConfigError: gen_len=0" in progress[1]
+    assert "FAILED ConfigError: gen_len=0 is not allowed" in progress[1]
     assert "FAILED JobProcessError" in progress[2] and "SIGKILL" in progress[2]
     assert "Sweep finished: 4 jobs, 2 failed (invalid-config: 1, killed: 1)" in stdout
     assert "2 of 4 jobs failed." in stdout
@@ -187,3 +187,26 @@ def test_peak_memory_is_measured_per_job(tmp_path):
     _, (large, tiny) = parent_and_jobs(tmp_path)
     large_peak, tiny_peak = (run.data.metrics["peak_host_rss_bytes"] for run in (large, tiny))
     assert large_peak - tiny_peak > 0.25 * 2**30, (large_peak, tiny_peak)  # measured: 1.19 vs 0.57 GiB
+
+
+def test_failures_and_parent_run_under_submitit_local(tmp_path):
+    """The same bookkeeping under Hydra's submitit_local launcher, which starts every job at once in
+    its own process and knows nothing of ours: the callbacks record the failures and close the sweep."""
+    sweep = start_sweep(tmp_path, "hydra/launcher=submitit_local", "gen_len=0,4,1000", *QUICK)
+    kill_while_generating(tmp_path, 2, sweep)
+    returncode, stdout, stderr = finish(sweep, tmp_path)
+    assert returncode == 1, stderr[-3000:]
+    parent, jobs = parent_and_jobs(tmp_path)
+    runs = {run.data.tags[tracking.OVERRIDES_TAG].split()[0]: run for run in jobs}
+    assert sorted(runs) == ["gen_len=0", "gen_len=1000", "gen_len=4"]
+    assert runs["gen_len=4"].info.status == "FINISHED"
+    assert runs["gen_len=0"].data.tags[tracking.FAILURE_KIND_TAG] == "invalid-config"
+    killed = runs["gen_len=1000"]
+    assert (killed.info.status, killed.data.tags[tracking.FAILURE_KIND_TAG]) == ("FAILED", "killed")
+    assert "its process ended while the sweep ran" in killed.data.tags[tracking.FAILURE_MESSAGE_TAG]
+    assert len({run.data.tags[tracking.PID_TAG] for run in jobs}) == 3
+    parent = store(tmp_path).get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[callbacks.BEST_RUN_TAG] == runs["gen_len=4"].info.run_id
+    assert {a.path for a in store(tmp_path).list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+    assert "Sweep finished: 3 jobs, 2 failed (invalid-config: 1, killed: 1)" in stdout
