@@ -1,0 +1,90 @@
+"""``python -m zi_app.best`` on a store holding GPU-like results: the latest sweep by default, a given
+sweep or experiment, and the fastest run under a GPU memory cap. The runs are written with MLflow's
+client, as the app writes them (a CPU machine cannot produce GPU peaks)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from zi_app import best, tracking
+
+GIB = 2**30
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A sweep in experiment 'other', then two in 'zero-inference' (the last one is the latest sweep)."""
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.absolute_uri("sqlite:///mlruns/mlflow.db")
+    client = MlflowClient(uri)
+
+    def sweep(experiment: str, jobs: dict) -> dict:
+        experiment_id = tracking.open_experiment(uri, experiment)
+        parent = tracking.start_sweep_run(experiment_id, "sweep", {})
+        ids = {}
+        for overrides, (tokens, gpu_reserved) in jobs.items():
+            run = client.create_run(experiment_id, tags={tracking.OVERRIDES_TAG: overrides, tracking.ROLE_TAG: "job",
+                                                         "mlflow.parentRunId": parent})
+            now = int(time.time() * 1000)
+            client.log_batch(run.info.run_id, metrics=[
+                Metric("tokens_per_sec", tokens, now, 0), Metric("peak_gpu_allocated_bytes", gpu_reserved * 0.9, now, 0),
+                Metric("peak_gpu_reserved_bytes", gpu_reserved, now, 0),
+                Metric("peak_host_rss_bytes", 30 * GIB, now, 0)])
+            client.set_terminated(run.info.run_id, "FINISHED")
+            ids[overrides] = run.info.run_id
+        client.set_terminated(parent, "FINISHED")
+        return {"parent": parent, **ids}
+
+    other = sweep("other", {"batch=1 pin=false": (0.24, 8 * GIB)})
+    older = sweep("zero-inference", {"batch=64 pin=true": (93.8, 60 * GIB)})
+    time.sleep(0.01)  # start times (ms) order the sweeps
+    newer = sweep("zero-inference", {"batch=32 pin=true": (48.1, 40 * GIB), "batch=64 pin=true": (93.8, 70 * GIB),
+                                     "batch=128 pin=true": (162.8, 138 * GIB)})
+    return older, newer, other
+
+
+def best_json(capsys, *args: str) -> dict:
+    assert best.main(["--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_latest_sweep_by_default(store, capsys):
+    _, newer, _ = store
+    assert best_json(capsys)["run_id"] == newer["batch=128 pin=true"]
+
+
+def test_fastest_under_a_gpu_memory_cap(store, capsys):
+    _, newer, _ = store
+    capped = best_json(capsys, "--max-peak-gpu-gib", "80")
+    assert capped["run_id"] == newer["batch=64 pin=true"]
+    assert (capped["peak_gpu_reserved_gib"], capped["peak_gpu_allocated_gib"]) == (70.0, 63.0)
+    assert best.main(["--max-peak-gpu-gib", "80"]) == 0
+    text = capsys.readouterr().out
+    assert "highest tokens_per_sec with peak reserved GPU <= 80 GiB" in text
+    assert "peak GPU:        63.00 GiB allocated, 70.00 GiB reserved" in text
+    assert best.main(["--max-peak-gpu-gib", "10"]) == 1
+    assert "no completed run with metric tokens_per_sec with peak reserved GPU <= 10 GiB" in capsys.readouterr().err
+
+
+def test_a_given_sweep_or_experiment(store, capsys):
+    older, newer, other = store
+    assert best_json(capsys, "--parent", older["parent"])["run_id"] == older["batch=64 pin=true"]
+    assert best_json(capsys, "--experiment", "other")["run_id"] == other["batch=1 pin=false"]
+    # The whole experiment: both sweeps, and the lowest reserved peak wins when asked.
+    lowest = best_json(capsys, "--experiment", "zero-inference", "--metric", "peak_gpu_reserved_bytes", "--minimize")
+    assert lowest["run_id"] == newer["batch=32 pin=true"]
+
+
+def test_bad_input_is_named(store, capsys):
+    assert best.main(["--experiment", "nope"]) == best.EXIT_BAD_INPUT
+    assert "--experiment 'nope': no such experiment (there are: " in capsys.readouterr().err
+    assert best.main(["--tracking-uri", "sqlite:///elsewhere/mlflow.db"]) == best.EXIT_BAD_INPUT
+    assert "no MLflow store there" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        best.main(["--max-peak-gpu-gib", "0"])
+    assert "argument --max-peak-gpu-gib: '0' is not allowed: a positive number of GiB" in capsys.readouterr().err
