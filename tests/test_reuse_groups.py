@@ -28,7 +28,7 @@ import sys
 import sysconfig
 import zipfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -78,11 +78,25 @@ def _run(cmd: List[str], cwd: Path, env: Dict[str, str]) -> subprocess.Completed
     return proc
 
 
-def _env(tmp_path: Path, bin_dir: Path) -> Dict[str, str]:
+def _env(tmp_path: Path, bin_dir: Optional[Path] = None) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", HYDRA_FULL_ERROR="1",
-               ZI_CACHE_DIR=str(tmp_path / "cache"), PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
+    env.update(HYDRA_FULL_ERROR="1", ZI_CACHE_DIR=str(tmp_path / "cache"), PIP_DISABLE_PIP_VERSION_CHECK="1",
+               PIP_NO_INPUT="1")
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+def _python_only_bin(root: Path) -> Path:
+    """A folder whose only command is ``python``, running this interpreter. Prepending it to PATH leaves
+    every other tool as the rest of the suite finds it: with .venv/bin first, DeepSpeed's JIT build would
+    use the venv's ninja instead of the system's, and the two ninja versions rebuild each other's shared
+    op cache (~1 min each time)."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    return bin_dir
 
 
 def _last_json(stdout: str):
@@ -224,12 +238,12 @@ def test_readme_snippet_writes_the_example_app():
 
 def test_readme_snippet_runs_when_pasted(tmp_path):
     """Every ```bash block of the section, pasted into one shell outside the repository, with this
-    environment's python first on PATH: it prints a DeepSpeed config per command and, with measure=true,
+    environment's python as ``python``: it prints a DeepSpeed config per command and, with measure=true,
     runs our inference-and-measure step from the client app's task function."""
     blocks = re.findall(r"```bash\n(.*?)```", _section(), re.S)
     script = "set -euo pipefail\n" + "".join(blocks)
     commands = [line for line in script.splitlines() if line.startswith("python ")]
-    proc = _run(["bash", "-c", script], tmp_path, _env(tmp_path, Path(sys.executable).parent))
+    proc = _run(["bash", "-c", script], tmp_path, _env(tmp_path, _python_only_bin(tmp_path)))
     assert proc.stdout.count('"train_batch_size"') == len(commands) >= 4, proc.stdout[-3000:]
     metrics = _last_json(proc.stdout)
     assert metrics["tokens_per_sec"] > 0 and metrics["load_s"] > 0 and metrics["peak_host_rss_bytes"] > 0
@@ -265,7 +279,7 @@ def test_app_that_never_imports_zi_app_composes_typed_groups(tmp_path):
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "typed.yaml").write_text(TYPED_CONFIG)
     (tmp_path / "typed_app.py").write_text(TYPED_APP)
-    env = _env(tmp_path, Path(sys.executable).parent)
+    env = _env(tmp_path)
     cfg = OmegaConf.create(_run([sys.executable, "typed_app.py"], tmp_path, env).stdout)
     assert cfg.zi.model.name == "opt-30b" and cfg.zi.quant.bits == 4 and cfg.zi.batch == 2
     assert cfg.zi.prompt_len == 512 and cfg.mine == 1  # a schema default, and the app's own key
