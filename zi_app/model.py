@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -58,7 +58,8 @@ def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def _random_checkpoint_dir(arch: Dict[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
-    key = json.dumps({"arch": arch, "dtype": dtype, "seed": seed}, sort_keys=True)
+    # format 2: checkpoints written before it could hold empty or untied tensors; never reuse those.
+    key = json.dumps({"arch": arch, "dtype": dtype, "seed": seed, "format": 2}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / f"random-{arch['model_type']}-{digest}"
 
@@ -80,6 +81,7 @@ def materialize_random_checkpoint(arch: Dict[str, Any], dtype: str, seed: int, c
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_auto_config(arch), dtype=TORCH_DTYPES[dtype])
     model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives tied weights (embedding / LM head) separate storage again
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("bias"):
@@ -108,18 +110,29 @@ def zero3_construction(ds_config: Dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
+def weights_path(cfg) -> Optional[str]:
+    """The checkpoint :func:`load_model` reads: ``model.path``, the seeded random checkpoint that
+    init-time quantization needs (written now if not cached), or None for a random init.
+
+    Call it before :func:`zero3_construction`: a model built while ZeRO-3 is armed is partitioned, and
+    ``save_pretrained`` of it writes empty tensors.
+    """
+    if cfg.model.weights == "random" and cfg.quant.mode == "init":
+        return str(materialize_random_checkpoint(dict(cfg.model.arch), cfg.model.dtype, cfg.seed, cfg.cache_dir))
+    return cfg.model.path
+
+
 def load_model(cfg):
     """Build the model: real weights via ``from_pretrained``, or random ones.
 
-    Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed.
+    Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed, after
+    :func:`weights_path` has written any random checkpoint.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
     arch = dict(cfg.model.arch)
-    path = cfg.model.path
-    if cfg.model.weights == "random" and cfg.quant.mode == "init":
-        path = str(materialize_random_checkpoint(arch, cfg.model.dtype, cfg.seed, cfg.cache_dir))
+    path = weights_path(cfg)
     if path:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:

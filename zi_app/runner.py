@@ -58,6 +58,7 @@ def run_inference(cfg, ds_config: Optional[Dict[str, Any]] = None,
         ds_config = build_ds_config(cfg)
     engine.init_distributed()
     engine.cap_gpu_memory(cfg.memory.gpu_budget_gib)
+    model_lib.weights_path(cfg)  # any random checkpoint is written before ZeRO-3 is armed
     try:
         with measure.peak_memory() as peaks, model_lib.zero3_construction(ds_config):
             metrics, repeats, output = _load_and_generate(cfg, ds_config, on_progress, on_metrics)
