@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sys
 from importlib import metadata
@@ -94,6 +95,9 @@ def _output_dir() -> Optional[Path]:
 
 def run_job(cfg: DictConfig) -> float:
     """Run one job end to end and return its tokens/sec; failures are recorded in MLflow, then raised."""
+    # ZeRO-3 gathers and frees parameter buffers of many sizes every step; expandable segments keep the
+    # caching allocator from stranding GiBs in fragments under a GPU budget. Must precede CUDA's first use.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
 
     cuda = torch.cuda.is_available()
