@@ -1,0 +1,195 @@
+"""Shared fixtures: the app run in its own process, the MLflow store it wrote, Hydra composition of the
+packaged config, and tiny checkpoints built and run with plain transformers (no DeepSpeed).
+
+Every ZeRO-3 run happens in a subprocess: DeepSpeed's HfDeepSpeedConfig, its process group and the
+peak-memory counters are process-wide, so the pytest process never creates a DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+# A tiny job takes 10-40 s on 2 cores; the first NVMe job on a machine also JIT-builds DeepSpeed's async_io
+# op (2-10 min, depending on the load).
+SUBPROCESS_TIMEOUT_S = 1200
+# Inherited from whoever runs pytest, these would nest the app's runs under, or resume, a foreign run.
+_FOREIGN_RUN_ENV = ("ZI_PARENT_RUN_ID", "MLFLOW_RUN_ID")
+EXPERIMENT = "zero-inference"
+
+
+@dataclass
+class ProcessResult:
+    """A finished subprocess: its command, exit code and output."""
+
+    args: List[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        """stdout and stderr together."""
+        return self.stdout + self.stderr
+
+    def tail(self, chars: int = 4000) -> str:
+        """The end of the output, for assertion messages."""
+        return f"$ {' '.join(self.args)}\nexit {self.returncode}\n...{self.output[-chars:]}"
+
+    def expect_success(self) -> "ProcessResult":
+        """Assert exit code 0 (showing the output's tail otherwise) and return self."""
+        assert self.returncode == 0, self.tail()
+        return self
+
+
+def _env(cwd: Path) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RUN_ENV}
+    # Random-weight checkpoints for init-time quantization land in the test's own directory.
+    env["ZI_CACHE_DIR"] = str(cwd / "cache")
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_python() -> Callable[..., ProcessResult]:
+    """``run_python(args, cwd)``: run ``python <args>`` (this interpreter) in ``cwd`` as a fresh process."""
+
+    def run(args: Sequence[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> ProcessResult:
+        cmd = [sys.executable, *map(str, args)]
+        proc = subprocess.run(cmd, cwd=cwd, env=_env(Path(cwd)), capture_output=True, text=True, timeout=timeout)
+        return ProcessResult(cmd, proc.returncode, proc.stdout, proc.stderr)
+
+    return run
+
+
+@pytest.fixture
+def run_app(tmp_path, run_python) -> Callable[..., ProcessResult]:
+    """``run_app(*overrides, multirun=False)``: ``python -m zi_app [-m] <overrides>`` with cwd=tmp_path.
+
+    The app's MLflow store is then ``tmp_path/mlruns/mlflow.db`` (see :func:`mlflow_store`) and its
+    Hydra outputs land under ``tmp_path``.
+    """
+
+    def run(*overrides: str, multirun: bool = False) -> ProcessResult:
+        return run_python(["-m", "zi_app", *(["-m"] if multirun else []), *overrides], tmp_path)
+
+    return run
+
+
+class MlflowStore:
+    """Read access to the MLflow store (SQLite + artifact folder) the app wrote under ``root/mlruns``."""
+
+    def __init__(self, root: Path, experiment: str = EXPERIMENT):
+        self.uri = f"sqlite:///{root}/mlruns/mlflow.db"
+        self.experiment = experiment
+
+    def runs(self) -> list:
+        """Every run of the experiment (parents included)."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment = client.get_experiment_by_name(self.experiment)
+        assert experiment is not None, f"no experiment {self.experiment!r} in {self.uri}"
+        return client.search_runs([experiment.experiment_id], max_results=1000)
+
+    def job_runs(self) -> list:
+        """Runs that are no other run's parent: one per job, whether or not a sweep added a parent run."""
+        runs = self.runs()
+        parents = {run.data.tags.get("mlflow.parentRunId") for run in runs}
+        return [run for run in runs if run.info.run_id not in parents]
+
+    @staticmethod
+    def artifact_path(run, name: str) -> Path:
+        """Local path of the artifact ``name`` of ``run`` (the store keeps artifacts on local disk)."""
+        return Path(unquote(urlparse(run.info.artifact_uri).path)) / name
+
+    def artifact_json(self, run, name: str) -> Any:
+        """The JSON artifact ``name`` of ``run``, parsed."""
+        return json.loads(self.artifact_path(run, name).read_text())
+
+
+@pytest.fixture
+def mlflow_store(tmp_path) -> MlflowStore:
+    """The MLflow store of :func:`run_app`'s working directory."""
+    return MlflowStore(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def compose() -> Callable[..., Any]:
+    """``compose(*overrides)``: the packaged config composed by Hydra's compose API (defaults list,
+    config groups, the ``zi_schema`` structured config), exactly what ``python -m zi_app`` would get."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import zi_app
+
+    def run(*overrides: str):
+        with initialize_config_dir(config_dir=str(zi_app.conf_dir()), version_base="1.3"):
+            return hydra_compose("config", overrides=list(overrides))
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def model_arch() -> Callable[[str], Dict[str, Any]]:
+    """``model_arch(preset)``: the ``arch`` block (transformers config kwargs) of conf/model/<preset>.yaml."""
+    from omegaconf import OmegaConf
+
+    import zi_app
+
+    def read(preset: str) -> Dict[str, Any]:
+        return OmegaConf.to_container(OmegaConf.load(zi_app.conf_dir() / "model" / f"{preset}.yaml").arch)
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, model_arch) -> Callable[..., Path]:
+    """``tiny_checkpoint(preset, **arch_changes)``: directory of a seeded random float32 model of that
+    preset's architecture (with ``arch_changes`` applied), built plainly (no DeepSpeed: ZeRO-3's own
+    random init differs) and saved with ``save_pretrained``; each one is built once per session."""
+    built: Dict[str, Path] = {}
+
+    def build(preset: str, **arch_changes: Any) -> Path:
+        key = "-".join([preset, *(f"{k}{v}" for k, v in sorted(arch_changes.items()))])
+        if key not in built:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            arch = {**model_arch(preset), **arch_changes}
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            built[key] = tmp_path_factory.mktemp(key)
+            model.save_pretrained(built[key])
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def plain_greedy() -> Callable[..., List[List[int]]]:
+    """``plain_greedy(path, batch, prompt_len, gen_len)``: the new token ids greedy ``generate`` gives with
+    plain transformers (float32, no DeepSpeed) for the prompts the app uses with its default seed 0."""
+
+    def generate(path: Path, batch: int, prompt_len: int, gen_len: int) -> List[List[int]]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from zi_app.runner import random_prompts
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        prompts = random_prompts(batch, prompt_len, model.config.vocab_size, 0, "cpu")
+        with torch.no_grad():
+            output = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                    min_new_tokens=gen_len, max_new_tokens=gen_len)
+        return output[:, prompt_len:].tolist()
+
+    return generate

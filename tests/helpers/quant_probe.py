@@ -1,0 +1,50 @@
+"""Build a model under ZeRO-3 the way zi_app does, then report what ZeRO-3 holds and what the model computes.
+
+Usage: ``python quant_probe.py OUT.pt [hydra overrides...]`` (one model per process: ZeRO-3's state is
+process-wide). Writes ``torch.save`` of a dict:
+
+- ``held``: parameter name -> bytes of its partition (``param.ds_tensor``), its dtype, and whether
+  DeepSpeed quantized it (``weight_quantized``); with one rank the partition is the whole parameter;
+- ``logits``: float32 logits of one forward over the app's prompts (``zi_app.runner.random_prompts``);
+- ``checkpoint``: the directory the weights were loaded from, for an unquantized reference.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from zi_app import conf_dir, engine, preflight
+from zi_app.app import prepare
+from zi_app.dsconfig import build_ds_config
+from zi_app.model import load_model, weights_path, zero3_construction
+from zi_app.runner import random_prompts
+
+
+def held_storage(model: torch.nn.Module) -> dict:
+    """What each ZeRO-3 parameter's partition holds."""
+    return {name: {"bytes": p.ds_tensor.numel() * p.ds_tensor.element_size(), "dtype": str(p.ds_tensor.dtype),
+                   "quantized": bool(getattr(p, "weight_quantized", False))}
+            for name, p in model.named_parameters()}
+
+
+def main(out: str, overrides: list) -> None:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = prepare(compose("config", overrides=overrides))
+    preflight.check_environment(cfg, torch.cuda.is_available())
+    ds_config = build_ds_config(cfg)
+    engine.init_distributed()
+    checkpoint = weights_path(cfg)
+    with zero3_construction(ds_config):
+        model = engine.initialize(load_model(cfg), ds_config)
+        prompts = random_prompts(cfg.batch, cfg.prompt_len, model.config.vocab_size, cfg.seed, engine.device())
+        with torch.no_grad():
+            logits = model(input_ids=prompts).logits.float().cpu()
+        held = held_storage(model)
+    torch.save({"held": held, "logits": logits, "checkpoint": checkpoint}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -1,0 +1,110 @@
+"""Bad input is refused before any model loads: a message naming the key, the bad value and what is
+allowed, no stack trace, and a non-zero exit.
+
+Most cases run the real command line (``python -m zi_app dry_run=true <bad override>``: composition,
+schema and preflight checks, ~4 s each). Checks of the machine itself (libaio, DeepSpeed's version,
+CUDA) call the real preflight functions with the machine fact replaced by the failing one, so they
+hold on any machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from zi_app import ConfigError, preflight
+
+# (overrides, key, bad value as printed, what is allowed as printed); {tmp} is the test's directory.
+BAD_OVERRIDES = [
+    (["batch=0"], "batch", "0", "a positive integer"),
+    (["batch=abc"], "batch", "abc", "could not be converted to Integer"),
+    (["prompt_len=0"], "prompt_len", "0", "a positive integer"),
+    (["gen_len=-1"], "gen_len", "-1", "a positive integer"),
+    (["gen_len=1.5"], "gen_len", "1.5", "could not be converted to Integer"),
+    (["warmup=-1"], "warmup", "-1", "an integer >= 0"),
+    (["model=tiny-llama", "prompt_len=2000", "gen_len=49"], "prompt_len", "2000",
+     "prompt_len + gen_len = 2049 exceeds model tiny-llama's 2048 positions"),
+    (["quant=int4", "quant.bits=3"], "quant.bits", "3", "4 or 8"),
+    (["quant=int8", "quant.symmetric=true"], "quant.symmetric", "True", "false (DeepSpeed implements asymmetric only)"),
+    (["quant=int4", "quant.group_size=60"], "quant.group_size", "60", "a multiple of 8 that divides the hidden size 128"),
+    (["quant=int4", "quant.group_size=0"], "quant.group_size", "0", "a positive integer"),
+    (["quant=int4-post", "model.dtype=float32"], "quant.mode", "post", "needs model.dtype=float16"),
+    (["offload=nvme", "offload.nvme_path={tmp}/missing"], "offload.nvme_path", "{tmp}/missing", "an existing directory"),
+    (["offload=nvme", "offload.nvme_path={tmp}/a-file"], "offload.nvme_path", "{tmp}/a-file", "an existing directory"),
+    # /proc/sys is a directory nobody may create files in, root included (chmod would not stop root).
+    (["offload=nvme", "offload.nvme_path=/proc/sys"], "offload.nvme_path", "/proc/sys", "a directory this user can write to"),
+    (["offload=disk"], "offload", "disk", "Available options in 'offload'"),
+    (["offload.device=disk"], "offload.device", "disk", "one of none, cpu, nvme"),
+    (["model=pretrained", "model.path={tmp}/no-such-model"], "model.path", "{tmp}/no-such-model", "an existing directory holding config.json"),
+    (["model=tiny-opt", "model.path={tmp}"], "model.weights", "random", "'pretrained' when model.path is set"),
+    (["model=gpt-5"], "model", "gpt-5", "Available options in 'model'"),
+    (["model.dtype=float8"], "model.dtype", "float8", "one of float32, float16, bfloat16"),
+    (["pin=maybe"], "pin", "maybe", "is not a valid bool"),
+    (["memory.persistence=most"], "memory.persistence", "most", "'h' (h elements), 'hh' (h*h+1)"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,value,allowed", BAD_OVERRIDES,
+                         ids=[" ".join(case[0]) for case in BAD_OVERRIDES])
+def test_bad_override_is_refused_with_a_clear_message(overrides, key, value, allowed, run_app, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    run = run_app("dry_run=true", *(o.format(tmp=tmp_path) for o in overrides))
+    message = run.stderr
+    assert run.returncode != 0, run.tail()
+    assert "Traceback" not in run.output, run.tail()
+    assert key in message and value.format(tmp=tmp_path) in message and allowed in message, run.tail()
+    assert not run.stdout.strip().startswith("{"), "a DeepSpeed config was printed for a bad config"
+
+
+def test_bad_value_in_a_real_run_exits_2_before_loading(run_app, mlflow_store):
+    """Without dry_run the same check stops the job before any model loads: exit 2, the message on stderr,
+    and the job's MLflow run marked FAILED as an invalid config, with no generation artifact."""
+    run = run_app("batch=0", "prompt_len=16", "gen_len=4")
+    assert run.returncode == 2, run.tail()
+    assert "batch=0 is not allowed: a positive integer" in run.stderr
+    assert "Traceback" not in run.output and "loading" not in run.output, run.tail()
+    [job] = mlflow_store.job_runs()
+    assert job.info.status == "FAILED"
+    assert job.data.tags["zi.failure_kind"] == "invalid-config"
+    assert not mlflow_store.artifact_path(job, "generation.json").exists()
+
+
+def refusal(check, *args) -> ConfigError:
+    """The ConfigError ``check(*args)`` raises (failing the test when it raises none)."""
+    with pytest.raises(ConfigError) as raised:
+        check(*args)
+    return raised.value
+
+
+def test_deepspeed_older_than_0_10_3_is_refused():
+    error = refusal(preflight.check_deepspeed_version, "0.10.2")
+    assert (error.key, error.value) == ("deepspeed", "0.10.2")
+    assert ">= 0.10.3" in str(error)
+    preflight.check_deepspeed_version("0.10.3")
+    preflight.check_deepspeed_version()  # the installed one
+
+
+def test_nvme_without_libaio_is_refused(compose, tmp_path, monkeypatch):
+    """libaio's header is looked for where Debian/Ubuntu put it; pointing the lookup at an empty
+    directory is what a machine without libaio-dev looks like to the check."""
+    cfg = compose("offload=nvme", f"offload.nvme_path={tmp_path}")
+    assert preflight.libaio_available(), "this machine should have libaio-dev (the NVMe test needs it)"
+    preflight.check_environment(cfg, cuda=False)
+    monkeypatch.setattr(preflight, "_LIBAIO_HEADERS", (str(tmp_path / "libaio.h"),))
+    error = refusal(preflight.check_environment, cfg, False)
+    assert (error.key, error.value) == ("offload.device", "nvme")
+    assert "libaio is missing (apt-get install libaio-dev)" in str(error)
+
+
+def test_offloaded_kv_cache_without_cuda_is_refused(compose):
+    """kvcache=cpu is transformers' offloaded cache, which streams over CUDA streams."""
+    error = refusal(preflight.check_environment, compose("kvcache=cpu"), False)
+    assert (error.key, error.value) == ("kvcache", "cpu")
+    assert "gpu on a machine without CUDA" in str(error)
+
+
+def test_fp16_quantization_without_cuda_is_refused(compose):
+    """DeepSpeed's fp16 dequantizer is a CUDA kernel: on a CPU, quantized weights need float32/bfloat16."""
+    error = refusal(preflight.check_environment, compose("quant=int4", "model.dtype=float16"), False)
+    assert (error.key, error.value) == ("model.dtype", "float16")
+    assert "float32 or bfloat16" in str(error)
+    preflight.check_environment(compose("quant=int4", "model.dtype=bfloat16"), False)
