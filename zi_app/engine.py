@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from typing import Any, Dict
 
 import torch
@@ -30,6 +31,11 @@ def init_distributed() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # DeepSpeed JIT-builds ops with the first `ninja` on PATH; the environment's own (a deepspeed
+    # dependency) keeps one build cache valid whether or not the caller activated the venv.
+    bin_dir = os.path.dirname(sys.executable)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
