@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,3 +211,20 @@ def test_failures_and_parent_run_under_submitit_local(tmp_path):
     assert parent.data.tags[callbacks.BEST_RUN_TAG] == runs["gen_len=4"].info.run_id
     assert {a.path for a in store(tmp_path).list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
     assert "Sweep finished: 3 jobs, 2 failed (invalid-config: 1, killed: 1)" in stdout
+
+
+def test_a_sweep_that_stops_before_its_jobs_leaves_a_failed_parent(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=abc,1"], cwd=tmp_path, env=app_env(),
+                         capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    assert run.returncode == 1
+    assert "Error merging override batch=abc" in run.stderr
+    parent = re.search(r"Sweep ended before any job ran; its parent run (\w+) is marked FAILED", run.stdout).group(1)
+    assert store(tmp_path).get_run(parent).info.status == "FAILED"
+
+
+def test_a_dry_run_sweep_touches_no_store(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "dry_run=true", "batch=1,2"], cwd=tmp_path,
+                         env=app_env(), capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('"train_batch_size"') == 2 and "[2/2] #1 dry_run=True batch=2: COMPLETED" in run.stdout
+    assert not (tmp_path / "mlruns").exists()

@@ -140,8 +140,12 @@ class SweepCallback(Callback):
         still_running = reap_dead_runs(client, [sweep.experiment_id], "its process ended while the sweep ran",
                                        parent_run_id=sweep.parent_run_id)
         rows = results.child_rows(client, sweep.parent_run_id)
-        top = results.best(rows)
         parent = sweep.parent_run_id
+        if not rows:
+            tracking.record_failure(parent, "error", "the sweep ended before any job ran (see its error output)")
+            print(f"\nSweep ended before any job ran; its parent run {parent} is marked FAILED.", flush=True)
+            return
+        top = results.best(rows)
         client.log_text(parent, results.csv_table(rows, top), ARTIFACTS["csv"])
         client.log_text(parent, results.markdown_table(rows, top), ARTIFACTS["markdown"])
         client.log_figure(parent, results.plot(rows), ARTIFACTS["plot"])

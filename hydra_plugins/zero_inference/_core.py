@@ -202,6 +202,4 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
 
     with tempfile.TemporaryDirectory(prefix="zi-launcher-") as workdir, \
             concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
-        returns = list(pool.map(run_one, jobs))
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    return returns
+        return list(pool.map(run_one, jobs))
