@@ -25,6 +25,14 @@ def test_discovered_by_hydra():
     assert f"{ProcessPerJobLauncher.__module__}.{ProcessPerJobLauncher.__name__}" in names
 
 
+def test_discovery_imports_nothing_heavy():
+    """Hydra imports the plugin module at every start of every app."""
+    code = ("import sys, hydra_plugins.zero_inference.process_per_job_launcher; "
+            "print([m for m in ('cloudpickle', 'mlflow', 'torch', 'deepspeed', 'zi_app') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 @pytest.mark.parametrize("launcher_name, overrides", [("process_per_job", [])])
 class TestProcessPerJobLauncher(LauncherTestSuite):
     pass
