@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -39,6 +40,8 @@ def init_distributed() -> None:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # ZeRO-3's gather uses a torch.distributed name torch has deprecated; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     deepspeed.init_distributed(verbose=False)
 
 
