@@ -16,11 +16,11 @@ from zi_app import best, tracking
 GIB = 2**30
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A sweep in experiment 'other', then two in 'zero-inference' (the last one is the latest sweep)."""
-    monkeypatch.chdir(tmp_path)
-    uri = tracking.absolute_uri("sqlite:///mlruns/mlflow.db")
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sweep in experiment 'other', then two in 'zero-inference' (the last one is the latest sweep);
+    returns the store's URI and each sweep's run ids."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('best')}/mlruns/mlflow.db"
     client = MlflowClient(uri)
 
     def sweep(experiment: str, jobs: dict) -> dict:
@@ -45,45 +45,47 @@ def store(tmp_path, monkeypatch):
     time.sleep(0.01)  # start times (ms) order the sweeps
     newer = sweep("zero-inference", {"batch=32 pin=true": (48.1, 40 * GIB), "batch=64 pin=true": (93.8, 70 * GIB),
                                      "batch=128 pin=true": (162.8, 138 * GIB)})
-    return older, newer, other
+    return uri, older, newer, other
 
 
-def best_json(capsys, *args: str) -> dict:
-    assert best.main(["--json", *args]) == 0
+def best_json(capsys, uri: str, *args: str) -> dict:
+    assert best.main(["--tracking-uri", uri, "--json", *args]) == 0
     return json.loads(capsys.readouterr().out)
 
 
 def test_latest_sweep_by_default(store, capsys):
-    _, newer, _ = store
-    assert best_json(capsys)["run_id"] == newer["batch=128 pin=true"]
+    uri, _, newer, _ = store
+    assert best_json(capsys, uri)["run_id"] == newer["batch=128 pin=true"]
 
 
 def test_fastest_under_a_gpu_memory_cap(store, capsys):
-    _, newer, _ = store
-    capped = best_json(capsys, "--max-peak-gpu-gib", "80")
+    uri, _, newer, _ = store
+    capped = best_json(capsys, uri, "--max-peak-gpu-gib", "80")
     assert capped["run_id"] == newer["batch=64 pin=true"]
     assert (capped["peak_gpu_reserved_gib"], capped["peak_gpu_allocated_gib"]) == (70.0, 63.0)
-    assert best.main(["--max-peak-gpu-gib", "80"]) == 0
+    assert best.main(["--tracking-uri", uri, "--max-peak-gpu-gib", "80"]) == 0
     text = capsys.readouterr().out
     assert "highest tokens_per_sec with peak reserved GPU <= 80 GiB" in text
     assert "peak GPU:        63.00 GiB allocated, 70.00 GiB reserved" in text
-    assert best.main(["--max-peak-gpu-gib", "10"]) == 1
+    assert best.main(["--tracking-uri", uri, "--max-peak-gpu-gib", "10"]) == best.EXIT_NONE_QUALIFIES
     assert "no completed run with metric tokens_per_sec with peak reserved GPU <= 10 GiB" in capsys.readouterr().err
 
 
 def test_a_given_sweep_or_experiment(store, capsys):
-    older, newer, other = store
-    assert best_json(capsys, "--parent", older["parent"])["run_id"] == older["batch=64 pin=true"]
-    assert best_json(capsys, "--experiment", "other")["run_id"] == other["batch=1 pin=false"]
+    uri, older, newer, other = store
+    assert best_json(capsys, uri, "--parent", older["parent"])["run_id"] == older["batch=64 pin=true"]
+    assert best_json(capsys, uri, "--experiment", "other")["run_id"] == other["batch=1 pin=false"]
     # The whole experiment: both sweeps, and the lowest reserved peak wins when asked.
-    lowest = best_json(capsys, "--experiment", "zero-inference", "--metric", "peak_gpu_reserved_bytes", "--minimize")
+    lowest = best_json(capsys, uri, "--experiment", "zero-inference", "--metric", "peak_gpu_reserved_bytes",
+                       "--minimize")
     assert lowest["run_id"] == newer["batch=32 pin=true"]
 
 
-def test_bad_input_is_named(store, capsys):
-    assert best.main(["--experiment", "nope"]) == best.EXIT_BAD_INPUT
+def test_bad_input_is_named(store, capsys, tmp_path):
+    uri = store[0]
+    assert best.main(["--tracking-uri", uri, "--experiment", "nope"]) == best.EXIT_BAD_INPUT
     assert "--experiment 'nope': no such experiment (there are: " in capsys.readouterr().err
-    assert best.main(["--tracking-uri", "sqlite:///elsewhere/mlflow.db"]) == best.EXIT_BAD_INPUT
+    assert best.main(["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == best.EXIT_BAD_INPUT
     assert "no MLflow store there" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         best.main(["--max-peak-gpu-gib", "0"])

@@ -134,7 +134,7 @@ def test_a_killed_job_fails_alone(tmp_path):
 
 
 def test_one_job_per_gpu_at_a_time(tmp_path):
-    proc = _run_app(tmp_path, "x=3,4,5,6", "sleep=1.5", "hydra.launcher.gpus=[a,b]")
+    proc = _run_app(tmp_path, "x=3,5,6,7", "sleep=1.5", "hydra.launcher.gpus=[a,b]")
     assert proc.returncode == 0, proc.stderr
     records = list(_records(tmp_path / "sweep").values())
     assert len(records) == 4 and {r["gpu"] for r in records} == {"a", "b"}
