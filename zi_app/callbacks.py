@@ -19,9 +19,12 @@ from typing import Any, List, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from zi_app import sweep as results
 from zi_app import tracking
+from zi_app.app import RUN_ID_FILE
 from zi_app.schema import ConfigError
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
@@ -56,30 +59,29 @@ class Sweep:
     started: float
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri)
-
-
 def _task_config(config: DictConfig) -> dict:
     """The job's own keys (Hydra's node left out), resolved."""
     return OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
 
 
+class _DiedStarting(RuntimeError):
+    """A job whose process ended before it opened its MLflow run."""
+
+    failure_kind = "killed"
+
+
 def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseException) -> None:
     """Record a failed job whose own process could not: mark its RUNNING run FAILED, or, when it died
     before opening one, create a FAILED run for it (and its run-id file, so it is recorded once)."""
-    from zi_app.app import RUN_ID_FILE
-
     kind, message = tracking.failure_kind(error), f"{type(error).__name__}: {error}"
+    # Also points MLflow at the job's store, which record_failure and failed_run write to.
+    experiment_id = tracking.open_experiment(job_config["tracking"]["uri"], job_config["tracking"]["experiment"])
     run_file = output_dir / RUN_ID_FILE
     if run_file.exists():
         run_id = run_file.read_text().strip()
-        if _client(tracking.absolute_uri(job_config["tracking"]["uri"])).get_run(run_id).info.status == "RUNNING":
+        if MlflowClient().get_run(run_id).info.status == "RUNNING":
             tracking.record_failure(run_id, kind, message)
         return
-    experiment_id = tracking.open_experiment(job_config["tracking"]["uri"], job_config["tracking"]["experiment"])
     tags = {tracking.OVERRIDES_TAG: overrides}
     parent = os.environ.get(tracking.PARENT_RUN_ENV)
     if parent:
@@ -103,7 +105,7 @@ class SweepCallback(Callback):
             return
         uri = tracking.absolute_uri(config.tracking.uri)
         experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
-        reap_dead_runs(_client(uri), [experiment_id], "found RUNNING with its process gone when a sweep started")
+        reap_dead_runs(MlflowClient(uri), [experiment_id], "found RUNNING with its process gone when a sweep started")
         overrides = " ".join(config.hydra.overrides.task)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         parent = tracking.start_sweep_run(experiment_id, f"sweep {overrides}"[:200],
@@ -133,9 +135,7 @@ class SweepCallback(Callback):
         if sweep is None:
             return
         atexit.unregister(self.finish)
-        from zi_app import sweep as results
-
-        client = _client(sweep.uri)
+        client = MlflowClient(sweep.uri)
         settle_unrecorded_jobs(sweep)
         still_running = reap_dead_runs(client, [sweep.experiment_id], "its process ended while the sweep ran",
                                        parent_run_id=sweep.parent_run_id)
@@ -166,8 +166,6 @@ def reap_dead_runs(client, experiment_ids: List[str], message: str, parent_run_i
     Without ``parent_run_id``: runs whose process is known to be gone (this host, pid not alive). With
     it: also that sweep's jobs whose process cannot be checked (another host), since the sweep is over.
     """
-    from zi_app import sweep as results
-
     running = set()
     for run in results.search_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
         tags = run.data.tags
@@ -187,8 +185,6 @@ def reap_dead_runs(client, experiment_ids: List[str], message: str, parent_run_i
 def settle_unrecorded_jobs(sweep: Sweep) -> None:
     """Give a FAILED run to each job of this sweep that left its Hydra files but never opened an MLflow
     run (its process died while starting, under a launcher that does not report dead jobs)."""
-    from zi_app.app import RUN_ID_FILE
-
     if sweep.output_subdir is None:
         return
     for overrides_file in sweep.sweep_dir.rglob(f"{sweep.output_subdir}/overrides.yaml"):
@@ -201,18 +197,14 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
         if job_config.get("dry_run"):
             continue
         overrides = " ".join(OmegaConf.load(overrides_file))
-        settle_job(job_dir, job_config, overrides, _Unrecorded(f"the job's process ended before it opened its MLflow "
-                                                               f"run (killed, or crashed while starting); see {job_dir}"))
+        settle_job(job_dir, job_config, overrides, _DiedStarting(f"the job's process ended before it opened its "
+                                                                 f"MLflow run (killed, or crashed while starting); "
+                                                                 f"see {job_dir}"))
 
 
-class _Unrecorded(RuntimeError):
-    failure_kind = "killed"
-
-
-def summary(sweep: Sweep, rows, top, failed) -> str:
+def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobRow],
+            failed: List[results.JobRow]) -> str:
     """The end-of-sweep report: job table, failure count, best run, and where to browse the runs."""
-    from zi_app import sweep as results
-
     kinds = Counter(row.failure_kind or row.status for row in failed)
     counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
     common = results.common_overrides(rows)

@@ -21,7 +21,7 @@ GPU_RESERVED = "peak_gpu_reserved_bytes"  # what the card must hold: the metric 
 HOST_RSS = "peak_host_rss_bytes"
 GIB = 2**30
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
-# Shown in tables, in this order, when any run has them (value divisor, format).
+# Metrics shown in tables, in this order, when any run has them: (header, divisor, format).
 COLUMNS = {
     METRIC: ("tokens/s", 1, "{:.2f}"),
     "latency_s": ("latency s", 1, "{:.3f}"),
