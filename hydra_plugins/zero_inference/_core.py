@@ -200,6 +200,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         finally:
             slots.put(gpu)
 
-    with tempfile.TemporaryDirectory(prefix="zi-launcher-") as workdir, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
-        return list(pool.map(run_one, jobs))
+    with tempfile.TemporaryDirectory(prefix="zi-launcher-") as workdir:
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus)))
+        try:
+            return list(pool.map(run_one, jobs))
+        finally:
+            pool.shutdown(cancel_futures=True)  # after Ctrl-C (which the running jobs get too), start no other job
