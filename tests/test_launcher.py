@@ -4,8 +4,11 @@ jobs that die, one job per GPU)."""
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,22 @@ def test_one_job_per_gpu_at_a_time(tmp_path):
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, env, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     assert _core.visible_gpus() == expected
+
+
+def test_ctrl_c_stops_the_sweep(tmp_path):
+    """SIGINT to the sweep's process group, as Ctrl-C sends it: the running job ends, no other starts."""
+    _run_app(tmp_path, "x=1")  # writes the app's files; one quick job
+    sweep = tmp_path / "sweep"
+    shutil.rmtree(sweep)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "app.py"), "-m", LAUNCHER, "hydra.sweep.dir=sweep",
+                             "x=1,3,5", "sleep=30"], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (sweep / "0" / ".hydra" / "overrides.yaml").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # inside the job's sleep
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert "[1/3] #0 x=1 sleep=30: FAILED JobProcessError: the job's process was killed by SIGINT" in output
+    assert not (sweep / "1").exists()
