@@ -15,6 +15,8 @@ import pytest
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
+from hydra.version import VersionBase
+from packaging.version import Version
 
 from hydra_plugins.zero_inference import _core
 from hydra_plugins.zero_inference.process_per_job_launcher import ProcessPerJobLauncher
@@ -36,11 +38,20 @@ def test_discovery_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
+@pytest.fixture
+def hydra_default_version_base(hydra_restore_singletons, monkeypatch):
+    """Hydra's suites expect Hydra's default version base (1.1: a job runs in its output dir); importing
+    any module with ``@hydra.main(version_base=...)`` (zi_app.app) into this process would change it."""
+    monkeypatch.setattr(VersionBase.instance(), "version_base", Version("1.1"))
+
+
+@pytest.mark.usefixtures("hydra_default_version_base")
 @pytest.mark.parametrize("launcher_name, overrides", [("process_per_job", [])])
 class TestProcessPerJobLauncher(LauncherTestSuite):
     pass
 
 
+@pytest.mark.usefixtures("hydra_default_version_base")
 @pytest.mark.parametrize("task_launcher_cfg, extra_flags", [({}, ["-m", LAUNCHER])])
 class TestProcessPerJobLauncherIntegration(IntegrationTestSuite):
     pass

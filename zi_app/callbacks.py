@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from zi_app import sweep as results
 from zi_app import tracking
-from zi_app.app import RUN_ID_FILE
 from zi_app.schema import ConfigError
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
@@ -70,13 +69,21 @@ class _DiedStarting(RuntimeError):
     failure_kind = "killed"
 
 
+def _run_id_file(job_dir: Path) -> Path:
+    # Imported here: importing zi_app.app applies its @hydra.main, which sets Hydra's process-wide
+    # version base, and this module is imported in processes that are not the app (tests, other apps).
+    from zi_app.app import RUN_ID_FILE
+
+    return job_dir / RUN_ID_FILE
+
+
 def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseException) -> None:
     """Record a failed job whose own process could not: mark its RUNNING run FAILED, or, when it died
     before opening one, create a FAILED run for it (and its run-id file, so it is recorded once)."""
     kind, message = tracking.failure_kind(error), f"{type(error).__name__}: {error}"
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
     experiment_id = tracking.open_experiment(job_config["tracking"]["uri"], job_config["tracking"]["experiment"])
-    run_file = output_dir / RUN_ID_FILE
+    run_file = _run_id_file(output_dir)
     if run_file.exists():
         run_id = run_file.read_text().strip()
         if MlflowClient().get_run(run_id).info.status == "RUNNING":
@@ -190,7 +197,7 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
     for overrides_file in sweep.sweep_dir.rglob(f"{sweep.output_subdir}/overrides.yaml"):
         job_dir = overrides_file.parent.parent
         config_file = overrides_file.parent / "config.yaml"
-        if (job_dir / RUN_ID_FILE).exists() or overrides_file.stat().st_mtime < sweep.started \
+        if _run_id_file(job_dir).exists() or overrides_file.stat().st_mtime < sweep.started \
                 or not config_file.exists():
             continue
         job_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
