@@ -121,10 +121,13 @@ def mlflow_store(tmp_path) -> MlflowStore:
     return MlflowStore(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def compose() -> Callable[..., Any]:
+@pytest.fixture
+def compose(hydra_restore_singletons) -> Callable[..., Any]:
     """``compose(*overrides)``: the packaged config composed by Hydra's compose API (defaults list,
-    config groups, the ``zi_schema`` structured config), exactly what ``python -m zi_app`` would get."""
+    config groups, the ``zi_schema`` structured config), exactly what ``python -m zi_app`` would get.
+
+    Hydra's process-wide state (the version base ``initialize_config_dir`` sets) is restored afterwards.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
