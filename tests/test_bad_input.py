@@ -108,3 +108,18 @@ def test_fp16_quantization_without_cuda_is_refused(compose):
     assert (error.key, error.value) == ("model.dtype", "float16")
     assert "float32 or bfloat16" in str(error)
     preflight.check_environment(compose("quant=int4", "model.dtype=bfloat16"), False)
+
+
+def test_dtype_the_accelerator_cannot_compute_in_is_refused_in_a_real_run(run_app, run_python, tmp_path):
+    """A real job asks DeepSpeed's accelerator which dtypes it computes in, before loading anything; a CPU
+    without fp16 kernels (this project's machines) refuses float16 with the key, value and the dtypes it has."""
+    probe = run_python(["-c", "from zi_app.engine import accelerator; a = accelerator(); "
+                              "print(a.is_fp16_supported(), a.is_bf16_supported())"], tmp_path)
+    fp16, bf16 = (word == "True" for word in probe.stdout.split()[-2:])
+    run = run_app("model.dtype=float16", "prompt_len=16", "gen_len=4", "warmup=0", "repeat=1")
+    if fp16:
+        assert run.returncode == 0, run.tail()
+    else:
+        assert run.returncode == 2, run.tail()
+        assert "model.dtype='float16' is not allowed: one DeepSpeed's cpu accelerator supports here" in run.stderr
+        assert ("bfloat16" in run.stderr) == bf16 and "Traceback" not in run.output

@@ -32,5 +32,6 @@ def run_inference(cfg, **kwargs):
     cuda = torch.cuda.is_available()
     cfg = prepare(cfg)
     preflight.check_environment(cfg, cuda)
+    preflight.check_dtype_supported(cfg)
     ds_config, _ = plan(cfg, cuda)
     return run(cfg, ds_config, **kwargs)

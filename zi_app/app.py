@@ -110,6 +110,7 @@ def run_job(cfg: DictConfig) -> float:
                           run_id_file=out_dir / RUN_ID_FILE if out_dir else None):
         cfg = prepare(cfg)
         preflight.check_environment(cfg, cuda)
+        preflight.check_dtype_supported(cfg)
         ds_config, residency = plan(cfg, cuda)
         tracking.log_metrics({"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
                               "predicted_resident_bytes": residency.resident_bytes})

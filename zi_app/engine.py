@@ -25,10 +25,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def accelerator():
+    """DeepSpeed's accelerator for this machine: CUDA when present, else its CPU accelerator."""
+    if not cuda_available():
+        # Set before DeepSpeed's first import, or it probes and warns on stdout.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
 def init_distributed() -> None:
     """Start DeepSpeed's process group; a single process needs no launcher (rank 0 of 1 on loopback)."""
-    if not cuda_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    accelerator()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -47,9 +56,7 @@ def init_distributed() -> None:
 
 def device() -> torch.device:
     """The device inputs must live on: this rank's GPU, or the CPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    return torch.device(get_accelerator().current_device_name())
+    return torch.device(accelerator().current_device_name())
 
 
 def cap_gpu_memory(budget_gib: float | None) -> None:

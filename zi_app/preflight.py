@@ -41,3 +41,18 @@ def check_environment(cfg, cuda: bool) -> None:
             raise ConfigError("model.dtype", "float16",
                               "float32 or bfloat16 for quantized weights without CUDA (DeepSpeed's fp16 dequantizer "
                               "is CUDA-only)")
+
+
+def check_dtype_supported(cfg) -> None:
+    """Refuse a dtype DeepSpeed's accelerator cannot compute in (fp16 on CPUs without fp16 kernels).
+
+    Imports DeepSpeed, so it runs for real jobs only: a dry run may prepare a GPU config on any machine.
+    """
+    from zi_app.engine import accelerator
+
+    accel = accelerator()
+    supported = {"float32": True, "float16": accel.is_fp16_supported(), "bfloat16": accel.is_bf16_supported()}
+    if not supported[cfg.model.dtype]:
+        allowed = ", ".join(dtype for dtype, ok in supported.items() if ok)
+        raise ConfigError("model.dtype", cfg.model.dtype,
+                          f"one DeepSpeed's {accel.device_name()} accelerator supports here: {allowed}")
