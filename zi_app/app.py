@@ -112,8 +112,9 @@ def run_job(cfg: DictConfig) -> float:
         preflight.check_environment(cfg, cuda)
         preflight.check_dtype_supported(cfg)
         ds_config, residency = plan(cfg, cuda)
-        tracking.log_metrics({"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
-                              "predicted_resident_bytes": residency.resident_bytes})
+        predicted = {"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
+                     "predicted_resident_bytes": residency.resident_bytes}
+        tracking.log_metrics(predicted)
         tracking.log_json(ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
 
@@ -123,11 +124,22 @@ def run_job(cfg: DictConfig) -> float:
         tracking.log_metrics(result.metrics)
         tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
     m = result.metrics
-    log.info("result: %s batch=%d %.2f tokens/s, decode step %.4f s, prefill %.3f s, peak host %.2f GiB%s",
-             cfg.model.name, cfg.batch, m["tokens_per_sec"], m.get("decode_step_s", float("nan")), m["prefill_s"],
-             m["peak_host_rss_bytes"] / 2**30,
-             f", peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB" if "peak_gpu_allocated_bytes" in m else "")
+    log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}))
     return m["tokens_per_sec"]
+
+
+def result_line(cfg: DictConfig, m: dict) -> str:
+    """One line with a job's headline numbers; the GPU and roofline figures where they were measured."""
+    parts = [f"{cfg.model.name} batch={cfg.batch} {m['tokens_per_sec']:.2f} tokens/s",
+             f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
+             f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
+    if "peak_gpu_allocated_bytes" in m:
+        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB "
+                     f"(predicted {m['predicted_peak_gpu_bytes'] / 2**30:.2f})")
+    if "roofline_ratio" in m:
+        parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "
+                     f"at {m['h2d_gbps']:.1f} GB/s)")
+    return ", ".join(parts)
 
 
 def dry_run(cfg: DictConfig) -> None:
