@@ -26,7 +26,7 @@ def run_inference(cfg, **kwargs):
     import torch
 
     from zi_app import preflight
-    from zi_app.app import plan, prepare
+    from zi_app.jobplan import plan, prepare
     from zi_app.runner import run_inference as run
 
     cuda = torch.cuda.is_available()

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from zi_app import conf_dir, engine, preflight
-from zi_app.app import prepare
+from zi_app.jobplan import prepare
 from zi_app.dsconfig import build_ds_config
 from zi_app.model import load_model, weights_path, zero3_construction
 from zi_app.runner import random_prompts
