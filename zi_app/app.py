@@ -51,6 +51,14 @@ def _overrides() -> str:
         return ""
 
 
+def _launch_dir() -> Optional[str]:
+    """Where the command was run: a relative store path starts there, also under ``hydra.job.chdir=true``."""
+    try:
+        return HydraConfig.get().runtime.cwd
+    except ValueError:
+        return None
+
+
 def _output_dir() -> Optional[Path]:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
@@ -67,7 +75,8 @@ def run_job(cfg: DictConfig) -> float:
 
     cuda = torch.cuda.is_available()
     raw = OmegaConf.to_container(cfg, resolve=True)
-    experiment_id = tracking.open_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    experiment_id = tracking.open_experiment(tracking.absolute_uri(cfg.tracking.uri, _launch_dir()),
+                                             cfg.tracking.experiment)
     out_dir = _output_dir()
     tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: _overrides()}
     run_name = _overrides().replace(" ", ",") or cfg.model.name

@@ -9,7 +9,6 @@ failed, so the end of the sweep is also handled by an ``atexit`` hook registered
 from __future__ import annotations
 
 import atexit
-import copyreg
 import os
 import time
 from collections import Counter
@@ -24,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from zi_app import sweep as results
 from zi_app import tracking
-from zi_app.schema import ConfigError
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
 BEST_RUN_TAG = "zi.best_run_id"
@@ -32,18 +30,6 @@ BEST_OVERRIDES_TAG = "zi.best_overrides"
 JOBS_TAG = "zi.jobs"
 FAILED_JOBS_TAG = "zi.failed_jobs"
 ARTIFACTS = {"csv": "jobs.csv", "markdown": "jobs.md", "plot": "throughput.png"}
-
-
-def _reduce_config_error(error: ConfigError):
-    return ConfigError, (error.key, error.value, error.allowed)
-
-
-# Launchers that run jobs in other processes (submitit, joblib, ray) pickle a failed job's exception
-# back to the driver; ConfigError's constructor takes (key, value, allowed), not the message that
-# default exception pickling passes, so without this its unpickling fails in the driver and takes the
-# sweep down. This module is imported wherever a job runs under the app's config (the callback travels
-# with the job). Belongs in schema.py as ConfigError.__reduce__.
-copyreg.pickle(ConfigError, _reduce_config_error)
 
 
 @dataclass

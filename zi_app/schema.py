@@ -33,6 +33,11 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is not allowed: {allowed}")
 
+    def __reduce__(self):
+        # Launchers that run jobs elsewhere (submitit, joblib, ray) pickle a failed job's exception
+        # back to the driver; the default would call __init__ with the message alone.
+        return type(self), (self.key, self.value, self.allowed)
+
 
 @dataclass
 class ModelConfig:

@@ -26,6 +26,8 @@ COLUMNS = {
     METRIC: ("tokens/s", 1, "{:.2f}"),
     "latency_s": ("latency s", 1, "{:.3f}"),
     "decode_step_s": ("decode step s", 1, "{:.4f}"),
+    "streamed_bytes_per_step": ("streamed GB/step", 1e9, "{:.2f}"),
+    "roofline_ratio": ("step/roofline", 1, "{:.2f}"),
     GPU_ALLOCATED: ("peak GPU alloc GiB", GIB, "{:.2f}"),
     GPU_RESERVED: ("peak GPU reserved GiB", GIB, "{:.2f}"),
     HOST_RSS: ("peak host GiB", GIB, "{:.2f}"),

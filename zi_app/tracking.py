@@ -42,11 +42,11 @@ def artifact_root(uri: str) -> Optional[str]:
     return (Path(uri[len(SQLITE_PREFIX):]).resolve().parent / "artifacts").as_uri()
 
 
-def absolute_uri(uri: str) -> str:
-    """``uri`` with a local SQLite store's path made absolute (relative paths start at the cwd)."""
+def absolute_uri(uri: str, base: Optional[str] = None) -> str:
+    """``uri`` with a local SQLite store's path made absolute (relative paths start at ``base``, else the cwd)."""
     if not uri.startswith(SQLITE_PREFIX):
         return uri
-    return SQLITE_PREFIX + str(Path(uri[len(SQLITE_PREFIX):]).resolve())
+    return SQLITE_PREFIX + str((Path(base or ".") / uri[len(SQLITE_PREFIX):]).resolve())
 
 
 def open_experiment(uri: str, experiment: str) -> str:
