@@ -122,17 +122,16 @@ def weights_path(cfg) -> Optional[str]:
     return cfg.model.path
 
 
-def load_model(cfg):
-    """Build the model: real weights via ``from_pretrained``, or random ones.
+def load_model(cfg, path: Optional[str]):
+    """Build the model: real weights via ``from_pretrained`` of ``path`` (from :func:`weights_path`),
+    or a random init when it is None.
 
-    Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed, after
-    :func:`weights_path` has written any random checkpoint.
+    Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = TORCH_DTYPES[cfg.model.dtype]
     arch = dict(cfg.model.arch)
-    path = weights_path(cfg)
     if path:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:

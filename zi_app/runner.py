@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from zi_app import engine, measure, model as model_lib
-from zi_app.dsconfig import build_ds_config
 
 log = logging.getLogger(__name__)
 
@@ -43,36 +42,32 @@ def _ignore(metrics: Dict[str, float]) -> None:
     return None
 
 
-def run_inference(cfg, ds_config: Optional[Dict[str, Any]] = None,
-                  on_progress: Callable[[str], None] = log.info,
+def run_inference(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], None] = log.info,
                   on_metrics: Callable[[Dict[str, float]], None] = _ignore) -> InferenceResult:
     """Build the model under ZeRO-3, run warm-up and timed ``generate`` calls, and return the measurements.
 
-    ``cfg`` is a validated config (see :func:`zi_app.validate`); ``ds_config`` defaults to
-    :func:`build_ds_config` of it. ``on_metrics`` receives measurements as soon as they exist (load
-    time after loading, peak memory even when generation fails), so a failed job keeps what it measured.
-    Run one call per process: ZeRO-3's partitioning hook, the process group and the peak-memory
-    counters are process-wide.
+    ``cfg`` and ``ds_config`` come from :func:`zi_app.jobplan.ready`. ``on_metrics`` receives every
+    measurement once, as soon as it exists (load time after loading, peak memory even when generation
+    fails), so a failed job keeps what it measured. Run one call per process: ZeRO-3's partitioning
+    hook, the process group and the peak-memory counters are process-wide.
     """
-    if ds_config is None:
-        ds_config = build_ds_config(cfg)
     engine.init_distributed()
     engine.cap_gpu_memory(cfg.memory.gpu_budget_gib)
-    model_lib.weights_path(cfg)  # any random checkpoint is written before ZeRO-3 is armed
+    weights = model_lib.weights_path(cfg)  # a random checkpoint must be written before ZeRO-3 is armed
     try:
         with measure.peak_memory() as peaks, model_lib.zero3_construction(ds_config):
-            metrics, repeats, output = _load_and_generate(cfg, ds_config, on_progress, on_metrics)
+            metrics, repeats, output = _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics)
     finally:
         on_metrics(peaks.as_metrics())
     metrics.update(peaks.as_metrics())
     return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, cfg.prompt_len:].tolist())
 
 
-def _load_and_generate(cfg, ds_config, on_progress, on_metrics):
+def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
     on_progress(f"loading {cfg.model.name} ({cfg.model.weights} weights, {cfg.model.dtype}) under ZeRO-3, "
                 f"offload={cfg.offload.device}, quant={cfg.quant.mode}")
     with measure.stopwatch() as load:
-        model = model_lib.load_model(cfg)
+        model = model_lib.load_model(cfg, weights)
         model = engine.initialize(model, ds_config)
         if cfg.quant.mode == "post":
             model = engine.apply_post_init_quantization(model, ds_config)
@@ -91,13 +86,13 @@ def _load_and_generate(cfg, ds_config, on_progress, on_metrics):
         repeats.append(measure.throughput_metrics(timing, cfg.batch, cfg.prompt_len, cfg.gen_len))
         on_progress(f"timed {i + 1}/{cfg.repeat}: {repeats[-1]['tokens_per_sec']:.2f} tokens/s, "
                     f"{timing.total_s:.2f} s")
-    metrics = measure.median_metrics(repeats)
-    metrics["load_s"] = load.seconds
-    if torch.cuda.is_available() and "decode_step_s" in metrics:
-        metrics.update(roofline(cfg, model, prompts, kwargs, metrics["decode_step_s"]))
-        on_progress(f"decode step {metrics['decode_step_s']:.4f} s = {metrics['roofline_ratio']:.2f}x the roofline "
-                    f"({metrics['streamed_bytes_per_step'] / 1e9:.2f} GB at {metrics['h2d_gbps']:.1f} GB/s)")
-    return metrics, repeats, output
+    speed = measure.median_metrics(repeats)
+    if torch.cuda.is_available() and "decode_step_s" in speed:
+        speed.update(roofline(cfg, model, prompts, kwargs, speed["decode_step_s"]))
+        on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
+                    f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
+    on_metrics(speed)
+    return {**speed, "load_s": load.seconds}, repeats, output
 
 
 def cached_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
