@@ -25,13 +25,8 @@ def run_inference(cfg, **kwargs):
     """
     import torch
 
-    from zi_app import preflight
-    from zi_app.jobplan import plan, prepare
+    from zi_app.jobplan import ready
     from zi_app.runner import run_inference as run
 
-    cuda = torch.cuda.is_available()
-    cfg = prepare(cfg)
-    preflight.check_environment(cfg, cuda)
-    preflight.check_dtype_supported(cfg)
-    ds_config, _ = plan(cfg, cuda)
+    cfg, ds_config, _ = ready(cfg, torch.cuda.is_available())
     return run(cfg, ds_config, **kwargs)

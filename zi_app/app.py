@@ -16,8 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app import preflight, tracking
-from zi_app.jobplan import plan, prepare
+from zi_app import tracking
+from zi_app.jobplan import ready
 from zi_app.paths import conf_dir
 from zi_app.schema import ConfigError
 
@@ -78,14 +78,12 @@ def run_job(cfg: DictConfig) -> float:
     experiment_id = tracking.open_experiment(tracking.absolute_uri(cfg.tracking.uri, _launch_dir()),
                                              cfg.tracking.experiment)
     out_dir = _output_dir()
-    tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: _overrides()}
-    run_name = _overrides().replace(" ", ",") or cfg.model.name
+    overrides = _overrides()
+    tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: overrides}
+    run_name = overrides.replace(" ", ",") or cfg.model.name
     with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
                           run_id_file=out_dir / RUN_ID_FILE if out_dir else None):
-        cfg = prepare(cfg)
-        preflight.check_environment(cfg, cuda)
-        preflight.check_dtype_supported(cfg)
-        ds_config, residency = plan(cfg, cuda)
+        cfg, ds_config, residency = ready(cfg, cuda)
         predicted = {"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
                      "predicted_resident_bytes": residency.resident_bytes}
         tracking.log_metrics(predicted)
@@ -95,11 +93,9 @@ def run_job(cfg: DictConfig) -> float:
         from zi_app.runner import run_inference
 
         result = run_inference(cfg, ds_config, on_metrics=tracking.log_metrics)
-        tracking.log_metrics(result.metrics)
         tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
-    m = result.metrics
     log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}))
-    return m["tokens_per_sec"]
+    return result.metrics["tokens_per_sec"]
 
 
 def result_line(cfg: DictConfig, m: dict) -> str:
@@ -120,10 +116,7 @@ def dry_run(cfg: DictConfig) -> None:
     """Print the DeepSpeed config of ``cfg`` as one JSON document on stdout; load nothing, log nothing."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    cfg = prepare(cfg)
-    preflight.check_environment(cfg, cuda)
-    print(json.dumps(plan(cfg, cuda)[0], indent=2))
+    print(json.dumps(ready(cfg, torch.cuda.is_available(), running=False)[1], indent=2))
 
 
 def _multirun() -> bool:

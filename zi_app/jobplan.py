@@ -9,7 +9,7 @@ from typing import Tuple
 
 from omegaconf import DictConfig, open_dict
 
-from zi_app import dsconfig
+from zi_app import dsconfig, preflight
 from zi_app.planner import Residency
 from zi_app.schema import ConfigError, validate
 
@@ -46,3 +46,17 @@ def plan(cfg: DictConfig, cuda: bool) -> Tuple[dict, Residency]:
             f"exceeds the budget of {budget / 2**30:.1f} GiB; lower batch or prompt_len + gen_len, "
             f"or raise memory.gpu_budget_gib")
     return dsconfig.build_ds_config(cfg, facts, device_bytes), residency
+
+
+def ready(cfg: DictConfig, cuda: bool, running: bool = True) -> Tuple[DictConfig, dict, Residency]:
+    """Everything before loading, in order: :func:`prepare`, the machine checks (a real run also asks
+    DeepSpeed's accelerator about the dtype; a dry run need not import DeepSpeed), and :func:`plan`.
+
+    Returns the validated config, the DeepSpeed config and the predicted residency.
+    """
+    cfg = prepare(cfg)
+    preflight.check_environment(cfg, cuda)
+    if running:
+        preflight.check_dtype_supported(cfg)
+    ds_config, residency = plan(cfg, cuda)
+    return cfg, ds_config, residency

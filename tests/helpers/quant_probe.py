@@ -16,9 +16,8 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
-from zi_app import conf_dir, engine, preflight
-from zi_app.jobplan import prepare
-from zi_app.dsconfig import build_ds_config
+from zi_app import conf_dir, engine
+from zi_app.jobplan import ready
 from zi_app.model import load_model, weights_path, zero3_construction
 from zi_app.runner import random_prompts
 
@@ -32,13 +31,11 @@ def held_storage(model: torch.nn.Module) -> dict:
 
 def main(out: str, overrides: list) -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = prepare(compose("config", overrides=overrides))
-    preflight.check_environment(cfg, torch.cuda.is_available())
-    ds_config = build_ds_config(cfg)
+        cfg, ds_config, _ = ready(compose("config", overrides=overrides), torch.cuda.is_available())
     engine.init_distributed()
     checkpoint = weights_path(cfg)
     with zero3_construction(ds_config):
-        model = engine.initialize(load_model(cfg), ds_config)
+        model = engine.initialize(load_model(cfg, checkpoint), ds_config)
         prompts = random_prompts(cfg.batch, cfg.prompt_len, model.config.vocab_size, cfg.seed, engine.device())
         with torch.no_grad():
             logits = model(input_ids=prompts).logits.float().cpu()
