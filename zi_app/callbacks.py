@@ -63,22 +63,24 @@ def _run_id_file(job_dir: Path) -> Path:
     return job_dir / RUN_ID_FILE
 
 
-def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseException) -> None:
+def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseException,
+               launch_dir: Optional[str] = None) -> None:
     """Record a failed job whose own process could not: mark its RUNNING run FAILED, or, when it died
-    before opening one, create a FAILED run for it (and its run-id file, so it is recorded once)."""
+    before opening one, create a FAILED run for it (and its run-id file, so it is recorded once).
+
+    ``launch_dir`` is where the sweep was started: a relative store path starts there, as the app's does.
+    """
     kind, message = tracking.failure_kind(error), f"{type(error).__name__}: {error}"
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
-    experiment_id = tracking.open_experiment(job_config["tracking"]["uri"], job_config["tracking"]["experiment"])
+    uri = tracking.absolute_uri(job_config["tracking"]["uri"], launch_dir)
+    experiment_id = tracking.open_experiment(uri, job_config["tracking"]["experiment"])
     run_file = _run_id_file(output_dir)
     if run_file.exists():
         run_id = run_file.read_text().strip()
         if MlflowClient().get_run(run_id).info.status == "RUNNING":
             tracking.record_failure(run_id, kind, message)
         return
-    tags = {tracking.OVERRIDES_TAG: overrides}
-    parent = os.environ.get(tracking.PARENT_RUN_ENV)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    tags = {tracking.OVERRIDES_TAG: overrides, **tracking.sweep_parent_tags()}
     run_id = tracking.failed_run(experiment_id, overrides.replace(" ", ",") or "job", tracking.job_params(job_config),
                                  tags, kind, message)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,8 @@ class SweepCallback(Callback):
         if job_return.status != JobStatus.FAILED or config.dry_run:
             return
         settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), " ".join(config.hydra.overrides.task),
-                   job_return._return_value)  # the public property raises for a failed job
+                   job_return._return_value,  # the public property raises for a failed job
+                   launch_dir=config.hydra.runtime.cwd)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.finish()

@@ -117,6 +117,12 @@ def process_alive(tags: Dict[str, str]) -> Optional[bool]:
         return False
 
 
+def sweep_parent_tags() -> Dict[str, str]:
+    """The tag that nests a job's run under its sweep's parent run (id in ``ZI_PARENT_RUN_ID``), if any."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
 def record_failure(run_id: str, kind: str, message: str) -> None:
     """Mark a run FAILED with the kind and message of its failure."""
     client = MlflowClient()
@@ -134,10 +140,7 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
     the run FAILED if the process is killed before it can. A parent run id in ``ZI_PARENT_RUN_ID``
     nests the run under a sweep's parent run.
     """
-    tags = {**tags, ROLE_TAG: "job", **process_tags()}
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+    tags = {**tags, ROLE_TAG: "job", **process_tags(), **sweep_parent_tags()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         if run_id_file is not None:
             run_id_file.write_text(run.info.run_id)
