@@ -33,6 +33,16 @@ COLUMNS = [  # (metric, header, scale, format)
     ("peak_host_rss_bytes", "peak host GiB", 2**-30, "{:.1f}"),
     ("load_s", "load s", 1, "{:.0f}"),
 ]
+PROFILE_COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md
+    ("profile_step_s", "profiled step s", 1, "{:.3f}"),
+    ("profile_zero3_fetches", "ZeRO-3 fetch hooks", 1, "{:.0f}"),
+    ("profile_zero3_hook_s", "in hooks s", 1, "{:.3f}"),
+    ("profile_host_sync_wait_s", "host sync waits s", 1, "{:.3f}"),
+    ("profile_htod_busy_s", "H2D copy busy s", 1, "{:.3f}"),
+    ("profile_kernel_busy_s", "kernels busy s", 1, "{:.3f}"),
+    ("profile_dequant_kernel_s", "dequant kernels s", 1, "{:.3f}"),
+    ("profile_gpu_idle_s", "GPU idle s", 1, "{:.3f}"),
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,19 +99,28 @@ def machine() -> str:
     return f"{gpu}, {platform.node()}, {versions}, Python {platform.python_version()}"
 
 
-def table(results: list) -> str:
+def table(results: list, columns: list = COLUMNS) -> str:
     """Markdown table of every variant, with tokens/s relative to the first variant."""
-    header = ["variant", "status", *[c[1] for c in COLUMNS], "x first"]
+    header = ["variant", "status", *[c[1] for c in columns], "x first"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = results[0]["metrics"].get("tokens_per_sec")
     for row in results:
         m = row["metrics"]
         cells = [row["name"], row["status"] + (f" ({row['failure']})" if row["failure"] else "")]
-        cells += [fmt.format(m[key] * scale) if key in m else "" for key, _, scale, fmt in COLUMNS]
+        cells += [fmt.format(m[key] * scale) if key in m else "" for key, _, scale, fmt in columns]
         ratio = m.get("tokens_per_sec")
         cells.append(f"{ratio / base:.2f}" if ratio and base else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def report(title: str, command: str, results: list) -> str:
+    """The Markdown section: command, machine, the main table, and the step profile where one was taken."""
+    parts = [f"### {title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "", table(results), ""]
+    if any("profile_step_s" in r["metrics"] for r in results):
+        parts += ["Where one decode step's time goes (`profile_step=true`, Python tracer on):", "",
+                  table(results, PROFILE_COLUMNS), ""]
+    return "\n".join(parts)
 
 
 def plot(results: list, title: str, path: Path) -> None:
@@ -134,8 +153,7 @@ def main(argv=None) -> None:
     for name, *overrides in args.variant:
         results.append(run_variant(name, [*args.common, *overrides], args.store, experiment, args.timeout))
         # Written after every variant, so a run cut short still leaves what it measured.
-        text = "\n".join([f"### {args.title}", "", f"Command: `{command}`", "", f"Machine: {machine()}", "",
-                          table(results), ""])
+        text = report(args.title, command, results)
         out.with_suffix(".md").write_text(text)
         out.with_suffix(".json").write_text(json.dumps(
             {"title": args.title, "machine": machine(), "command": command, "results": results}, indent=2))

@@ -171,26 +171,86 @@ class _DecodeStepProfiler(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def htod_bytes_per_decode_step(model, input_ids: torch.Tensor, trace_path: str, **generate_kwargs) -> int:
-    """Bytes copied host->device during one decode step, read from the CUDA profiler's memcpy records.
+def _decode_step_trace(model, input_ids: torch.Tensor, trace_path: str, python: bool = False,
+                       **generate_kwargs) -> List[dict]:
+    """Chrome-trace events of one profiled decode step (an extra, untimed ``generate`` of 3 tokens).
 
-    This is what the step really streams: resident parameters cost nothing, a weight fetched twice
-    counts twice, and an offloaded KV cache's transfers count too.
+    ``python`` adds CPU ops and the Python tracer (every Python call becomes an event), which slows
+    the host side: use it for where the time goes, not for how long a step takes.
     """
     import json
 
     from torch.profiler import ProfilerActivity, profile
 
-    profiler = profile(activities=[ProfilerActivity.CUDA])
+    activities = [ProfilerActivity.CPU] if python else []
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    profiler = profile(activities=activities, with_stack=python)
     with torch.no_grad():
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                        min_new_tokens=3, max_new_tokens=3, stopping_criteria=[_DecodeStepProfiler(profiler)],
                        **generate_kwargs)
     profiler.export_chrome_trace(trace_path)
     with open(trace_path) as handle:
-        events = json.load(handle)["traceEvents"]
+        return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
+
+
+def htod_bytes_per_decode_step(model, input_ids: torch.Tensor, trace_path: str, **generate_kwargs) -> int:
+    """Bytes copied host->device during one decode step, read from the CUDA profiler's memcpy records.
+
+    This is what the step really streams: resident parameters cost nothing, a weight fetched twice
+    counts twice, and an offloaded KV cache's transfers count too.
+    """
+    events = _decode_step_trace(model, input_ids, trace_path, **generate_kwargs)
     return sum(int(e.get("args", {}).get("bytes", 0)) for e in events
                if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""))
+
+
+def _busy_seconds(events: List[dict]) -> float:
+    """Seconds covered by the union of the events' intervals (overlaps and nesting counted once)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total / 1e6
+
+
+# DeepSpeed 0.19.8's per-module forward hooks (parameter_offload.py): fetch before, release after.
+_ZERO3_HOOKS = ("pre_sub_module_forward_function", "post_sub_module_forward_function")
+_HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+
+
+def decode_step_breakdown(model, input_ids: torch.Tensor, trace_path: str, **generate_kwargs) -> Dict[str, float]:
+    """Where one decode step's time goes, from a profile with the Python tracer on.
+
+    Host side: time inside ZeRO-3's forward hooks (fetch/prefetch/release) and blocked in CUDA
+    synchronisation calls. Device side: copy-engine and kernel busy time, dequantization kernels, and
+    the time neither a copy nor a kernel ran (the GPU waiting on the host). The tracer inflates host
+    time, so the shares matter, not the absolute step time (``decode_step_s`` is the real one).
+    """
+    events = _decode_step_trace(model, input_ids, trace_path, python=True, **generate_kwargs)
+
+    def named(category: str, *suffixes: str) -> List[dict]:
+        return [e for e in events if e.get("cat") == category and e.get("name", "").endswith(suffixes or ("",))]
+
+    step_s = (max(e["ts"] + e.get("dur", 0) for e in events) - min(e["ts"] for e in events)) / 1e6
+    breakdown = {
+        "profile_step_s": step_s,
+        "profile_zero3_hook_s": _busy_seconds(named("python_function", *_ZERO3_HOOKS)),
+        "profile_zero3_fetches": float(len(named("python_function", _ZERO3_HOOKS[0]))),
+    }
+    if torch.cuda.is_available():
+        copies = [e for e in named("gpu_memcpy") if "HtoD" in e["name"]]
+        kernels = named("kernel")
+        breakdown.update({
+            "profile_host_sync_wait_s": _busy_seconds(named("cuda_runtime", *_HOST_WAITS)),
+            "profile_htod_busy_s": _busy_seconds(copies),
+            "profile_kernel_busy_s": _busy_seconds(kernels),
+            "profile_dequant_kernel_s": _busy_seconds([e for e in kernels if "dequant" in e["name"].lower()]),
+            "profile_gpu_idle_s": step_s - _busy_seconds(copies + kernels),
+        })
+    return breakdown
 
 
 def roofline_metrics(decode_step_s: float, streamed_bytes: int, gbps: float) -> Dict[str, float]:

@@ -91,6 +91,10 @@ def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
         speed.update(roofline(cfg, model, prompts, kwargs, speed["decode_step_s"]))
         on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
                     f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
+    if cfg.profile_step:
+        speed.update(step_breakdown(model, prompts, kwargs))
+        on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
+                                                         for k, v in speed.items() if k.startswith("profile_")))
     on_metrics(speed)
     return {**speed, "load_s": load.seconds}, repeats, output
 
@@ -115,3 +119,9 @@ def roofline(cfg, model, prompts, kwargs, decode_step_s: float) -> Dict[str, flo
     metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if cfg.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
     return metrics
+
+
+def step_breakdown(model, prompts, kwargs) -> Dict[str, float]:
+    """Where one decode step's time goes (``profile_step=true``): ZeRO-3 hooks, host waits, copies, kernels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return measure.decode_step_breakdown(model, prompts, f"{tmp}/trace.json", **kwargs)

@@ -115,6 +115,7 @@ class ZIConfig:
     repeat: int = 3
     seed: int = 0
     dry_run: bool = False
+    profile_step: bool = False
     cache_dir: str = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
