@@ -50,6 +50,16 @@ def test_plot_has_a_line_per_pin_value_and_marks_the_failed_point():
     assert png.getvalue()[:4] == b"\x89PNG"
 
 
+def test_failures_at_one_batch_share_one_label():
+    """Both pin values failing at the same batch (the usual case past the budget): two crosses, one label
+    naming both kinds, so labels of neighbouring batches cannot overprint each other."""
+    rows = batch_pin_rows()
+    rows[5].status, rows[5].failure_kind, rows[5].metrics = "FAILED", "killed", {}
+    ax = sweep.plot(rows).axes[0]
+    assert len([line for line in ax.get_lines() if line.get_marker() == "X"]) == 2
+    assert [(t.get_text(), t.get_rotation()) for t in ax.texts] == [("killed, oom", 90.0)]
+
+
 def test_tables_rank_completed_jobs_and_list_failures():
     rows = batch_pin_rows()
     top = sweep.best(rows)

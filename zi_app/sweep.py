@@ -229,6 +229,7 @@ def plot(rows: Sequence[JobRow], metric: str = METRIC):
     for i, row in enumerate(rows):
         label = " ".join(f"{key}={row.values().get(key, '')}" for key in others) or metric
         series.setdefault(label, []).append(i)
+    failure_labels: Dict[float, set] = {}
     for label, members in series.items():
         done = sorted((xs[i], rows[i].metrics[metric]) for i in members if rows[i].completed and metric in rows[i].metrics)
         line, = ax.plot([x for x, _ in done], [y for _, y in done], marker="o", label=label)
@@ -236,8 +237,10 @@ def plot(rows: Sequence[JobRow], metric: str = METRIC):
             if not rows[i].completed:  # on the axis, in the colour of its line, never clipped
                 ax.plot([xs[i]], [0], marker="X", markersize=12, markeredgecolor="firebrick", linestyle="none",
                         color=line.get_color(), clip_on=False, zorder=5)
-                ax.annotate(rows[i].failure_kind or rows[i].status, (xs[i], 0), textcoords="offset points",
-                            xytext=(0, 10), ha="center", fontsize=8, color="firebrick")
+                failure_labels.setdefault(xs[i], set()).add(rows[i].failure_kind or rows[i].status)
+    for x, kinds in failure_labels.items():  # one upright label per x: neighbouring failures do not overlap
+        ax.annotate(", ".join(sorted(kinds)), (x, 0), textcoords="offset points", xytext=(0, 10), ha="center",
+                    va="bottom", rotation=90, fontsize=8, color="firebrick")
     if numeric and xs and min(xs) > 0 and max(xs) / min(xs) >= 4:
         ax.set_xscale("log", base=2)
     if numeric:
