@@ -21,6 +21,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from zi_app import tracking
+from zi_app.schema import TrackingConfig
+
 COLUMNS = [  # (metric, header, scale, format)
     ("tokens_per_sec", "tokens/s", 1, "{:.2f}"),
     ("decode_step_s", "decode step s", 1, "{:.3f}"),
@@ -52,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE"),
                         help="a variant: its name, then its overrides")
     parser.add_argument("--out", required=True, help="path prefix of the .md/.json/.png results")
-    parser.add_argument("--store", default="sqlite:///mlruns/mlflow.db", help="MLflow tracking URI")
+    parser.add_argument("--store", default=TrackingConfig.uri, help="MLflow tracking URI (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one variant may take")
     return parser.parse_args(argv)
 
@@ -81,12 +84,12 @@ def run_variant(name: str, overrides: list, store: str, experiment: str, timeout
     except subprocess.TimeoutExpired:
         code = "timeout"
     metrics, status, reason = {}, f"exit {code}", ""
-    run_id_file = run_dir / "mlflow_run_id"
+    run_id_file = run_dir / tracking.RUN_ID_FILE
     if run_id_file.is_file():
         mlflow.set_tracking_uri(store)
         run = mlflow.get_run(run_id_file.read_text().strip())
         metrics, status = dict(run.data.metrics), run.info.status
-        reason = run.data.tags.get("zi.failure_kind", "")
+        reason = run.data.tags.get(tracking.FAILURE_KIND_TAG, "")
     print(f"== {name}: {status} {reason} in {time.time() - started:.0f} s", flush=True)
     return {"name": name, "overrides": overrides, "status": status, "failure": reason, "metrics": metrics}
 

@@ -22,7 +22,6 @@ from zi_app.paths import conf_dir
 from zi_app.schema import ConfigError
 
 log = logging.getLogger("zi_app")
-RUN_ID_FILE = "mlflow_run_id"
 EXIT_INVALID_CONFIG = 2
 
 
@@ -82,7 +81,7 @@ def run_job(cfg: DictConfig) -> float:
     tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: overrides}
     run_name = overrides.replace(" ", ",") or cfg.model.name
     with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
-                          run_id_file=out_dir / RUN_ID_FILE if out_dir else None):
+                          run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
         cfg, ds_config, residency = ready(cfg, cuda)
         predicted = {"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
                      "predicted_resident_bytes": residency.resident_bytes}

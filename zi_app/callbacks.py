@@ -55,14 +55,6 @@ class _DiedStarting(RuntimeError):
     failure_kind = "killed"
 
 
-def _run_id_file(job_dir: Path) -> Path:
-    # Imported here: importing zi_app.app applies its @hydra.main, which sets Hydra's process-wide
-    # version base, and this module is imported in processes that are not the app (tests, other apps).
-    from zi_app.app import RUN_ID_FILE
-
-    return job_dir / RUN_ID_FILE
-
-
 def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseException,
                launch_dir: Optional[str] = None) -> None:
     """Record a failed job whose own process could not: mark its RUNNING run FAILED, or, when it died
@@ -74,7 +66,7 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
     uri = tracking.absolute_uri(job_config["tracking"]["uri"], launch_dir)
     experiment_id = tracking.open_experiment(uri, job_config["tracking"]["experiment"])
-    run_file = _run_id_file(output_dir)
+    run_file = output_dir / tracking.RUN_ID_FILE
     if run_file.exists():
         run_id = run_file.read_text().strip()
         if MlflowClient().get_run(run_id).info.status == "RUNNING":
@@ -186,7 +178,7 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
     for overrides_file in sweep.sweep_dir.rglob(f"{sweep.output_subdir}/overrides.yaml"):
         job_dir = overrides_file.parent.parent
         config_file = overrides_file.parent / "config.yaml"
-        if _run_id_file(job_dir).exists() or overrides_file.stat().st_mtime < sweep.started \
+        if (job_dir / tracking.RUN_ID_FILE).exists() or overrides_file.stat().st_mtime < sweep.started \
                 or not config_file.exists():
             continue
         job_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)

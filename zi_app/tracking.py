@@ -25,6 +25,7 @@ FAILURE_KIND_TAG = "zi.failure_kind"
 FAILURE_MESSAGE_TAG = "zi.failure_message"
 OVERRIDES_TAG = "zi.overrides"
 PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
+RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever records the job after it died
 ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
 PID_TAG = "zi.pid"  # the process that owns the run, and its host: a RUNNING run whose process is gone
 HOST_TAG = "zi.host"  # was killed
