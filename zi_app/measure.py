@@ -171,14 +171,14 @@ class _DecodeStepProfiler(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _decode_step_trace(model, input_ids: torch.Tensor, trace_path: str, python: bool = False,
-                       **generate_kwargs) -> List[dict]:
+def _decode_step_trace(model, input_ids: torch.Tensor, python: bool = False, **generate_kwargs) -> List[dict]:
     """Chrome-trace events of one profiled decode step (an extra, untimed ``generate`` of 3 tokens).
 
     ``python`` adds CPU ops and the Python tracer (every Python call becomes an event), which slows
     the host side: use it for where the time goes, not for how long a step takes.
     """
     import json
+    import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,18 +190,19 @@ def _decode_step_trace(model, input_ids: torch.Tensor, trace_path: str, python: 
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                        min_new_tokens=3, max_new_tokens=3, stopping_criteria=[_DecodeStepProfiler(profiler)],
                        **generate_kwargs)
-    profiler.export_chrome_trace(trace_path)
-    with open(trace_path) as handle:
-        return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
+    with tempfile.TemporaryDirectory() as tmp:
+        profiler.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as handle:
+            return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
 
 
-def htod_bytes_per_decode_step(model, input_ids: torch.Tensor, trace_path: str, **generate_kwargs) -> int:
+def htod_bytes_per_decode_step(model, input_ids: torch.Tensor, **generate_kwargs) -> int:
     """Bytes copied host->device during one decode step, read from the CUDA profiler's memcpy records.
 
     This is what the step really streams: resident parameters cost nothing, a weight fetched twice
     counts twice, and an offloaded KV cache's transfers count too.
     """
-    events = _decode_step_trace(model, input_ids, trace_path, **generate_kwargs)
+    events = _decode_step_trace(model, input_ids, **generate_kwargs)
     return sum(int(e.get("args", {}).get("bytes", 0)) for e in events
                if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""))
 
@@ -221,7 +222,7 @@ _ZERO3_HOOKS = ("pre_sub_module_forward_function", "post_sub_module_forward_func
 _HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 
 
-def decode_step_breakdown(model, input_ids: torch.Tensor, trace_path: str, **generate_kwargs) -> Dict[str, float]:
+def decode_step_breakdown(model, input_ids: torch.Tensor, **generate_kwargs) -> Dict[str, float]:
     """Where one decode step's time goes, from a profile with the Python tracer on.
 
     Host side: time inside ZeRO-3's forward hooks (fetch/prefetch/release) and blocked in CUDA
@@ -229,7 +230,7 @@ def decode_step_breakdown(model, input_ids: torch.Tensor, trace_path: str, **gen
     the time neither a copy nor a kernel ran (the GPU waiting on the host). The tracer inflates host
     time, so the shares matter, not the absolute step time (``decode_step_s`` is the real one).
     """
-    events = _decode_step_trace(model, input_ids, trace_path, python=True, **generate_kwargs)
+    events = _decode_step_trace(model, input_ids, python=True, **generate_kwargs)
 
     def named(category: str, *suffixes: str) -> List[dict]:
         return [e for e in events if e.get("cat") == category and e.get("name", "").endswith(suffixes or ("",))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -92,7 +91,7 @@ def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
         on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
                     f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
     if cfg.profile_step:
-        speed.update(step_breakdown(model, prompts, kwargs))
+        speed.update(measure.decode_step_breakdown(model, prompts, **kwargs))
         on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
                                                          for k, v in speed.items() if k.startswith("profile_")))
     on_metrics(speed)
@@ -114,14 +113,7 @@ def cached_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
 def roofline(cfg, model, prompts, kwargs, decode_step_s: float) -> Dict[str, float]:
     """Roofline figures of this job on CUDA: bandwidth, bytes streamed per decode step, bound and ratio."""
     bandwidth = cached_h2d_bandwidth(cfg.cache_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        streamed = measure.htod_bytes_per_decode_step(model, prompts, f"{tmp}/trace.json", **kwargs)
+    streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs)
     metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if cfg.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
     return metrics
-
-
-def step_breakdown(model, prompts, kwargs) -> Dict[str, float]:
-    """Where one decode step's time goes (``profile_step=true``): ZeRO-3 hooks, host waits, copies, kernels."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return measure.decode_step_breakdown(model, prompts, f"{tmp}/trace.json", **kwargs)
