@@ -2,7 +2,8 @@
 # The GPU work of the sweeps and performance issues, in priority order, for one lent H200 session.
 # Runs detached (benchmarks/detach.sh) so that it outlives one device call's 10-minute limit; every step
 # writes into RESULTS as it goes and is capped by `timeout`, so a cut session keeps what finished.
-#   bash benchmarks/on_device.sh bash benchmarks/gpu_session.sh /tmp/zi-results
+#   bash benchmarks/detach.sh start /tmp/zr bash benchmarks/on_device.sh bash benchmarks/gpu_session.sh /tmp/zr
+#   bash benchmarks/detach.sh wait /tmp/zr 540   # in each device call, until it prints an exit status
 set -uo pipefail
 RESULTS=${1:?usage: gpu_session.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
