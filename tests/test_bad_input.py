@@ -28,10 +28,6 @@ BAD_OVERRIDES = [
     (["quant=int4", "quant.group_size=60"], "quant.group_size", "60", "a multiple of 8 that divides the hidden size 128"),
     (["quant=int4", "quant.group_size=0"], "quant.group_size", "0", "a positive integer"),
     (["quant=int4-post", "model.dtype=float32"], "quant.mode", "post", "needs model.dtype=float16"),
-    (["offload=nvme", "offload.nvme_path={tmp}/missing"], "offload.nvme_path", "{tmp}/missing", "an existing directory"),
-    (["offload=nvme", "offload.nvme_path={tmp}/a-file"], "offload.nvme_path", "{tmp}/a-file", "an existing directory"),
-    # /proc/sys is a directory nobody may create files in, root included (chmod would not stop root).
-    (["offload=nvme", "offload.nvme_path=/proc/sys"], "offload.nvme_path", "/proc/sys", "a directory this user can write to"),
     (["offload=disk"], "offload", "disk", "Available options in 'offload'"),
     (["offload.device=disk"], "offload.device", "disk", "one of none, cpu, nvme"),
     (["model=pretrained", "model.path={tmp}/no-such-model"], "model.path", "{tmp}/no-such-model", "an existing directory holding config.json"),
@@ -81,6 +77,17 @@ def test_deepspeed_older_than_0_10_3_is_refused():
     assert ">= 0.10.3" in str(error)
     preflight.check_deepspeed_version("0.10.3")
     preflight.check_deepspeed_version()  # the installed one
+
+
+def test_nvme_path_this_machine_lacks_is_refused(compose, tmp_path):
+    """Whether the NVMe directory exists and is writable is a fact of the machine that runs the job."""
+    (tmp_path / "a-file").write_text("not a directory")
+    for path, allowed in ((tmp_path / "missing", "an existing directory"), (tmp_path / "a-file", "an existing directory"),
+                          # nobody may create files in /proc/sys, root included (chmod would not stop root)
+                          ("/proc/sys", "a directory this user can write to")):
+        problems = preflight.environment_problems(compose("offload=nvme", f"offload.nvme_path={path}"), False)
+        assert [(p.key, p.value) for p in problems if p.key == "offload.nvme_path"] == [("offload.nvme_path", str(path))]
+        assert allowed in str(problems[-1])
 
 
 def test_nvme_without_libaio_is_refused(compose, tmp_path, monkeypatch):

@@ -33,7 +33,6 @@ from typing import Dict, List, Optional
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError
 
 import zi_app
 
@@ -301,10 +300,42 @@ def test_typed_mount_validates_with_cache_dir_default(tmp_path, monkeypatch):
     assert valid.batch == 2 and valid.model.name == "opt-30b" and valid.quant.bits == 4
 
 
-def test_top_level_composition_rejects_keys_outside_the_schema():
-    """At the top level the composed config is the job: a key of the app's own is refused, by name (the
-    README tells such apps to mount the groups instead)."""
-    with initialize_config_dir(config_dir=str(EXAMPLE / "conf"), version_base="1.3"):
-        cfg = compose("my_app", overrides=["+my_own_key=1"])
-    with pytest.raises(ConfigKeyError, match="my_own_key"):
+def _compose(config_dir: Path, name: str, overrides: List[str]):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+CHOICES = ["model=opt-30b", "quant=int4", "offload=cpu", "memory=reference", "batch=24", "gen_len=16"]
+
+
+def test_client_keys_at_the_top_level_are_left_alone():
+    """A client app composing our groups at the top level beside keys of its own (a note, a ``trainer``
+    block, an interpolation into ours) gets the DeepSpeed config our app composes for the same choices."""
+    ours = zi_app.build_ds_config(_compose(zi_app.conf_dir(), "config", CHOICES))
+    client = _compose(EXAMPLE / "conf", "my_app",
+                      ["+experiment_note=hello", "+trainer.lr=0.1", "+trainer.batch=24", "batch=${trainer.batch}"])
+    assert zi_app.build_ds_config(client) == ours
+    assert client.experiment_note == "hello"  # untouched
+
+
+def test_client_keys_beside_a_mount_are_left_alone():
+    """The same for our groups mounted under a key of the client's choosing, with its own keys at its root."""
+    ours = zi_app.build_ds_config(_compose(zi_app.conf_dir(), "config", [
+        "model=tiny-opt", "model.name=my-model", "model.arch.num_hidden_layers=3", "offload=none", "memory=reference",
+        "batch=4", "prompt_len=16", "gen_len=4", "warmup=0", "repeat=1"]))
+    client = _compose(EXAMPLE / "conf", "my_mounted_app", ["offload@zi.offload=none", "zi.batch=4", "+note=x"])
+    assert zi_app.build_ds_config(client.zi) == ours
+
+
+@pytest.mark.parametrize("override,key,message", [
+    ("offload.device=dsk", "offload.device", "offload.device='dsk' is not allowed: one of none, cpu, nvme"),
+    ("batch=abc", "batch", "batch='abc' is not allowed: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("+offload.devise=cpu", "offload.devise", "offload.devise='cpu' is not allowed: a key of offload: device,"),
+])
+def test_a_bad_value_of_ours_in_a_client_app_is_refused_with_our_message(override, key, message):
+    """A typo in one of our keys inside a client app with keys of its own: our ConfigError, never a raw
+    OmegaConf traceback."""
+    cfg = _compose(EXAMPLE / "conf", "my_app", ["+experiment_note=hello", override])
+    with pytest.raises(zi_app.ConfigError) as raised:
         zi_app.build_ds_config(cfg)
+    assert raised.value.key == key and message in str(raised.value)

@@ -4,12 +4,26 @@ Public API (cheap to import): :func:`build_ds_config`, :func:`validate`, :func:`
 :func:`run_inference`, which imports torch/DeepSpeed only when called.
 """
 
-from zi_app.dsconfig import build_ds_config
+from zi_app import dsconfig
 from zi_app.paths import conf_dir
 from zi_app.schema import ConfigError, validate
 
 __all__ = ["build_ds_config", "conf_dir", "validate", "ConfigError", "run_inference"]
 __version__ = "0.1.0"
+
+
+def build_ds_config(cfg, facts=None, device_bytes=None) -> dict:
+    """The complete DeepSpeed config of a composed zero-inference job, on any machine.
+
+    ``cfg`` is the node holding the zero-inference groups (the whole config, or e.g. ``cfg.zi`` where they
+    are mounted). Only the schema's keys are read (:func:`zi_app.schema.schema_keys`): an app's own keys
+    beside them are left alone. They are validated first (a bad value raises :class:`ConfigError` naming
+    the key), and real weights' architecture is read from ``model.path``. ``facts`` and ``device_bytes``
+    go to :func:`zi_app.dsconfig.build_ds_config`.
+    """
+    from zi_app.jobplan import prepare
+
+    return dsconfig.build_ds_config(prepare(cfg), facts, device_bytes)
 
 
 def run_inference(cfg, **kwargs):
@@ -28,5 +42,5 @@ def run_inference(cfg, **kwargs):
     from zi_app.jobplan import ready
     from zi_app.runner import run_inference as run
 
-    cfg, ds_config, _ = ready(cfg, torch.cuda.is_available())
-    return run(cfg, ds_config, **kwargs)
+    plan = ready(cfg, torch.cuda.is_available())
+    return run(plan.cfg, plan.ds_config, **kwargs)

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from zi_app import tracking
-from zi_app.jobplan import ready
+from zi_app.jobplan import plan_job, ready
 from zi_app.paths import conf_dir
 from zi_app.schema import ConfigError
 
@@ -82,16 +82,17 @@ def run_job(cfg: DictConfig) -> float:
     run_name = overrides.replace(" ", ",") or cfg.model.name
     with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
                           run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
-        cfg, ds_config, residency = ready(cfg, cuda)
-        predicted = {"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
-                     "predicted_resident_bytes": residency.resident_bytes}
+        plan = ready(cfg, cuda)
+        cfg = plan.cfg
+        predicted = {"predicted_peak_gpu_bytes": plan.residency.predicted_peak_bytes,
+                     "predicted_resident_bytes": plan.residency.resident_bytes}
         tracking.log_metrics(predicted)
-        tracking.log_json(ds_config, "ds_config.json")
+        tracking.log_json(plan.ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
 
         from zi_app.runner import run_inference
 
-        result = run_inference(cfg, ds_config, on_metrics=tracking.log_metrics)
+        result = run_inference(cfg, plan.ds_config, on_metrics=tracking.log_metrics)
         tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
     log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}))
     return result.metrics["tokens_per_sec"]
@@ -112,10 +113,17 @@ def result_line(cfg: DictConfig, m: dict) -> str:
 
 
 def dry_run(cfg: DictConfig) -> None:
-    """Print the DeepSpeed config of ``cfg`` as one JSON document on stdout; load nothing, log nothing."""
+    """Print the DeepSpeed config of ``cfg`` as one JSON document on stdout; load nothing, log nothing.
+
+    A config meant for another machine is still printed: what this machine lacks to run it goes to stderr,
+    one ``warning:`` line per problem, naming the key.
+    """
     import torch
 
-    print(json.dumps(ready(cfg, torch.cuda.is_available(), running=False)[1], indent=2))
+    plan = plan_job(cfg, torch.cuda.is_available())
+    for problem in plan.problems:
+        print(f"warning: cannot run here: {problem}", file=sys.stderr)
+    print(json.dumps(plan.ds_config, indent=2))
 
 
 def _multirun() -> bool:

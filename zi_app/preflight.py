@@ -1,10 +1,18 @@
-"""Checks of the machine a valid config must run on, done before anything expensive starts."""
+"""Checks of the machine a valid config must run on, done before anything expensive starts.
+
+A config can be valid as configuration and still not run here (fp16 quantized weights without CUDA, NVMe
+offload without libaio or without the directory it names): :func:`environment_problems` lists those as
+:class:`ConfigError` values, so a dry run can print the DeepSpeed config with one warning each while a
+real run refuses at the first (:func:`check_environment`).
+"""
 
 from __future__ import annotations
 
 import ctypes.util
+import os
 from importlib import metadata
 from pathlib import Path
+from typing import List
 
 from packaging.version import Version
 
@@ -26,21 +34,42 @@ def libaio_available() -> bool:
     return bool(ctypes.util.find_library("aio")) and any(Path(p).is_file() for p in _LIBAIO_HEADERS)
 
 
-def check_environment(cfg, cuda: bool) -> None:
-    """Raise ConfigError when the machine cannot run ``cfg`` (``cuda``: whether a CUDA device is usable)."""
+def _nvme_problems(offload) -> List[ConfigError]:
+    problems = []
+    if not libaio_available():
+        problems.append(ConfigError("offload.device", "nvme",
+                                    "cpu or none on this machine: libaio is missing (apt-get install libaio-dev), "
+                                    "so DeepSpeed's async_io op cannot be built"))
+    path = offload.nvme_path
+    if not Path(path).is_dir():
+        problems.append(ConfigError("offload.nvme_path", path, "an existing directory on a fast local disk"))
+    elif not os.access(path, os.W_OK | os.X_OK):
+        problems.append(ConfigError("offload.nvme_path", path, "a directory this user can write to"))
+    return problems
+
+
+def environment_problems(cfg, cuda: bool) -> List[ConfigError]:
+    """What this machine lacks to run the validated ``cfg`` (``cuda``: whether a CUDA device is usable), one
+    :class:`ConfigError` per problem naming the key; empty when it can run here."""
     check_deepspeed_version()
-    if cfg.offload.device == "nvme" and not libaio_available():
-        raise ConfigError("offload.device", "nvme",
-                          "cpu or none on this machine: libaio is missing (apt-get install libaio-dev), "
-                          "so DeepSpeed's async_io op cannot be built")
+    problems = _nvme_problems(cfg.offload) if cfg.offload.device == "nvme" else []
     if not cuda:
         if cfg.kvcache.cache_implementation == "offloaded":
-            raise ConfigError("kvcache", "cpu",
-                              "gpu on a machine without CUDA (transformers' offloaded cache streams over CUDA streams)")
+            problems.append(ConfigError(
+                "kvcache", "cpu", "gpu on a machine without CUDA (transformers' offloaded cache streams over CUDA "
+                                  "streams)"))
         if cfg.quant.mode != "none" and cfg.model.dtype == "float16":
-            raise ConfigError("model.dtype", "float16",
-                              "float32 or bfloat16 for quantized weights without CUDA (DeepSpeed's fp16 dequantizer "
-                              "is CUDA-only)")
+            problems.append(ConfigError(
+                "model.dtype", "float16", "float32 or bfloat16 for quantized weights without CUDA (DeepSpeed's "
+                                          "fp16 dequantizer is CUDA-only)"))
+    return problems
+
+
+def check_environment(cfg, cuda: bool) -> None:
+    """Raise the first of :func:`environment_problems`: the machine cannot run ``cfg``."""
+    problems = environment_problems(cfg, cuda)
+    if problems:
+        raise problems[0]
 
 
 def check_dtype_supported(cfg) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DTYPES = ("float32", "float16", "bfloat16")
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -133,8 +134,41 @@ def default_cache_dir() -> str:
     return os.environ.get("ZI_CACHE_DIR") or str(Path.home() / ".cache" / "hydra-zero-inference")
 
 
+def schema_keys() -> Tuple[str, ...]:
+    """The top-level keys of a zero-inference job: the groups and the workload keys of :class:`ZIConfig`."""
+    return tuple(f.name for f in fields(ZIConfig))
+
+
+def _own_keys(cfg: Any) -> Any:
+    """The schema's keys of ``cfg``, values resolved where they stand: a client app's own keys (its
+    ``trainer``, ``data``, ...) beside ours are left out, and interpolations into them still resolve."""
+    if not isinstance(cfg, DictConfig):
+        return {k: v for k, v in (cfg or {}).items() if k in schema_keys()}
+    own = {}
+    for key in schema_keys():
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            continue
+        value = cfg[key]
+        own[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return own
+
+
+def _config_error(error: OmegaConfBaseException, own: Any) -> ConfigError:
+    """Our message for what OmegaConf refuses while merging ``own`` over the schema: an unknown key or a
+    value of the wrong type."""
+    key = error.full_key or str(error.key)
+    value = error.value if error.value is not None else OmegaConf.select(OmegaConf.create(own), key)
+    if isinstance(error, ConfigKeyError):
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(OmegaConf.structured(ZIConfig), parent) if parent else OmegaConf.structured(ZIConfig)
+        known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
+        return ConfigError(key, value, f"a key of {parent or 'the zero-inference schema'}: {known}")
+    return ConfigError(key, value, str(error.msg).splitlines()[0])
+
+
 def with_defaults(cfg: Any) -> DictConfig:
-    """Merge ``cfg`` (DictConfig or dict, possibly partial) over the schema defaults, type-checked."""
+    """Merge the schema's keys of ``cfg`` (DictConfig or dict, possibly partial) over the schema defaults,
+    type-checked; other top-level keys are the caller's and are left out. Raises :class:`ConfigError`."""
     # A typed config (zi_schema in a defaults list) is complete except for cache_dir when the app that
     # composed it is not ours; merging keeps every value it has and fills the missing one.
     typed = isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is ZIConfig
@@ -142,7 +176,12 @@ def with_defaults(cfg: Any) -> DictConfig:
         return cfg
     base = OmegaConf.structured(ZIConfig)
     base.cache_dir = default_cache_dir()
-    return OmegaConf.merge(base, cfg if cfg is not None else {})
+    own: Any = {}
+    try:
+        own = _own_keys(cfg)  # resolving our keys may fail too (an interpolation to a missing key)
+        return OmegaConf.merge(base, own)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, own) from None
 
 
 def _positive_int(key: str, value: Any) -> None:
@@ -188,11 +227,9 @@ def _check_offload(offload: DictConfig) -> None:
         raise ConfigError("offload.device", offload.device, f"one of {', '.join(OFFLOAD_DEVICES)}")
     if offload.device != "nvme":
         return
-    path = offload.nvme_path
-    if not path or not Path(path).is_dir():
-        raise ConfigError("offload.nvme_path", path, "an existing directory on a fast local disk")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError("offload.nvme_path", path, "a directory this user can write to")
+    # Whether the directory exists is a fact of the machine that runs the job (zi_app.preflight).
+    if not offload.nvme_path:
+        raise ConfigError("offload.nvme_path", offload.nvme_path, "a directory on a fast local disk")
     if offload.buffer_count is not None:
         _positive_int("offload.buffer_count", offload.buffer_count)
     if offload.buffer_size is not None:

@@ -31,7 +31,8 @@ def held_storage(model: torch.nn.Module) -> dict:
 
 def main(out: str, overrides: list) -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg, ds_config, _ = ready(compose("config", overrides=overrides), torch.cuda.is_available())
+        plan = ready(compose("config", overrides=overrides), torch.cuda.is_available())
+        cfg, ds_config = plan.cfg, plan.ds_config
     engine.init_distributed()
     checkpoint = weights_path(cfg)
     with zero3_construction(ds_config):
