@@ -33,6 +33,7 @@ def test_every_preset_quant_kvcache_dry_runs_on_a_cpu_machine(preset, compose, t
     option of one preset. DeepSpeed's post-init quantizer takes fp16 weights only, so ``*-post`` on a preset
     of another dtype is a configuration error on any machine, refused with its message."""
     path = [f"model.path={tiny_checkpoint('tiny-opt')}"] if preset == "pretrained" else []
+    capsys.readouterr()  # what building the checkpoint printed
     for quant in QUANTS:
         for kvcache in KVCACHES:
             cfg = compose(f"model={preset}", f"quant={quant}", f"kvcache={kvcache}", "dry_run=true", *path)

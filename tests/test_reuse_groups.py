@@ -313,7 +313,7 @@ def test_client_keys_at_the_top_level_are_left_alone():
     block, an interpolation into ours) gets the DeepSpeed config our app composes for the same choices."""
     ours = zi_app.build_ds_config(_compose(zi_app.conf_dir(), "config", CHOICES))
     client = _compose(EXAMPLE / "conf", "my_app",
-                      ["+experiment_note=hello", "+trainer.lr=0.1", "+trainer.batch=24", "batch=${trainer.batch}"])
+                      ["experiment_note=hello", "+trainer.lr=0.1", "+trainer.batch=24", "batch=${trainer.batch}"])
     assert zi_app.build_ds_config(client) == ours
     assert client.experiment_note == "hello"  # untouched
 
@@ -335,7 +335,7 @@ def test_client_keys_beside_a_mount_are_left_alone():
 def test_a_bad_value_of_ours_in_a_client_app_is_refused_with_our_message(override, key, message):
     """A typo in one of our keys inside a client app with keys of its own: our ConfigError, never a raw
     OmegaConf traceback."""
-    cfg = _compose(EXAMPLE / "conf", "my_app", ["+experiment_note=hello", override])
+    cfg = _compose(EXAMPLE / "conf", "my_app", ["experiment_note=hello", override])
     with pytest.raises(zi_app.ConfigError) as raised:
         zi_app.build_ds_config(cfg)
     assert raised.value.key == key and message in str(raised.value)

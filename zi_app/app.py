@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -120,7 +121,14 @@ def dry_run(cfg: DictConfig) -> None:
     """
     import torch
 
-    plan = plan_job(cfg, torch.cuda.is_available())
+    # The JSON must stand alone on stdout (`> ds_config.json`), but libraries imported while planning print
+    # there (DeepSpeed's accelerator warning, through transformers, for real weights), directly or through
+    # Hydra's console log handler.
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        plan = plan_job(cfg, torch.cuda.is_available())
     for problem in plan.problems:
         print(f"warning: cannot run here: {problem}", file=sys.stderr)
     print(json.dumps(plan.ds_config, indent=2))

@@ -25,11 +25,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def prefer_cpu_accelerator() -> None:
+    """Without CUDA, name DeepSpeed's CPU accelerator before anything imports DeepSpeed (transformers does,
+    for real weights), or DeepSpeed probes and warns on stdout."""
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def accelerator():
     """DeepSpeed's accelerator for this machine: CUDA when present, else its CPU accelerator."""
-    if not cuda_available():
-        # Set before DeepSpeed's first import, or it probes and warns on stdout.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    prefer_cpu_accelerator()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator()

@@ -67,8 +67,10 @@ def plan_job(cfg: DictConfig, cuda: bool) -> JobPlan:
     """
     import torch
 
+    from zi_app.engine import prefer_cpu_accelerator
     from zi_app.model import model_facts
 
+    prefer_cpu_accelerator()
     cfg = prepare(cfg)
     facts = model_facts(dict(cfg.model.arch))
     device_bytes = torch.cuda.mem_get_info()[1] if cuda else None
