@@ -52,17 +52,15 @@ def all_runs(root: Path) -> list:
 
 
 def wait_generating(root: Path, process: subprocess.Popen):
-    """The long job's run once it has loaded its model and generates (RUNNING, with ``load_s``)."""
+    """The long job's run once it has loaded its model and generates (RUNNING, with ``load_s``). Found
+    through the run-id files jobs write: touching the store before the app created it would race it."""
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
-        if (root / "mlruns" / "mlflow.db").exists():
-            try:
-                for run in all_runs(root):
-                    if run.info.status == "RUNNING" and "load_s" in run.data.metrics and \
-                            f"gen_len={LONG}" in run.data.tags.get(tracking.OVERRIDES_TAG, ""):
-                        return run
-            except Exception:  # noqa: BLE001 - the store is being created
-                pass
+        for run_file in root.rglob(tracking.RUN_ID_FILE):
+            run = client(root).get_run(run_file.read_text())
+            if run.info.status == "RUNNING" and "load_s" in run.data.metrics and \
+                    f"gen_len={LONG}" in run.data.tags.get(tracking.OVERRIDES_TAG, ""):
+                return run
         time.sleep(0.2)
     pytest.fail(f"no job started generating (exit {process.poll()}):\n{output(root)[-3000:]}")
 
@@ -82,7 +80,7 @@ def sweep_parent(root: Path):
     return parents[0]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda signum: signum.name)
 def test_a_signalled_job_closes_its_run_and_exits_128_plus_the_signal(tmp_path, signum):
     """kill -TERM (or a closed terminal's SIGHUP) to a single job's process group while it generates."""
     job = spawn(tmp_path, "-m", "zi_app", f"gen_len={LONG}", *QUICK)
