@@ -109,15 +109,18 @@ def test_runs_of_dead_processes_are_marked_killed(client):
         return client.create_run(experiment_id, tags=tags).info.run_id
 
     dead = run({**here, tracking.PID_TAG: dead_pid()})
+    # Our pid, but the process that held it when the run started began earlier: the pid was reused.
+    reused = run({**here, tracking.PID_START_TAG: repr(float(here[tracking.PID_START_TAG]) - 60)})
     alive = run(here)
     remote_job = run({**elsewhere, "mlflow.parentRunId": parent})
     remote_other = run(elsewhere)
-    assert callbacks.reap_dead_runs(client, [experiment_id], "gone") == set()
-    status = {r: client.get_run(r).info.status for r in (dead, alive, remote_job, remote_other, parent)}
-    assert status == {dead: "FAILED", alive: "RUNNING", remote_job: "RUNNING", remote_other: "RUNNING",
-                      parent: "RUNNING"}
+    closed, running = tracking.reap_dead_runs(client, [experiment_id], "gone")
+    assert (sorted(closed), running) == (sorted([dead, reused]), set())
+    status = {r: client.get_run(r).info.status for r in (dead, reused, alive, remote_job, remote_other, parent)}
+    assert status == {dead: "FAILED", reused: "FAILED", alive: "RUNNING", remote_job: "RUNNING",
+                      remote_other: "RUNNING", parent: "RUNNING"}
     assert client.get_run(dead).data.tags[tracking.FAILURE_KIND_TAG] == "killed"
-    callbacks.reap_dead_runs(client, [experiment_id], "sweep over", parent_run_id=parent)
+    tracking.reap_dead_runs(client, [experiment_id], "sweep over", parent_run_id=parent)
     assert client.get_run(remote_job).info.status == "FAILED"  # the sweep is over: it cannot still run
     assert client.get_run(remote_other).info.status == "RUNNING"
     assert client.get_run(parent).info.status == "RUNNING"

@@ -15,9 +15,10 @@ from typing import Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app import tracking
+from zi_app import interrupt, tracking
 from zi_app.jobplan import plan_job, ready
 from zi_app.paths import conf_dir
 from zi_app.schema import ConfigError
@@ -71,12 +72,13 @@ def run_job(cfg: DictConfig) -> float:
     # ZeRO-3 gathers and frees parameter buffers of many sizes every step; expandable segments keep the
     # caching allocator from stranding GiBs in fragments under a GPU budget. Must precede CUDA's first use.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    uri = tracking.absolute_uri(cfg.tracking.uri, _launch_dir())
+    experiment_id = tracking.open_experiment(uri, cfg.tracking.experiment)  # a bad store: refused before loading
+    tracking.close_dead_runs(MlflowClient(uri), [experiment_id], "when a job started")
     import torch
 
     cuda = torch.cuda.is_available()
     raw = OmegaConf.to_container(cfg, resolve=True)
-    experiment_id = tracking.open_experiment(tracking.absolute_uri(cfg.tracking.uri, _launch_dir()),
-                                             cfg.tracking.experiment)
     out_dir = _output_dir()
     overrides = _overrides()
     tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: overrides}
@@ -143,13 +145,21 @@ def _multirun() -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> Optional[float]:
-    """``python -m zi_app [overrides]``: one ZeRO-Inference job (``-m`` for a sweep)."""
+    """``python -m zi_app [overrides]``: one ZeRO-Inference job (``-m`` for a sweep).
+
+    SIGINT, SIGTERM and SIGHUP close the job's run FAILED (kind ``killed``) and exit 128 + the signal.
+    """
+    interrupt.install()
     try:
         if cfg.dry_run:
             return dry_run(cfg)
         return run_job(cfg)
-    except ConfigError as error:
-        print(f"error: invalid config: {error}", file=sys.stderr)
+    except interrupt.Interrupted as stop:
+        print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
+        raise
+    except (ConfigError, tracking.StoreError) as error:
+        invalid = isinstance(error, ConfigError)
+        print(f"error: {'invalid config: ' if invalid else ''}{error}", file=sys.stderr)
         if _multirun():
             raise
-        sys.exit(EXIT_INVALID_CONFIG)
+        sys.exit(EXIT_INVALID_CONFIG if invalid else tracking.EXIT_STORE_ERROR)

@@ -2,8 +2,9 @@
 
 Prints the run's overrides, tokens/sec (or ``--metric``), peak GPU and host memory and where its
 ``ds_config.json`` is; ``--max-peak-gpu-gib`` / ``--max-peak-host-gib`` pick the best run that stays
-under a memory cap. Exit status: 0 found, 1 no run qualifies, 2 bad input (unknown store, run or
-experiment).
+under a memory cap. Runs left RUNNING by a process that is gone are closed first (FAILED, kind
+``killed``), and a sweep that did not finish is said to be unfinished. Exit status: 0 found, 1 no run
+qualifies, 2 bad input (unknown, unreachable or broken store, unknown run or experiment).
 """
 
 from __future__ import annotations
@@ -53,14 +54,43 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def open_store(uri: str):
-    """An MlflowClient on ``uri``; a local SQLite store must already exist (never create an empty one)."""
+    """An MlflowClient on ``uri``, after the store's check (:func:`tracking.check_store`, reading only);
+    a local SQLite store must already exist (never create an empty one)."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking.absolute_uri(uri)
     if uri.startswith(tracking.SQLITE_PREFIX) and not Path(uri[len(tracking.SQLITE_PREFIX):]).is_file():
         raise InputError(f"--tracking-uri {uri}: no MLflow store there; run from the directory the sweep ran in, "
                          f"or pass --tracking-uri")
+    try:
+        tracking.check_store(uri, write=False)
+    except tracking.StoreError as error:
+        raise InputError(str(error)) from None
     return MlflowClient(uri)
+
+
+def close_dead_runs(client) -> None:
+    """Close the runs whose process is gone, so that none is counted as running; a store this user may
+    only read is left as it is, with a warning."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        tracking.close_dead_runs(client, [e.experiment_id for e in client.search_experiments()], "by zi_app.best")
+    except (MlflowException, SQLAlchemyError) as error:
+        print(f"warning: could not close runs left RUNNING by a process that is gone: {type(error).__name__}",
+              file=sys.stderr)
+
+
+def unfinished(client, parent_run_id: str) -> Optional[str]:
+    """Why the sweep of ``parent_run_id`` has not finished (still running, or stopped and how), or None."""
+    parent = client.get_run(parent_run_id)
+    if parent.info.status == "FINISHED":
+        return None
+    if parent.info.status == "RUNNING":
+        return "still running"
+    tags = parent.data.tags
+    return tags.get(tracking.FAILURE_MESSAGE_TAG) or f"its parent run is {parent.info.status}"
 
 
 def latest_sweep(client) -> str:
@@ -74,7 +104,7 @@ def latest_sweep(client) -> str:
 
 
 def select_rows(client, args: argparse.Namespace) -> Tuple[List[sweep.JobRow], str]:
-    """The runs to rank and a description of where they come from."""
+    """The runs to rank and a description of where they come from (saying so when a sweep is unfinished)."""
     from mlflow.exceptions import MlflowException
 
     if args.experiment:
@@ -85,10 +115,11 @@ def select_rows(client, args: argparse.Namespace) -> Tuple[List[sweep.JobRow], s
         return sweep.experiment_rows(client, [experiment.experiment_id]), f"experiment '{args.experiment}'"
     parent = args.parent or latest_sweep(client)
     try:
-        client.get_run(parent)
+        why = unfinished(client, parent)
     except MlflowException:
         raise InputError(f"--parent {parent!r}: no such run in this store") from None
-    return sweep.child_rows(client, parent), f"sweep {parent}"
+    scope = f"sweep {parent}" if why is None else f"UNFINISHED sweep {parent} ({why})"
+    return sweep.child_rows(client, parent), scope
 
 
 def ds_config_location(row: sweep.JobRow) -> str:
@@ -131,6 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         client = open_store(args.tracking_uri)
+        close_dead_runs(client)
         rows, scope = select_rows(client, args)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -148,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = sum(not row.completed for row in rows)
     direction = "lowest" if args.minimize else "highest"
     header = (f"Best run of {scope} ({len(rows)} runs, {failed} failed): {direction} {args.metric}{within}")
-    print(json.dumps(info, indent=2) if args.json else _text(info, args.metric, header))
+    print(json.dumps({**info, "ranked": scope}, indent=2) if args.json else _text(info, args.metric, header))
     return 0
 
 

@@ -3,33 +3,40 @@ basic, submitit, joblib, ...): a parent run per multirun, failed jobs recorded a
 left RUNNING after its process died, and at the end the sweep's table, plot, best run and summary.
 
 Declared in conf/config.yaml under ``hydra.callbacks``. Hydra skips ``on_multirun_end`` when a job
-failed, so the end of the sweep is also handled by an ``atexit`` hook registered at its start.
+failed or the sweep was stopped by a signal, so the end of the sweep is also handled by an ``atexit`` hook
+registered at its start. Hydra turns a callback's exception into a warning: these hooks stop the sweep
+instead (exit 2 for a store that cannot be used, else 1).
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
+import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from zi_app import interrupt, tracking
 from zi_app import sweep as results
-from zi_app import tracking
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
 BEST_RUN_TAG = "zi.best_run_id"
 BEST_OVERRIDES_TAG = "zi.best_overrides"
 JOBS_TAG = "zi.jobs"
 FAILED_JOBS_TAG = "zi.failed_jobs"
+NEVER_RAN_TAG = "zi.never_ran"  # how many planned jobs never started (the sweep was stopped first)
 ARTIFACTS = {"csv": "jobs.csv", "markdown": "jobs.md", "plot": "throughput.png"}
+NEVER_RAN_ARTIFACT = "never_ran.txt"  # the overrides of each job that never started, one per line
 
 
 @dataclass
@@ -42,6 +49,42 @@ class Sweep:
     sweep_dir: Path
     output_subdir: Optional[str]
     started: float
+    planned: Optional[List[str]] = None  # every job's overrides, when the sweeper says up front
+
+
+def planned_jobs(config: DictConfig) -> Optional[List[str]]:
+    """The overrides of every job the sweep will launch, spelled as each job's ``zi.overrides`` tag; None
+    under a sweeper other than Hydra's basic one (an optimizer decides its jobs as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != f"{BasicSweeper.__module__}.{BasicSweeper.__name__}":
+        return None
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+        return [" ".join(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except Exception:  # noqa: BLE001 - Hydra reports a bad override itself; we only lose the count
+        return None
+
+
+def _stops_the_sweep(hook: Callable) -> Callable:
+    """A hook whose failure stops the sweep with one line (a store problem: exit 2) or a traceback (exit 1),
+    where Hydra would print a warning and go on."""
+    @functools.wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(*args, **kwargs)
+        except tracking.StoreError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(tracking.EXIT_STORE_ERROR) from None
+        except Exception:  # noqa: BLE001 - any failure of the sweep's bookkeeping
+            traceback.print_exc()
+            print(f"error: the sweep's {hook.__name__} hook failed (above); the sweep stops", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(1) from None
+    return run
 
 
 def _task_config(config: DictConfig) -> dict:
@@ -67,10 +110,10 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
     uri = tracking.absolute_uri(job_config["tracking"]["uri"], launch_dir)
     experiment_id = tracking.open_experiment(uri, job_config["tracking"]["experiment"])
     run_file = output_dir / tracking.RUN_ID_FILE
-    if run_file.exists():
-        run_id = run_file.read_text().strip()
-        if MlflowClient().get_run(run_id).info.status == "RUNNING":
-            tracking.record_failure(run_id, kind, message)
+    recorded = _recorded_run(run_file)
+    if recorded is not None:
+        if recorded.info.status == "RUNNING":
+            tracking.record_failure(recorded.info.run_id, kind, message, tracking.failure_tags(error))
         return
     tags = {tracking.OVERRIDES_TAG: overrides, **tracking.sweep_parent_tags()}
     run_id = tracking.failed_run(experiment_id, overrides.replace(" ", ",") or "job", tracking.job_params(job_config),
@@ -79,29 +122,49 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
     run_file.write_text(run_id)
 
 
+def _recorded_run(run_file: Path):
+    """The run whose id the job wrote to ``run_file``, if that run is this sweep's (nested under the parent
+    in ``ZI_PARENT_RUN_ID``): a file another sweep wrote in a shared folder names a run not ours to settle."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_file.exists():
+        return None
+    try:
+        run = MlflowClient().get_run(run_file.read_text().strip())
+    except MlflowException:
+        return None
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    return run if parent is None or run.data.tags.get("mlflow.parentRunId") == parent else None
+
+
 class SweepCallback(Callback):
     """Parent run, failure records and the end-of-sweep summary of a multirun of the zero-inference app."""
 
     def __init__(self) -> None:
         self.sweep: Optional[Sweep] = None
 
+    @_stops_the_sweep
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Create the store, the experiment and the parent run before any job starts (parallel jobs
-        creating a fresh SQLite store race on its schema), and pass the parent's id to the jobs."""
+        """Check the store, create it, the experiment and the parent run before any job starts (parallel jobs
+        creating a fresh SQLite store race on its schema), close runs whose process is gone, pass the
+        parent's id to the jobs, and let SIGTERM/SIGHUP stop the sweep as Ctrl-C does."""
         if config.dry_run:
             return
+        interrupt.install()
         uri = tracking.absolute_uri(config.tracking.uri)
         experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
-        reap_dead_runs(MlflowClient(uri), [experiment_id], "found RUNNING with its process gone when a sweep started")
+        tracking.close_dead_runs(MlflowClient(uri), [experiment_id], "when a sweep started")
         overrides = " ".join(config.hydra.overrides.task)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         parent = tracking.start_sweep_run(experiment_id, f"sweep {overrides}"[:200],
                                           {tracking.OVERRIDES_TAG: overrides, SWEEP_DIR_TAG: str(sweep_dir)})
         os.environ[tracking.PARENT_RUN_ENV] = parent  # inherited by job processes; not MLFLOW_RUN_ID (resumes)
-        self.sweep = Sweep(uri, experiment_id, parent, sweep_dir, config.hydra.output_subdir, time.time())
+        self.sweep = Sweep(uri, experiment_id, parent, sweep_dir, config.hydra.output_subdir, time.time(),
+                           planned_jobs(config))
         atexit.register(self.finish)
         print(f"MLflow: sweep parent run {parent} in experiment '{config.tracking.experiment}' ({uri})", flush=True)
 
+    @_stops_the_sweep
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """A failed job whose run is still open (its process died) or was never opened gets a FAILED run.
 
@@ -114,60 +177,81 @@ class SweepCallback(Callback):
                    launch_dir=config.hydra.runtime.cwd)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self.finish()
+        if not self.finish():
+            raise SystemExit(1)
 
-    def finish(self) -> None:
+    def finish(self) -> bool:
         """Close the sweep once: settle dead jobs, write the table, plot and best-run tags on the parent
-        run, close it, and print the summary."""
+        run, close it (FAILED, kind ``killed``, when a signal stopped the sweep), and print the summary.
+
+        Returns False when that failed: said in one line, and the parent run closed FAILED if the store
+        still takes writes (else the next command on the store closes it, its process being gone).
+        """
         sweep, self.sweep = self.sweep, None
         if sweep is None:
-            return
+            return True
         atexit.unregister(self.finish)
-        client = MlflowClient(sweep.uri)
-        settle_unrecorded_jobs(sweep)
-        still_running = reap_dead_runs(client, [sweep.experiment_id], "its process ended while the sweep ran",
-                                       parent_run_id=sweep.parent_run_id)
-        rows = results.child_rows(client, sweep.parent_run_id)
-        parent = sweep.parent_run_id
-        if not rows:
-            tracking.record_failure(parent, "error", "the sweep ended before any job ran (see its error output)")
+        try:
+            close_sweep(sweep, interrupt.received())
+            return True
+        except Exception as error:  # noqa: BLE001 - a full disk, a store gone away: close what we can
+            parent = sweep.parent_run_id
+            print(f"error: the end of the sweep failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            try:
+                client = MlflowClient(sweep.uri)
+                if client.get_run(parent).info.status == "RUNNING":
+                    tracking.record_failure(parent, "error", f"the end of the sweep failed: {type(error).__name__}: "
+                                            f"{error}", client=client)
+                print(f"Its parent run {parent} is marked FAILED.", file=sys.stderr, flush=True)
+            except Exception as second:  # noqa: BLE001
+                print(f"Its parent run {parent} could not be closed either ({type(second).__name__}); the next "
+                      f"command on this store closes it.", file=sys.stderr, flush=True)
+            return False
+
+
+def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
+    """The end of a sweep (see :meth:`SweepCallback.finish`); ``stopped_by`` is the signal that stopped it."""
+    client = MlflowClient(sweep.uri)
+    parent = sweep.parent_run_id
+    signal_name = None if stopped_by is None else interrupt.signal_name(stopped_by)
+    signal_tags = {tracking.SIGNAL_TAG: signal_name} if signal_name else {}
+    settle_unrecorded_jobs(sweep)
+    _, still_running = tracking.reap_dead_runs(client, [sweep.experiment_id], "its process ended while the sweep ran",
+                                               parent_run_id=parent)
+    rows = results.child_rows(client, parent)
+    ran = {row.overrides for row in rows}
+    never_ran = None if sweep.planned is None else [job for job in sweep.planned if job not in ran]
+    if never_ran:
+        client.set_tag(parent, NEVER_RAN_TAG, str(len(never_ran)))
+        client.log_text(parent, "".join(f"{job}\n" for job in never_ran), NEVER_RAN_ARTIFACT)
+    if not rows:
+        if signal_name:
+            tracking.record_failure(parent, "killed", headline(rows, [], never_ran, signal_name), signal_tags,
+                                    client=client)
+            print(f"\nSweep interrupted by {signal_name} before any job ran; its parent run {parent} is marked "
+                  f"FAILED.", flush=True)
+        else:
+            tracking.record_failure(parent, "error", "the sweep ended before any job ran (see its error output)",
+                                    client=client)
             print(f"\nSweep ended before any job ran; its parent run {parent} is marked FAILED.", flush=True)
-            return
-        top = results.best(rows)
-        client.log_text(parent, results.csv_table(rows, top), ARTIFACTS["csv"])
-        client.log_text(parent, results.markdown_table(rows, top), ARTIFACTS["markdown"])
-        client.log_figure(parent, results.plot(rows), ARTIFACTS["plot"])
-        failed = [row for row in rows if not row.completed and row.run_id not in still_running]
-        client.set_tag(parent, JOBS_TAG, str(len(rows)))
-        client.set_tag(parent, FAILED_JOBS_TAG, str(len(failed)))
-        if top is not None:
-            client.set_tag(parent, BEST_RUN_TAG, top.run_id)
-            client.set_tag(parent, BEST_OVERRIDES_TAG, top.overrides)
-            client.log_metric(parent, f"best_{results.METRIC}", top.metrics[results.METRIC])
+        return
+    top = results.best(rows)
+    client.log_text(parent, results.csv_table(rows, top), ARTIFACTS["csv"])
+    client.log_text(parent, results.markdown_table(rows, top), ARTIFACTS["markdown"])
+    client.log_figure(parent, results.plot(rows), ARTIFACTS["plot"])
+    failed = [row for row in rows if not row.completed and row.run_id not in still_running]
+    client.set_tag(parent, JOBS_TAG, str(len(rows)))
+    client.set_tag(parent, FAILED_JOBS_TAG, str(len(failed)))
+    if top is not None:
+        client.set_tag(parent, BEST_RUN_TAG, top.run_id)
+        client.set_tag(parent, BEST_OVERRIDES_TAG, top.overrides)
+        client.log_metric(parent, f"best_{results.METRIC}", top.metrics[results.METRIC])
+    if signal_name:
+        tracking.record_failure(parent, "killed", headline(rows, failed, never_ran, signal_name), signal_tags,
+                                client=client)
+    else:
         client.set_terminated(parent, "FINISHED" if top is not None else "FAILED")
-        print(summary(sweep, rows, top, failed), flush=True)
-
-
-def reap_dead_runs(client, experiment_ids: List[str], message: str, parent_run_id: Optional[str] = None) -> set:
-    """Mark FAILED (kind ``killed``) the RUNNING runs whose process is gone; return the ids still running.
-
-    Without ``parent_run_id``: runs whose process is known to be gone (this host, pid not alive). With
-    it: also that sweep's jobs whose process cannot be checked (another host), since the sweep is over.
-    """
-    running = set()
-    for run in results.search_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        if run.info.run_id == parent_run_id:
-            continue
-        alive = tracking.process_alive(tags)
-        ours = parent_run_id is not None and tags.get("mlflow.parentRunId") == parent_run_id
-        if alive is False or (ours and alive is None):
-            tracking.record_failure(run.info.run_id, "killed", f"{message} (process {tags.get(tracking.PID_TAG)} on "
-                                    f"{tags.get(tracking.HOST_TAG)}): killed, e.g. by the kernel's out-of-memory "
-                                    f"killer, or crashed hard")
-        elif ours:
-            running.add(run.info.run_id)
-    return running
+    print(summary(sweep, rows, top, failed, never_ran, signal_name), flush=True)
 
 
 def settle_unrecorded_jobs(sweep: Sweep) -> None:
@@ -190,13 +274,28 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
                                                                  f"see {job_dir}"))
 
 
-def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobRow],
-            failed: List[results.JobRow]) -> str:
-    """The end-of-sweep report: job table, failure count, best run, and where to browse the runs."""
+def headline(rows: List[results.JobRow], failed: List[results.JobRow], never_ran: Optional[List[str]],
+             signal_name: Optional[str]) -> str:
+    """``Sweep finished: 4 jobs, 1 failed (oom: 1)`` or ``Sweep interrupted by SIGINT: 2 of 5 jobs ran, 3
+    never ran``, with the failures by kind."""
     kinds = Counter(row.failure_kind or row.status for row in failed)
     counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
+    failures = f"{len(failed)} failed" + (f" ({counts})" if counts else "")
+    if signal_name is None:
+        return f"Sweep finished: {len(rows)} jobs, {failures}" + (f", {len(never_ran)} never ran" if never_ran else "")
+    if never_ran is None:
+        return f"Sweep interrupted by {signal_name}: {len(rows)} jobs ran, {failures}"
+    return (f"Sweep interrupted by {signal_name}: {len(rows)} of {len(rows) + len(never_ran)} jobs ran, "
+            f"{len(never_ran)} never ran; {failures}")
+
+
+def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobRow],
+            failed: List[results.JobRow], never_ran: Optional[List[str]] = None,
+            signal_name: Optional[str] = None) -> str:
+    """The end-of-sweep report: job table, failure count, jobs that never ran, best run, and where to browse
+    the runs."""
     common = results.common_overrides(rows)
-    lines = ["", f"Sweep finished: {len(rows)} jobs, {len(failed)} failed" + (f" ({counts})" if counts else "")]
+    lines = ["", headline(rows, failed, never_ran, signal_name)]
     lines += [f"Every job: {common}"] if common else []
     lines += [results.console_table(rows, top), ""]
     if top is not None:

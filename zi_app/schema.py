@@ -220,6 +220,33 @@ def _check_model(model: DictConfig) -> None:
                           "'pretrained' when model.path is set (add model.weights=pretrained, or use model=pretrained)")
     elif "hidden_size" not in model.arch:
         raise ConfigError("model.arch.hidden_size", None, "the architecture's hidden size (random weights need `arch`)")
+    _check_arch(model.arch)
+
+
+# Size keys of transformers configs, under each family's names (BLOOM: n_head, n_layer).
+_ARCH_SIZES = ("hidden_size", "num_hidden_layers", "n_layer", "vocab_size", "intermediate_size", "ffn_dim",
+               "word_embed_proj_dim", "max_position_embeddings")
+_ARCH_HEADS = ("num_attention_heads", "n_head")
+
+
+def _check_arch(arch: Any) -> None:
+    """The architecture's sizes are positive integers, its attention heads divide the hidden size and its
+    key/value heads divide the attention heads (what transformers would fail on, without naming the key)."""
+    for key in (*_ARCH_SIZES, *_ARCH_HEADS, "num_key_value_heads"):
+        if arch.get(key) is not None:
+            _positive_int(f"model.arch.{key}", arch[key])
+    hidden = arch.get("hidden_size")
+    heads_key = next((key for key in _ARCH_HEADS if arch.get(key) is not None), None)
+    if heads_key is None:
+        return
+    heads = arch[heads_key]
+    if hidden is not None and hidden % heads:
+        nearest = sorted((n for n in range(1, hidden + 1) if hidden % n == 0), key=lambda n: abs(n - heads))[:2]
+        raise ConfigError(f"model.arch.{heads_key}", heads,
+                          f"a divisor of hidden_size {hidden} (the nearest: {' or '.join(map(str, sorted(nearest)))})")
+    kv_heads = arch.get("num_key_value_heads")
+    if kv_heads is not None and heads % kv_heads:
+        raise ConfigError("model.arch.num_key_value_heads", kv_heads, f"a divisor of {heads_key} {heads}")
 
 
 def _check_offload(offload: DictConfig) -> None:

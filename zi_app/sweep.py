@@ -78,25 +78,15 @@ class JobRow:
 def child_rows(client, parent_run_id: str) -> List[JobRow]:
     """The jobs of the sweep whose parent run is ``parent_run_id``, in start order."""
     parent = client.get_run(parent_run_id)
-    runs = search_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    runs = tracking.search_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     return sorted((JobRow.from_run(run) for run in runs), key=lambda row: row.start_time)
 
 
 def experiment_rows(client, experiment_ids: Sequence[str]) -> List[JobRow]:
     """Every job run of the experiments (sweep parent runs left out), in start order."""
-    runs = [run for run in search_runs(client, list(experiment_ids), "")
+    runs = [run for run in tracking.search_runs(client, list(experiment_ids), "")
             if run.data.tags.get(tracking.ROLE_TAG) != "sweep"]
     return sorted((JobRow.from_run(run) for run in runs), key=lambda row: row.start_time)
-
-
-def search_runs(client, experiment_ids: List[str], filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def rank(rows: Sequence[JobRow], metric: str = METRIC, minimize: bool = False,

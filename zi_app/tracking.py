@@ -6,12 +6,17 @@ Receives plain dicts and files only; knows nothing of torch or DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
+import sqlite3
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -27,8 +32,12 @@ OVERRIDES_TAG = "zi.overrides"
 PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
 RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever records the job after it died
 ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
-PID_TAG = "zi.pid"  # the process that owns the run, and its host: a RUNNING run whose process is gone
-HOST_TAG = "zi.host"  # was killed
+PID_TAG = "zi.pid"  # the process that owns the run, its start time and its host: a RUNNING run whose
+PID_START_TAG = "zi.pid_start"  # process is gone (or whose pid now names another process) was killed
+HOST_TAG = "zi.host"
+SIGNAL_TAG = "zi.signal"  # the signal that stopped a run's process (SIGINT, SIGTERM, SIGHUP), when one did
+EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
+STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer the first request before we refuse it
 FAILURE_KINDS = ("oom", "invalid-config", "killed", "error")
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
@@ -50,20 +59,92 @@ def absolute_uri(uri: str, base: Optional[str] = None) -> str:
     return SQLITE_PREFIX + str((Path(base or ".") / uri[len(SQLITE_PREFIX):]).resolve())
 
 
+class StoreError(Exception):
+    """An MLflow store that cannot be used: unreachable, read-only, not a database. The message names the
+    store and what is wrong, in one line."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) -> None:
+    """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
+    answer within ``timeout`` seconds, a SQLite store whose folder cannot be made or written (``write``)
+    or whose file is not a SQLite database. Raises :class:`StoreError`."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: a server (auth and paths are MLflow's business)
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise StoreError(f"MLflow tracking server {uri} does not answer within {timeout:g} s ({reason})") from None
+    if not uri.startswith(SQLITE_PREFIX):
+        return
+    db = Path(uri[len(SQLITE_PREFIX):])
+    if write:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with open(_lock_path(db), "a"):
+                pass
+        except OSError as error:
+            raise StoreError(f"MLflow store {uri}: cannot write in {db.parent} ({error.strerror})") from None
+    if db.is_file() and db.stat().st_size:
+        if not os.access(db, os.R_OK | (os.W_OK if write else 0)):
+            raise StoreError(f"MLflow store {uri}: cannot {'write' if write else 'read'} {db}")
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"MLflow store {uri}: {db} is not a usable SQLite database ({error})") from None
+
+
+def _lock_path(db: Path) -> Path:
+    return db.with_name(db.name + ".lock")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite store: its first use creates and migrates the tables,
+    which two processes must not do at once."""
+    if not uri.startswith(SQLITE_PREFIX):
+        yield
+        return
+    with open(_lock_path(Path(uri[len(SQLITE_PREFIX):])), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def open_experiment(uri: str, experiment: str) -> str:
-    """Point MLflow at ``uri`` (creating a local SQLite store's folder) and return the experiment id."""
-    if uri.startswith(SQLITE_PREFIX):
-        Path(uri[len(SQLITE_PREFIX):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
-    found = client.get_experiment_by_name(experiment)
-    if found:
-        return found.experiment_id
+    """Check the store (:func:`check_store`), point MLflow at ``uri`` and return the experiment's id,
+    creating the store and the experiment if needed, safely when several processes start at once.
+
+    Raises :class:`StoreError` for a store that cannot be used.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_store(uri)
     try:
-        return client.create_experiment(experiment, artifact_location=artifact_root(uri), tags=EXPERIMENT_TAGS)
-    except MlflowException:
-        # Another process created it between our lookup and create.
-        return client.get_experiment_by_name(experiment).experiment_id
+        with _store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient()
+            found = client.get_experiment_by_name(experiment)
+            if found:
+                return found.experiment_id
+            try:
+                return client.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                                tags=EXPERIMENT_TAGS)
+            except MlflowException:
+                # Another process (through a tracking server, which our lock does not cover) created it
+                # between our lookup and create.
+                return client.get_experiment_by_name(experiment).experiment_id
+    except (MlflowException, SQLAlchemyError, OSError) as error:
+        raise StoreError(f"MLflow store {uri}: {_first_line(error)}") from None
 
 
 def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -92,6 +173,8 @@ def failure_kind(error: BaseException) -> str:
     declared = getattr(error, "failure_kind", None)
     if declared in FAILURE_KINDS:
         return declared
+    if isinstance(error, KeyboardInterrupt):  # SIGINT before our handler was installed: the same cause
+        return "killed"
     if isinstance(error, ConfigError):
         return "invalid-config"
     if isinstance(error, MemoryError) or any(m in str(error).lower() for m in _OOM_MESSAGES):
@@ -100,22 +183,77 @@ def failure_kind(error: BaseException) -> str:
 
 
 def process_tags() -> Dict[str, str]:
-    """Tags naming this process, so that a run it leaves RUNNING when killed can be recognised."""
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    """Tags naming this process (pid, start time, host), so that a run it leaves RUNNING when killed can
+    be recognised, also after its pid was reused."""
+    import psutil
+
+    return {PID_TAG: str(os.getpid()), PID_START_TAG: repr(psutil.Process().create_time()),
+            HOST_TAG: socket.gethostname()}
 
 
 def process_alive(tags: Dict[str, str]) -> Optional[bool]:
     """Whether the process named by a run's tags still runs; None when that cannot be known from here
-    (another host, or no process tags)."""
+    (another host, or no process tags). A pid now held by a process started at another time is gone."""
     import psutil
 
     pid = tags.get(PID_TAG, "")
     if tags.get(HOST_TAG) != socket.gethostname() or not pid.isdigit():
         return None
     try:
-        return psutil.Process(int(pid)).status() != psutil.STATUS_ZOMBIE
+        process = psutil.Process(int(pid))
+        started = tags.get(PID_START_TAG)
+        if started is not None and abs(process.create_time() - float(started)) > 1:
+            return False
+        return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def search_runs(client, experiment_ids: List[str], filter_string: str) -> list:
+    """Every run of the experiments that matches ``filter_string``, all pages."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def reap_dead_runs(client, experiment_ids: List[str], message: str,
+                   parent_run_id: Optional[str] = None) -> tuple:
+    """Mark FAILED (kind ``killed``) the RUNNING runs whose process is gone; return (closed ids, ids of
+    ``parent_run_id``'s jobs still running).
+
+    Without ``parent_run_id``: runs whose process is known to be gone (this host, pid not alive). With
+    it: also that sweep's jobs whose process cannot be checked (another host), since the sweep is over.
+    """
+    closed: List[str] = []
+    running: Set[str] = set()
+    for run in search_runs(client, experiment_ids, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if run.info.run_id == parent_run_id:
+            continue
+        alive = process_alive(tags)
+        ours = parent_run_id is not None and tags.get("mlflow.parentRunId") == parent_run_id
+        if alive is False or (ours and alive is None):
+            record_failure(run.info.run_id, "killed", f"{message} (process {tags.get(PID_TAG)} on "
+                           f"{tags.get(HOST_TAG)}): killed, e.g. by SIGKILL or the kernel's out-of-memory "
+                           f"killer, or crashed hard", client=client)
+            closed.append(run.info.run_id)
+        elif ours:
+            running.add(run.info.run_id)
+    return closed, running
+
+
+def close_dead_runs(client, experiment_ids: List[str], when: str) -> List[str]:
+    """:func:`reap_dead_runs` for a command starting on the store (``when`` says which, e.g. "when a job
+    started"): close the runs left RUNNING by a process that is gone, and say so on stderr."""
+    closed, _ = reap_dead_runs(client, experiment_ids, f"found RUNNING with its process gone {when}")
+    if closed:
+        print(f"MLflow: closed {len(closed)} run(s) left RUNNING by a process that is gone (now FAILED, "
+              f"kind killed): {', '.join(closed)}", file=sys.stderr, flush=True)
+    return closed
 
 
 def sweep_parent_tags() -> Dict[str, str]:
@@ -124,11 +262,20 @@ def sweep_parent_tags() -> Dict[str, str]:
     return {"mlflow.parentRunId": parent} if parent else {}
 
 
-def record_failure(run_id: str, kind: str, message: str) -> None:
-    """Mark a run FAILED with the kind and message of its failure."""
-    client = MlflowClient()
-    client.set_tag(run_id, FAILURE_KIND_TAG, kind)
-    client.set_tag(run_id, FAILURE_MESSAGE_TAG, message[:4000])
+def failure_tags(error: BaseException) -> Dict[str, str]:
+    """Tags a failure adds beyond its kind and message: the signal that stopped the process, if any."""
+    name = getattr(error, "signal_name", None)
+    if name is None and isinstance(error, KeyboardInterrupt):
+        name = "SIGINT"
+    return {SIGNAL_TAG: name} if name else {}
+
+
+def record_failure(run_id: str, kind: str, message: str, tags: Optional[Dict[str, str]] = None,
+                   client: Optional[MlflowClient] = None) -> None:
+    """Mark a run FAILED with the kind and message of its failure (and any further ``tags``)."""
+    client = client or MlflowClient()
+    for key, value in {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: message[:4000], **(tags or {})}.items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
@@ -149,7 +296,8 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
         try:
             yield run
         except BaseException as error:
-            record_failure(run.info.run_id, failure_kind(error), f"{type(error).__name__}: {error}")
+            record_failure(run.info.run_id, failure_kind(error), f"{type(error).__name__}: {error}",
+                           failure_tags(error))
             raise
 
 

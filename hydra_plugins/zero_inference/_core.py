@@ -5,12 +5,14 @@ The job travels to its process as a cloudpickle of the task function, the job's 
 Hydra context and Hydra's singletons; the JobReturn travels back the same way. A process that dies
 without sending one back (a signal, the kernel's OOM killer, a hard crash) becomes a FAILED JobReturn
 holding a :class:`JobProcessError`, Hydra's ``on_job_end`` callbacks are told about it, and the sweep
-goes on with the next job.
+goes on with the next job. When the sweep itself stops (Ctrl-C, ``kill``), the signal is passed on to the
+running jobs, so that they close their runs, and no other job starts.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import pickle
@@ -22,9 +24,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Set
 
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
@@ -106,11 +108,17 @@ def compose(launcher: Any, overrides: Sequence[str], idx: int) -> Job:
 
 
 def describe_exit(returncode: int) -> JobProcessError:
-    """The error of a job process that exited with ``returncode`` without sending back a result."""
+    """The error of a job process that exited with ``returncode`` without sending back a result; a status
+    above 128 is, by the shells' convention, a process that stopped itself on signal ``status - 128``."""
     if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else f"signal {-returncode}"
         cause = " (the kernel's out-of-memory killer, or a kill from outside)" if -returncode == signal.SIGKILL else ""
         error = JobProcessError(f"the job's process was killed by {name}{cause} before it could return a result")
+        error.failure_kind = "killed"
+        return error
+    if returncode > 128 and returncode - 128 in signal.valid_signals():
+        error = JobProcessError(f"the job's process stopped on {signal.Signals(returncode - 128).name} (exit status "
+                                f"{returncode}) before it could return a result")
         error.failure_kind = "killed"
         return error
     return JobProcessError(f"the job's process exited with status {returncode} without returning a result "
@@ -153,7 +161,43 @@ class Progress:
                   flush=True)
 
 
-def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, workdir: Path) -> JobReturn:
+@dataclass
+class Children:
+    """The job processes running now, so that a signal that stops the sweep reaches them too (Ctrl-C in a
+    terminal reaches the whole process group; ``kill PID`` only the driver)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: Set[subprocess.Popen] = field(default_factory=set)
+    stopping: bool = False
+
+    def run(self, args: List[str], env: dict) -> Optional[int]:
+        """Run a job process to its end and return its exit status; None, and no process, once stopping."""
+        with self.lock:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(args, env=env)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+    def stop(self, signum: int) -> None:
+        """Send ``signum`` to every running job and start no other."""
+        with self.lock:
+            self.stopping = True
+            for process in self.running:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signum)
+
+
+class SweepStopped(RuntimeError):
+    """A job not started because the sweep is stopping."""
+
+
+def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, workdir: Path,
+                   children: Children) -> JobReturn:
     """Run ``job`` in a new ``python -m hydra_plugins.zero_inference._job`` process and return its JobReturn."""
     payload, result = workdir / f"job{job.idx}.pkl", workdir / f"job{job.idx}.result.pkl"
     with open(payload, "wb") as f:
@@ -162,11 +206,13 @@ def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, work
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    process = subprocess.run([sys.executable, "-m", JOB_MODULE, str(payload), str(result)], env=env)
+    returncode = children.run([sys.executable, "-m", JOB_MODULE, str(payload), str(result)], env)
+    if returncode is None:
+        raise SweepStopped(f"job #{job.idx} not started: the sweep is stopping")
     if result.exists():
         with open(result, "rb") as f:
             return pickle.load(f)
-    return dead_job_return(job, process.returncode)
+    return dead_job_return(job, returncode)
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -174,7 +220,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     setup_globals()
     config = launcher.config
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus() if launcher.gpus is None else launcher.gpus
     slots: "queue.Queue[Optional[str]]" = queue.Queue()
     for gpu in gpus or [None]:
@@ -185,13 +232,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     state = Singleton.get_state()
     progress = Progress(initial_job_idx, initial_job_idx + len(jobs), launcher.result_label)
     callback_lock = threading.Lock()
+    children = Children()
 
     def run_one(job: Job) -> JobReturn:
         gpu = slots.get()
         try:
             log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
             start = time.monotonic()
-            ret = run_in_process(launcher, job, gpu, state, Path(workdir))
+            ret = run_in_process(launcher, job, gpu, state, Path(workdir), children)
             if isinstance(ret._return_value, JobProcessError):
                 with callback_lock:  # the job's own on_job_end never ran: tell the callbacks here
                     launcher.hydra_context.callbacks.on_job_end(config=job.config, job_return=ret)
@@ -200,9 +248,15 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         finally:
             slots.put(gpu)
 
-    with tempfile.TemporaryDirectory(prefix="zi-launcher-") as workdir:
+    # Inside the sweep's folder: a driver killed with SIGKILL leaves it there, not in the system's temp folder.
+    with tempfile.TemporaryDirectory(prefix=".zi-launcher-", dir=sweep_dir) as workdir:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus)))
         try:
             return list(pool.map(run_one, jobs))
+        except BaseException as error:
+            # The signal that stopped the driver (Ctrl-C: SIGINT), or SIGTERM when the sweep fails otherwise.
+            default = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
+            children.stop(getattr(error, "signum", default))
+            raise
         finally:
-            pool.shutdown(cancel_futures=True)  # after Ctrl-C (which the running jobs get too), start no other job
+            pool.shutdown(cancel_futures=True)  # waits for the running jobs, which the signal ends

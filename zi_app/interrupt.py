@@ -1,0 +1,65 @@
+"""Stopping on a signal: SIGINT (Ctrl-C), SIGTERM (kill, SLURM, systemd) and SIGHUP (a closed terminal) all
+raise :class:`Interrupted` in the main thread, so that whoever holds an MLflow run closes it FAILED, kind
+``killed``, with the signal named, before the process exits with 128 + the signal's number (what a shell
+reports for a process that a signal ended). SIGKILL cannot be caught: a later command closes those runs.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Optional
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: Optional[int] = None
+
+
+class Interrupted(SystemExit):
+    """A stop requested by a signal. A SystemExit (exit status 128 + signum, no traceback), so that no
+    ``except Exception`` on the way out (Hydra's, a callback's) mistakes it for a job's failure."""
+
+    failure_kind = "killed"
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(128 + signum)
+
+    @property
+    def signal_name(self) -> str:
+        return signal_name(self.signum)
+
+    def __str__(self) -> str:
+        return f"stopped by {self.signal_name}"
+
+    def __reduce__(self):
+        return type(self), (self.signum,)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15."""
+    return signal.Signals(signum).name
+
+
+def _stop(signum: int, frame) -> None:
+    global _received
+    if _received is not None:
+        # Already stopping (a launcher forwards the signal its job also got from the terminal): let the
+        # runs be closed. SIGKILL still ends the process at once.
+        return
+    _received = signum
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted`; a signal ignored by whoever started this
+    process (``nohup`` ignores SIGHUP) stays ignored. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _stop)
+
+
+def received() -> Optional[int]:
+    """The signal that stopped this process, if one did."""
+    return _received
