@@ -83,8 +83,9 @@ def run_job(cfg: DictConfig) -> float:
     with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
                           run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
         cfg, ds_config, residency = ready(cfg, cuda)
+        # GPU predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
         predicted = {"predicted_peak_gpu_bytes": residency.predicted_peak_bytes,
-                     "predicted_resident_bytes": residency.resident_bytes}
+                     "predicted_resident_bytes": residency.resident_bytes} if cuda else {}
         tracking.log_metrics(predicted)
         tracking.log_json(ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
@@ -133,7 +134,19 @@ def main(cfg: DictConfig) -> Optional[float]:
             return dry_run(cfg)
         return run_job(cfg)
     except ConfigError as error:
-        print(f"error: invalid config: {error}", file=sys.stderr)
-        if _multirun():
+        if _multirun():  # the launcher reports it, and the sweep records it as an invalid-config run
             raise
+        print(f"error: invalid config: {error}", file=sys.stderr)
+        sys.exit(EXIT_INVALID_CONFIG)
+
+
+def cli() -> None:
+    """``zi`` and ``python -m zi_app``: the Hydra app, with a usage error of Hydra's command line (``-m``
+    with ``--info``, say) reported in one line and exit status 2 instead of a traceback."""
+    try:
+        main()
+    except ValueError as error:  # a job's errors never get here: Hydra reports them and exits
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_INVALID_CONFIG)

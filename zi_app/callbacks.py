@@ -18,11 +18,11 @@ from typing import Any, List, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from zi_app import sweep as results
 from zi_app import tracking
+from zi_app.paths import command
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
 BEST_RUN_TAG = "zi.best_run_id"
@@ -62,6 +62,8 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
 
     ``launch_dir`` is where the sweep was started: a relative store path starts there, as the app's does.
     """
+    from mlflow.tracking import MlflowClient
+
     kind, message = tracking.failure_kind(error), f"{type(error).__name__}: {error}"
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
     uri = tracking.absolute_uri(job_config["tracking"]["uri"], launch_dir)
@@ -90,6 +92,8 @@ class SweepCallback(Callback):
         creating a fresh SQLite store race on its schema), and pass the parent's id to the jobs."""
         if config.dry_run:
             return
+        from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module
+
         uri = tracking.absolute_uri(config.tracking.uri)
         experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
         reap_dead_runs(MlflowClient(uri), [experiment_id], "found RUNNING with its process gone when a sweep started")
@@ -123,6 +127,8 @@ class SweepCallback(Callback):
         if sweep is None:
             return
         atexit.unregister(self.finish)
+        from mlflow.tracking import MlflowClient
+
         client = MlflowClient(sweep.uri)
         settle_unrecorded_jobs(sweep)
         still_running = reap_dead_runs(client, [sweep.experiment_id], "its process ended while the sweep ran",
@@ -190,6 +196,11 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
                                                                  f"see {job_dir}"))
 
 
+def best_command(sweep: Sweep) -> str:
+    """The best-run command for this sweep, pasteable into any shell in any directory."""
+    return f"{command('zi-best', 'zi_app.best')} --tracking-uri {sweep.uri} --parent {sweep.parent_run_id}"
+
+
 def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobRow],
             failed: List[results.JobRow]) -> str:
     """The end-of-sweep report: job table, failure count, best run, and where to browse the runs."""
@@ -201,7 +212,7 @@ def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobR
     lines += [results.console_table(rows, top), ""]
     if top is not None:
         lines.append(f"Best: {top.overrides or '(no overrides)'}: {top.metrics[results.METRIC]:.2f} tokens/s "
-                     f"(run {top.run_id}; details: python -m zi_app.best --parent {sweep.parent_run_id})")
+                     f"(run {top.run_id}; details: {best_command(sweep)})")
     else:
         lines.append("Best: none, no job completed")
     command = results.ui_command(sweep.uri)
