@@ -7,18 +7,23 @@ point, ``zi_app.app:cli``); tests/test_reuse_groups.py runs the installed consol
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
 import zi_app
+from zi_app.paths import command
 from zi_app.schema import ZIConfig
 
+REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory")
 HEAVY_MODULES = ("torch", "mlflow", "matplotlib", "deepspeed", "transformers")
 
@@ -106,3 +111,40 @@ def test_a_usage_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: Only one of --run, --multirun, --cfg, --info and --shell_completion " \
                                   "can be specified"
+
+
+# The user-facing docs (docs/benchmarks.md records the commands of the GPU runs as they were run there).
+DOCS = [REPO / "README.md", *(REPO / "docs" / name for name in ("sweeps.md", "metrics.md", "reuse.md"))]
+
+
+def test_docs_name_commands_that_exist_here():
+    """Every ``.venv/bin/<tool>`` the docs name is a console script of ours or a tool of this environment, and
+    no command line in the docs starts with a bare ``python`` or ``mlflow`` (another one, or none, in a
+    shell without the venv)."""
+    scripts = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+    bin_dir = Path(sys.executable).parent
+    for doc in DOCS:
+        text = doc.read_text()
+        for tool in set(re.findall(r"\.venv/bin/([\w.-]+)", text)):
+            assert tool in scripts or (bin_dir / tool).exists(), (doc.name, tool)
+        bare = re.findall(r"^(?:\$ )?(?:python3? -m zi_app|mlflow )[^\n]*", text, re.M)
+        assert not bare, (doc.name, bare)
+
+
+def _as_written(line: str) -> List[str]:
+    """A documented ``.venv/bin/zi ...`` command, with this environment's ``zi`` (see zi_app.paths.command)."""
+    args = shlex.split(line.split("  #")[0])
+    assert args[0] == ".venv/bin/zi"
+    return [*shlex.split(command("zi", "zi_app")), *args[1:]]
+
+
+def test_readme_commands_run_as_written(tmp_path):
+    """The README's dry run prints a DeepSpeed config, and its bad-input example prints what it says."""
+    readme = (REPO / "README.md").read_text()
+    dry_run = re.search(r"^\.venv/bin/zi dry_run=true .*$", readme, re.M).group(0)
+    proc = subprocess.run(_as_written(dry_run), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    example = re.search(r"^\$ (\.venv/bin/zi batch=0)\n(.*)$", readme, re.M)
+    proc = subprocess.run(_as_written(example.group(1)), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr.strip()) == (2, example.group(2))

@@ -58,6 +58,8 @@ def open_experiment(uri: str, experiment: str) -> str:
 
     if uri.startswith(SQLITE_PREFIX):
         Path(uri[len(SQLITE_PREFIX):]).parent.mkdir(parents=True, exist_ok=True)
+    # "Creating initial MLflow database tables..." on a new store: routine, not worth two lines per store.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
