@@ -128,5 +128,11 @@ def test_dtype_the_accelerator_cannot_compute_in_is_refused_in_a_real_run(run_ap
         assert run.returncode == 0, run.tail()
     else:
         assert run.returncode == 2, run.tail()
-        assert "model.dtype='float16' is not allowed: one DeepSpeed's cpu accelerator supports here" in run.stderr
-        assert ("bfloat16" in run.stderr) == bf16 and "Traceback" not in run.output
+        assert ("model.dtype='float16' is not allowed: float32" + (" or bfloat16" if bf16 else "") +
+                " (the dtypes DeepSpeed's cpu accelerator computes in on this machine)") in run.stderr
+        assert "Traceback" not in run.output and "meant for a GPU" not in run.stderr
+        # A preset for a GPU says so, and what to run here instead.
+        large = run_app("model=opt-30b", "prompt_len=16", "gen_len=4", "warmup=0", "repeat=1")
+        assert large.returncode == 2, large.tail()
+        assert "model=opt-30b (about 30B parameters) is meant for a GPU, on this machine try model=tiny-opt" \
+            in large.stderr

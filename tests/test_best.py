@@ -90,3 +90,31 @@ def test_bad_input_is_named(store, capsys, tmp_path):
     with pytest.raises(SystemExit):
         best.main(["--max-peak-gpu-gib", "0"])
     assert "argument --max-peak-gpu-gib: '0' is not allowed: a positive number of GiB" in capsys.readouterr().err
+
+
+def test_parent_by_a_unique_prefix_of_its_run_id(store, capsys, tmp_path):
+    """The docs and MLflow's UI shorten run ids: a prefix naming one sweep is enough; one that several
+    sweeps' ids share is refused, naming them."""
+    uri, older, _, _ = store
+    assert best_json(capsys, uri, "--parent", older["parent"][:12])["run_id"] == older["batch=64 pin=true"]
+    own = f"sqlite:///{tmp_path}/mlflow.db"  # sweeps of its own: the shared store's latest sweep stays the latest
+    experiment_id = tracking.open_experiment(own, "zero-inference")
+    seen = {}
+    while True:  # sweeps until two ids share their first character (run ids are random hex)
+        parent = tracking.start_sweep_run(experiment_id, "sweep", {})
+        if parent[0] in seen:
+            break
+        seen[parent[0]] = parent
+    assert best.main(["--tracking-uri", own, "--parent", parent[0]]) == best.EXIT_BAD_INPUT
+    error = capsys.readouterr().err
+    assert f"--parent {parent[0]!r} is ambiguous: the run ids of 2 sweeps start with it" in error
+    assert parent in error and seen[parent[0]] in error
+    assert best.main(["--tracking-uri", own, "--parent", "xyz"]) == best.EXIT_BAD_INPUT
+    assert "--parent 'xyz': no such run in this store, and no sweep's run id starts with it" in capsys.readouterr().err
+
+
+def test_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        best.main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "the best run of the latest sweep" in text.lower()

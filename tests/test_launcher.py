@@ -136,8 +136,12 @@ def test_a_killed_job_fails_alone(tmp_path):
     assert lines[1].startswith("[2/4] #1 x=2: FAILED JobProcessError: the job's process was killed by SIGKILL")
     assert lines[2].startswith("[3/4] #2 x=3: COMPLETED 30.00 tokens/s")
     assert lines[3].startswith("[4/4] #3 x=4: FAILED JobError: TwoArgError: x: four is right out")
-    assert "killed by SIGKILL" in proc.stderr  # Hydra reports the first failed job
-    assert "TwoArgError: x: four is right out" in proc.stderr  # the job's own traceback, from its process
+    assert "killed by SIGKILL" in proc.stderr  # Hydra reports the first failed job, in one line
+    # A failed job's traceback goes to its log file, not to the terminal, where it is one line.
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert f"traceback in {sweep / '3' / 'app.log'}" in lines[3]
+    log = (sweep / "3" / "app.log").read_text()
+    assert "job #3 failed" in log and "Traceback" in log and "TwoArgError: x: four is right out" in log
     assert sorted(_records(sweep)) == [0, 2]
     ends = {e["num"]: e for e in map(json.loads, (sweep / "job_end.jsonl").read_text().splitlines())}
     assert ends[1]["status"] == "FAILED"

@@ -214,6 +214,23 @@ def test_editable_in_fresh_venv_composes_groups_outside_repo(dependency_paths, t
     assert Path(probe["zi_app"]).is_relative_to(REPO) and Path(probe["conf_dir"]) == REPO / "conf"
     assert "hydra_plugins.zero_inference.searchpath.ZeroInferenceSearchPathPlugin" in probe["search_path_plugins"]
     _check_client_app(python, _client_app(tmp_path))
+    _check_console_scripts(python.parent, tmp_path)
+
+
+def _check_console_scripts(bin_dir: Path, root: Path) -> None:
+    """``zi`` and ``zi-best`` are installed beside the venv's python, run by absolute path from a shell
+    without the venv (as the README writes them), and bash completes ``zi <TAB>`` once its completion is
+    installed with the venv's bin on PATH."""
+    env = _env(root)
+    zi, best = bin_dir / "zi", bin_dir / "zi-best"
+    assert "zi: compose, run and measure" in _run([zi, "--help"], root, env).stdout
+    assert json.loads(_run([zi, "dry_run=true", "quant=int8"], root, env).stdout)["weight_quantization"]
+    assert _run([best, "--help"], root, env).stdout.startswith("usage: zi-best")
+    script = ('eval "$(zi --shell-completion install=bash)"\n'
+              'COMP_LINE="zi mod"; COMP_POINT=${#COMP_LINE}; COMP_CWORD=1\n'
+              'hydra_bash_completion; printf "%s\\n" "${COMPREPLY[@]}"\n')
+    completed = _run(["bash", "-c", script], root, _env(root, bin_dir)).stdout.split()
+    assert "model=" in completed, completed
 
 
 def _section() -> str:

@@ -93,9 +93,41 @@ def test_the_sweep_goes_on_and_says_how_many_failed(failing_sweep):
     assert "FAILED JobProcessError" in progress[2] and "SIGKILL" in progress[2]
     assert "Sweep finished: 4 jobs, 2 failed (invalid-config: 1, killed: 1)" in stdout
     assert "2 of 4 jobs failed." in stdout
-    assert f"mlflow ui --backend-store-uri sqlite:///{root}/mlruns/mlflow.db --host 127.0.0.1" in stdout
+    assert f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///{root}/mlruns/mlflow.db " \
+           f"--host 127.0.0.1" in stdout
     assert f"%27{parent.info.run_id}%27" in stdout and "orderByKey=metrics.%60tokens_per_sec%60" in stdout
     assert "Error executing job with overrides" in stderr  # Hydra names the first failed job
+
+
+def test_a_failed_job_is_one_line_on_the_terminal_and_its_traceback_in_its_log(failing_sweep):
+    root, _, stdout, stderr, _, _ = failing_sweep
+    assert "Traceback" not in stdout + stderr
+    (log_file,) = (root / "sweep" / "1").glob("*.log")
+    assert f"[2/4] #1 gen_len=0 prompt_len=16 warmup=0 repeat=1: FAILED ConfigError: gen_len=0 is not allowed: " \
+           f"a positive integer" in stdout and f"traceback in {log_file}" in stdout
+    log = log_file.read_text()
+    assert "job #1 failed" in log and "Traceback" in log and "schema.py" in log
+    # Hydra's report of the first failed job, at the end: one line, no traceback of its own frames.
+    first_failure = stderr[stderr.index("Error executing job with overrides"):].splitlines()
+    assert first_failure[1].startswith("job #1 (gen_len=0 prompt_len=16 warmup=0 repeat=1) FAILED ConfigError: "
+                                       "gen_len=0 is not allowed"), stderr[-2000:]
+
+
+def test_printed_hints_work_pasted_in_a_fresh_shell(failing_sweep, tmp_path):
+    """The best-run and MLflow UI commands the sweep prints run in a new shell without the venv activated,
+    in another directory: they name this environment's interpreter or console scripts and the store."""
+    root, _, stdout, _, parent, jobs = failing_sweep
+    best_hint = re.search(r"details: (.+)\)$", stdout, re.M).group(1)
+    ui_hint = re.search(r"^Browse the runs: (.+)$", stdout, re.M).group(1)
+    fresh = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={tmp_path}", "bash", "-c"]
+    shown = subprocess.run([*fresh, best_hint], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, (best_hint, shown.stderr[-2000:])
+    best = max((run for run in jobs if run.info.status == "FINISHED"), key=lambda run: run.data.metrics["tokens_per_sec"])
+    assert f"Best run of sweep {parent.info.run_id} (4 runs, 2 failed)" in shown.stdout
+    assert best.info.run_id in shown.stdout
+    # The UI command would serve until stopped: its own --help proves the tool and subcommand resolve.
+    ui = subprocess.run([*fresh, f"{ui_hint} --help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert ui.returncode == 0 and "--backend-store-uri" in ui.stdout, (ui_hint, ui.stderr[-2000:])
 
 
 def test_failures_are_runs_with_their_kind(failing_sweep):

@@ -159,6 +159,7 @@ def test_ui_address_of_a_sweep():
     url = sweep.runs_url("sqlite:///mlruns/mlflow.db", "3", "abc")
     assert url == ("http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&searchFilter="
                    "tags.mlflow.parentRunId%20%3D%20%27abc%27&orderByKey=metrics.%60tokens_per_sec%60&orderByAsc=false")
+    mlflow = Path(sys.executable).parent / "mlflow"  # this environment's, by absolute path: works in any shell
     assert sweep.ui_command("sqlite:///mlruns/mlflow.db") == \
-        f"mlflow ui --backend-store-uri sqlite:///{Path('mlruns/mlflow.db').resolve()} --host 127.0.0.1"
+        f"{mlflow} ui --backend-store-uri sqlite:///{Path('mlruns/mlflow.db').resolve()} --host 127.0.0.1"
     assert sweep.runs_url("http://tracker:5000/", "3").startswith("http://tracker:5000/#/experiments/3/runs?")

@@ -1,4 +1,4 @@
-from zi_app.app import main
+from zi_app.app import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -87,8 +87,9 @@ def run_job(cfg: DictConfig) -> float:
                           run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
         plan = ready(cfg, cuda)
         cfg = plan.cfg
+        # GPU predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
         predicted = {"predicted_peak_gpu_bytes": plan.residency.predicted_peak_bytes,
-                     "predicted_resident_bytes": plan.residency.resident_bytes}
+                     "predicted_resident_bytes": plan.residency.resident_bytes} if cuda else {}
         tracking.log_metrics(predicted)
         tracking.log_json(plan.ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
@@ -158,8 +159,20 @@ def main(cfg: DictConfig) -> Optional[float]:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
     except (ConfigError, tracking.StoreError) as error:
+        if _multirun():  # the launcher reports it, and the sweep records it as a failed run
+            raise
         invalid = isinstance(error, ConfigError)
         print(f"error: {'invalid config: ' if invalid else ''}{error}", file=sys.stderr)
-        if _multirun():
-            raise
         sys.exit(EXIT_INVALID_CONFIG if invalid else tracking.EXIT_STORE_ERROR)
+
+
+def cli() -> None:
+    """``zi`` and ``python -m zi_app``: the Hydra app, with a usage error of Hydra's command line (``-m``
+    with ``--info``, say) reported in one line and exit status 2 instead of a traceback."""
+    try:
+        main()
+    except ValueError as error:  # a job's errors never get here: Hydra reports them and exits
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(EXIT_INVALID_CONFIG)

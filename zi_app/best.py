@@ -1,4 +1,5 @@
-"""``python -m zi_app.best``: the best run of the latest sweep, of a given sweep, or of an experiment.
+"""The best run of the latest sweep, of a given sweep, or of an experiment (``zi-best``, or
+``python -m zi_app.best``).
 
 Prints the run's overrides, tokens/sec (or ``--metric``), peak GPU and host memory and where its
 ``ds_config.json`` is; ``--max-peak-gpu-gib`` / ``--max-peak-host-gib`` pick the best run that stays
@@ -37,11 +38,14 @@ def _positive(text: str) -> float:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m zi_app.best", description=__doc__.split("\n\n")[0])
+    prog = "zi-best" if Path(sys.argv[0]).name == "zi-best" else "python -m zi_app.best"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", ""),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", default=TrackingConfig.uri,
                         help="MLflow store or server (default: %(default)s, relative to the current directory)")
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("--parent", metavar="RUN_ID", help="the parent run of a sweep (default: the latest sweep)")
+    scope.add_argument("--parent", metavar="RUN_ID",
+                       help="the parent run of a sweep, or a unique prefix of its id (default: the latest sweep)")
     scope.add_argument("--experiment", metavar="NAME", help="rank every job run of this experiment, any sweep")
     parser.add_argument("--metric", default=sweep.METRIC, help="metric to rank by (default: %(default)s)")
     parser.add_argument("--minimize", action="store_true", help="lower is better (e.g. --metric latency_s)")
@@ -105,21 +109,36 @@ def latest_sweep(client) -> str:
 
 def select_rows(client, args: argparse.Namespace) -> Tuple[List[sweep.JobRow], str]:
     """The runs to rank and a description of where they come from (saying so when a sweep is unfinished)."""
-    from mlflow.exceptions import MlflowException
-
     if args.experiment:
         experiment = client.get_experiment_by_name(args.experiment)
         if experiment is None:
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise InputError(f"--experiment {args.experiment!r}: no such experiment (there are: {names})")
         return sweep.experiment_rows(client, [experiment.experiment_id]), f"experiment '{args.experiment}'"
-    parent = args.parent or latest_sweep(client)
-    try:
-        why = unfinished(client, parent)
-    except MlflowException:
-        raise InputError(f"--parent {parent!r}: no such run in this store") from None
+    parent = resolve_parent(client, args.parent) if args.parent else latest_sweep(client)
+    why = unfinished(client, parent)
     scope = f"sweep {parent}" if why is None else f"UNFINISHED sweep {parent} ({why})"
     return sweep.child_rows(client, parent), scope
+
+
+def resolve_parent(client, text: str) -> str:
+    """The run id ``text`` names: a run's full id, or a prefix of exactly one sweep's parent run id (the
+    shortened ids of the docs and of MLflow's UI)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(text).info.run_id
+    except MlflowException:
+        pass
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    sweeps = sweep.search_runs(client, experiment_ids, f"tags.`{tracking.ROLE_TAG}` = 'sweep'") if experiment_ids else []
+    matches = sorted(run.info.run_id for run in sweeps if run.info.run_id.startswith(text))
+    if not matches:
+        raise InputError(f"--parent {text!r}: no such run in this store, and no sweep's run id starts with it")
+    if len(matches) > 1:
+        raise InputError(f"--parent {text!r} is ambiguous: the run ids of {len(matches)} sweeps start with it "
+                         f"({', '.join(matches[:5])}{', ...' if len(matches) > 5 else ''}); give more characters")
+    return matches[0]
 
 
 def ds_config_location(row: sweep.JobRow) -> str:

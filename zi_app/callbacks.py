@@ -23,11 +23,11 @@ from typing import Any, Callable, List, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from zi_app import interrupt, tracking
 from zi_app import sweep as results
+from zi_app.paths import command
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
 BEST_RUN_TAG = "zi.best_run_id"
@@ -126,6 +126,7 @@ def _recorded_run(run_file: Path):
     """The run whose id the job wrote to ``run_file``, if that run is this sweep's (nested under the parent
     in ``ZI_PARENT_RUN_ID``): a file another sweep wrote in a shared folder names a run not ours to settle."""
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     if not run_file.exists():
         return None
@@ -150,6 +151,8 @@ class SweepCallback(Callback):
         parent's id to the jobs, and let SIGTERM/SIGHUP stop the sweep as Ctrl-C does."""
         if config.dry_run:
             return
+        from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module
+
         interrupt.install()
         uri = tracking.absolute_uri(config.tracking.uri)
         experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
@@ -198,6 +201,8 @@ class SweepCallback(Callback):
             parent = sweep.parent_run_id
             print(f"error: the end of the sweep failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             try:
+                from mlflow.tracking import MlflowClient
+
                 client = MlflowClient(sweep.uri)
                 if client.get_run(parent).info.status == "RUNNING":
                     tracking.record_failure(parent, "error", f"the end of the sweep failed: {type(error).__name__}: "
@@ -211,6 +216,8 @@ class SweepCallback(Callback):
 
 def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
     """The end of a sweep (see :meth:`SweepCallback.finish`); ``stopped_by`` is the signal that stopped it."""
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(sweep.uri)
     parent = sweep.parent_run_id
     signal_name = None if stopped_by is None else interrupt.signal_name(stopped_by)
@@ -274,6 +281,11 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
                                                                  f"see {job_dir}"))
 
 
+def best_command(sweep: Sweep) -> str:
+    """The best-run command for this sweep, pasteable into any shell in any directory."""
+    return f"{command('zi-best', 'zi_app.best')} --tracking-uri {sweep.uri} --parent {sweep.parent_run_id}"
+
+
 def headline(rows: List[results.JobRow], failed: List[results.JobRow], never_ran: Optional[List[str]],
              signal_name: Optional[str]) -> str:
     """``Sweep finished: 4 jobs, 1 failed (oom: 1)`` or ``Sweep interrupted by SIGINT: 2 of 5 jobs ran, 3
@@ -300,7 +312,7 @@ def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobR
     lines += [results.console_table(rows, top), ""]
     if top is not None:
         lines.append(f"Best: {top.overrides or '(no overrides)'}: {top.metrics[results.METRIC]:.2f} tokens/s "
-                     f"(run {top.run_id}; details: python -m zi_app.best --parent {sweep.parent_run_id})")
+                     f"(run {top.run_id}; details: {best_command(sweep)})")
     else:
         lines.append("Best: none, no job completed")
     command = results.ui_command(sweep.uri)

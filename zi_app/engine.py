@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -40,8 +42,39 @@ def accelerator():
     return get_accelerator()
 
 
-def init_distributed() -> None:
-    """Start DeepSpeed's process group; a single process needs no launcher (rank 0 of 1 on loopback)."""
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory collectives on its CPU accelerator (a JIT-built op)
+
+
+def shm_op_dir() -> str:
+    """Where torch's JIT build keeps DeepSpeed's shm_comm op (``~/.cache/torch_extensions/py3X_cpu/...``)."""
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for the folder, no public twin
+
+    return _get_build_directory(SHM_OP, verbose=False)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Unless ``verbose``: hold back DeepSpeed's prints and INFO log lines (its compiler probes,
+    ``... built successfully``); what it printed goes to this module's debug log."""
+    if verbose:
+        yield
+        return
+    printed, previous = io.StringIO(), logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        logging.disable(previous)
+        for line in printed.getvalue().splitlines():
+            log.debug("%s", line)
+
+
+def init_distributed(verbose: bool = False) -> None:
+    """Start DeepSpeed's process group; a single process needs no launcher (rank 0 of 1 on loopback).
+
+    ``verbose`` shows DeepSpeed's own log lines and compiler probes; otherwise only its warnings.
+    """
     accelerator()
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
@@ -53,10 +86,15 @@ def init_distributed() -> None:
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     import deepspeed
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("DeepSpeed").setLevel(logging.INFO if verbose else logging.WARNING)
     # ZeRO-3's gather uses a torch.distributed name torch has deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    deepspeed.init_distributed(verbose=False)
+    if not cuda_available():
+        build_dir = shm_op_dir()
+        if not os.path.isfile(os.path.join(build_dir, f"{SHM_OP}.so")):
+            log.info("building DeepSpeed's shm_comm op once (about 30 s), cached in %s", build_dir)
+    with _quiet(verbose):
+        deepspeed.init_distributed(verbose=verbose)
 
 
 def device() -> torch.device:

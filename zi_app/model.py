@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -90,9 +92,16 @@ def materialize_random_checkpoint(arch: Dict[str, Any], dtype: str, seed: int, c
             param.fill_(1.0)
         else:
             param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * INIT_STD)
-    tmp = target.with_name(target.name + ".partial")
+    # Jobs running at once (one per GPU, or parallel tests) may write the same checkpoint: each writes its
+    # own folder, the first rename wins and the others drop theirs.
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(tmp, max_shard_size="2GB")
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return target
 
 

@@ -82,6 +82,12 @@ def check_dtype_supported(cfg) -> None:
     accel = accelerator()
     supported = {"float32": True, "float16": accel.is_fp16_supported(), "bfloat16": accel.is_bf16_supported()}
     if not supported[cfg.model.dtype]:
-        allowed = ", ".join(dtype for dtype, ok in supported.items() if ok)
+        allowed = " or ".join(dtype for dtype, ok in supported.items() if ok)
+        arch = cfg.model.arch
+        # A decoder layer holds about 12 h^2 weights: a billion of them is a model for a GPU, not a CPU.
+        params = 12 * arch.get("hidden_size", 0) ** 2 * arch.get("num_hidden_layers", 0)
+        meant_for_gpu = (f"; model={cfg.model.name} (about {params / 1e9:.0f}B parameters) is meant for a GPU, "
+                         f"on this machine try model=tiny-opt" if accel.device_name() == "cpu" and params >= 1e9 else "")
         raise ConfigError("model.dtype", cfg.model.dtype,
-                          f"one DeepSpeed's {accel.device_name()} accelerator supports here: {allowed}")
+                          f"{allowed} (the dtypes DeepSpeed's {accel.device_name()} accelerator computes in on "
+                          f"this machine){meant_for_gpu}")

@@ -50,7 +50,7 @@ def run_inference(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], N
     fails), so a failed job keeps what it measured. Run one call per process: ZeRO-3's partitioning
     hook, the process group and the peak-memory counters are process-wide.
     """
-    engine.init_distributed()
+    engine.init_distributed(cfg.verbose)
     engine.cap_gpu_memory(cfg.memory.gpu_budget_gib)
     weights = model_lib.weights_path(cfg)  # a random checkpoint must be written before ZeRO-3 is armed
     try:

@@ -117,6 +117,7 @@ class ZIConfig:
     seed: int = 0
     dry_run: bool = False
     profile_step: bool = False
+    verbose: bool = False
     cache_dir: str = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from zi_app import tracking
+from zi_app.paths import command
 
 METRIC = "tokens_per_sec"
 GPU_ALLOCATED = "peak_gpu_allocated_bytes"
@@ -248,10 +249,11 @@ def plot(rows: Sequence[JobRow], metric: str = METRIC):
 
 
 def ui_command(uri: str) -> Optional[str]:
-    """The command that serves the MLflow UI on a local SQLite store (None for a tracking server)."""
+    """The command that serves the MLflow UI on a local SQLite store (None for a tracking server), with
+    this environment's ``mlflow`` so that it works pasted into any shell."""
     if not uri.startswith(tracking.SQLITE_PREFIX):
         return None
-    return f"mlflow ui --backend-store-uri {tracking.absolute_uri(uri)} --host 127.0.0.1"
+    return f"{command('mlflow', 'mlflow')} ui --backend-store-uri {tracking.absolute_uri(uri)} --host 127.0.0.1"
 
 
 def runs_url(uri: str, experiment_id: str, parent_run_id: Optional[str] = None, metric: str = METRIC) -> str:

@@ -1,6 +1,8 @@
 """MLflow: the store, one run per job (params, metrics, tags, artifacts) and failures recorded as data.
 
-Receives plain dicts and files only; knows nothing of torch or DeepSpeed.
+Receives plain dicts and files only; knows nothing of torch or DeepSpeed. MLflow itself (about 1.5 s) is
+imported when a function first needs it, so that composing the app's config, ``--help`` and tab completion
+never pay for it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set
 
-import mlflow
-from mlflow.entities import RunStatus
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    import mlflow
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,14 @@ def open_experiment(uri: str, experiment: str) -> str:
 
     Raises :class:`StoreError` for a store that cannot be used.
     """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
     from sqlalchemy.exc import SQLAlchemyError
 
     check_store(uri)
+    # "Creating initial MLflow database tables..." on a new store: routine, not worth two lines per store.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         with _store_lock(uri):
             mlflow.set_tracking_uri(uri)
@@ -271,8 +277,11 @@ def failure_tags(error: BaseException) -> Dict[str, str]:
 
 
 def record_failure(run_id: str, kind: str, message: str, tags: Optional[Dict[str, str]] = None,
-                   client: Optional[MlflowClient] = None) -> None:
+                   client: Optional["MlflowClient"] = None) -> None:
     """Mark a run FAILED with the kind and message of its failure (and any further ``tags``)."""
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
     client = client or MlflowClient()
     for key, value in {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: message[:4000], **(tags or {})}.items():
         client.set_tag(run_id, key, value)
@@ -288,6 +297,8 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
     the run FAILED if the process is killed before it can. A parent run id in ``ZI_PARENT_RUN_ID``
     nests the run under a sweep's parent run.
     """
+    import mlflow
+
     tags = {**tags, ROLE_TAG: "job", **process_tags(), **sweep_parent_tags()}
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         if run_id_file is not None:
@@ -303,6 +314,8 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
 
 def start_sweep_run(experiment_id: str, run_name: str, tags: Dict[str, str]) -> str:
     """Create a sweep's parent run (RUNNING, not made the active run) and return its id."""
+    from mlflow.tracking import MlflowClient
+
     run = MlflowClient().create_run(experiment_id, run_name=run_name,
                                     tags={**tags, ROLE_TAG: "sweep", **process_tags()})
     return run.info.run_id
@@ -312,6 +325,7 @@ def failed_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: 
                message: str) -> str:
     """Record a job that failed before it could open its own run: a FAILED run holding its config."""
     from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     run_id = client.create_run(experiment_id, run_name=run_name, tags={**tags, ROLE_TAG: "job"}).info.run_id
@@ -322,14 +336,20 @@ def failed_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: 
 
 def log_json(obj: Any, name: str) -> None:
     """Store ``obj`` as a JSON artifact of the active run."""
+    import mlflow
+
     mlflow.log_dict(obj, name)
 
 
 def log_text(text: str, name: str) -> None:
     """Store ``text`` as an artifact of the active run."""
+    import mlflow
+
     mlflow.log_text(text, name)
 
 
 def log_metrics(metrics: Dict[str, float]) -> None:
     """Log the job's headline metrics on the active run."""
+    import mlflow
+
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})

@@ -32,6 +32,7 @@ import cloudpickle
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,18 @@ JOB_SUBDIR_KEY = "hydra.sweep.subdir"
 
 class JobError(RuntimeError):
     """A job's failure whose exception could not travel back from the job's process as itself."""
+
+
+class JobFailed(CompactHydraException):
+    """A failed job as the sweeper reports it when the sweep ends: one line naming the job and its error.
+
+    Hydra prints a compact exception as its message alone, where it would print a traceback of its own
+    frames for the job's error; the job's traceback is in its log file. ``error`` is the job's own error.
+    """
+
+    def __init__(self, message: str, error: BaseException) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class JobProcessError(RuntimeError):
@@ -134,6 +147,19 @@ def dead_job_return(job: Job, returncode: int) -> JobReturn:
     return ret
 
 
+def log_files(job: Job) -> List[str]:
+    """The job's log files (Hydra's job logging writes ``<job name>.log`` in its output dir)."""
+    return sorted(str(path) for path in Path(job.output_dir).glob("*.log"))
+
+
+def failure_line(job: Job, ret: JobReturn) -> str:
+    """One line for a failed job: its number, overrides and error, and where its traceback is."""
+    logs = [] if isinstance(ret._return_value, JobProcessError) else log_files(job)
+    where = f"traceback in {', '.join(logs)}" if logs else f"its files: {job.output_dir}"
+    what = " ".join(filter_overrides(job.overrides)) or "no overrides"
+    return f"job #{job.idx} ({what}) {outcome(ret, '')}; {where}"
+
+
 def outcome(ret: JobReturn, label: str) -> str:
     """``COMPLETED 12.34 tokens/s`` or ``FAILED <error type>: <first line of its message>``."""
     value = ret._return_value  # the public property raises for a failed job
@@ -157,6 +183,9 @@ class Progress:
             self.done += 1
             what = " ".join(filter_overrides(job.overrides)) or "(no overrides)"
             where = f", GPU {gpu}" if gpu is not None else ""
+            logs = log_files(job) if ret.status == JobStatus.FAILED and not isinstance(ret._return_value,
+                                                                                       JobProcessError) else []
+            where += f"; traceback in {', '.join(logs)}" if logs else ""
             print(f"[{self.done}/{self.total}] #{job.idx} {what}: {outcome(ret, self.label)} ({seconds:.1f} s{where})",
                   flush=True)
 
@@ -252,7 +281,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     with tempfile.TemporaryDirectory(prefix=".zi-launcher-", dir=sweep_dir) as workdir:
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus)))
         try:
-            return list(pool.map(run_one, jobs))
+            returns = list(pool.map(run_one, jobs))
         except BaseException as error:
             # The signal that stopped the driver (Ctrl-C: SIGINT), or SIGTERM when the sweep fails otherwise.
             default = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
@@ -260,3 +289,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             raise
         finally:
             pool.shutdown(cancel_futures=True)  # waits for the running jobs, which the signal ends
+    for job, ret in zip(jobs, returns):
+        if ret.status == JobStatus.FAILED:
+            ret.return_value = JobFailed(failure_line(job, ret), ret._return_value)
+    return returns

@@ -7,6 +7,7 @@ JobReturn to RESULT.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import sys
@@ -38,6 +39,19 @@ def portable(ret: JobReturn) -> bytes:
         return cloudpickle.dumps(ret)
 
 
+def log_failure(error: BaseException, num: int) -> None:
+    """Write the failed job's traceback to its log files (Hydra's job logging, still set up after
+    ``run_job``), not to the terminal, where the launcher prints one line per failed job; to stderr only
+    when the job logs to no file."""
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "job #%s failed", (num,),
+                               (type(error), error, error.__traceback__))
+    files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
+    for handler in files:
+        handler.handle(record)
+    if not files:
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+
+
 def main(payload_path: str, result_path: str) -> None:
     """Run the job in ``payload_path`` and write its JobReturn to ``result_path``."""
     with open(payload_path, "rb") as f:
@@ -48,9 +62,7 @@ def main(payload_path: str, result_path: str) -> None:
     ret = run_job(hydra_context=hydra_context, task_function=task_function, config=config,
                   job_dir_key=JOB_DIR_KEY, job_subdir_key=JOB_SUBDIR_KEY)
     if ret.status == JobStatus.FAILED:
-        error = ret._return_value  # the public property raises for a failed job
-        print(f"job #{config.hydra.job.num} failed:", file=sys.stderr)
-        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        log_failure(ret._return_value, config.hydra.job.num)  # the public property raises for a failed job
     blob = portable(ret)
     partial = f"{result_path}.partial"
     with open(partial, "wb") as f:

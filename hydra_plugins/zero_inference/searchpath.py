@@ -5,12 +5,15 @@ package, Hydra 1.4 loads the class named by the ``hydra.plugins`` entry point): 
 Hydra, and resolves the directory only when Hydra asks.
 """
 
+from pathlib import Path
+
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 
 class ZeroInferenceSearchPathPlugin(SearchPathPlugin):
-    """Appends the installed package's ``conf/`` to the config search path, after the app's own config dir."""
+    """Appends the installed package's ``conf/`` to the config search path, after the app's own config dir
+    (unless the app's config dir is that folder: the zero-inference app itself)."""
 
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         # zi_app's package import is pure Python (no torch); registering the schema here lets an app that
@@ -19,4 +22,8 @@ class ZeroInferenceSearchPathPlugin(SearchPathPlugin):
         from zi_app.schema import register
 
         register()
-        search_path.append(provider="hydra-zero-inference", path=f"file://{conf_dir()}")
+        conf = conf_dir()
+        # Our own app's primary config dir is this same folder (Hydra stores it without the file:// scheme):
+        # listing it twice would only slow every lookup.
+        if all(Path(element.path.removeprefix("file://")) != conf for element in search_path.get_path()):
+            search_path.append(provider="hydra-zero-inference", path=f"file://{conf}")
