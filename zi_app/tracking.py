@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -18,6 +19,8 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from zi_app.redaction import public_url, redact, redact_text
+
 log = logging.getLogger(__name__)
 
 SQLITE_PREFIX = "sqlite:///"
@@ -25,6 +28,7 @@ FAILURE_KIND_TAG = "zi.failure_kind"
 FAILURE_MESSAGE_TAG = "zi.failure_message"
 OVERRIDES_TAG = "zi.overrides"
 PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
+SWEPT_KEYS_ENV = "ZI_SWEPT_KEYS"  # the keys a sweep varies, comma-separated: they name its jobs' runs
 RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever records the job after it died
 ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
 PID_TAG = "zi.pid"  # the process that owns the run, and its host: a RUNNING run whose process is gone
@@ -44,10 +48,25 @@ def artifact_root(uri: str) -> Optional[str]:
 
 
 def absolute_uri(uri: str, base: Optional[str] = None) -> str:
-    """``uri`` with a local SQLite store's path made absolute (relative paths start at ``base``, else the cwd)."""
+    """The URI to hand MLflow: a local SQLite store's path made absolute (relative paths start at ``base``,
+    else the cwd), a tracking server's ``user:password@`` moved to MLflow's own environment variables."""
+    if uri.startswith(("http://", "https://")):
+        return _credentials_to_env(uri)
     if not uri.startswith(SQLITE_PREFIX):
         return uri
     return SQLITE_PREFIX + str((Path(base or ".") / uri[len(SQLITE_PREFIX):]).resolve())
+
+
+def _credentials_to_env(uri: str) -> str:
+    """A server URI without its userinfo, whose user and password go to ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (inherited by job processes): MLflow prints the URI it is given in its run
+    links, so a password in it would reach the output."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return public_url(uri)
 
 
 def open_experiment(uri: str, experiment: str) -> str:
@@ -79,8 +98,17 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def job_params(config: Dict[str, Any]) -> Dict[str, Any]:
-    """MLflow params of a job: the flattened composed config, bookkeeping keys left out."""
-    return {k: v for k, v in flatten(config).items() if not k.startswith(PARAM_SKIP)}
+    """MLflow params of a job: the flattened composed config, bookkeeping keys left out, secrets masked."""
+    return {k: v for k, v in flatten(redact(config)).items() if not k.startswith(PARAM_SKIP)}
+
+
+def run_name(overrides: str, fallback: str = "job") -> str:
+    """A job run's name: the values of the keys its sweep varies (``batch=64 pin=true``, from
+    ``ZI_SWEPT_KEYS``), else all its overrides, else ``fallback``. The full overrides go in a tag."""
+    pairs = [item.split("=", 1) for item in overrides.split() if "=" in item]
+    values = {key.lstrip("+~"): {"True": "true", "False": "false"}.get(value, value) for key, value in pairs}
+    swept = [key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if key in values]
+    return " ".join(f"{key}={values[key]}" for key in swept) or overrides or fallback
 
 
 def failure_kind(error: BaseException) -> str:
@@ -128,7 +156,7 @@ def record_failure(run_id: str, kind: str, message: str) -> None:
     """Mark a run FAILED with the kind and message of its failure."""
     client = MlflowClient()
     client.set_tag(run_id, FAILURE_KIND_TAG, kind)
-    client.set_tag(run_id, FAILURE_MESSAGE_TAG, message[:4000])
+    client.set_tag(run_id, FAILURE_MESSAGE_TAG, redact_text(message)[:4000])
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
 

@@ -32,6 +32,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from zi_app.redaction import redact_overrides
+
 log = logging.getLogger(__name__)
 
 JOB_MODULE = "hydra_plugins.zero_inference._job"
@@ -147,7 +149,7 @@ class Progress:
     def job_ended(self, job: Job, ret: JobReturn, seconds: float, gpu: Optional[str]) -> None:
         with self.lock:
             self.done += 1
-            what = " ".join(filter_overrides(job.overrides)) or "(no overrides)"
+            what = redact_overrides(" ".join(filter_overrides(job.overrides))) or "(no overrides)"
             where = f", GPU {gpu}" if gpu is not None else ""
             print(f"[{self.done}/{self.total}] #{job.idx} {what}: {outcome(ret, self.label)} ({seconds:.1f} s{where})",
                   flush=True)
@@ -189,7 +191,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     def run_one(job: Job) -> JobReturn:
         gpu = slots.get()
         try:
-            log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+            log.info("\t#%d : %s", job.idx, redact_overrides(" ".join(filter_overrides(job.overrides))))
             start = time.monotonic()
             ret = run_in_process(launcher, job, gpu, state, Path(workdir))
             if isinstance(ret._return_value, JobProcessError):

@@ -1,0 +1,159 @@
+"""Real servers for the tests, started and stopped by session fixtures: a private PostgreSQL cluster (Debian's
+``postgresql`` binaries), an ``mlflow server`` on it with served artifacts, and a one-node SLURM cluster
+(Debian's ``slurm-wlm`` and ``munge``). Each is started on first use and stopped at the end of the session;
+nothing is left running. Imported by conftest.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+_FOREIGN_RUN_ENV = ("ZI_PARENT_RUN_ID", "MLFLOW_RUN_ID")
+SERVER_START_TIMEOUT_S = 240  # the first start creates MLflow's tables (10-35 s on an idle 2-core machine)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd: List[str], **kwargs) -> str:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kwargs)
+    assert proc.returncode == 0, f"$ {' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def _need(path: str, package: str) -> str:
+    if not shutil.which(path) and not Path(path).exists():
+        pytest.fail(f"{path} not found: install Debian's {package} (`.ci/run` does: apt-get install {package})")
+    return path
+
+
+@dataclass
+class Postgres:
+    """A running private PostgreSQL cluster and the role the tests use (password authentication on 127.0.0.1)."""
+
+    root: Path
+    bindir: Path
+    port: int
+    user: str
+    password: str
+
+    def as_owner(self, cmd: List[str]) -> List[str]:
+        """``cmd`` run as the cluster's owner (``postgres`` when the tests run as root: PostgreSQL refuses root)."""
+        return (["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []) + [str(c) for c in cmd]
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """Run one SQL statement as the superuser over the cluster's Unix socket."""
+        return _run(self.as_owner([self.bindir / "psql", "-h", self.root, "-p", self.port, "-U", "postgres", "-d",
+                                   database, "-v", "ON_ERROR_STOP=1", "-Atc", statement]), cwd=self.root)
+
+    def create_database(self, name: str) -> str:
+        """A new database owned by the test role; returns its SQLAlchemy URI (psycopg2 driver)."""
+        self.sql(f'CREATE DATABASE "{name}" OWNER {self.user}')
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{name}"
+
+    def dump(self, database: str) -> str:
+        """Everything stored in ``database``, as SQL text."""
+        return _run(self.as_owner([self.bindir / "pg_dump", "-h", self.root, "-p", self.port, "-U", "postgres",
+                                   database]), cwd=self.root)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL cluster (initdb in a scratch folder, its own port and socket), stopped and deleted
+    at the end: a system cluster, if any, is left alone."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    bindir = Path(_need(found[-1] if found else "/usr/lib/postgresql/15/bin/initdb", "postgresql")).parent
+    root = Path(tempfile.mkdtemp(prefix="zi-postgres-"))
+    server = Postgres(root, bindir, free_port(), "zi", secrets.token_hex(12))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    data = root / "data"
+    _run(server.as_owner([bindir / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
+                          "--auth-host=scram-sha-256"]), cwd=root)
+    _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
+                          f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1", "start"]), cwd=root)
+    try:
+        server.sql(f"CREATE ROLE {server.user} LOGIN PASSWORD '{server.password}'")
+        yield server
+    finally:
+        _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), cwd=root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class TrackingServer:
+    """A running ``mlflow server``: its URL, its PostgreSQL database and the folder its artifacts land in."""
+
+    url: str
+    database: str
+    artifacts: Path
+    log: Path
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process (and the workers in its session), SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Wait until ``url``/health answers 200; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"mlflow server at {url} did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(postgres, tmp_path_factory) -> Iterator[TrackingServer]:
+    """``mlflow server`` on 127.0.0.1 backed by PostgreSQL, serving artifacts from a folder of its own, started as
+    README.md says; stopped (with its workers) at the end of the session."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    database = "mlflow"
+    backend = postgres.create_database(database)
+    log = root / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RUN_ENV}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                                    "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        yield TrackingServer(url, database, root / "artifacts", log)
+    finally:
+        _stop(process)
