@@ -33,7 +33,8 @@ RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever 
 ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
 PID_TAG = "zi.pid"  # the process that owns the run, and its host: a RUNNING run whose process is gone
 HOST_TAG = "zi.host"  # was killed
-FAILURE_KINDS = ("oom", "invalid-config", "killed", "error")
+SLURM_JOB_TAG = "zi.slurm_job_id"  # the SLURM job that ran the run, when one did
+FAILURE_KINDS = ("oom", "invalid-config", "killed", "timeout", "error")
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -112,8 +113,8 @@ def run_name(overrides: str, fallback: str = "job") -> str:
 
 
 def failure_kind(error: BaseException) -> str:
-    """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``
-    or ``error``; an exception may name its kind itself in a ``failure_kind`` attribute (the launcher's
+    """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``,
+    ``timeout`` (the scheduler's time limit) or ``error``; an exception may name its kind itself in a ``failure_kind`` attribute (the launcher's
     error for a job process killed by a signal does)."""
     from zi_app.schema import ConfigError
 
@@ -122,14 +123,25 @@ def failure_kind(error: BaseException) -> str:
         return declared
     if isinstance(error, ConfigError):
         return "invalid-config"
+    if _scheduler_time_limit(error):
+        return "timeout"
     if isinstance(error, MemoryError) or any(m in str(error).lower() for m in _OOM_MESSAGES):
         return "oom"
     return "error"
 
 
+def _scheduler_time_limit(error: BaseException) -> bool:
+    """Whether ``error`` is submitit's notice, raised inside the job when SLURM warns that its time limit is near
+    (``signal_delay_s`` before it), that the job timed out and will not be requeued."""
+    return type(error).__module__.startswith("submitit") and "timed-out" in str(error)
+
+
 def process_tags() -> Dict[str, str]:
-    """Tags naming this process, so that a run it leaves RUNNING when killed can be recognised."""
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    """Tags naming this process, so that a run it leaves RUNNING when killed can be recognised, and the SLURM
+    job running it, if any."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    slurm_job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")  # as squeue names it
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(), **({SLURM_JOB_TAG: slurm_job} if slurm_job else {})}
 
 
 def process_alive(tags: Dict[str, str]) -> Optional[bool]:
