@@ -18,6 +18,9 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+# Session fixtures that start real servers (PostgreSQL, mlflow server, SLURM) and stop them at the end.
+from helpers.services import postgres, slurm, tracking_server  # noqa: F401
+
 # A tiny job takes 10-40 s on 2 cores; the first NVMe job on a machine also JIT-builds DeepSpeed's async_io
 # op (2-10 min, depending on the load).
 SUBPROCESS_TIMEOUT_S = 1200

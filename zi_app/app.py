@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from zi_app import interrupt, tracking
 from zi_app.jobplan import plan_job, ready
 from zi_app.paths import conf_dir
+from zi_app.redaction import redact, redact_overrides
 from zi_app.schema import ConfigError
 
 log = logging.getLogger("zi_app")
@@ -46,8 +47,9 @@ def _device_name(cuda: bool) -> str:
 
 
 def _overrides() -> str:
+    """The job's overrides, secrets masked: they are stored as a tag and name the run."""
     try:
-        return " ".join(HydraConfig.get().overrides.task)
+        return redact_overrides(" ".join(HydraConfig.get().overrides.task))
     except ValueError:
         return ""
 
@@ -82,7 +84,7 @@ def run_job(cfg: DictConfig) -> float:
     out_dir = _output_dir()
     overrides = _overrides()
     tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: overrides}
-    run_name = overrides.replace(" ", ",") or cfg.model.name
+    run_name = tracking.run_name(overrides, fallback=cfg.model.name)
     with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
                           run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
         plan = ready(cfg, cuda)
@@ -92,7 +94,7 @@ def run_job(cfg: DictConfig) -> float:
                      "predicted_resident_bytes": plan.residency.resident_bytes} if cuda else {}
         tracking.log_metrics(predicted)
         tracking.log_json(plan.ds_config, "ds_config.json")
-        tracking.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+        tracking.log_text(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
 
         from zi_app.runner import run_inference
 

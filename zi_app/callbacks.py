@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from zi_app import interrupt, tracking
 from zi_app import sweep as results
 from zi_app.paths import command
+from zi_app.redaction import redact_overrides, redact_text
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
 BEST_RUN_TAG = "zi.best_run_id"
@@ -106,6 +107,7 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
     ``launch_dir`` is where the sweep was started: a relative store path starts there, as the app's does.
     """
     kind, message = tracking.failure_kind(error), f"{type(error).__name__}: {error}"
+    overrides = redact_overrides(overrides)
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
     uri = tracking.absolute_uri(job_config["tracking"]["uri"], launch_dir)
     experiment_id = tracking.open_experiment(uri, job_config["tracking"]["experiment"])
@@ -116,7 +118,7 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
             tracking.record_failure(recorded.info.run_id, kind, message, tracking.failure_tags(error))
         return
     tags = {tracking.OVERRIDES_TAG: overrides, **tracking.sweep_parent_tags()}
-    run_id = tracking.failed_run(experiment_id, overrides.replace(" ", ",") or "job", tracking.job_params(job_config),
+    run_id = tracking.failed_run(experiment_id, tracking.run_name(overrides), tracking.job_params(job_config),
                                  tags, kind, message)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_file.write_text(run_id)
@@ -157,7 +159,8 @@ class SweepCallback(Callback):
         uri = tracking.absolute_uri(config.tracking.uri)
         experiment_id = tracking.open_experiment(uri, config.tracking.experiment)
         tracking.close_dead_runs(MlflowClient(uri), [experiment_id], "when a sweep started")
-        overrides = " ".join(config.hydra.overrides.task)
+        overrides = redact_overrides(" ".join(config.hydra.overrides.task))
+        os.environ[tracking.SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task))
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         parent = tracking.start_sweep_run(experiment_id, f"sweep {overrides}"[:200],
                                           {tracking.OVERRIDES_TAG: overrides, SWEEP_DIR_TAG: str(sweep_dir)})
@@ -165,7 +168,8 @@ class SweepCallback(Callback):
         self.sweep = Sweep(uri, experiment_id, parent, sweep_dir, config.hydra.output_subdir, time.time(),
                            planned_jobs(config))
         atexit.register(self.finish)
-        print(f"MLflow: sweep parent run {parent} in experiment '{config.tracking.experiment}' ({uri})", flush=True)
+        print(f"MLflow: sweep parent run {parent} in experiment '{config.tracking.experiment}' ({redact_text(uri)})",
+              flush=True)
 
     @_stops_the_sweep
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -259,6 +263,15 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
     else:
         client.set_terminated(parent, "FINISHED" if top is not None else "FAILED")
     print(summary(sweep, rows, top, failed, never_ran, signal_name), flush=True)
+
+
+def swept_keys(overrides: List[str]) -> List[str]:
+    """The keys a multirun's command-line overrides sweep over (``batch=1,8`` or ``range(...)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [override.key_or_group for override in parsed if override.is_sweep_override()]
+
 
 
 def settle_unrecorded_jobs(sweep: Sweep) -> None:

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from zi_app import tracking
 from zi_app.paths import command
+from zi_app.redaction import public_url
 
 METRIC = "tokens_per_sec"
 GPU_ALLOCATED = "peak_gpu_allocated_bytes"
@@ -258,7 +259,7 @@ def ui_command(uri: str) -> Optional[str]:
 
 def runs_url(uri: str, experiment_id: str, parent_run_id: Optional[str] = None, metric: str = METRIC) -> str:
     """The UI page listing a sweep's job runs flat, best first (runs table, not the GenAI view)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    base = public_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
     query = {"workflowType": "machine_learning",
              "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else f"metrics.{metric} > 0",
              "orderByKey": f"metrics.`{metric}`", "orderByAsc": "false"}

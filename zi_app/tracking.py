@@ -17,12 +17,15 @@ import sqlite3
 import sys
 import urllib.error
 import urllib.request
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set
 
 if TYPE_CHECKING:
     import mlflow
     from mlflow.tracking import MlflowClient
+
+from zi_app.redaction import public_url, redact, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ FAILURE_KIND_TAG = "zi.failure_kind"
 FAILURE_MESSAGE_TAG = "zi.failure_message"
 OVERRIDES_TAG = "zi.overrides"
 PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
+SWEPT_KEYS_ENV = "ZI_SWEPT_KEYS"  # the keys a sweep varies, comma-separated: they name its jobs' runs
 RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever records the job after it died
 ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
 PID_TAG = "zi.pid"  # the process that owns the run, its start time and its host: a RUNNING run whose
@@ -39,7 +43,8 @@ HOST_TAG = "zi.host"
 SIGNAL_TAG = "zi.signal"  # the signal that stopped a run's process (SIGINT, SIGTERM, SIGHUP), when one did
 EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
 STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer the first request before we refuse it
-FAILURE_KINDS = ("oom", "invalid-config", "killed", "error")
+FAILURE_KINDS = ("oom", "invalid-config", "killed", "timeout", "error")
+SLURM_JOB_TAG = "zi.slurm_job_id"  # the SLURM job that ran the run, when one did
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -54,7 +59,10 @@ def artifact_root(uri: str) -> Optional[str]:
 
 
 def absolute_uri(uri: str, base: Optional[str] = None) -> str:
-    """``uri`` with a local SQLite store's path made absolute (relative paths start at ``base``, else the cwd)."""
+    """The URI to hand MLflow: a local SQLite store's path made absolute (relative paths start at ``base``,
+    else the cwd), a tracking server's ``user:password@`` moved to MLflow's own environment variables."""
+    if uri.startswith(("http://", "https://")):
+        return _credentials_to_env(uri)
     if not uri.startswith(SQLITE_PREFIX):
         return uri
     return SQLITE_PREFIX + str((Path(base or ".") / uri[len(SQLITE_PREFIX):]).resolve())
@@ -121,6 +129,18 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _credentials_to_env(uri: str) -> str:
+    """A server URI without its userinfo, whose user and password go to ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (inherited by job processes): MLflow prints the URI it is given in its run
+    links, so a password in it would reach the output."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return public_url(uri)
+
+
 def open_experiment(uri: str, experiment: str) -> str:
     """Check the store (:func:`check_store`), point MLflow at ``uri`` and return the experiment's id,
     creating the store and the experiment if needed, safely when several processes start at once.
@@ -166,13 +186,22 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def job_params(config: Dict[str, Any]) -> Dict[str, Any]:
-    """MLflow params of a job: the flattened composed config, bookkeeping keys left out."""
-    return {k: v for k, v in flatten(config).items() if not k.startswith(PARAM_SKIP)}
+    """MLflow params of a job: the flattened composed config, bookkeeping keys left out, secrets masked."""
+    return {k: v for k, v in flatten(redact(config)).items() if not k.startswith(PARAM_SKIP)}
+
+
+def run_name(overrides: str, fallback: str = "job") -> str:
+    """A job run's name: the values of the keys its sweep varies (``batch=64 pin=true``, from
+    ``ZI_SWEPT_KEYS``), else all its overrides, else ``fallback``. The full overrides go in a tag."""
+    pairs = [item.split("=", 1) for item in overrides.split() if "=" in item]
+    values = {key.lstrip("+~"): {"True": "true", "False": "false"}.get(value, value) for key, value in pairs}
+    swept = [key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if key in values]
+    return " ".join(f"{key}={values[key]}" for key in swept) or overrides or fallback
 
 
 def failure_kind(error: BaseException) -> str:
-    """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``
-    or ``error``; an exception may name its kind itself in a ``failure_kind`` attribute (the launcher's
+    """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``,
+    ``timeout`` (the scheduler's time limit) or ``error``; an exception may name its kind itself in a ``failure_kind`` attribute (the launcher's
     error for a job process killed by a signal does)."""
     from zi_app.schema import ConfigError
 
@@ -183,18 +212,28 @@ def failure_kind(error: BaseException) -> str:
         return "killed"
     if isinstance(error, ConfigError):
         return "invalid-config"
+    if _scheduler_time_limit(error):
+        return "timeout"
     if isinstance(error, MemoryError) or any(m in str(error).lower() for m in _OOM_MESSAGES):
         return "oom"
     return "error"
 
 
+def _scheduler_time_limit(error: BaseException) -> bool:
+    """Whether ``error`` is submitit's notice, raised inside the job when SLURM warns that its time limit is near
+    (``signal_delay_s`` before it), that the job timed out and will not be requeued."""
+    return type(error).__module__.startswith("submitit") and "timed-out" in str(error)
+
+
 def process_tags() -> Dict[str, str]:
     """Tags naming this process (pid, start time, host), so that a run it leaves RUNNING when killed can
-    be recognised, also after its pid was reused."""
+    be recognised, also after its pid was reused; and the SLURM job running it, if any."""
     import psutil
 
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    slurm_job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")  # as squeue names it
     return {PID_TAG: str(os.getpid()), PID_START_TAG: repr(psutil.Process().create_time()),
-            HOST_TAG: socket.gethostname()}
+            HOST_TAG: socket.gethostname(), **({SLURM_JOB_TAG: slurm_job} if slurm_job else {})}
 
 
 def process_alive(tags: Dict[str, str]) -> Optional[bool]:
@@ -283,7 +322,7 @@ def record_failure(run_id: str, kind: str, message: str, tags: Optional[Dict[str
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient()
-    for key, value in {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: message[:4000], **(tags or {})}.items():
+    for key, value in {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: redact_text(message)[:4000], **(tags or {})}.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 

@@ -35,6 +35,8 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from zi_app.redaction import redact_overrides
+
 log = logging.getLogger(__name__)
 
 JOB_MODULE = "hydra_plugins.zero_inference._job"
@@ -181,7 +183,7 @@ class Progress:
     def job_ended(self, job: Job, ret: JobReturn, seconds: float, gpu: Optional[str]) -> None:
         with self.lock:
             self.done += 1
-            what = " ".join(filter_overrides(job.overrides)) or "(no overrides)"
+            what = redact_overrides(" ".join(filter_overrides(job.overrides))) or "(no overrides)"
             where = f", GPU {gpu}" if gpu is not None else ""
             logs = log_files(job) if ret.status == JobStatus.FAILED and not isinstance(ret._return_value,
                                                                                        JobProcessError) else []
@@ -266,7 +268,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     def run_one(job: Job) -> JobReturn:
         gpu = slots.get()
         try:
-            log.info("\t#%d : %s", job.idx, " ".join(filter_overrides(job.overrides)))
+            log.info("\t#%d : %s", job.idx, redact_overrides(" ".join(filter_overrides(job.overrides))))
             start = time.monotonic()
             ret = run_in_process(launcher, job, gpu, state, Path(workdir), children)
             if isinstance(ret._return_value, JobProcessError):

@@ -1,0 +1,157 @@
+"""A shared tracking server: sweeps, the best-run command and artifacts against a real ``mlflow server`` on a
+real PostgreSQL (started by the session fixtures in helpers/services.py), a password in the tracking URI that
+reaches nothing the app writes or prints, and two sweeps racing on one server and on one SQLite file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from zi_app import callbacks, tracking
+
+QUICK = ["prompt_len=8", "gen_len=2", "warmup=0", "repeat=1"]
+TIMEOUT_S = 900
+
+
+def app_env() -> dict:
+    """A user's environment: no run of ours to nest under, no tracking credentials."""
+    drop = (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def start_sweep(root: Path, name: str, *overrides: str) -> subprocess.Popen:
+    """``python -m zi_app -m <overrides>`` in ``root``; output to root/<name>.out and root/<name>.err."""
+    root.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "zi_app", "-m", *overrides, *QUICK], cwd=root, env=app_env(),
+                            stdout=open(root / f"{name}.out", "w"), stderr=open(root / f"{name}.err", "w"))
+
+
+def finish(process: subprocess.Popen, root: Path, name: str) -> str:
+    """Wait for a sweep; assert it succeeded and return its stdout."""
+    process.wait(timeout=TIMEOUT_S)
+    assert process.returncode == 0, (root / f"{name}.err").read_text()[-3000:]
+    return (root / f"{name}.out").read_text()
+
+
+def sweep_runs(client: MlflowClient, experiment: str) -> tuple:
+    """The parents of the experiment's sweeps and, per parent id, its job runs in start order."""
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no experiment {experiment!r}"
+    runs = client.search_runs([found.experiment_id], max_results=1000)
+    parents = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    children = {p.info.run_id: sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id),
+                                      key=lambda r: r.info.start_time) for p in parents}
+    assert len(runs) == len(parents) + sum(map(len, children.values())), "runs outside any sweep"
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def server_sweep(tracking_server, tmp_path_factory):
+    """A two-job sweep logging to the server through a URI with a password in it, then the best-run command."""
+    root = tmp_path_factory.mktemp("server-sweep")
+    password = secrets.token_hex(10)
+    uri = tracking_server.url.replace("http://", f"http://zi:{password}@")
+    run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=1,2", "pin=true", *QUICK,
+                          f"tracking.uri={uri}", "tracking.experiment=server-sweep"], cwd=root, env=app_env(),
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-3000:]
+    best = subprocess.run([sys.executable, "-m", "zi_app.best", "--tracking-uri", tracking_server.url, "--json"],
+                          cwd=root, env=app_env(), capture_output=True, text=True, timeout=120)
+    assert best.returncode == 0, best.stderr
+    parents, children = sweep_runs(MlflowClient(tracking_server.url), "server-sweep")
+    assert len(parents) == 1
+    return root, password, run, best, parents[0], children[parents[0].info.run_id]
+
+
+def test_a_sweep_logs_runs_and_artifacts_to_the_server(server_sweep, tracking_server, tmp_path):
+    _, _, run, _, parent, jobs = server_sweep
+    client = MlflowClient(tracking_server.url)
+    assert [job.info.status for job in jobs] == ["FINISHED", "FINISHED"]
+    assert [job.info.run_name for job in jobs] == ["batch=1", "batch=2"]  # what varies; the rest is in the tag
+    assert jobs[0].data.tags[tracking.OVERRIDES_TAG].startswith("batch=1 pin=True " + " ".join(QUICK))
+    for job in jobs:
+        assert job.data.metrics["tokens_per_sec"] > 0
+        assert job.info.artifact_uri.startswith("mlflow-artifacts:/")  # served by the server, not a local path
+        assert {a.path for a in client.list_artifacts(job.info.run_id)} == {"ds_config.json", "config.yaml",
+                                                                             "generation.json"}
+        stored = list(tracking_server.artifacts.rglob(f"{job.info.run_id}/artifacts/ds_config.json"))
+        assert len(stored) == 1 and json.loads(stored[0].read_text())["zero_optimization"]["stage"] == 3
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(parent.info.run_id, "jobs.csv",
+                                                                           str(tmp_path))).read_text())))
+    assert sorted(row["run_id"] for row in table) == sorted(job.info.run_id for job in jobs)
+    best = max(jobs, key=lambda job: job.data.metrics["tokens_per_sec"])
+    assert parent.data.tags[callbacks.BEST_RUN_TAG] == best.info.run_id
+    assert f"This sweep's runs, best first: {tracking_server.url}/#/experiments/{parent.info.experiment_id}/" \
+           in run.stdout
+
+
+def test_the_best_run_command_reads_the_server(server_sweep):
+    _, _, _, best, parent, jobs = server_sweep
+    info = json.loads(best.stdout)
+    top = max(jobs, key=lambda job: job.data.metrics["tokens_per_sec"])
+    assert info["run_id"] == top.info.run_id and info["tokens_per_sec"] == top.data.metrics["tokens_per_sec"]
+    assert info["ds_config"] == f"{top.info.artifact_uri}/ds_config.json"
+
+
+def test_the_password_reaches_no_param_tag_artifact_or_output(server_sweep, tracking_server, postgres):
+    root, password, run, best, parent, jobs = server_sweep
+    client = MlflowClient(tracking_server.url)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    for stored in [parent, *jobs]:
+        run_data = client.get_run(stored.info.run_id)
+        written = [run_data.info.run_name, *run_data.data.params.values(), *run_data.data.tags.values()]
+        assert not [value for value in written if password in value], stored.info.run_id
+    assert not [value for value in experiment.tags.values() if password in value]
+    config = [path for path in tracking_server.artifacts.rglob("config.yaml") if jobs[0].info.run_id in str(path)]
+    assert f"uri: http://zi:***@{tracking_server.url[len('http://'):]}" in config[0].read_text()
+    leaks = [path for path in tracking_server.artifacts.rglob("*") if path.is_file() and
+             password.encode() in path.read_bytes()]
+    assert not leaks
+    assert password not in postgres.dump(tracking_server.database)  # every param, tag and name the server stored
+    for output in (run.stdout, run.stderr, best.stdout, best.stderr):
+        assert password not in output
+    assert "***@127.0.0.1" in run.stdout  # where the URI is shown (the progress lines), it is redacted
+
+
+@pytest.mark.parametrize("store", ["server", "sqlite"])
+def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_path):
+    """Two sweeps started together on one new experiment, against one server (each from its own folder) or one
+    SQLite file (both from the same folder, as two people at one machine would): every run is there."""
+    experiment = f"race-{store}"
+    if store == "server":
+        roots, uri = [tmp_path / "a", tmp_path / "b"], tracking_server.url
+    else:
+        roots, uri = [tmp_path, tmp_path], f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    common = [f"tracking.uri={uri}", f"tracking.experiment={experiment}"]
+    sweeps = [start_sweep(roots[0], "first", "batch=1,2", *common), start_sweep(roots[1], "second", "batch=3,4",
+                                                                               *common)]
+    outputs = [finish(sweeps[0], roots[0], "first"), finish(sweeps[1], roots[1], "second")]
+    client = MlflowClient(uri)
+    parents, children = sweep_runs(client, experiment)
+    assert len(parents) == 2
+    assert client.search_runs(["0"]) == []  # nothing went to the Default experiment
+    by_batches = {}
+    for parent in parents:
+        jobs = children[parent.info.run_id]
+        by_batches[tuple(job.info.run_name for job in jobs)] = parent
+        assert [job.info.status for job in jobs] == ["FINISHED", "FINISHED"]
+        for job in jobs:
+            assert job.data.metrics["tokens_per_sec"] > 0
+            assert {a.path for a in client.list_artifacts(job.info.run_id)} >= {"ds_config.json", "config.yaml"}
+        finished = client.get_run(parent.info.run_id)
+        assert finished.info.status == "FINISHED" and finished.data.tags[callbacks.JOBS_TAG] == "2"
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+        assert any(f"sweep parent run {parent.info.run_id}" in out for out in outputs)
+    assert sorted(by_batches) == [("batch=1", "batch=2"), ("batch=3", "batch=4")]
