@@ -15,7 +15,6 @@ from typing import Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from zi_app import interrupt, tracking
@@ -74,6 +73,8 @@ def run_job(cfg: DictConfig) -> float:
     # ZeRO-3 gathers and frees parameter buffers of many sizes every step; expandable segments keep the
     # caching allocator from stranding GiBs in fragments under a GPU budget. Must precede CUDA's first use.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from mlflow.tracking import MlflowClient  # here, not at import: --help and tab completion load this module
+
     uri = tracking.absolute_uri(cfg.tracking.uri, _launch_dir())
     experiment_id = tracking.open_experiment(uri, cfg.tracking.experiment)  # a bad store: refused before loading
     tracking.close_dead_runs(MlflowClient(uri), [experiment_id], "when a job started")
