@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -112,17 +112,29 @@ def cap_gpu_memory(budget_gib: float | None) -> None:
     log.info("GPU memory capped at %.1f GiB (%.3f of the card)", budget_gib, fraction)
 
 
-def initialize(model: torch.nn.Module, ds_config: Dict[str, Any]) -> torch.nn.Module:
-    """Wrap ``model`` in a ZeRO-3 engine (parameter fetch hooks, offload) and return the module to call."""
+def initialize(model: torch.nn.Module, ds_config: Dict[str, Any],
+               overlap_fetches: Optional[int] = None) -> torch.nn.Module:
+    """Wrap ``model`` in a ZeRO-3 engine (parameter fetch hooks, offload) and return the module to call.
+
+    Applies ``weight_quantization.post_init_quant`` when the config has it. ``overlap_fetches``: None
+    keeps DeepSpeed's parameter coordinator as shipped; a number gives this engine the overlapping
+    fetch path of :mod:`zi_app.fetch` with that many fetches in flight (``memory.fetch=overlap``).
+    """
     import deepspeed
 
     engine = deepspeed.initialize(model=model, config=ds_config)[0]
     engine.module.eval()
+    if "post_init_quant" in ds_config.get("weight_quantization", {}):
+        _apply_post_init_quantization(engine.module, ds_config)
+    if overlap_fetches is not None:
+        from zi_app import fetch
+
+        fetch.install(engine, overlap_fetches)
     return engine.module
 
 
-def apply_post_init_quantization(model: torch.nn.Module, ds_config: Dict[str, Any]) -> torch.nn.Module:
+def _apply_post_init_quantization(model: torch.nn.Module, ds_config: Dict[str, Any]) -> None:
     """Quantize the modules named in ``weight_quantization.post_init_quant`` (DeepSpeed's group-wise INT4/INT8)."""
     from deepspeed.inference.quantization.quantization import _init_group_wise_weight_quantization
 
-    return _init_group_wise_weight_quantization(model, ds_config)
+    _init_group_wise_weight_quantization(model, ds_config)

@@ -19,6 +19,9 @@ from packaging.version import Version
 from zi_app.schema import ConfigError
 
 MIN_DEEPSPEED = Version("0.10.3")
+# memory.fetch=overlap (zi_app/fetch.py) subclasses DeepSpeed's parameter coordinator and reads its private
+# state: allowed with the release it was written against and tested with only.
+OVERLAP_FETCH_DEEPSPEED = Version("0.19.8")
 _LIBAIO_HEADERS = ("/usr/include/libaio.h", "/usr/local/include/libaio.h")
 
 
@@ -27,6 +30,18 @@ def check_deepspeed_version(installed: str | None = None) -> None:
     installed = installed or metadata.version("deepspeed")
     if Version(installed) < MIN_DEEPSPEED:
         raise ConfigError("deepspeed", installed, f"version >= {MIN_DEEPSPEED} (ZeRO-Inference weight quantization)")
+
+
+def check_fetch_supported(fetch: str, installed: str | None = None) -> None:
+    """Refuse ``memory.fetch=overlap`` unless the installed DeepSpeed is the release it was tested with."""
+    if fetch != "overlap":
+        return
+    installed = installed or metadata.version("deepspeed")
+    if Version(installed).public != OVERLAP_FETCH_DEEPSPEED.public:
+        raise ConfigError("memory.fetch", fetch,
+                          f"'deepspeed' with the installed DeepSpeed {installed}: 'overlap' replaces internals of "
+                          f"DeepSpeed's parameter coordinator and is tested with DeepSpeed {OVERLAP_FETCH_DEEPSPEED} "
+                          f"only (install deepspeed=={OVERLAP_FETCH_DEEPSPEED} to use it)")
 
 
 def libaio_available() -> bool:
@@ -53,6 +68,10 @@ def environment_problems(cfg, cuda: bool) -> List[ConfigError]:
     :class:`ConfigError` per problem naming the key; empty when it can run here."""
     check_deepspeed_version()
     problems = _nvme_problems(cfg.offload) if cfg.offload.device == "nvme" else []
+    try:
+        check_fetch_supported(cfg.memory.fetch)
+    except ConfigError as refused:
+        problems.append(refused)
     if not cuda:
         if cfg.kvcache.cache_implementation == "offloaded":
             problems.append(ConfigError(

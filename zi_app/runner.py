@@ -67,12 +67,28 @@ def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
                 f"offload={cfg.offload.device}, quant={cfg.quant.mode}")
     with measure.stopwatch() as load:
         model = model_lib.load_model(cfg, weights)
-        model = engine.initialize(model, ds_config)
-        if cfg.quant.mode == "post":
-            model = engine.apply_post_init_quantization(model, ds_config)
+        overlap = cfg.memory.max_inflight_fetches if cfg.memory.fetch == "overlap" else None
+        model = engine.initialize(model, ds_config, overlap_fetches=overlap)
     on_progress(f"loaded in {load.seconds:.1f} s")
     on_metrics({"load_s": load.seconds})
     prompts = random_prompts(cfg.batch, cfg.prompt_len, model.config.vocab_size, cfg.seed, engine.device())
+    kwargs = generate_kwargs(cfg)
+    speed, repeats, output = timed_generates(cfg, model, prompts, on_progress)
+    if torch.cuda.is_available() and "decode_step_s" in speed:
+        speed.update(roofline(cfg, model, prompts, kwargs, speed["decode_step_s"]))
+        on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
+                    f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
+    if cfg.profile_step:
+        speed.update(measure.decode_step_breakdown(model, prompts, **kwargs))
+        on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
+                                                         for k, v in speed.items() if k.startswith("profile_")))
+    on_metrics(speed)
+    return {**speed, "load_s": load.seconds}, repeats, output
+
+
+def timed_generates(cfg, model, prompts: torch.Tensor, on_progress: Callable[[str], None] = log.info):
+    """``cfg.warmup`` untimed and ``cfg.repeat`` timed greedy generates of ``model`` (any causal LM, under
+    ZeRO-3 or not); returns the median speed metrics, each repeat's metrics and the last output ids."""
     kwargs = generate_kwargs(cfg)
     for i in range(cfg.warmup):
         # Two tokens run the prefill and a decode step: every kernel, allocation and ZeRO-3's fetch
@@ -85,17 +101,7 @@ def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
         repeats.append(measure.throughput_metrics(timing, cfg.batch, cfg.prompt_len, cfg.gen_len))
         on_progress(f"timed {i + 1}/{cfg.repeat}: {repeats[-1]['tokens_per_sec']:.2f} tokens/s, "
                     f"{timing.total_s:.2f} s")
-    speed = measure.median_metrics(repeats)
-    if torch.cuda.is_available() and "decode_step_s" in speed:
-        speed.update(roofline(cfg, model, prompts, kwargs, speed["decode_step_s"]))
-        on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
-                    f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
-    if cfg.profile_step:
-        speed.update(measure.decode_step_breakdown(model, prompts, **kwargs))
-        on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
-                                                         for k, v in speed.items() if k.startswith("profile_")))
-    on_metrics(speed)
-    return {**speed, "load_s": load.seconds}, repeats, output
+    return measure.median_metrics(repeats), repeats, output
 
 
 def cached_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:

@@ -24,6 +24,7 @@ QUANT_BITS = (4, 8)
 CACHE_IMPLEMENTATIONS = (None, "offloaded")
 WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
+FETCH_MODES = ("deepspeed", "overlap")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -93,6 +94,8 @@ class MemoryConfig:
     leaf_modules: bool = False
     max_reuse_distance: Optional[str] = None
     gpu_budget_gib: Optional[float] = None
+    fetch: str = "deepspeed"
+    max_inflight_fetches: int = 8
 
 
 @dataclass
@@ -303,6 +306,10 @@ def _check_memory(memory: DictConfig) -> None:
                           "null (DeepSpeed's default), 'model' (keep weights reused within a forward) or an integer")
     if memory.gpu_budget_gib is not None and memory.gpu_budget_gib <= 0:
         raise ConfigError("memory.gpu_budget_gib", memory.gpu_budget_gib, "a positive number of GiB, or null")
+    if memory.fetch not in FETCH_MODES:
+        raise ConfigError("memory.fetch", memory.fetch,
+                          "'deepspeed' (ZeRO-3's parameter coordinator as shipped) or 'overlap' (zi_app/fetch.py)")
+    _positive_int("memory.max_inflight_fetches", memory.max_inflight_fetches)
 
 
 def _check_kvcache(kvcache: DictConfig) -> None:
