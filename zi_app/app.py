@@ -94,6 +94,8 @@ def run_job(cfg: DictConfig) -> float:
         predicted = {"predicted_peak_gpu_bytes": plan.residency.predicted_peak_bytes,
                      "predicted_resident_bytes": plan.residency.resident_bytes} if cuda else {}
         tracking.log_metrics(predicted)
+        if plan.residency.offload_needed is not None:
+            tracking.log_tags({tracking.OFFLOAD_NEEDED_TAG: str(plan.residency.offload_needed).lower()})
         tracking.log_json(plan.ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
 
@@ -101,12 +103,13 @@ def run_job(cfg: DictConfig) -> float:
 
         result = run_inference(cfg, plan.ds_config, on_metrics=tracking.log_metrics)
         tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
-    log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}))
+    log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}, plan.residency.offload_needed))
     return result.metrics["tokens_per_sec"]
 
 
-def result_line(cfg: DictConfig, m: dict) -> str:
-    """One line with a job's headline numbers; the GPU and roofline figures where they were measured."""
+def result_line(cfg: DictConfig, m: dict, offload_needed: Optional[bool] = None) -> str:
+    """One line with a job's headline numbers; the GPU and roofline figures where they were measured, and
+    whether the model would fit the GPU budget without offloading where that is known."""
     parts = [f"{cfg.model.name} batch={cfg.batch} {m['tokens_per_sec']:.2f} tokens/s",
              f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
              f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
@@ -116,6 +119,8 @@ def result_line(cfg: DictConfig, m: dict) -> str:
     if "roofline_ratio" in m:
         parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "
                      f"at {m['h2d_gbps']:.1f} GB/s)")
+    if offload_needed is False:
+        parts.append("offload not needed: every weight fits the GPU budget with offload=none")
     return ", ".join(parts)
 
 

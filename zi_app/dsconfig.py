@@ -8,12 +8,14 @@ parameters, reuse distance, NVMe buffer size) is derived here and nowhere else, 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from zi_app.planner import DTYPE_BYTES, ModelFacts, Residency, Workload, plan_residency, predict
+from zi_app.planner import (DTYPE_BYTES, ModelFacts, Residency, Workload, offload_needed, plan_residency,
+                            predict)
 from zi_app.schema import with_defaults
 
 DS_DTYPE_KEYS = {"float16": "fp16", "bfloat16": "bf16"}
@@ -67,7 +69,8 @@ def budget_bytes(cfg, device_bytes: Optional[int]) -> Optional[int]:
 
 
 def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Residency:
-    """Persistence thresholds for ``cfg`` and the peak GPU memory they are predicted to give."""
+    """Persistence thresholds for ``cfg``, the peak GPU memory they are predicted to give and, where the
+    budget is known, whether the job needs to offload weights at all."""
     cfg = with_defaults(cfg)
     h = hidden_size(cfg.model.arch)
     work = Workload(arch=dict(cfg.model.arch), dtype=cfg.model.dtype, weight_bytes=weight_bytes(cfg),
@@ -75,8 +78,12 @@ def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Res
                     live_elements=int(cfg.memory.max_live_hh * h * h))
     budget = budget_bytes(cfg, device_bytes)
     if str(cfg.memory.persistence) == "auto" and budget is not None:
-        return plan_residency(work, facts, budget, base_threshold=h)
-    return predict(work, facts, persistence_threshold(str(cfg.memory.persistence), h), sys.maxsize)
+        plan = plan_residency(work, facts, budget, base_threshold=h)
+    else:
+        plan = predict(work, facts, persistence_threshold(str(cfg.memory.persistence), h), sys.maxsize)
+    if budget is None:
+        return plan
+    return dataclasses.replace(plan, offload_needed=offload_needed(work, facts, budget))
 
 
 def max_reuse_distance(setting: Optional[str], facts: Optional[ModelFacts]) -> Optional[int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 WORKSPACE_BYTES = 1 * 2**30  # cuBLAS/attention workspaces and allocator slack seen on the H200
@@ -35,6 +35,7 @@ class Residency:
     model_threshold: int
     resident_bytes: int
     predicted_peak_bytes: int
+    offload_needed: Optional[bool] = None  # see offload_needed(); None where the GPU budget is unknown
 
 
 def persisted_elements(numels: Sequence[int], param_threshold: int, model_threshold: int) -> int:
@@ -92,14 +93,30 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     return Residency(param_threshold, model_threshold, resident, peak)
 
 
+def fits(residency: Residency, budget_bytes: int) -> bool:
+    """Whether a residency's predicted peak fits the share of the budget residency is planned against."""
+    return residency.predicted_peak_bytes <= budget_bytes * PLAN_FRACTION
+
+
+def offload_needed(work: Workload, facts: ModelFacts, budget_bytes: int) -> bool:
+    """False when every weight plus the workload fits the budget with ``offload=none``: offloading would
+    only cost time (each step copies weights the GPU could hold)."""
+    return not fits(predict(work, facts, max(facts.param_numels), sys.maxsize), budget_bytes)
+
+
 def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_threshold: int) -> Residency:
     """Keep as many weight bytes resident as the budget leaves room for after the workload's needs.
 
+    When every weight fits, every parameter persists: nothing is fetched and, with ``memory.fetch=overlap``,
+    ZeRO-3's per-module hooks are removed (zi_app/fetch.py).
     Parameters up to ``base_threshold`` elements (biases, norms) always stay, as in the reference;
     beyond them every parameter smaller than the largest one (the embedding, which is streamed) may
     persist, in construction order, up to what the budget has left once KV cache, activations and
     live parameters fit.
     """
+    everything = predict(work, facts, max(facts.param_numels), sys.maxsize)
+    if fits(everything, budget_bytes):
+        return everything
     base = predict(work, facts, base_threshold, sys.maxsize)
     param_threshold = max(base_threshold, sorted(facts.param_numels)[-2] if len(facts.param_numels) > 1 else 0)
     base_elements = persisted_elements(facts.param_numels, base_threshold, sys.maxsize)

@@ -45,6 +45,7 @@ EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad con
 STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer the first request before we refuse it
 FAILURE_KINDS = ("oom", "invalid-config", "killed", "timeout", "error")
 SLURM_JOB_TAG = "zi.slurm_job_id"  # the SLURM job that ran the run, when one did
+OFFLOAD_NEEDED_TAG = "zi.offload_needed"  # "false" when every weight fits the GPU budget with offload=none
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
@@ -385,6 +386,13 @@ def log_text(text: str, name: str) -> None:
     import mlflow
 
     mlflow.log_text(text, name)
+
+
+def log_tags(tags: Dict[str, str]) -> None:
+    """Set tags on the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
 
 
 def log_metrics(metrics: Dict[str, float]) -> None:
