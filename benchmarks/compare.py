@@ -6,6 +6,8 @@ memory), all in one MLflow experiment; ratios are against the first variant, mea
     python benchmarks/compare.py --title "OPT-13B batch 32" --common model=opt-13b batch=32 \\
         --variant reference memory=reference --variant tuned memory=tuned --out docs/results/opt13b
 
+``--plain-gpu NAME [OVERRIDE...]`` adds the same model loaded plainly onto the GPU (benchmarks/plain_gpu.py).
+
 Writes ``<out>.md`` (table with command, machine and versions), ``<out>.json`` and ``<out>.png``.
 """
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from zi_app import tracking
 from zi_app.schema import TrackingConfig
 
+PLAIN_GPU = Path(__file__).with_name("plain_gpu.py")
 COLUMNS = [  # (metric, header, scale, format)
     ("tokens_per_sec", "tokens/s", 1, "{:.2f}"),
     ("decode_step_s", "decode step s", 1, "{:.3f}"),
@@ -36,7 +39,8 @@ COLUMNS = [  # (metric, header, scale, format)
     ("peak_host_rss_bytes", "peak host GiB", 2**-30, "{:.1f}"),
     ("load_s", "load s", 1, "{:.0f}"),
 ]
-PROFILE_COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md
+PROFILE_PLAIN_GPU = Path(__file__).with_name("plain_gpu.py")
+COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md
     ("profile_step_s", "profiled step s", 1, "{:.3f}"),
     ("profile_zero3_fetches", "ZeRO-3 fetch hooks", 1, "{:.0f}"),
     ("profile_zero3_hook_s", "in hooks s", 1, "{:.3f}"),
@@ -54,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--common", nargs="*", default=[], help="overrides shared by every variant")
     parser.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "OVERRIDE"),
                         help="a variant: its name, then its overrides")
+    parser.add_argument("--plain-gpu", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                        help="a baseline after the variants: the model loaded with transformers onto the GPU, no "
+                             "DeepSpeed (benchmarks/plain_gpu.py); its name, then its overrides")
     parser.add_argument("--out", required=True, help="path prefix of the .md/.json/.png results")
     parser.add_argument("--store", default=TrackingConfig.uri, help="MLflow tracking URI (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one variant may take")
@@ -69,13 +76,17 @@ def require_cuda() -> None:
                  "(torch.cuda.is_available() is False). Run it on a machine with an NVIDIA GPU.")
 
 
-def run_variant(name: str, overrides: list, store: str, experiment: str, timeout: int) -> dict:
-    """Run one variant as its own process and return its MLflow metrics and status."""
+def run_variant(name: str, overrides: list, store: str, experiment: str, timeout: int, plain: bool = False) -> dict:
+    """Run one variant as its own process (``plain``: the plain-GPU baseline) and return its MLflow metrics
+    and status."""
     import mlflow
 
     run_dir = Path("outputs/bench") / experiment / name
-    command = [sys.executable, "-m", "zi_app", *overrides, f"tracking.uri={store}", f"tracking.experiment={experiment}",
-               f"hydra.run.dir={run_dir}"]
+    tracking_overrides = [f"tracking.uri={store}", f"tracking.experiment={experiment}"]
+    if plain:
+        command = [sys.executable, str(PLAIN_GPU), "--run-dir", str(run_dir), *overrides, *tracking_overrides]
+    else:
+        command = [sys.executable, "-m", "zi_app", *overrides, *tracking_overrides, f"hydra.run.dir={run_dir}"]
     print(f"== {name}: {' '.join(overrides)}", flush=True)
     started = time.time()
     try:
@@ -153,8 +164,9 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for name, *overrides in args.variant:
-        results.append(run_variant(name, [*args.common, *overrides], args.store, experiment, args.timeout))
+    variants = [(v, False) for v in args.variant] + [(v, True) for v in args.plain_gpu]
+    for (name, *overrides), plain in variants:
+        results.append(run_variant(name, [*args.common, *overrides], args.store, experiment, args.timeout, plain))
         # Written after every variant, so a run cut short still leaves what it measured.
         text = report(args.title, command, results)
         out.with_suffix(".md").write_text(text)
