@@ -39,8 +39,7 @@ COLUMNS = [  # (metric, header, scale, format)
     ("peak_host_rss_bytes", "peak host GiB", 2**-30, "{:.1f}"),
     ("load_s", "load s", 1, "{:.0f}"),
 ]
-PROFILE_PLAIN_GPU = Path(__file__).with_name("plain_gpu.py")
-COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md
+PROFILE_COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md
     ("profile_step_s", "profiled step s", 1, "{:.3f}"),
     ("profile_zero3_fetches", "ZeRO-3 fetch hooks", 1, "{:.0f}"),
     ("profile_zero3_hook_s", "in hooks s", 1, "{:.3f}"),
