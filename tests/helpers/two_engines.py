@@ -31,7 +31,8 @@ def main() -> None:
 
     shipped_fetch = PartitionedParameterCoordinator._fetch_sub_module_impl
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg, ds_config, _ = ready(compose("config", overrides=["memory=tuned", "memory.fetch=overlap"]), False)
+        plan = ready(compose("config", overrides=["memory=tuned", "memory.fetch=overlap"]), False)
+    cfg, ds_config = plan.cfg, plan.ds_config
     engine.init_distributed()
     with zero3_construction(ds_config):
         ours = engine.initialize(load_model(cfg, None), ds_config, overlap_fetches=cfg.memory.max_inflight_fetches)
