@@ -49,7 +49,7 @@ OFFLOAD_NEEDED_TAG = "zi.offload_needed"  # "false" when every weight fits the G
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-PARAM_SKIP = ("tracking", "dry_run", "cache_dir")
+PARAM_SKIP = ("tracking", "dry_run", "cache_dir", "verbose")  # bookkeeping and display, not the job
 
 
 def artifact_root(uri: str) -> Optional[str]:
