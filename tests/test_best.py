@@ -12,6 +12,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from zi_app import best, tracking
+from zi_app.paths import command
 
 GIB = 2**30
 
@@ -118,3 +119,11 @@ def test_help_is_plain_text(capsys):
         best.main(["--help"])
     text = capsys.readouterr().out
     assert "``" not in text and "the best run of the latest sweep" in text.lower()
+
+
+def test_a_store_without_sweeps_says_how_to_run_one(capsys, tmp_path):
+    """The command it suggests is this environment's app, runnable as printed from any shell."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.open_experiment(uri, "zero-inference")
+    assert best.main(["--tracking-uri", uri]) == best.EXIT_BAD_INPUT
+    assert f"no sweep in this store (run one with `{command('zi', 'zi_app')} -m ...`)" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from zi_app import sweep, tracking
+from zi_app.paths import command
 from zi_app.schema import TrackingConfig
 
 EXIT_NONE_QUALIFIES = 1
@@ -103,7 +104,8 @@ def latest_sweep(client) -> str:
     runs = client.search_runs(experiment_ids, f"tags.`{tracking.ROLE_TAG}` = 'sweep'",
                               order_by=["attributes.start_time DESC"], max_results=1) if experiment_ids else []
     if not runs:
-        raise InputError("no sweep in this store (run one with `python -m zi_app -m ...`), or pass --experiment")
+        raise InputError(f"no sweep in this store (run one with `{command('zi', 'zi_app')} -m ...`), "
+                         f"or pass --experiment")
     return runs[0].info.run_id
 
 
@@ -131,7 +133,8 @@ def resolve_parent(client, text: str) -> str:
     except MlflowException:
         pass
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    sweeps = sweep.search_runs(client, experiment_ids, f"tags.`{tracking.ROLE_TAG}` = 'sweep'") if experiment_ids else []
+    sweeps = (tracking.search_runs(client, experiment_ids, f"tags.`{tracking.ROLE_TAG}` = 'sweep'")
+              if experiment_ids else [])
     matches = sorted(run.info.run_id for run in sweeps if run.info.run_id.startswith(text))
     if not matches:
         raise InputError(f"--parent {text!r}: no such run in this store, and no sweep's run id starts with it")
