@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import zi_app
 from zi_app import callbacks, tracking
 from zi_app.schema import ConfigError, validate
 
@@ -192,6 +193,15 @@ def test_two_sweeps_started_at_once_on_a_new_store_lose_nothing(tmp_path):
         jobs = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert [run.info.status for run in jobs] == ["FINISHED", "FINISHED"]
         assert parent.info.status == "FINISHED"
+
+
+def test_the_default_sweep_folder_is_unique_to_the_microsecond(hydra_restore_singletons):
+    """Two sweeps started in the same second must not share a folder (nor the run-id files in it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(zi_app.conf_dir()), version_base="1.3"):
+        first, second = (str(compose("config", return_hydra_config=True).hydra.sweep.dir) for _ in range(2))
+    assert first != second and re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d\.\d{6}", first), (first, second)
 
 
 def test_settling_a_job_touches_only_the_run_it_recorded(tmp_path, compose, monkeypatch):

@@ -37,8 +37,10 @@ PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
 SWEPT_KEYS_ENV = "ZI_SWEPT_KEYS"  # the keys a sweep varies, comma-separated: they name its jobs' runs
 RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever records the job after it died
 ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
-PID_TAG = "zi.pid"  # the process that owns the run, its start time and its host: a RUNNING run whose
-PID_START_TAG = "zi.pid_start"  # process is gone (or whose pid now names another process) was killed
+# The process that owns a run, its start time and its host: a RUNNING run whose process is gone (or whose pid
+# now names a process started at another time) was killed.
+PID_TAG = "zi.pid"
+PID_START_TAG = "zi.pid_start"
 HOST_TAG = "zi.host"
 SIGNAL_TAG = "zi.signal"  # the signal that stopped a run's process (SIGINT, SIGTERM, SIGHUP), when one did
 EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
