@@ -255,12 +255,15 @@ def error_lines(stderr: str) -> list:
 
 def test_an_unreachable_tracking_server_is_refused_in_one_line(tmp_path, silent_port):
     """A closed port (refused at once) and a port that never answers (refused after the check's timeout):
-    the job, the sweep and the best-run command exit 2 naming the URI, in seconds, with no traceback."""
+    the job, the sweep and the best-run command exit 2 naming the URI (its password masked), in seconds,
+    with no traceback."""
     closed, silent = f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{silent_port}"
     commands = [(closed, ["-m", "zi_app", f"tracking.uri={closed}"]),
                 (closed, ["-m", "zi_app", "-m", f"tracking.uri={closed}", "batch=1,2"]),
                 (closed, ["-m", "zi_app.best", "--tracking-uri", closed]),
-                (silent, ["-m", "zi_app.best", "--tracking-uri", silent])]
+                (silent, ["-m", "zi_app.best", "--tracking-uri", silent]),
+                (closed.replace("//", "//bob:***@"), ["-m", "zi_app.best", "--tracking-uri",
+                                                      closed.replace("//", "//bob:s3cret@")])]
     for uri, args in commands:
         start = time.monotonic()
         result = run(tmp_path, *args, timeout=120)
@@ -268,6 +271,7 @@ def test_an_unreachable_tracking_server_is_refused_in_one_line(tmp_path, silent_
         assert result.returncode == 2, (args, result.stdout[-2000:], result.stderr[-3000:])
         [line] = error_lines(result.stderr)
         assert f"MLflow tracking server {uri} does not answer within 5 s" in line and "Traceback" not in result.stderr
+        assert "s3cret" not in result.stdout + result.stderr
         assert seconds < 5 + 60, seconds  # the check's timeout plus Python's and Hydra's start on a busy machine
     assert not (tmp_path / "multirun").exists() or not any((tmp_path / "multirun").rglob("mlflow_run_id"))
 

@@ -54,8 +54,8 @@ class Sweep:
 
 
 def planned_jobs(config: DictConfig) -> Optional[List[str]]:
-    """The overrides of every job the sweep will launch, spelled as each job's ``zi.overrides`` tag; None
-    under a sweeper other than Hydra's basic one (an optimizer decides its jobs as it goes)."""
+    """The overrides of every job the sweep will launch, spelled (and redacted) as each job's ``zi.overrides``
+    tag; None under a sweeper other than Hydra's basic one (an optimizer decides its jobs as it goes)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -65,7 +65,8 @@ def planned_jobs(config: DictConfig) -> Optional[List[str]]:
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     try:
         overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-        return [" ".join(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        return [redact_overrides(" ".join(job)) for batch in BasicSweeper.split_arguments(overrides, None)
+                for job in batch]
     except Exception:  # noqa: BLE001 - Hydra reports a bad override itself; we only lose the count
         return None
 

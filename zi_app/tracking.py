@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import http.client
 import json
 import logging
 import os
@@ -87,12 +88,14 @@ def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) 
     or whose file is not a SQLite database. Raises :class:`StoreError`."""
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+            # Without the URI's credentials: any HTTP answer, 401 included, shows a server is there.
+            urllib.request.urlopen(f"{public_url(uri).rstrip('/')}/health", timeout=timeout).close()
         except urllib.error.HTTPError:
             pass  # it answered: a server (auth and paths are MLflow's business)
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # InvalidURL: a bad port
             reason = getattr(error, "reason", error)
-            raise StoreError(f"MLflow tracking server {uri} does not answer within {timeout:g} s ({reason})") from None
+            raise StoreError(f"MLflow tracking server {redact_text(uri)} does not answer within {timeout:g} s "
+                             f"({reason})") from None
     if not uri.startswith(SQLITE_PREFIX):
         return
     db = Path(uri[len(SQLITE_PREFIX):])
@@ -173,7 +176,7 @@ def open_experiment(uri: str, experiment: str) -> str:
                 # between our lookup and create.
                 return client.get_experiment_by_name(experiment).experiment_id
     except (MlflowException, SQLAlchemyError, OSError) as error:
-        raise StoreError(f"MLflow store {uri}: {_first_line(error)}") from None
+        raise StoreError(redact_text(f"MLflow store {uri}: {_first_line(error)}")) from None
 
 
 def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
