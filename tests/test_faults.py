@@ -262,15 +262,16 @@ def test_an_unreachable_tracking_server_is_refused_in_one_line(tmp_path, silent_
                 (closed, ["-m", "zi_app", "-m", f"tracking.uri={closed}", "batch=1,2"]),
                 (closed, ["-m", "zi_app.best", "--tracking-uri", closed]),
                 (silent, ["-m", "zi_app.best", "--tracking-uri", silent]),
-                (closed.replace("//", "//bob:***@"), ["-m", "zi_app.best", "--tracking-uri",
-                                                      closed.replace("//", "//bob:s3cret@")])]
+                (closed, ["-m", "zi_app.best", "--tracking-uri", closed.replace("//", "//bob:s3cret@")])]
     for uri, args in commands:
         start = time.monotonic()
         result = run(tmp_path, *args, timeout=120)
         seconds = time.monotonic() - start
         assert result.returncode == 2, (args, result.stdout[-2000:], result.stderr[-3000:])
         [line] = error_lines(result.stderr)
-        assert f"MLflow tracking server {uri} does not answer within 5 s" in line and "Traceback" not in result.stderr
+        # The URI as given, or without its credentials (bob:*** or nothing), but never the password.
+        assert re.search(rf"MLflow tracking server http://(bob:\*\*\*@)?{re.escape(uri[len('http://'):])} does not answer "
+                         rf"within 5 s", line) and "Traceback" not in result.stderr, line
         assert "s3cret" not in result.stdout + result.stderr
         assert seconds < 5 + 60, seconds  # the check's timeout plus Python's and Hydra's start on a busy machine
     assert not (tmp_path / "multirun").exists() or not any((tmp_path / "multirun").rglob("mlflow_run_id"))
