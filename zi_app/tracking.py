@@ -328,7 +328,8 @@ def record_failure(run_id: str, kind: str, message: str, tags: Optional[Dict[str
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient()
-    for key, value in {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: redact_text(message)[:4000], **(tags or {})}.items():
+    tags = {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: redact_text(message)[:4000], **(tags or {})}
+    for key, value in tags.items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
 
