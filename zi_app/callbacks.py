@@ -55,8 +55,8 @@ class Sweep:
 
 
 def planned_jobs(config: DictConfig) -> Optional[List[str]]:
-    """The overrides of every job the sweep will launch, spelled as each job's ``zi.overrides`` tag; None
-    under a sweeper other than Hydra's basic one (an optimizer decides its jobs as it goes)."""
+    """The overrides of every job the sweep will launch, spelled (and masked) as each job's ``zi.overrides`` tag;
+    None under a sweeper other than Hydra's basic one (an optimizer decides its jobs as it goes)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -66,7 +66,8 @@ def planned_jobs(config: DictConfig) -> Optional[List[str]]:
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     try:
         overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-        return [" ".join(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        return [redact_overrides(" ".join(job)) for job in jobs]
     except Exception:  # noqa: BLE001 - Hydra reports a bad override itself; we only lose the count
         return None
 
@@ -336,7 +337,8 @@ def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobR
         lines.append(f"Browse the runs: {command}")
     lines.append(f"This sweep's runs, best first: "
                  f"{results.view_url(sweep.uri, sweep.experiment_id, sweep.parent_run_id)}")
-    lines.append(f"Its parent run (table, plot): {results.run_url(sweep.uri, sweep.experiment_id, sweep.parent_run_id)}")
+    lines.append(f"Its parent run (table, plot): "
+                 f"{results.run_url(sweep.uri, sweep.experiment_id, sweep.parent_run_id)}")
     if failed:
         lines.append(f"{len(failed)} of {len(rows)} jobs failed.")
     return "\n".join(lines)
