@@ -131,7 +131,8 @@ def resolve_parent(client, text: str) -> str:
     except MlflowException:
         pass
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    sweeps = sweep.search_runs(client, experiment_ids, f"tags.`{tracking.ROLE_TAG}` = 'sweep'") if experiment_ids else []
+    sweep_filter = f"tags.`{tracking.ROLE_TAG}` = 'sweep'"
+    sweeps = tracking.search_runs(client, experiment_ids, sweep_filter) if experiment_ids else []
     matches = sorted(run.info.run_id for run in sweeps if run.info.run_id.startswith(text))
     if not matches:
         raise InputError(f"--parent {text!r}: no such run in this store, and no sweep's run id starts with it")
