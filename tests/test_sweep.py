@@ -95,7 +95,7 @@ def test_the_sweep_goes_on_and_says_how_many_failed(failing_sweep):
     assert "2 of 4 jobs failed." in stdout
     assert f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:///{root}/mlruns/mlflow.db " \
            f"--host 127.0.0.1" in stdout
-    assert f"%27{parent.info.run_id}%27" in stdout and "orderByKey=metrics.%60tokens_per_sec%60" in stdout
+    assert f"runs?viewStateShareKey={parent.info.run_id}&workflowType=machine_learning" in stdout
     assert "Error executing job with overrides" in stderr  # Hydra names the first failed job
 
 

@@ -156,10 +156,15 @@ def test_failure_kinds():
 
 
 def test_ui_address_of_a_sweep():
-    url = sweep.runs_url("sqlite:///mlruns/mlflow.db", "3", "abc")
-    assert url == ("http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&searchFilter="
-                   "tags.mlflow.parentRunId%20%3D%20%27abc%27&orderByKey=metrics.%60tokens_per_sec%60&orderByAsc=false")
+    assert sweep.view_url("sqlite:///mlruns/mlflow.db", "3", "abc") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=abc&workflowType=machine_learning"
+    assert sweep.view_state("abc") == {"searchFilter": "tags.mlflow.parentRunId = 'abc'",
+                                       "orderByKey": "metrics.`tokens_per_sec`", "orderByAsc": False,
+                                       "selectedColumns": ["metrics.`tokens_per_sec`", "metrics.`decode_step_s`",
+                                                           "metrics.`peak_gpu_reserved_bytes`",
+                                                           "metrics.`peak_host_rss_bytes`"]}
     mlflow = Path(sys.executable).parent / "mlflow"  # this environment's, by absolute path: works in any shell
     assert sweep.ui_command("sqlite:///mlruns/mlflow.db") == \
         f"{mlflow} ui --backend-store-uri sqlite:///{Path('mlruns/mlflow.db').resolve()} --host 127.0.0.1"
-    assert sweep.runs_url("http://tracker:5000/", "3").startswith("http://tracker:5000/#/experiments/3/runs?")
+    assert sweep.run_url("http://alice:pw@tracker:5000/", "3", "abc") == \
+        "http://tracker:5000/#/experiments/3/runs/abc?workflowType=machine_learning"

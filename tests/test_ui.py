@@ -7,17 +7,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from helpers.services import free_port
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import sync_playwright
 
-from zi_app import tracking
+from zi_app import callbacks, tracking
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -40,12 +40,6 @@ def sweep(tmp_path_factory):
                           capture_output=True, text=True, timeout=120)
     assert best.returncode == 0, best.stderr
     return root, run.stdout, json.loads(best.stdout)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -98,49 +92,65 @@ def test_rest_api_orders_the_runs_as_the_best_run_command(sweep, server):
     assert len(children) == 2 and children[0]["info"]["run_id"] == best["run_id"]
 
 
-def toggle_columns(page, names) -> None:
-    """Flip ``names`` in the runs table's column chooser (metrics are not shown by default)."""
-    page.get_by_role("button", name="Columns", exact=True).click()
-    for name in names:
-        page.get_by_placeholder("Search columns").fill(name)
-        title = page.locator(".du-bois-light-tree-title", has_text=re.compile(f"^{re.escape(name)}$"))
-        page.locator(".du-bois-light-tree-treenode").filter(has=title).locator(".du-bois-light-tree-checkbox").click()
-    page.keyboard.press("Escape")
-
-
-def by_row(page, column: str, attribute: str | None = None) -> list:
-    """The values of a runs-table column, in the order the rows are shown."""
+def by_row(page, column: str, link: bool = False) -> list:
+    """The text of a runs-table column (of its link, with ``link``), in the order the rows are shown."""
     cells = page.locator(f'[role=gridcell][col-id="{column}"]')
     cells.first.wait_for()
     pairs = cells.evaluate_all(
-        "(cells, attribute) => cells.map(c => [Number(c.closest('[row-index]').getAttribute('row-index')),"
-        " attribute ? c.querySelector('a').getAttribute(attribute) : c.textContent])", attribute)
+        "(cells, link) => cells.map(c => [Number(c.closest('[row-index]').getAttribute('row-index')),"
+        " (link ? c.querySelector('a') : c).textContent.trim()])", link)
     return [value for _, value in sorted(pairs)]
 
 
-def test_the_runs_page_lists_the_sweep_best_first(sweep, server, tmp_path):
+def browser(playwright, profile):
+    """Headless Chromium with a fresh profile: no columns or view remembered from an earlier visit."""
+    return playwright.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
+                                                         viewport={"width": 1600, "height": 520})
+
+
+def test_the_sweep_link_shows_its_runs_by_name_best_first_with_their_figures(sweep, server, tmp_path):
+    """What a person reads on the page the sweep's summary links to: its jobs named by what varies, best
+    first, with tokens/sec, decode step time and peak memory as columns (nothing to choose by hand)."""
     root, stdout, best = sweep
     jobs = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db").search_runs(
         [best["experiment_id"]], f"tags.`{tracking.ROLE_TAG}` = 'job'")
-    tokens = {run.info.run_id: run.data.metrics["tokens_per_sec"] for run in jobs}
+    tokens = {run.info.run_name: run.data.metrics["tokens_per_sec"] for run in jobs}
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(  # a fresh profile: no remembered columns
-            tmp_path / "chromium-profile", executable_path=CHROMIUM, args=CHROMIUM_FLAGS,
-            viewport={"width": 1600, "height": 520})
+        context = browser(playwright, tmp_path / "chromium-profile")
         try:
-            page = browser.new_page()
+            page = context.new_page()
             page.goto(summary_url(stdout, server))
             page.wait_for_selector("text=2 matching runs", timeout=120_000)
             close = page.get_by_role("button", name="Close")
             if close.count():  # the assistant panel takes half the page, and the grid draws visible columns only
                 close.first.click()
-            toggle_columns(page, ["tokens_per_sec", "peak_host_rss_bytes", "batch", "Dataset", "Source", "Models"])
-            links = by_row(page, "attributes.`Run Name`", "href")
+            names = by_row(page, "attributes.`Run Name`", link=True)
             shown = by_row(page, TOKENS_COLUMN)
+            headers = page.locator(".ag-header-cell[col-id]").evaluate_all(
+                "cells => cells.map(c => c.getAttribute('col-id'))")
             page.screenshot(path=tmp_path / "mlflow-ui.png")
         finally:
-            browser.close()
-    run_ids = [link.rsplit("/", 1)[-1] for link in links]
-    assert run_ids[0] == best["run_id"] and sorted(run_ids) == sorted(tokens)
+            context.close()
+    assert names == sorted(tokens, key=tokens.get, reverse=True) and sorted(names) == ["batch=1", "batch=2"]
     assert [float(value) for value in shown] == sorted(tokens.values(), reverse=True)
+    assert {TOKENS_COLUMN, "metrics.`decode_step_s`", "metrics.`peak_host_rss_bytes`"} <= set(headers)
     assert (tmp_path / "mlflow-ui.png").stat().st_size > 10_000
+
+
+def test_the_parent_run_link_opens_its_artifacts_in_the_model_training_view(sweep, server, tmp_path):
+    _, stdout, _ = sweep
+    url = re.search(r"Its parent run \(table, plot\): (\S+)", stdout).group(1).replace("http://127.0.0.1:5000", server)
+    with sync_playwright() as playwright:
+        context = browser(playwright, tmp_path / "chromium-profile")
+        try:
+            page = context.new_page()
+            page.goto(url)
+            page.get_by_text("Model metrics").first.wait_for(timeout=120_000)  # the model-training run page's tabs
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("throughput.png").first.wait_for(timeout=60_000)
+            listed = [name for name in callbacks.ARTIFACTS.values() if page.get_by_text(name).count()]
+            shown_url = page.url
+        finally:
+            context.close()
+    assert sorted(listed) == sorted(callbacks.ARTIFACTS.values())
+    assert "workflowType=machine_learning" in shown_url

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import sys
 import time
@@ -166,6 +167,8 @@ class SweepCallback(Callback):
         parent = tracking.start_sweep_run(experiment_id, f"sweep {overrides}"[:200],
                                           {tracking.OVERRIDES_TAG: overrides, SWEEP_DIR_TAG: str(sweep_dir)})
         os.environ[tracking.PARENT_RUN_ENV] = parent  # inherited by job processes; not MLFLOW_RUN_ID (resumes)
+        MlflowClient().set_experiment_tag(experiment_id, results.VIEW_STATE_TAG + parent,
+                                          json.dumps(results.view_state(parent)))
         self.sweep = Sweep(uri, experiment_id, parent, sweep_dir, config.hydra.output_subdir, time.time(),
                            planned_jobs(config))
         atexit.register(self.finish)
@@ -332,7 +335,10 @@ def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobR
     command = results.ui_command(sweep.uri)
     if command:
         lines.append(f"Browse the runs: {command}")
-    lines.append(f"This sweep's runs, best first: {results.runs_url(sweep.uri, sweep.experiment_id, sweep.parent_run_id)}")
+    lines.append(f"This sweep's runs, best first: "
+                 f"{results.view_url(sweep.uri, sweep.experiment_id, sweep.parent_run_id)}")
+    lines.append(f"Its parent run (table, plot): "
+                 f"{results.run_url(sweep.uri, sweep.experiment_id, sweep.parent_run_id)}")
     if failed:
         lines.append(f"{len(failed)} of {len(rows)} jobs failed.")
     return "\n".join(lines)

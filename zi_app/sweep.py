@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import urllib.parse
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -23,6 +22,11 @@ GPU_RESERVED = "peak_gpu_reserved_bytes"  # what the card must hold: the metric 
 HOST_RSS = "peak_host_rss_bytes"
 GIB = 2**30
 UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+# An experiment tag with this prefix is a saved view of the MLflow UI's runs table (what its Share button writes),
+# opened by ?viewStateShareKey=<rest of the tag's key>. The URL's query can set the filter and the order
+# (searchFilter, orderByKey, orderByAsc) but not the columns; a saved view sets all three.
+VIEW_STATE_TAG = "mlflow.sharedViewState."
+VIEW_COLUMNS = (METRIC, "decode_step_s", GPU_RESERVED, HOST_RSS)  # what a person compares jobs by
 # Metrics shown in tables, in this order, when any run has them: (header, divisor, format).
 COLUMNS = {
     METRIC: ("tokens/s", 1, "{:.2f}"),
@@ -257,10 +261,24 @@ def ui_command(uri: str) -> Optional[str]:
     return f"{command('mlflow', 'mlflow')} ui --backend-store-uri {tracking.absolute_uri(uri)} --host 127.0.0.1"
 
 
-def runs_url(uri: str, experiment_id: str, parent_run_id: Optional[str] = None, metric: str = METRIC) -> str:
-    """The UI page listing a sweep's job runs flat, best first (runs table, not the GenAI view)."""
-    base = public_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
-    query = {"workflowType": "machine_learning",
-             "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'" if parent_run_id else f"metrics.{metric} > 0",
-             "orderByKey": f"metrics.`{metric}`", "orderByAsc": "false"}
-    return f"{base}/#/experiments/{experiment_id}/runs?{urllib.parse.urlencode(query, quote_via=urllib.parse.quote)}"
+def ui_base(uri: str) -> str:
+    """Where the MLflow UI of ``uri`` is: the tracking server itself (credentials left out), else ``mlflow ui``'s
+    default address."""
+    return public_url(uri).rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+
+
+def view_state(parent_run_id: str, metric: str = METRIC) -> Dict[str, object]:
+    """A saved view of the MLflow UI's runs table (stored as the experiment tag ``VIEW_STATE_TAG + key``): the
+    sweep's jobs, best first, with the headline figures as columns."""
+    return {"searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'", "orderByKey": f"metrics.`{metric}`",
+            "orderByAsc": False, "selectedColumns": [f"metrics.`{key}`" for key in VIEW_COLUMNS]}
+
+
+def view_url(uri: str, experiment_id: str, key: str) -> str:
+    """The runs table as the saved view ``key`` describes it, in the model-training view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page (its metrics, tags and artifacts) in the model-training view, not the GenAI one."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -207,8 +207,8 @@ def run_name(overrides: str, fallback: str = "job") -> str:
 
 def failure_kind(error: BaseException) -> str:
     """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``,
-    ``timeout`` (the scheduler's time limit) or ``error``; an exception may name its kind itself in a ``failure_kind`` attribute (the launcher's
-    error for a job process killed by a signal does)."""
+    ``timeout`` (the scheduler's time limit) or ``error``; an exception may name its kind itself in a
+    ``failure_kind`` attribute (the launcher's error for a job process killed by a signal does)."""
     from zi_app.schema import ConfigError
 
     declared = getattr(error, "failure_kind", None)

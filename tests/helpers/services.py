@@ -88,15 +88,16 @@ def postgres() -> Iterator[Postgres]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data = root / "data"
-    _run(server.as_owner([bindir / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
-                          "--auth-host=scram-sha-256"]), cwd=root)
-    _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
-                          f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1", "start"]), cwd=root)
     try:
+        _run(server.as_owner([bindir / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
+                              "--auth-host=scram-sha-256"]), cwd=root)
+        _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
+                              f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1", "start"]), cwd=root)
         server.sql(f"CREATE ROLE {server.user} LOGIN PASSWORD '{server.password}'")
         yield server
     finally:
-        _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), cwd=root)
+        if (data / "postmaster.pid").exists():
+            _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), cwd=root)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -246,11 +247,11 @@ def slurm() -> Iterator[SlurmCluster]:
     conf.write_text(SLURM_CONF.format(root=root, host=host, ctld_port=free_port(), d_port=free_port(),
                                       cpus=os.cpu_count(), memory=memory))
     munge_pid = root / "munge" / "munged.pid"
-    _run(["runuser", "-u", "munge", "--", "munged", f"--socket={root}/munge/munge.socket",
-          f"--pid-file={munge_pid}", f"--log-file={root}/munge/munged.log", f"--seed-file={root}/munge/seed"])
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(conf)
     try:
+        _run(["runuser", "-u", "munge", "--", "munged", f"--socket={root}/munge/munge.socket",
+              f"--pid-file={munge_pid}", f"--log-file={root}/munge/munged.log", f"--seed-file={root}/munge/seed"])
         _run(["slurmctld"])
         _run(["slurmd"])
         deadline = time.monotonic() + 60
