@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional
 
 from omegaconf import OmegaConf
 
-from zi_app.planner import (DTYPE_BYTES, ModelFacts, Residency, Workload, offload_needed, plan_residency,
-                            predict)
+from zi_app.planner import (DTYPE_BYTES, Hardware, ModelFacts, Prediction, Residency, Workload, offload_needed,
+                             plan_residency, predict, predict_job)
 from zi_app.schema import with_defaults
 
 DS_DTYPE_KEYS = {"float16": "fp16", "bfloat16": "bf16"}
@@ -68,14 +68,31 @@ def budget_bytes(cfg, device_bytes: Optional[int]) -> Optional[int]:
     return device_bytes
 
 
+def workload(cfg) -> Workload:
+    """The shapes, storage widths and streaming settings of ``cfg`` that its predictions depend on."""
+    cfg = with_defaults(cfg)
+    h = hidden_size(cfg.model.arch)
+    memory, offload = cfg.memory, cfg.offload
+    tied = bool(cfg.model.arch.get("tie_word_embeddings", True))
+    return Workload(arch=dict(cfg.model.arch), dtype=cfg.model.dtype, weight_bytes=weight_bytes(cfg),
+                    batch=cfg.batch, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
+                    live_elements=int(memory.max_live_hh * h * h), offload=offload.device, pin=bool(cfg.pin),
+                    kv_offloaded=cfg.kvcache.cache_implementation == "offloaded",
+                    leaf_modules=bool(memory.leaf_modules),
+                    # measured: only the reference's small buckets release the embedding between its two uses
+                    refetch_tied=tied and not memory.leaf_modules and memory.max_reuse_distance != "model",
+                    reads_checkpoint=cfg.model.weights == "pretrained" or cfg.quant.mode == "init",
+                    nvme_buffer_elements=((offload.buffer_count or 5)
+                                          * (offload.buffer_size or largest_parameter_numel(cfg.model.arch))
+                                          if offload.device == "nvme" else 0))
+
+
 def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Residency:
     """Persistence thresholds for ``cfg``, the peak GPU memory they are predicted to give and, where the
     budget is known, whether the job needs to offload weights at all."""
     cfg = with_defaults(cfg)
     h = hidden_size(cfg.model.arch)
-    work = Workload(arch=dict(cfg.model.arch), dtype=cfg.model.dtype, weight_bytes=weight_bytes(cfg),
-                    batch=cfg.batch, prompt_len=cfg.prompt_len, gen_len=cfg.gen_len,
-                    live_elements=int(cfg.memory.max_live_hh * h * h))
+    work = workload(cfg)
     budget = budget_bytes(cfg, device_bytes)
     if str(cfg.memory.persistence) == "auto" and budget is not None:
         plan = plan_residency(work, facts, budget, base_threshold=h)
@@ -84,6 +101,11 @@ def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Res
     if budget is None:
         return plan
     return dataclasses.replace(plan, offload_needed=offload_needed(work, facts, budget))
+
+
+def prediction(cfg, facts: ModelFacts, plan: Residency, hardware: Hardware) -> Prediction:
+    """What ``cfg`` with residency ``plan`` is predicted to need and do on ``hardware``."""
+    return predict_job(workload(cfg), facts, plan, hardware)
 
 
 def max_reuse_distance(setting: Optional[str], facts: Optional[ModelFacts]) -> Optional[int]:

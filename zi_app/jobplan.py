@@ -1,20 +1,24 @@
 """Turn a composed config into a planned job, once: validated, architecture known, DeepSpeed config built,
-GPU residency predicted, and what this machine lacks to run it listed.
+GPU residency, host memory and speed predicted for the hardware it is planned for, and what keeps it from
+running there listed.
 
-The :class:`JobPlan` is made once per job and passed down to whoever needs it (the run, the dry run);
-nothing downstream re-validates or re-plans. Imports torch and transformers only when called.
+The :class:`JobPlan` is made once per job and passed down to whoever needs it (the run, the dry run, the
+planner CLI, the sweep); nothing downstream re-validates or re-plans. Imports transformers only when called
+and never creates a CUDA context.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from omegaconf import DictConfig, open_dict
 
-from zi_app import dsconfig, preflight
-from zi_app.planner import Residency
+from zi_app import dsconfig, machine, preflight
+from zi_app.planner import Hardware, Prediction, Residency
 from zi_app.schema import ConfigError, validate
+
+GIB = 2**30
 
 
 @dataclass(frozen=True)
@@ -27,11 +31,58 @@ class JobPlan:
     residency: Residency
     budget_bytes: Optional[int]
     problems: Tuple[ConfigError, ...]
+    hardware: Hardware
+    prediction: Prediction
 
     def check_runnable(self) -> None:
         """Raise the first problem: a real run refuses before anything loads."""
         if self.problems:
             raise self.problems[0]
+
+    @property
+    def fits(self) -> bool:
+        """Whether the job can run on the hardware it was planned for."""
+        return not self.problems
+
+    @property
+    def reason(self) -> str:
+        """Why it cannot (every problem, ``; `` between them); empty when it fits."""
+        return "; ".join(str(problem) for problem in self.problems)
+
+    @property
+    def predicted_peak_gpu_bytes(self) -> int:
+        return self.prediction.peak_gpu_bytes
+
+    @property
+    def predicted_peak_host_bytes(self) -> int:
+        return self.prediction.peak_host_bytes
+
+    @property
+    def predicted_streamed_bytes_per_step(self) -> int:
+        return self.prediction.streamed_bytes_per_step
+
+    @property
+    def predicted_decode_step_s(self) -> Optional[float]:
+        return self.prediction.decode_step_s
+
+    @property
+    def predicted_prefill_s(self) -> Optional[float]:
+        return self.prediction.prefill_s
+
+    @property
+    def predicted_tokens_per_sec(self) -> Optional[float]:
+        return self.prediction.tokens_per_sec
+
+    def predicted_metrics(self) -> Dict[str, float]:
+        """The predictions as MLflow metrics (``predicted_*``, docs/metrics.md); unknown ones left out."""
+        metrics = {"predicted_peak_gpu_bytes": self.predicted_peak_gpu_bytes,
+                   "predicted_resident_bytes": self.residency.resident_bytes,
+                   "predicted_peak_host_bytes": self.predicted_peak_host_bytes,
+                   "predicted_streamed_bytes_per_step": self.predicted_streamed_bytes_per_step,
+                   "predicted_decode_step_s": self.predicted_decode_step_s,
+                   "predicted_prefill_s": self.predicted_prefill_s,
+                   "predicted_tokens_per_sec": self.predicted_tokens_per_sec}
+        return {key: float(value) for key, value in metrics.items() if value is not None}
 
 
 def prepare(cfg: DictConfig) -> DictConfig:
@@ -59,25 +110,56 @@ def _over_budget(cfg: DictConfig, residency: Residency, budget: Optional[int]) -
         f"or raise memory.gpu_budget_gib"),)
 
 
+def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction) -> Tuple[ConfigError, ...]:
+    problems = []
+    host = hardware.host_memory_bytes
+    if host is not None and prediction.peak_host_bytes > host:
+        ways = [way for way, applies in (("offload=nvme", cfg.offload.device == "cpu"),
+                                         ("quant=int4", cfg.quant.mode == "none"),
+                                         ("pin=false", bool(cfg.pin) and cfg.offload.device == "cpu"),
+                                         ("a smaller batch", cfg.kvcache.cache_implementation == "offloaded"))
+                if applies]
+        problems.append(ConfigError(
+            "offload", cfg.offload.device,
+            f"a setting whose host memory fits: predicted peak host RSS {prediction.peak_host_bytes / GIB:.1f} GiB "
+            f"(offloaded weights{', pinned: rounded up to powers of two' if cfg.pin else ''}) exceeds the "
+            f"{host / GIB:.1f} GiB {'available on this machine' if hardware.name == 'auto' else 'of hardware=' + hardware.name}"
+            f" (hardware.host_memory_gib); try {', '.join(ways) or 'a smaller model'}"))
+    if cfg.offload.device == "nvme":
+        free = machine.free_disk_bytes(cfg.offload.nvme_path)
+        if free is not None and prediction.nvme_bytes > free:
+            problems.append(ConfigError(
+                "offload.nvme_path", cfg.offload.nvme_path,
+                f"a directory with room for the swapped weights: {prediction.nvme_bytes / GIB:.1f} GiB needed, "
+                f"{free / GIB:.1f} GiB free there; free space, choose another disk, or quant=int4"))
+    return tuple(problems)
+
+
 def plan_job(cfg: DictConfig, cuda: bool) -> JobPlan:
-    """Plan ``cfg`` for this machine (``cuda``: whether a CUDA device is usable).
+    """Plan ``cfg`` for the hardware it names (``hardware``; ``auto`` is this machine; ``cuda``: whether a
+    CUDA device is usable here).
 
-    Raises :class:`ConfigError` for a config that is invalid as configuration; what only this machine
-    lacks (CUDA, libaio, the NVMe directory, GPU memory for the predicted peak) goes into ``problems``.
+    Raises :class:`ConfigError` for a config that is invalid as configuration; what the hardware lacks
+    (CUDA, libaio, the NVMe directory or its free space, GPU memory for the predicted peak, host memory,
+    a preset's GPU on this machine) goes into ``problems``.
     """
-    import torch
-
     from zi_app.engine import prefer_cpu_accelerator
     from zi_app.model import model_facts
 
     prefer_cpu_accelerator()
     cfg = prepare(cfg)
     facts = model_facts(dict(cfg.model.arch))
-    device_bytes = torch.cuda.mem_get_info()[1] if cuda else None
+    hardware = machine.hardware(cfg, cuda)
+    device_bytes = hardware.gpu_memory_bytes if (cuda or hardware.name != "auto") else None
     residency = dsconfig.residency(cfg, facts, device_bytes)
     budget = dsconfig.budget_bytes(cfg, device_bytes)
-    problems = (*preflight.environment_problems(cfg, cuda), *_over_budget(cfg, residency, budget))
-    return JobPlan(cfg, dsconfig.build_ds_config(cfg, facts, device_bytes), residency, budget, problems)
+    prediction = dsconfig.prediction(cfg, facts, residency, hardware)
+    mismatch = machine.hardware_problem(hardware, cuda)
+    problems = (*preflight.environment_problems(cfg, cuda), *_over_budget(cfg, residency, budget),
+                *_host_problems(cfg, hardware, prediction),
+                *((ConfigError("hardware", hardware.name, mismatch),) if mismatch else ()))
+    return JobPlan(cfg, dsconfig.build_ds_config(cfg, facts, device_bytes), residency, budget, problems, hardware,
+                   prediction)
 
 
 def ready(cfg: DictConfig, cuda: bool) -> JobPlan:

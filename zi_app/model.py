@@ -36,15 +36,31 @@ def _auto_config(arch: Dict[str, Any]):
 
 
 def model_facts(arch: Dict[str, Any]) -> ModelFacts:
-    """Decoder-layer classes (from ``_no_split_modules``) and parameter sizes, read on the meta device."""
+    """Decoder-layer classes (from ``_no_split_modules``), parameter sizes and the modules ZeRO-3 hooks,
+    read on the meta device; remembered per architecture (a sweep plans many jobs of one model)."""
+    from omegaconf import OmegaConf
+
+    key = json.dumps(OmegaConf.to_container(OmegaConf.create(dict(arch))), sort_keys=True)
+    if key not in _FACTS:
+        _FACTS[key] = _read_facts(arch)
+    return _FACTS[key]
+
+
+_FACTS: Dict[str, ModelFacts] = {}
+
+
+def _read_facts(arch: Dict[str, Any]) -> ModelFacts:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(_auto_config(arch))
     layer_names = set(type(model)._no_split_modules or [])
-    leaf = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()
-                   if type(m).__name__ in layer_names})
-    return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in model.parameters()))
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    leaf = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in layers})
+    inside = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
+    modules = list(model.modules())
+    return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in model.parameters()),
+                      modules=len(modules), modules_with_leaves=sum(id(m) not in inside for m in modules))
 
 
 def architecture_from_checkpoint(path: str) -> Dict[str, Any]:

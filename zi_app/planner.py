@@ -1,12 +1,16 @@
-"""Predict a job's GPU memory and choose what ZeRO-3 keeps resident. Pure arithmetic on model facts.
+"""Predict a job before it runs and choose what ZeRO-3 keeps resident. Pure arithmetic on model facts.
 
-The prediction counts what lives on the GPU at the peak of a decode step:
-resident (persistent) weights + KV cache for batch x (prompt_len + gen_len) + prefill activations +
-gathered (live) parameters + a fixed allowance for CUDA/cuBLAS workspaces.
+GPU memory: what lives on the GPU at the peak of the job: resident (persistent) weights + KV cache +
+prefill activations + gathered (live) parameters + a fixed allowance for CUDA/cuBLAS workspaces.
+Host memory: the process's base + every offloaded weight (pinned buffers rounded up to powers of two).
+Speed: a decode step streams the non-resident weights over the host link, pays a host cost per ZeRO-3
+fetch, and computes at the GPU's rates; the prefill likewise. docs/planner.md derives each term and its
+constants from measured runs.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -17,6 +21,9 @@ WORKSPACE_BYTES = 1 * 2**30  # cuBLAS/attention workspaces and allocator slack s
 # ZeRO-3's gather/free churn took the rest (an OPT-13B job planned to the full 24 GiB hit OOM with
 # 19.9 GiB allocated and 4 GiB reserved but unused).
 PLAN_FRACTION = 0.95
+# Host RSS of a job process beyond its weights: Python, torch, CUDA, DeepSpeed (OPT-13B, pageable, H200:
+# 25.91 GiB peak for 23.94 GiB of fp16 weights).
+HOST_BASE_BYTES = int(1.97 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,9 @@ class ModelFacts:
 
     leaf_classes: Tuple[str, ...]
     param_numels: Tuple[int, ...]
+    # Modules whose forward ZeRO-3 hooks (one fetch each), without and with decoder layers as leaf modules.
+    modules: int = 0
+    modules_with_leaves: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,22 @@ class Workload:
     prompt_len: int
     gen_len: int
     live_elements: int  # stage3_max_live_parameters
+    offload: str = "cpu"  # offload_param.device: none, cpu or nvme
+    pin: bool = True
+    kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu)
+    leaf_modules: bool = False
+    refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
+    reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
+    nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
 
 
 def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_threshold: int) -> Residency:
     """Predicted peak GPU bytes allocated by one job with these persistence thresholds."""
     nbytes = DTYPE_BYTES[work.dtype]
-    resident = int(persisted_elements(facts.param_numels, param_threshold, model_threshold) * work.weight_bytes)
+    if work.offload == "none":  # nothing is offloaded: every weight stays where it is, on the GPU
+        resident = weight_total_bytes(work, facts)
+    else:
+        resident = int(persisted_elements(facts.param_numels, param_threshold, model_threshold) * work.weight_bytes)
     live = max(work.live_elements, max(facts.param_numels)) * nbytes
     peak = (resident + live + kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len, nbytes)
             + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes) + WORKSPACE_BYTES)
@@ -122,3 +142,135 @@ def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_th
     base_elements = persisted_elements(facts.param_numels, base_threshold, sys.maxsize)
     spare = max(0, int(budget_bytes * PLAN_FRACTION) - base.predicted_peak_bytes)
     return predict(work, facts, param_threshold, base_elements + int(spare / work.weight_bytes))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The figures of the machine a job is planned for (None: unknown) and the speed model's constants.
+
+    ``host_memory_bytes`` is what a job may use: the available memory when measured here, a preset's total.
+    """
+
+    name: str
+    device_name: Optional[str]
+    gpu_memory_bytes: Optional[int]
+    host_memory_bytes: Optional[int]
+    h2d_pinned_gbps: Optional[float]
+    h2d_pageable_gbps: Optional[float]
+    gpu_memory_gbps: Optional[float]
+    gpu_tflops: Optional[float]
+    stream_efficiency: float
+    pageable_efficiency: float
+    fetch_overhead_s: float
+    step_overhead_s: float
+    compute_efficiency: float
+    memory_efficiency: float
+
+    @property
+    def has_gpu_rates(self) -> bool:
+        """Whether the speed of a job can be predicted: the link's and the GPU's rates are known."""
+        return None not in (self.h2d_pinned_gbps, self.h2d_pageable_gbps, self.gpu_memory_gbps, self.gpu_tflops)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a job is predicted to need and to do; the times are None when the hardware's rates are unknown."""
+
+    peak_gpu_bytes: int
+    peak_host_bytes: int
+    streamed_bytes_per_step: int
+    nvme_bytes: int
+    decode_step_s: Optional[float]
+    prefill_s: Optional[float]
+    tokens_per_sec: Optional[float]
+
+
+def weight_total_bytes(work: Workload, facts: ModelFacts) -> int:
+    """Bytes of every weight as stored (quantized width where quantized)."""
+    return int(sum(facts.param_numels) * work.weight_bytes)
+
+
+def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Residency) -> int:
+    """Bytes copied host->device in one decode step: every non-resident weight once (twice for a tied
+    embedding the reference settings release between its two uses), plus an offloaded KV cache."""
+    streamed = 0
+    if work.offload != "none":
+        streamed = weight_total_bytes(work, facts) - residency.resident_bytes
+        if work.refetch_tied:
+            streamed += int(max(facts.param_numels) * work.weight_bytes)
+    if work.kv_offloaded:
+        streamed += kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len // 2,
+                                   DTYPE_BYTES[work.dtype])
+    return streamed
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host bytes a pinned allocation of ``nbytes`` takes: the CUDA host allocator rounds up to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(nbytes))) if nbytes > 0 else 0
+
+
+def host_bytes(work: Workload, facts: ModelFacts) -> int:
+    """Predicted peak host RSS: the process's base, the offloaded weights (one pinned buffer per parameter
+    partition when pinned), NVMe staging buffers, an offloaded KV cache, and a checkpoint read from files."""
+    nbytes = DTYPE_BYTES[work.dtype]
+    total = HOST_BASE_BYTES
+    if work.offload == "cpu":
+        sizes = (int(math.ceil(numel * work.weight_bytes)) for numel in facts.param_numels)
+        total += sum(pinned_bytes(size) if work.pin else size for size in sizes)
+    elif work.offload == "nvme":
+        size = work.nvme_buffer_elements * nbytes
+        total += pinned_bytes(size) if work.pin else size
+    if work.kv_offloaded:
+        total += kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len, nbytes)
+    if work.reads_checkpoint:
+        total += sum(facts.param_numels) * nbytes
+    return total
+
+
+def _flops_per_token(work: Workload, facts: ModelFacts, context: int) -> float:
+    """Forward FLOPs of one token: two per weight, plus attention over ``context`` earlier tokens."""
+    return 2.0 * sum(facts.param_numels) + 4.0 * _layers(work.arch) * context * int(work.arch["hidden_size"])
+
+
+def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware) -> Tuple[float, float]:
+    """(prefill seconds, decode step seconds) of ``work`` on ``hw`` (which must have its rates).
+
+    A decode step streams ``streamed`` bytes at the link's effective rate, pays ``fetch_overhead_s`` per
+    ZeRO-3 fetch and ``step_overhead_s`` once, and computes at the GPU's rates: every weight and the KV
+    cache read from GPU memory, two FLOPs per weight and token. The prefill streams the same weights while
+    it computes ``batch x prompt_len`` tokens; the larger of the two costs it.
+    """
+    pinned = work.pin or work.offload == "none"
+    gbps = hw.h2d_pinned_gbps * hw.stream_efficiency if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency
+    stream_s = streamed / (gbps * 1e9)
+    fetches = facts.modules_with_leaves if work.leaf_modules else facts.modules
+    host_s = fetches * hw.fetch_overhead_s if work.offload != "none" else 0.0
+    nbytes = DTYPE_BYTES[work.dtype]
+    weights = weight_total_bytes(work, facts)
+    context = work.prompt_len + work.gen_len // 2
+    kv = kv_cache_bytes(work.arch, work.batch, context, nbytes)
+    flops = hw.gpu_tflops * 1e12 * hw.compute_efficiency
+    memory = hw.gpu_memory_gbps * 1e9 * hw.memory_efficiency
+    compute_s = (weights + kv) / memory + work.batch * _flops_per_token(work, facts, context) / flops
+    decode_s = stream_s + host_s + compute_s + hw.step_overhead_s
+    prompt_flops = work.batch * work.prompt_len * _flops_per_token(work, facts, work.prompt_len // 2)
+    prefill_s = max(stream_s + host_s, prompt_flops / flops) + hw.step_overhead_s
+    return prefill_s, decode_s
+
+
+def tokens_per_sec(batch: int, gen_len: int, prefill_s: float, decode_step_s: float) -> float:
+    """The ``tokens_per_sec`` metric's definition: generated tokens over prefill plus every decode step."""
+    return batch * gen_len / (prefill_s + (gen_len - 1) * decode_step_s)
+
+
+def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Hardware) -> Prediction:
+    """Everything predicted of one job: memory from ``residency``, speed when ``hw`` has its rates."""
+    streamed = streamed_bytes_per_step(work, facts, residency)
+    nvme = weight_total_bytes(work, facts) if work.offload == "nvme" else 0
+    prefill_s = decode_s = speed = None
+    if hw.has_gpu_rates:
+        prefill_s, decode_s = predict_times(work, facts, streamed, hw)
+        speed = tokens_per_sec(work.batch, work.gen_len, prefill_s, decode_s)
+    return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts),
+                      streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
+                      prefill_s=prefill_s, tokens_per_sec=speed)

@@ -18,6 +18,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 DTYPES = ("float32", "float16", "bfloat16")
+# The short names users type (as in torch's and DeepSpeed's configs) for the long ones the app uses.
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 QUANT_MODES = ("none", "init", "post")
 QUANT_BITS = (4, 8)
@@ -99,6 +101,30 @@ class MemoryConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machine a job is planned for: its figures, and the constants of the planner's speed model.
+
+    A null figure is measured on this machine (``hardware=auto``); a preset names another machine's.
+    """
+
+    name: str = "auto"
+    device_name: Optional[str] = None  # substring of the CUDA device name a preset stands for ("H200")
+    gpu_memory_gib: Optional[float] = None
+    host_memory_gib: Optional[float] = None
+    h2d_pinned_gbps: Optional[float] = None
+    h2d_pageable_gbps: Optional[float] = None
+    gpu_memory_gbps: Optional[float] = None
+    gpu_tflops: Optional[float] = None
+    # The speed model's constants (docs/planner.md), fitted to our H200 runs in docs/results/.
+    stream_efficiency: float = 0.95  # share of h2d_pinned_gbps a decode step's pinned fetches reach
+    pageable_efficiency: float = 0.38  # share of h2d_pageable_gbps pageable fetches reach
+    fetch_overhead_s: float = 0.00033  # host seconds per ZeRO-3 fetch (hooked module forward)
+    step_overhead_s: float = 0.02  # fixed host seconds per forward pass
+    compute_efficiency: float = 0.57  # share of gpu_tflops the prefill's matmuls reach
+    memory_efficiency: float = 0.3  # share of gpu_memory_gbps a decode step's weight and KV reads reach
+
+
+@dataclass
 class TrackingConfig:
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "zero-inference"
@@ -111,6 +137,7 @@ class ZIConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     kvcache: KVCacheConfig = field(default_factory=KVCacheConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     batch: int = 1
     pin: bool = True
     prompt_len: int = 512
@@ -177,15 +204,25 @@ def with_defaults(cfg: Any) -> DictConfig:
     # composed it is not ours; merging keeps every value it has and fills the missing one.
     typed = isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is ZIConfig
     if typed and not OmegaConf.is_missing(cfg, "cache_dir"):
-        return cfg
+        return _long_dtype(cfg)
     base = OmegaConf.structured(ZIConfig)
     base.cache_dir = default_cache_dir()
     own: Any = {}
     try:
         own = _own_keys(cfg)  # resolving our keys may fail too (an interpolation to a missing key)
-        return OmegaConf.merge(base, own)
+        return _long_dtype(OmegaConf.merge(base, own))
     except OmegaConfBaseException as error:
         raise _config_error(error, own) from None
+
+
+def _long_dtype(cfg: DictConfig) -> DictConfig:
+    """``cfg`` with ``model.dtype`` by its long name (``fp16`` -> ``float16``), copied if it had to change."""
+    dtype = cfg.model.dtype
+    if dtype not in DTYPE_ALIASES:
+        return cfg
+    cfg = cfg.copy()
+    cfg.model.dtype = DTYPE_ALIASES[dtype]
+    return cfg
 
 
 def _positive_int(key: str, value: Any) -> None:
@@ -208,7 +245,7 @@ def _check_workload(cfg: DictConfig) -> None:
 
 def _check_model(model: DictConfig) -> None:
     if model.dtype not in DTYPES:
-        raise ConfigError("model.dtype", model.dtype, f"one of {', '.join(DTYPES)}")
+        raise ConfigError("model.dtype", model.dtype, f"one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     if model.weights not in WEIGHTS:
         raise ConfigError("model.weights", model.weights, f"one of {', '.join(WEIGHTS)}")
     if model.weights == "pretrained":
@@ -318,6 +355,19 @@ def _check_kvcache(kvcache: DictConfig) -> None:
                           "null (default GPU cache) or 'offloaded' (host-memory cache)")
 
 
+def _check_hardware(hardware: DictConfig) -> None:
+    for key in ("gpu_memory_gib", "host_memory_gib", "h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
+                "gpu_tflops"):
+        if hardware[key] is not None and hardware[key] <= 0:
+            raise ConfigError(f"hardware.{key}", hardware[key], "a positive number, or null (measured here)")
+    for key in ("stream_efficiency", "pageable_efficiency", "compute_efficiency", "memory_efficiency"):
+        if not 0 < hardware[key] <= 1:
+            raise ConfigError(f"hardware.{key}", hardware[key], "a fraction in (0, 1]")
+    for key in ("fetch_overhead_s", "step_overhead_s"):
+        if hardware[key] < 0:
+            raise ConfigError(f"hardware.{key}", hardware[key], "seconds >= 0")
+
+
 def validate(cfg: Any) -> DictConfig:
     """Return ``cfg`` merged over the schema defaults, or raise :class:`ConfigError` for the first bad key.
 
@@ -331,4 +381,5 @@ def validate(cfg: Any) -> DictConfig:
     _check_quant(cfg.quant, cfg.model)
     _check_memory(cfg.memory)
     _check_kvcache(cfg.kvcache)
+    _check_hardware(cfg.hardware)
     return cfg

@@ -1,0 +1,177 @@
+"""What this machine has, measured at the edge: its GPU (name, memory), host memory, free disk, and the
+host-to-device bandwidth, measured once per machine and cached.
+
+Nothing here creates a CUDA context in the calling process: the GPU is read through ``nvidia-smi`` and the
+bandwidth is measured in a child process (``python -m zi_app.machine CACHE_DIR``), so a sweep's parent can
+plan its jobs without holding GPU memory while they run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+from omegaconf import OmegaConf
+
+from zi_app.planner import Hardware
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """The first GPU this process would use."""
+
+    name: str
+    memory_bytes: int
+
+
+def gpu() -> Optional[Gpu]:
+    """This process's first visible GPU (``CUDA_VISIBLE_DEVICES`` respected), from nvidia-smi; None without one."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [[cell.strip() for cell in line.split(",")] for line in out.stdout.splitlines() if line.count(",") >= 3]
+    if out.returncode != 0 or not rows:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        rows = [row for row in rows if first and first in (row[0], row[1])]
+        if not rows:
+            return None
+    index, uuid, name, mib = rows[0][:4]
+    return Gpu(name=name, memory_bytes=int(float(mib)) * 2**20)
+
+
+def torch_gpu() -> Gpu:
+    """This process's GPU as torch sees it (creates a CUDA context): for machines without nvidia-smi."""
+    import torch
+
+    return Gpu(name=torch.cuda.get_device_name(), memory_bytes=torch.cuda.mem_get_info()[1])
+
+
+def available_host_bytes() -> int:
+    """Host memory a new job can use now (psutil's ``available``: free plus reclaimable cache)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def free_disk_bytes(path: str) -> Optional[int]:
+    """Free bytes on the file system holding ``path`` (None when it does not exist)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _bandwidth_file(cache_dir: str, device_name: str) -> Path:
+    name = f"h2d-{socket.gethostname()}-{device_name.replace(' ', '_')}.json"
+    return Path(cache_dir).expanduser() / name
+
+
+def measure_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
+    """Measure pinned and pageable host-to-device GB/s in this process (creates a CUDA context) and cache them."""
+    import torch
+
+    from zi_app import measure
+
+    bandwidth = {"pinned": measure.h2d_gbps(pinned=True), "pageable": measure.h2d_gbps(pinned=False)}
+    path = _bandwidth_file(cache_dir, torch.cuda.get_device_name())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(bandwidth))
+    return bandwidth
+
+
+def cached_h2d_bandwidth(cache_dir: str) -> Optional[Dict[str, float]]:
+    """Pinned and pageable host-to-device GB/s of this machine's GPU, measured once (in a child process)
+    and cached under ``cache_dir``; None without a GPU or when the measurement failed."""
+    device = gpu()
+    if device is None:
+        return None
+    path = _bandwidth_file(cache_dir, device.name)
+    if not path.is_file():
+        subprocess.run([sys.executable, "-m", "zi_app.machine", cache_dir], check=False)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def matching_preset(device: Gpu) -> Optional[dict]:
+    """The conf/hardware preset that stands for ``device`` (its device name in the GPU's, memory within 10%)."""
+    from omegaconf import OmegaConf
+
+    from zi_app.paths import conf_dir
+
+    for path in sorted((conf_dir() / "hardware").glob("*.yaml")):
+        preset = OmegaConf.to_container(OmegaConf.load(path))
+        if same_gpu(preset, device):
+            return preset
+    return None
+
+
+def same_gpu(preset, device: Gpu) -> bool:
+    """Whether ``device`` is the GPU a hardware preset (its ``device_name`` and ``gpu_memory_gib``) names."""
+    if not preset.get("device_name") or preset["device_name"].lower() not in device.name.lower():
+        return False
+    return preset.get("gpu_memory_gib") is None or abs(device.memory_bytes / GIB / preset["gpu_memory_gib"] - 1) < 0.1
+
+
+def hardware(cfg, cuda: bool = False) -> Hardware:
+    """The figures ``cfg.hardware`` plans for. A preset's are taken as given; ``hardware=auto`` fills each
+    null figure from this machine: its GPU (nvidia-smi), available host memory (psutil), the cached
+    bandwidth, and the GPU's compute and memory rates from the preset matching its name. Without a GPU the
+    GPU figures stay None and no speed is predicted."""
+    hw = OmegaConf.to_container(cfg.hardware)
+    if hw["name"] == "auto":
+        device = gpu() or (torch_gpu() if cuda else None)
+        if hw["host_memory_gib"] is None:
+            hw["host_memory_gib"] = available_host_bytes() / GIB
+        if device is not None:
+            preset = matching_preset(device) or {}
+            measured = (cached_h2d_bandwidth(cfg.cache_dir) or {}
+                        if None in (hw["h2d_pinned_gbps"], hw["h2d_pageable_gbps"]) else {})
+            found = {"device_name": device.name, "gpu_memory_gib": device.memory_bytes / GIB,
+                     "h2d_pinned_gbps": measured.get("pinned"), "h2d_pageable_gbps": measured.get("pageable"),
+                     "gpu_memory_gbps": preset.get("gpu_memory_gbps"), "gpu_tflops": preset.get("gpu_tflops")}
+            hw.update({key: value for key, value in found.items() if hw[key] is None})
+    return Hardware(name=hw["name"], device_name=hw["device_name"], gpu_memory_bytes=_gib(hw["gpu_memory_gib"]),
+                    host_memory_bytes=_gib(hw["host_memory_gib"]),
+                    **{key: hw[key] for key in ("h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
+                                                "gpu_tflops", "stream_efficiency", "pageable_efficiency",
+                                                "fetch_overhead_s", "step_overhead_s", "compute_efficiency",
+                                                "memory_efficiency")})
+
+
+def hardware_problem(hw: Hardware, cuda: bool) -> Optional[str]:
+    """Why a real job cannot run with ``hw`` here: a preset for another GPU than this machine's; None if it can."""
+    if hw.name == "auto":
+        return None
+    device = (gpu() or torch_gpu()) if cuda else None
+    if device is None:
+        return f"auto on this machine: hardware={hw.name} plans for a {hw.device_name} GPU and this machine has none"
+    if not same_gpu({"device_name": hw.device_name, "gpu_memory_gib": (hw.gpu_memory_bytes or 0) / GIB or None},
+                    device):
+        return (f"auto on this machine: hardware={hw.name} plans for a {hw.device_name}, this machine has a "
+                f"{device.name} ({device.memory_bytes / GIB:.0f} GiB); use hardware=auto, or dry_run=true / zi-plan "
+                f"to plan for another machine")
+    return None
+
+
+def _gib(value: Optional[float]) -> Optional[int]:
+    return None if value is None else int(value * GIB)
+
+
+if __name__ == "__main__":
+    measure_h2d_bandwidth(sys.argv[1])
