@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-WORKSPACE_BYTES = 1 * 2**30  # cuBLAS/attention workspaces and allocator slack seen on the H200
-# Residency is planned against this share of the budget: the caching allocator's fragmentation under
-# ZeRO-3's gather/free churn took the rest (an OPT-13B job planned to the full 24 GiB hit OOM with
-# 19.9 GiB allocated and 4 GiB reserved but unused).
-PLAN_FRACTION = 0.95
+# cuBLAS/attention workspaces and transients beside the modelled terms (fitted: OPT-13B and OPT-30B peaks on
+# the H200, docs/planner.md).
+WORKSPACE_BYTES = int(0.3 * 2**30)
+# Residency is planned so that the predicted allocated peak stays within this share of the budget: the
+# caching allocator's fragmentation under ZeRO-3's gather/free churn takes the rest (measured: 20.8 GiB
+# allocated for 24.0 reserved under a 24 GiB budget, 43.2 for 48.0 under 48 GiB; an OPT-13B job planned
+# to the full 24 GiB hit OOM with 19.9 GiB allocated and 4 GiB reserved but unused).
+PLAN_FRACTION = 0.87
 # Host RSS of a job process beyond its weights: Python, torch, CUDA, DeepSpeed (OPT-13B, pageable, H200:
 # 25.91 GiB peak for 23.94 GiB of fp16 weights).
 HOST_BASE_BYTES = int(1.97 * 2**30)
@@ -71,13 +74,11 @@ def kv_cache_bytes(arch: Dict[str, Any], batch: int, seq_len: int, dtype_bytes: 
 
 
 def activation_bytes(arch: Dict[str, Any], batch: int, prompt_len: int, dtype_bytes: int) -> int:
-    """Peak transient activations of the prefill: a layer's hidden states, MLP intermediate and logits."""
+    """Peak transient activations of the prefill, inside one layer's MLP: the residual and normalised hidden
+    states and the MLP's intermediate before and after its activation function, for every prompt token."""
     h = int(arch["hidden_size"])
     ffn = int(arch.get("ffn_dim") or arch.get("intermediate_size") or 4 * h)
-    tokens = batch * prompt_len
-    hidden = tokens * (4 * h + 2 * ffn) * dtype_bytes
-    logits = batch * int(arch.get("vocab_size", 0)) * 4 * 2  # last position only, fp32, with a copy
-    return hidden + logits
+    return batch * prompt_len * (2 * h + 2 * ffn) * dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,29 @@ class Workload:
 
 
 def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_threshold: int) -> Residency:
-    """Predicted peak GPU bytes allocated by one job with these persistence thresholds."""
+    """Predicted peak GPU bytes allocated by one job with these persistence thresholds.
+
+    The peak is the larger of the prefill's (KV cache of the prompt + a layer's activations for every
+    prompt token) and the last decode step's (KV cache of the whole sequence), each with the resident
+    weights, the gathered (live) parameters of a layer and a fixed workspace. An offloaded KV cache holds
+    two layers on the GPU (the one computing and the one prefetched).
+    """
     nbytes = DTYPE_BYTES[work.dtype]
     if work.offload == "none":  # nothing is offloaded: every weight stays where it is, on the GPU
         resident = weight_total_bytes(work, facts)
     else:
         resident = int(persisted_elements(facts.param_numels, param_threshold, model_threshold) * work.weight_bytes)
-    live = max(work.live_elements, max(facts.param_numels)) * nbytes
-    peak = (resident + live + kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len, nbytes)
-            + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes) + WORKSPACE_BYTES)
+    # The embedding is gathered only outside the decoder layers, where activations are small.
+    layer_params = sorted(facts.param_numels)[-2] if len(facts.param_numels) > 1 else max(facts.param_numels)
+    live = max(work.live_elements, layer_params) * nbytes
+
+    def kv(tokens: int) -> int:
+        full = kv_cache_bytes(work.arch, work.batch, tokens, nbytes)
+        return min(full, 2 * full // max(1, _layers(work.arch))) if work.kv_offloaded else full
+
+    prefill = kv(work.prompt_len) + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes)
+    decode = kv(work.prompt_len + work.gen_len)
+    peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
 
 
@@ -162,6 +177,8 @@ class Hardware:
     stream_efficiency: float
     pageable_efficiency: float
     fetch_overhead_s: float
+    param_overhead_s: float
+    dequant_overhead_s: float
     step_overhead_s: float
     compute_efficiency: float
     memory_efficiency: float
@@ -227,6 +244,13 @@ def host_bytes(work: Workload, facts: ModelFacts) -> int:
     return total
 
 
+def quantized_matrices(work: Workload, facts: ModelFacts) -> int:
+    """Weight matrices dequantized in every forward (quantized models: each one larger than a bias or norm)."""
+    if work.weight_bytes >= DTYPE_BYTES[work.dtype]:
+        return 0
+    return sum(numel > int(work.arch["hidden_size"]) for numel in facts.param_numels)
+
+
 def _flops_per_token(work: Workload, facts: ModelFacts, context: int) -> float:
     """Forward FLOPs of one token: two per weight, plus attention over ``context`` earlier tokens."""
     return 2.0 * sum(facts.param_numels) + 4.0 * _layers(work.arch) * context * int(work.arch["hidden_size"])
@@ -242,9 +266,11 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     """
     pinned = work.pin or work.offload == "none"
     gbps = hw.h2d_pinned_gbps * hw.stream_efficiency if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency
-    stream_s = streamed / (gbps * 1e9)
+    # The host walks ZeRO-3's hooks of every parameter while copies run: with little to stream, that walk
+    # is the floor of a step (OPT-13B fully resident: 0.108 s where 0.01 s of copies remain).
+    stream_s = max(streamed / (gbps * 1e9), len(facts.param_numels) * hw.param_overhead_s)
     fetches = facts.modules_with_leaves if work.leaf_modules else facts.modules
-    host_s = fetches * hw.fetch_overhead_s if work.offload != "none" else 0.0
+    host_s = fetches * hw.fetch_overhead_s + quantized_matrices(work, facts) * hw.dequant_overhead_s
     nbytes = DTYPE_BYTES[work.dtype]
     weights = weight_total_bytes(work, facts)
     context = work.prompt_len + work.gen_len // 2
