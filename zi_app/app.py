@@ -90,9 +90,8 @@ def run_job(cfg: DictConfig) -> float:
                           run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
         plan = ready(cfg, cuda)
         cfg = plan.cfg
-        # GPU predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
-        predicted = {"predicted_peak_gpu_bytes": plan.residency.predicted_peak_bytes,
-                     "predicted_resident_bytes": plan.residency.resident_bytes} if cuda else {}
+        # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
+        predicted = plan.predicted_metrics() if cuda else {}
         tracking.log_metrics(predicted)
         if plan.residency.offload_needed is not None:
             tracking.log_tags({tracking.OFFLOAD_NEEDED_TAG: str(plan.residency.offload_needed).lower()})
@@ -110,7 +109,8 @@ def run_job(cfg: DictConfig) -> float:
 def result_line(cfg: DictConfig, m: dict, offload_needed: Optional[bool] = None) -> str:
     """One line with a job's headline numbers; the GPU and roofline figures where they were measured, and
     whether the model would fit the GPU budget without offloading where that is known."""
-    parts = [f"{cfg.model.name} batch={cfg.batch} {m['tokens_per_sec']:.2f} tokens/s",
+    predicted = f" (predicted {m['predicted_tokens_per_sec']:.2f})" if "predicted_tokens_per_sec" in m else ""
+    parts = [f"{cfg.model.name} batch={cfg.batch} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
              f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
              f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
     if "peak_gpu_allocated_bytes" in m:

@@ -110,7 +110,8 @@ def _over_budget(cfg: DictConfig, residency: Residency, budget: Optional[int]) -
         f"or raise memory.gpu_budget_gib"),)
 
 
-def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction) -> Tuple[ConfigError, ...]:
+def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction,
+                   here: bool) -> Tuple[ConfigError, ...]:
     problems = []
     host = hardware.host_memory_bytes
     if host is not None and prediction.peak_host_bytes > host:
@@ -125,7 +126,7 @@ def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction) 
             f"(offloaded weights{', pinned: rounded up to powers of two' if cfg.pin else ''}) exceeds the "
             f"{host / GIB:.1f} GiB {'available on this machine' if hardware.name == 'auto' else 'of hardware=' + hardware.name}"
             f" (hardware.host_memory_gib); try {', '.join(ways) or 'a smaller model'}"))
-    if cfg.offload.device == "nvme":
+    if cfg.offload.device == "nvme" and here:
         free = machine.free_disk_bytes(cfg.offload.nvme_path)
         if free is not None and prediction.nvme_bytes > free:
             problems.append(ConfigError(
@@ -135,13 +136,14 @@ def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction) 
     return tuple(problems)
 
 
-def plan_job(cfg: DictConfig, cuda: bool) -> JobPlan:
+def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
     """Plan ``cfg`` for the hardware it names (``hardware``; ``auto`` is this machine; ``cuda``: whether a
     CUDA device is usable here).
 
     Raises :class:`ConfigError` for a config that is invalid as configuration; what the hardware lacks
-    (CUDA, libaio, the NVMe directory or its free space, GPU memory for the predicted peak, host memory,
-    a preset's GPU on this machine) goes into ``problems``.
+    (GPU memory for the predicted peak, host memory) goes into ``problems``, and so, with ``here`` (the job
+    would run on this machine), what this machine lacks: CUDA, libaio, the NVMe directory or its free
+    space, the GPU of a hardware preset. ``here=False`` plans for a preset's machine instead (zi-plan).
     """
     from zi_app.engine import prefer_cpu_accelerator
     from zi_app.model import model_facts
@@ -154,9 +156,9 @@ def plan_job(cfg: DictConfig, cuda: bool) -> JobPlan:
     residency = dsconfig.residency(cfg, facts, device_bytes)
     budget = dsconfig.budget_bytes(cfg, device_bytes)
     prediction = dsconfig.prediction(cfg, facts, residency, hardware)
-    mismatch = machine.hardware_problem(hardware, cuda)
-    problems = (*preflight.environment_problems(cfg, cuda), *_over_budget(cfg, residency, budget),
-                *_host_problems(cfg, hardware, prediction),
+    mismatch = machine.hardware_problem(hardware, cuda) if here else None
+    problems = (*(preflight.environment_problems(cfg, cuda) if here else ()), *_over_budget(cfg, residency, budget),
+                *_host_problems(cfg, hardware, prediction, here),
                 *((ConfigError("hardware", hardware.name, mismatch),) if mismatch else ()))
     return JobPlan(cfg, dsconfig.build_ds_config(cfg, facts, device_bytes), residency, budget, problems, hardware,
                    prediction)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from zi_app import engine, measure, model as model_lib
+from zi_app import engine, machine, measure, model as model_lib
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +101,9 @@ def timed_generates(cfg, model, prompts: torch.Tensor, on_progress: Callable[[st
     return measure.median_metrics(repeats), repeats, output
 
 
-def cached_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
-    """Pinned and pageable host-to-device GB/s of this machine's GPU, measured once and cached."""
-    name = f"h2d-{socket.gethostname()}-{torch.cuda.get_device_name().replace(' ', '_')}.json"
-    path = Path(cache_dir).expanduser() / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    bandwidth = {"pinned": measure.h2d_gbps(pinned=True), "pageable": measure.h2d_gbps(pinned=False)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bandwidth))
-    return bandwidth
-
-
 def roofline(cfg, model, prompts, kwargs, decode_step_s: float) -> Dict[str, float]:
     """Roofline figures of this job on CUDA: bandwidth, bytes streamed per decode step, bound and ratio."""
-    bandwidth = cached_h2d_bandwidth(cfg.cache_dir)
+    bandwidth = machine.cached_h2d_bandwidth(cfg.cache_dir) or machine.measure_h2d_bandwidth(cfg.cache_dir)
     streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs)
     metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if cfg.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
