@@ -171,3 +171,19 @@ def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
     plan.check_runnable()
     preflight.check_dtype_supported(plan.cfg)
     return plan
+
+
+def refusal(config: DictConfig) -> Optional[ConfigError]:
+    """Why a zero-inference job would be refused before loading: its invalid config or the first problem
+    of its plan, made the way the job itself makes it. None when it would run, when it is a dry run (which
+    only warns) or when ``config`` is not a zero-inference job. Lets a sweep's parent refuse jobs without
+    starting their processes."""
+    if not all(key in config for key in ("model", "offload", "quant", "memory")) or config.get("dry_run"):
+        return None
+    import torch
+
+    try:
+        plan = plan_job(config, torch.cuda.is_available())
+    except ConfigError as error:
+        return error
+    return plan.problems[0] if plan.problems else None

@@ -256,31 +256,44 @@ def _flops_per_token(work: Workload, facts: ModelFacts, context: int) -> float:
     return 2.0 * sum(facts.param_numels) + 4.0 * _layers(work.arch) * context * int(work.arch["hidden_size"])
 
 
+def fetches_per_forward(work: Workload, facts: ModelFacts) -> int:
+    """ZeRO-3 fetches (hooked module forwards) per forward pass: one per decoder layer with leaf modules."""
+    return facts.modules_with_leaves if work.leaf_modules else facts.modules
+
+
+def decode_compute_s(work: Workload, facts: ModelFacts, hw: Hardware) -> float:
+    """GPU seconds of one decode step: every weight and the KV cache read from GPU memory, and two FLOPs
+    per weight and token plus attention, at the GPU's effective rates."""
+    context = work.prompt_len + work.gen_len // 2
+    kv = kv_cache_bytes(work.arch, work.batch, context, DTYPE_BYTES[work.dtype])
+    memory = hw.gpu_memory_gbps * 1e9 * hw.memory_efficiency
+    flops = hw.gpu_tflops * 1e12 * hw.compute_efficiency
+    return (weight_total_bytes(work, facts) + kv) / memory + work.batch * _flops_per_token(work, facts, context) / flops
+
+
+def prefill_flops(work: Workload, facts: ModelFacts) -> float:
+    """FLOPs of the prefill: every prompt token through every weight, and causal attention."""
+    return work.batch * work.prompt_len * _flops_per_token(work, facts, work.prompt_len // 2)
+
+
 def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware) -> Tuple[float, float]:
     """(prefill seconds, decode step seconds) of ``work`` on ``hw`` (which must have its rates).
 
     A decode step streams ``streamed`` bytes at the link's effective rate, pays ``fetch_overhead_s`` per
-    ZeRO-3 fetch and ``step_overhead_s`` once, and computes at the GPU's rates: every weight and the KV
-    cache read from GPU memory, two FLOPs per weight and token. The prefill streams the same weights while
-    it computes ``batch x prompt_len`` tokens; the larger of the two costs it.
+    ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix and ``step_overhead_s`` once, and computes
+    at the GPU's rates (:func:`decode_compute_s`). The prefill streams the same weights while it computes
+    ``batch x prompt_len`` tokens; the larger of the two costs it.
     """
     pinned = work.pin or work.offload == "none"
     gbps = hw.h2d_pinned_gbps * hw.stream_efficiency if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency
     # The host walks ZeRO-3's hooks of every parameter while copies run: with little to stream, that walk
     # is the floor of a step (OPT-13B fully resident: 0.108 s where 0.01 s of copies remain).
     stream_s = max(streamed / (gbps * 1e9), len(facts.param_numels) * hw.param_overhead_s)
-    fetches = facts.modules_with_leaves if work.leaf_modules else facts.modules
-    host_s = fetches * hw.fetch_overhead_s + quantized_matrices(work, facts) * hw.dequant_overhead_s
-    nbytes = DTYPE_BYTES[work.dtype]
-    weights = weight_total_bytes(work, facts)
-    context = work.prompt_len + work.gen_len // 2
-    kv = kv_cache_bytes(work.arch, work.batch, context, nbytes)
-    flops = hw.gpu_tflops * 1e12 * hw.compute_efficiency
-    memory = hw.gpu_memory_gbps * 1e9 * hw.memory_efficiency
-    compute_s = (weights + kv) / memory + work.batch * _flops_per_token(work, facts, context) / flops
-    decode_s = stream_s + host_s + compute_s + hw.step_overhead_s
-    prompt_flops = work.batch * work.prompt_len * _flops_per_token(work, facts, work.prompt_len // 2)
-    prefill_s = max(stream_s + host_s, prompt_flops / flops) + hw.step_overhead_s
+    host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s
+              + quantized_matrices(work, facts) * hw.dequant_overhead_s)
+    decode_s = stream_s + host_s + decode_compute_s(work, facts, hw) + hw.step_overhead_s
+    compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
+    prefill_s = max(stream_s + host_s, compute_s) + hw.step_overhead_s
     return prefill_s, decode_s
 
 

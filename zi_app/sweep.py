@@ -18,6 +18,7 @@ from zi_app.paths import command
 from zi_app.redaction import public_url
 
 METRIC = "tokens_per_sec"
+PREDICTED = "predicted_tokens_per_sec"  # the planner's prediction of METRIC, logged before loading
 GPU_ALLOCATED = "peak_gpu_allocated_bytes"
 GPU_RESERVED = "peak_gpu_reserved_bytes"  # what the card must hold: the metric a GPU memory cap applies to
 HOST_RSS = "peak_host_rss_bytes"
@@ -26,6 +27,7 @@ UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # Metrics shown in tables, in this order, when any run has them: (header, divisor, format).
 COLUMNS = {
     METRIC: ("tokens/s", 1, "{:.2f}"),
+    PREDICTED: ("predicted tokens/s", 1, "{:.2f}"),
     "latency_s": ("latency s", 1, "{:.3f}"),
     "decode_step_s": ("decode step s", 1, "{:.4f}"),
     "streamed_bytes_per_step": ("streamed GB/step", 1e9, "{:.2f}"),
@@ -200,8 +202,9 @@ def _number(text: str) -> Optional[float]:
 
 
 def plot(rows: Sequence[JobRow], metric: str = METRIC):
-    """``metric`` against batch (or the first swept key), one line per value of the other swept keys;
-    failed jobs are drawn as crosses on the x axis, labelled with their failure kind.
+    """``metric`` against batch (or the first swept key), one line per value of the other swept keys, with
+    the planner's predicted tokens/s as a dashed line of the same colour; failed jobs are drawn as crosses
+    on the x axis, labelled with their failure kind.
 
     Returns a matplotlib Figure rendered by the Agg backend (no display, no pyplot state).
     """
@@ -225,6 +228,11 @@ def plot(rows: Sequence[JobRow], metric: str = METRIC):
     for label, members in series.items():
         done = sorted((xs[i], rows[i].metrics[metric]) for i in members if rows[i].completed and metric in rows[i].metrics)
         line, = ax.plot([x for x, _ in done], [y for _, y in done], marker="o", label=label)
+        if metric == METRIC:  # the planner's curve in the same colour, dashed, through every planned job
+            predicted = sorted((xs[i], rows[i].metrics[PREDICTED]) for i in members if PREDICTED in rows[i].metrics)
+            if predicted:
+                ax.plot([x for x, _ in predicted], [y for _, y in predicted], linestyle="--", marker=".",
+                        color=line.get_color(), alpha=0.7, label=f"{label} (predicted)")
         for i in members:
             if not rows[i].completed:  # on the axis, in the colour of its line, never clipped
                 ax.plot([xs[i]], [0], marker="X", markersize=12, markeredgecolor="firebrick", linestyle="none",

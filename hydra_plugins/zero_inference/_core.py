@@ -162,6 +162,36 @@ def failure_line(job: Job, ret: JobReturn) -> str:
     return f"job #{job.idx} ({what}) {outcome(ret, '')}; {where}"
 
 
+def refused_job_return(job: Job, error: BaseException) -> JobReturn:
+    """A FAILED JobReturn for a job refused by the plan made before launching (no process started)."""
+    task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
+    ret = JobReturn(overrides=job.overrides, cfg=task_cfg, hydra_cfg=job.config, working_dir=job.output_dir,
+                    task_name=str(job.config.hydra.job.name), status=JobStatus.FAILED)
+    ret.return_value = error
+    return ret
+
+
+def plan_refusals(jobs: Sequence[Job]) -> dict:
+    """Plan every job in the driver first: {job idx: why it will be refused} for those the zero-inference
+    app would refuse before loading, printed with their reasons. Other apps' jobs are never refused."""
+    from zi_app.jobplan import refusal
+
+    refused = {}
+    for job in jobs:
+        task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
+        error = refusal(task_cfg)
+        if error is not None:
+            refused[job.idx] = error
+    if refused:
+        print(f"Planned {len(jobs)} jobs: {len(refused)} will be refused, without starting their processes:",
+              flush=True)
+        for job in jobs:
+            if job.idx in refused:
+                what = redact_overrides(" ".join(filter_overrides(job.overrides)))
+                print(f"  #{job.idx} {what}: {refused[job.idx]}", flush=True)
+    return refused
+
+
 def outcome(ret: JobReturn, label: str) -> str:
     """``COMPLETED 12.34 tokens/s`` or ``FAILED <error type>: <first line of its message>``."""
     value = ret._return_value  # the public property raises for a failed job
@@ -260,12 +290,19 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     jobs = [compose(launcher, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
     log.info("Launching %d jobs, each in a new process, %s", len(jobs),
              f"one per GPU at a time on GPUs {','.join(gpus)}" if gpus else "one at a time")
+    refused = plan_refusals(jobs)
     state = Singleton.get_state()
     progress = Progress(initial_job_idx, initial_job_idx + len(jobs), launcher.result_label)
     callback_lock = threading.Lock()
     children = Children()
 
     def run_one(job: Job) -> JobReturn:
+        if job.idx in refused:
+            ret = refused_job_return(job, refused[job.idx])
+            with callback_lock:  # recorded as its process would have: a FAILED run, kind invalid-config
+                launcher.hydra_context.callbacks.on_job_end(config=job.config, job_return=ret)
+            progress.job_ended(job, ret, 0.0, None)
+            return ret
         gpu = slots.get()
         try:
             log.info("\t#%d : %s", job.idx, redact_overrides(" ".join(filter_overrides(job.overrides))))

@@ -1,0 +1,162 @@
+"""The planner before any run: its predictions held to the H200 measurements committed under docs/results/,
+``zi-plan`` as a user runs it (a real subprocess, comma lists, ``--json``, ``--calibrate`` on a real MLflow
+store), host memory and hardware presets refused before loading, and a sweep that refuses in its parent."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+import zi_app
+from zi_app import dsconfig, planner
+from zi_app.jobplan import plan_job
+from zi_app.model import model_facts
+
+RESULTS = Path(zi_app.__file__).resolve().parent.parent / "docs" / "results"
+GIB = 2**30
+PEAK_GPU_TOLERANCE = 0.05
+TOKENS_TOLERANCE = 0.20
+
+
+def measured_runs():
+    """(id, overrides, metrics) of every finished run committed under docs/results/ (JSON and the sweep CSV)."""
+    runs = []
+    for path in sorted(RESULTS.glob("*.json")):
+        for result in json.loads(path.read_text())["results"]:
+            if result["status"] == "FINISHED":
+                runs.append((f"{path.stem}:{result['name']}", result["overrides"], result["metrics"]))
+    for path in sorted(RESULTS.glob("*_jobs_*.csv")):
+        for row in csv.DictReader(path.open()):
+            if row["status"] == "FINISHED":
+                metrics = {key: float(value) for key, value in row.items() if value and _is_number(value)}
+                runs.append((f"{path.stem}:{row['run_id'][:8]}", row["overrides"].split(), metrics))
+    return runs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+RUNS = measured_runs()
+
+
+def test_the_committed_measurements_are_there():
+    assert len(RUNS) >= 20
+
+
+@pytest.mark.parametrize("name,overrides,measured", RUNS, ids=[run[0] for run in RUNS])
+def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, compose):
+    """Planned for the H200 with the bandwidth the run measured: peak GPU allocated within 5%, tokens/s within
+    20%, streamed bytes per step and peak host RSS within 6%. A run whose residency the planner chose
+    (persistence=auto) is compared at the residency that run logged (the fraction planned to has changed)."""
+    hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
+                f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"]
+    plan = plan_job(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware), cuda=False)
+    shift = int(measured["predicted_resident_bytes"]) - plan.residency.resident_bytes
+    peak = plan.predicted_peak_gpu_bytes + shift
+    streamed = plan.predicted_streamed_bytes_per_step - shift
+    work = dsconfig.workload(plan.cfg)
+    prefill_s, step_s = planner.predict_times(work, model_facts(dict(plan.cfg.model.arch)), streamed, plan.hardware)
+    speed = planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s)
+    errors = {"peak GPU": peak / measured["peak_gpu_allocated_bytes"] - 1,
+              "tokens/s": speed / measured["tokens_per_sec"] - 1,
+              "streamed": streamed / measured["streamed_bytes_per_step"] - 1,
+              "peak host": plan.predicted_peak_host_bytes / measured["peak_host_rss_bytes"] - 1}
+    assert abs(errors["peak GPU"]) <= PEAK_GPU_TOLERANCE, errors
+    assert abs(errors["tokens/s"]) <= TOKENS_TOLERANCE, errors
+    assert abs(errors["streamed"]) <= 0.06 and abs(errors["peak host"]) <= 0.06, errors
+
+
+def test_short_dtype_names_are_accepted(compose):
+    cfg = compose("model.dtype=bf16", "hardware.host_memory_gib=4096")
+    ds = plan_job(cfg, cuda=False).ds_config
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
+    with pytest.raises(zi_app.ConfigError, match="model.dtype='fp8'.*fp16, half, bf16"):
+        plan_job(compose("model.dtype=fp8"), cuda=False)
+
+
+def test_a_preset_plans_for_its_machine(compose):
+    """hardware=a6000 plans persistence=auto against 48 GB (not this machine's memory) and, on this machine
+    without its GPU, lists that as a problem naming the key; an invalid figure is refused with its key."""
+    plan = plan_job(compose("model=opt-30b", "batch=24", "hardware=a6000"), cuda=False)
+    assert plan.hardware.gpu_memory_bytes == int(47.99 * GIB)
+    assert plan.predicted_peak_gpu_bytes <= 0.87 * plan.hardware.gpu_memory_bytes + 2**20
+    assert plan.predicted_tokens_per_sec is not None and not plan.fits
+    assert any(p.key == "hardware" and "this machine has none" in str(p) for p in plan.problems), plan.reason
+    with pytest.raises(zi_app.ConfigError, match="hardware.stream_efficiency"):
+        plan_job(compose("hardware.stream_efficiency=1.5"), cuda=False)
+
+
+def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
+    """OPT-175B offloaded to a 125 GiB host cannot hold its weights: refused naming the key and the ways
+    out; the same weights swapped to NVMe need the disk space the directory has."""
+    plan = plan_job(compose("model=opt-175b", "offload=cpu", "hardware=h200"), cuda=True, here=False)
+    [problem] = [p for p in plan.problems if p.key == "offload"]
+    assert plan.predicted_peak_host_bytes > 125 * GIB and "125.0 GiB of hardware=h200" in str(problem)
+    assert all(way in str(problem) for way in ("offload=nvme", "quant=int4")), problem
+    nvme = plan_job(compose("model=opt-175b", "offload=nvme", f"offload.nvme_path={tmp_path}"), cuda=False)
+    assert nvme.prediction.nvme_bytes > 300 * GIB
+    [disk] = [p for p in nvme.problems if p.key == "offload.nvme_path"]
+    assert "GiB free there" in str(disk)
+
+
+def test_zi_plan_command(run_python, tmp_path):
+    """``python -m zi_app.plan`` with comma lists: one JSON object per point in grid order, with the keys the
+    issue names; the table marks the best and gives the reasons; without a GPU, auto predicts no speed."""
+    run = run_python(["-m", "zi_app.plan", "--json", "model=opt-13b", "batch=8,32,192", "pin=true,false",
+                      "memory=reference", "memory.gpu_budget_gib=24", "hardware=h200"], tmp_path).expect_success()
+    rows = json.loads(run.stdout)
+    # as Hydra's sweep writes them (the sweep's job runs carry the same string)
+    assert [row["overrides"] for row in rows][:2] == [
+        "model=opt-13b batch=8 pin=True memory=reference memory.gpu_budget_gib=24 hardware=h200",
+        "model=opt-13b batch=8 pin=False memory=reference memory.gpu_budget_gib=24 hardware=h200"]
+    assert len(rows) == 6 and all(set(planner_keys()) <= set(row) for row in rows)
+    assert [row["fits"] for row in rows] == [True, True, True, True, False, False]
+    assert all(row["reason"] == "" for row in rows if row["fits"]) and "batch=192" in rows[-1]["reason"]
+    best = max((row for row in rows if row["fits"]), key=lambda row: row["predicted_tokens_per_sec"])
+    assert best["overrides"].split()[1:3] == ["batch=32", "pin=True"], rows
+    # the measured grid (docs/results/opt13b_sweep_24gib_jobs_call4): batch 32 pinned 49.9 tokens/s at gen_len 8
+    table = run_python(["-m", "zi_app.plan", "model=opt-13b", "batch=32,192", "memory.gpu_budget_gib=24",
+                        "hardware=h200", "gen_len=8", "memory=reference"], tmp_path).expect_success().stdout
+    [best_line] = [line for line in table.splitlines() if line.startswith("best")]
+    assert "batch=32" in best_line and "NO" in table and "exceeds the budget of 24.0 GiB" in table
+    here = run_python(["-m", "zi_app.plan", "model=tiny-opt", "hardware.host_memory_gib=1"], tmp_path)
+    assert here.returncode == 0 and "NO" in here.stdout and "no speed predicted" in here.stdout, here.tail()
+    bad = run_python(["-m", "zi_app.plan", "batch=1,,"], tmp_path)
+    assert bad.returncode == 2 and "invalid override" in bad.stderr, bad.tail()
+
+
+def planner_keys():
+    return ("overrides", "fits", "reason", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
+            "predicted_streamed_bytes_per_step", "predicted_decode_step_s", "predicted_tokens_per_sec")
+
+
+def test_a_real_run_with_another_machines_preset_is_refused(run_app, mlflow_store):
+    run = run_app("hardware=h200", "prompt_len=8", "gen_len=2")
+    assert run.returncode == 2 and "hardware='h200' is not allowed" in run.stderr, run.tail()
+    assert "loading" not in run.output
+    [job] = mlflow_store.job_runs()
+    assert job.data.tags["zi.failure_kind"] == "invalid-config"
+
+
+def test_sweep_refuses_in_its_parent_and_logs_predictions(run_app, mlflow_store, tmp_path):
+    """Of two jobs, the one whose host memory cannot hold it is refused by the parent's plan (no process:
+    no Hydra files in its directory) and recorded FAILED invalid-config; the other runs and logs its
+    predictions beside its measurements."""
+    run = run_app("hardware.host_memory_gib=1,1000", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1",
+                  multirun=True)
+    assert "1 will be refused" in run.stdout and "hardware.host_memory_gib=1:" in run.stdout, run.tail()
+    jobs = {job.data.params["hardware.host_memory_gib"]: job for job in mlflow_store.job_runs()}
+    refused, ran = jobs["1"], jobs["1000"]
+    assert refused.info.status == "FAILED" and refused.data.tags["zi.failure_kind"] == "invalid-config"
+    assert "predicted peak host RSS" in refused.data.tags["zi.failure_message"]
+    assert ran.info.status == "FINISHED", run.tail()
+    assert 0 < ran.data.metrics["predicted_peak_host_bytes"] and "predicted_streamed_bytes_per_step" in ran.data.metrics
+    assert len(list(tmp_path.rglob(".hydra"))) == 1
