@@ -153,10 +153,42 @@ def test_sweep_refuses_in_its_parent_and_logs_predictions(run_app, mlflow_store,
     run = run_app("hardware.host_memory_gib=1,1000", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1",
                   multirun=True)
     assert "1 will be refused" in run.stdout and "hardware.host_memory_gib=1:" in run.stdout, run.tail()
-    jobs = {job.data.params["hardware.host_memory_gib"]: job for job in mlflow_store.job_runs()}
-    refused, ran = jobs["1"], jobs["1000"]
+    jobs = {float(job.data.params["hardware.host_memory_gib"]): job for job in mlflow_store.job_runs()}
+    refused, ran = jobs[1], jobs[1000]
     assert refused.info.status == "FAILED" and refused.data.tags["zi.failure_kind"] == "invalid-config"
     assert "predicted peak host RSS" in refused.data.tags["zi.failure_message"]
     assert ran.info.status == "FINISHED", run.tail()
     assert 0 < ran.data.metrics["predicted_peak_host_bytes"] and "predicted_streamed_bytes_per_step" in ran.data.metrics
     assert len(list(tmp_path.rglob(".hydra"))) == 1
+
+
+def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_path):
+    """A real MLflow store holding the committed H200 runs (their metrics, device tag and config.yaml, as
+    the app logs them): ``--calibrate`` says from how many runs it fitted each constant and plans with
+    them; the fitted model still predicts the reference batch 32 within 20%."""
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from zi_app.schema import validate
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir()
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("h200-runs", artifact_location=str(tmp_path / "mlruns" / "artifacts"))
+    for name, overrides, measured in RUNS:
+        run = client.create_run(experiment, tags={"device": "NVIDIA H200"}, run_name=name)
+        for key, value in measured.items():
+            client.log_metric(run.info.run_id, key, value)
+        cfg = validate(compose(*[o for o in overrides if not o.startswith("profile_step")]))
+        client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+        client.set_terminated(run.info.run_id, "FINISHED")
+    plan = run_python(["-m", "zi_app.plan", "--calibrate", "--json", "hardware=h200", f"tracking.uri={uri}",
+                       "tracking.experiment=h200-runs", "model=opt-13b", "batch=32", "memory=reference",
+                       "hardware.h2d_pinned_gbps=55.2"], tmp_path).expect_success()
+    assert f"calibrated from {len(RUNS)} finished runs" in plan.stderr, plan.tail()
+    assert "hardware.stream_efficiency=" in plan.stderr and "(from " in plan.stderr
+    [row] = json.loads(plan.stdout)
+    assert abs(row["predicted_tokens_per_sec"] / 47.8 - 1) < TOKENS_TOLERANCE, (row, plan.stderr)
+    empty = run_python(["-m", "zi_app.plan", "--calibrate", "hardware=h200", f"tracking.uri={uri}",
+                        "tracking.experiment=none-such"], tmp_path)
+    assert empty.returncode == 2 and "no experiment 'none-such'" in empty.stderr, empty.tail()
