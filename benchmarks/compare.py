@@ -29,6 +29,7 @@ from zi_app.schema import TrackingConfig
 PLAIN_GPU = Path(__file__).with_name("plain_gpu.py")
 COLUMNS = [  # (metric, header, scale, format)
     ("tokens_per_sec", "tokens/s", 1, "{:.2f}"),
+    ("predicted_tokens_per_sec", "predicted tokens/s", 1, "{:.2f}"),
     ("decode_step_s", "decode step s", 1, "{:.3f}"),
     ("prefill_s", "prefill s", 1, "{:.2f}"),
     ("streamed_bytes_per_step", "streamed GB/step", 1e-9, "{:.2f}"),
