@@ -84,7 +84,8 @@ def workload(cfg) -> Workload:
                     reads_checkpoint=cfg.model.weights == "pretrained" or cfg.quant.mode == "init",
                     nvme_buffer_elements=((offload.buffer_count or 5)
                                           * (offload.buffer_size or largest_parameter_numel(cfg.model.arch))
-                                          if offload.device == "nvme" else 0))
+                                          if offload.device == "nvme" else 0),
+                    hookless_when_resident=memory.fetch == "overlap")
 
 
 def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Residency:

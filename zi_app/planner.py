@@ -99,6 +99,7 @@ class Workload:
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
     nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
+    hookless_when_resident: bool = False  # memory.fetch=overlap removes ZeRO-3's hooks when every weight is resident
 
 
 def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_threshold: int) -> Residency:
@@ -256,6 +257,14 @@ def _flops_per_token(work: Workload, facts: ModelFacts, context: int) -> float:
     return 2.0 * sum(facts.param_numels) + 4.0 * _layers(work.arch) * context * int(work.arch["hidden_size"])
 
 
+def streamed_weights(work: Workload, facts: ModelFacts, streamed: int) -> int:
+    """The weight bytes among ``streamed`` (an offloaded KV cache's left out)."""
+    if not work.kv_offloaded:
+        return streamed
+    return streamed - kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len // 2,
+                                     DTYPE_BYTES[work.dtype])
+
+
 def fetches_per_forward(work: Workload, facts: ModelFacts) -> int:
     """ZeRO-3 fetches (hooked module forwards) per forward pass: one per decoder layer with leaf modules."""
     return facts.modules_with_leaves if work.leaf_modules else facts.modules
@@ -288,8 +297,9 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     gbps = hw.h2d_pinned_gbps * hw.stream_efficiency if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency
     # The host walks ZeRO-3's hooks of every parameter while copies run: with little to stream, that walk
     # is the floor of a step (OPT-13B fully resident: 0.108 s where 0.01 s of copies remain).
-    stream_s = max(streamed / (gbps * 1e9), len(facts.param_numels) * hw.param_overhead_s)
-    host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s
+    hooks = not (work.hookless_when_resident and streamed_weights(work, facts, streamed) == 0)
+    stream_s = max(streamed / (gbps * 1e9), len(facts.param_numels) * hw.param_overhead_s * hooks)
+    host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s * hooks
               + quantized_matrices(work, facts) * hw.dequant_overhead_s)
     decode_s = stream_s + host_s + decode_compute_s(work, facts, hw) + hw.step_overhead_s
     compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
