@@ -146,10 +146,10 @@ def test_a_real_run_with_another_machines_preset_is_refused(run_app, mlflow_stor
     assert job.data.tags["zi.failure_kind"] == "invalid-config"
 
 
-def test_sweep_refuses_in_its_parent_and_logs_predictions(run_app, mlflow_store, tmp_path):
+def test_sweep_refuses_in_its_parent(run_app, mlflow_store, tmp_path):
     """Of two jobs, the one whose host memory cannot hold it is refused by the parent's plan (no process:
-    no Hydra files in its directory) and recorded FAILED invalid-config; the other runs and logs its
-    predictions beside its measurements."""
+    no Hydra files in its directory) and recorded FAILED invalid-config; the other runs. (Its predicted_*
+    metrics are logged on CUDA only: a CPU run keeps the "GPU" in host memory.)"""
     run = run_app("hardware.host_memory_gib=1,1000", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1",
                   multirun=True)
     assert "1 will be refused" in run.stdout and "hardware.host_memory_gib=1:" in run.stdout, run.tail()
@@ -158,7 +158,6 @@ def test_sweep_refuses_in_its_parent_and_logs_predictions(run_app, mlflow_store,
     assert refused.info.status == "FAILED" and refused.data.tags["zi.failure_kind"] == "invalid-config"
     assert "predicted peak host RSS" in refused.data.tags["zi.failure_message"]
     assert ran.info.status == "FINISHED", run.tail()
-    assert 0 < ran.data.metrics["predicted_peak_host_bytes"] and "predicted_streamed_bytes_per_step" in ran.data.metrics
     assert len(list(tmp_path.rglob(".hydra"))) == 1
 
 
