@@ -60,7 +60,7 @@ def _usable_runs(cfg: DictConfig, hardware) -> List[_Run]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from zi_app import dsconfig, planner, sweep, tracking
+    from zi_app import dsconfig, planner, tracking
     from zi_app.model import model_facts
     from zi_app.schema import validate
 
@@ -70,7 +70,7 @@ def _usable_runs(cfg: DictConfig, hardware) -> List[_Run]:
     if experiment is None:
         raise CalibrationError(f"no experiment {cfg.tracking.experiment!r} in {uri}")
     usable = []
-    for run in sweep.search_runs(client, [experiment.experiment_id], "attributes.status = 'FINISHED'"):
+    for run in tracking.search_runs(client, [experiment.experiment_id], "attributes.status = 'FINISHED'"):
         metrics = run.data.metrics
         device = run.data.tags.get("device", "")
         if "decode_step_s" not in metrics or "h2d_gbps" not in metrics or "streamed_bytes_per_step" not in metrics \
