@@ -166,10 +166,11 @@ def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
 
 def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
     """The plan of a job about to run here: :func:`plan_job`, refused at its first problem, and the dtype
-    checked with DeepSpeed's accelerator (which a dry run need not import)."""
+    checked with DeepSpeed's accelerator (which a dry run need not import) first: a GPU model on a CPU
+    machine is told to use a small model, before what its size would need of this host."""
     plan = plan_job(cfg, cuda)
-    plan.check_runnable()
     preflight.check_dtype_supported(plan.cfg)
+    plan.check_runnable()
     return plan
 
 
