@@ -1,0 +1,247 @@
+"""The adaptive sweeper's work: plan every point of the grid, launch the points predicted fastest, then the
+measured best's neighbours, round after round, until the measured best is confirmed: all its neighbours
+that fit were measured and none was faster.
+
+A point's neighbours differ from it in one swept key, by one step in the order the values were listed
+(``batch=1,8,32,64``: 8's neighbours are 1 and 32). Points the planner refuses are never launched. Jobs
+return tokens/s (``zi_app.app.main``); a failed job counts as measured and not faster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.zero_inference._core import outcome
+
+log = logging.getLogger(__name__)
+
+REPORT_ARTIFACT = "adaptive_sweep.txt"  # the end-of-sweep report, on the sweep's parent run
+EXIT_INVALID_CONFIG = 2
+# Stand-in until JobPlan predicts tokens/s (issue 10, branch i10): how much faster pinned host buffers
+# copy to the GPU than pageable ones, as measured on the H200 (about 2x).
+FALLBACK_PINNED_SPEEDUP = 2.0
+
+
+@dataclass
+class Point:
+    """One point of the grid: its position, its overrides, the planner's verdict and what it measured."""
+
+    position: Tuple[int, ...]  # index of its value in each swept key's list
+    overrides: List[str]  # every override of the job, fixed and swept
+    label: str  # the swept keys' values, ``batch=8 pin=true``
+    fits: bool = False
+    reason: str = ""  # why it does not fit; empty when it does
+    predicted: float = 0.0  # predicted tokens/s
+    launched: bool = False
+    measured: Optional[float] = None  # tokens/s of a completed job
+    failure: str = ""  # a launched job's failure
+
+
+@dataclass
+class Grid:
+    """The sweep's points, planned."""
+
+    keys: List[str]  # the swept keys (more than one value), in command-line order
+    points: Dict[Tuple[int, ...], Point]
+
+    def neighbours(self, point: Point) -> List[Point]:
+        """The points one step away from ``point`` along one swept key."""
+        found = []
+        for axis in range(len(point.position)):
+            for step in (-1, 1):
+                position = list(point.position)
+                position[axis] += step
+                if tuple(position) in self.points:
+                    found.append(self.points[tuple(position)])
+        return found
+
+    def by_prediction(self) -> List[Point]:
+        """The points that fit, predicted fastest first (grid order among equals)."""
+        return sorted((p for p in self.points.values() if p.fits), key=lambda p: -p.predicted)
+
+    def best(self) -> Optional[Point]:
+        """The measured fastest point, or None before any job completed."""
+        measured = [p for p in self.points.values() if p.measured is not None]
+        return max(measured, key=lambda p: p.measured) if measured else None
+
+    def pending_neighbours(self, point: Point) -> List[Point]:
+        """``point``'s neighbours that fit and were not launched, predicted fastest first."""
+        return sorted((p for p in self.neighbours(point) if p.fits and not p.launched), key=lambda p: -p.predicted)
+
+
+def parse_grid(sweeper: Any, arguments: Sequence[str]) -> Tuple[List[str], List[Tuple[str, List[str]]]]:
+    """The fixed overrides and the swept keys with their values, parsed as the basic sweeper does."""
+    parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
+    fixed, swept = [], []
+    for override in parser.parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()] + list(arguments)):
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            fixed.append(f"{key}={override.get_value_element_as_str()}")
+        elif override.is_discrete_sweep():
+            swept.append((key, list(override.sweep_string_iterator())))
+        else:
+            raise HydraException(f"the adaptive sweeper takes lists, range() and choice() of values, not "
+                                 f"{override.value_type.name} sweeps ({override.input_line})")
+    return fixed, swept
+
+
+def fallback_predicted_tokens_per_sec(plan: Any) -> float:
+    """Stand-in until JobPlan predicts tokens/s (branch i10): a decode step moves every weight not resident
+    on the GPU over PCIe, so tokens/s grows with the batch over the streamed bytes, faster when pinned."""
+    from zi_app import dsconfig
+    from zi_app.model import model_facts
+
+    cfg = plan.cfg
+    total = sum(model_facts(dict(cfg.model.arch)).param_numels) * dsconfig.weight_bytes(cfg)
+    streamed = max(1.0, total - plan.residency.resident_bytes)
+    return cfg.batch / streamed * (FALLBACK_PINNED_SPEEDUP if cfg.pin else 1.0)
+
+
+def plan_point(sweeper: Any, point: Point, cuda: bool) -> None:
+    """Plan ``point`` without loading anything: whether it fits here and why not, and its predicted tokens/s."""
+    from zi_app.jobplan import plan_job
+    from zi_app.schema import ConfigError
+
+    config = sweeper.hydra_context.config_loader.load_sweep_config(sweeper.config, list(point.overrides))
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    try:
+        plan = plan_job(task, cuda)
+    except ConfigError as error:
+        point.reason = f"invalid config: {error}"
+        return
+    if plan.problems:
+        point.reason = "; ".join(str(problem) for problem in plan.problems)
+        return
+    point.fits, point.predicted = True, fallback_predicted_tokens_per_sec(plan)
+
+
+def plan_grid(sweeper: Any, arguments: Sequence[str]) -> Grid:
+    """Every point of the grid, planned."""
+    import torch
+
+    fixed, swept = parse_grid(sweeper, arguments)
+    keys = [key for key, values in swept if len(values) > 1]
+    cuda = torch.cuda.is_available()
+    points = {}
+    for position in itertools.product(*(range(len(values)) for _, values in swept)):
+        chosen = [f"{key}={values[i]}" for (key, values), i in zip(swept, position)]
+        label = " ".join(item for item, (key, _) in zip(chosen, swept) if key in keys)
+        point = Point(position, fixed + chosen, label or " ".join(fixed) or "(no overrides)")
+        plan_point(sweeper, point, cuda)
+        points[position] = point
+    return Grid(keys, points)
+
+
+def next_round(grid: Grid, size: int) -> List[Point]:
+    """The next jobs: the best's unmeasured neighbours once a job completed, else the most promising
+    points not launched yet; empty once the best is confirmed or nothing is left."""
+    best = grid.best()
+    todo = grid.pending_neighbours(best) if best is not None else [p for p in grid.by_prediction() if not p.launched]
+    return todo[:size]
+
+
+def record(point: Point, ret: JobReturn) -> None:
+    """Keep what a finished job measured, or why it failed."""
+    value = ret._return_value  # the public property raises for a failed job
+    if ret.status == JobStatus.COMPLETED and isinstance(value, (int, float)) and not isinstance(value, bool):
+        point.measured = float(value)
+    elif ret.status == JobStatus.COMPLETED:
+        point.failure = f"returned {value!r}, not tokens/s"
+    else:
+        point.failure = outcome(ret, "tokens/s").removeprefix("FAILED ")
+
+
+def report(grid: Grid, stopped_early: bool) -> str:
+    """Which points were measured, which were skipped and why, and the best."""
+    best = grid.best()
+    measured = [p for p in grid.points.values() if p.launched]
+    unfit = [p for p in grid.points.values() if not p.fits]
+    unneeded = [p for p in grid.by_prediction() if not p.launched]
+    lines = ["", f"Adaptive sweep: {len(measured)} of {len(grid.points)} points measured, {len(unfit)} do not fit, "
+                 f"{len(unneeded)} not needed"]
+    lines += ["Measured:"] + [f"  {p.label}: " + (f"{p.measured:.2f} tokens/s" if p.measured is not None
+                                                   else f"FAILED {p.failure}") for p in measured]
+    if unfit:
+        lines += ["Skipped, the planner refuses them:"] + [f"  {p.label}: {p.reason}" for p in unfit]
+    if unneeded:
+        why = "max_jobs reached" if stopped_early else "not a neighbour of the confirmed best"
+        lines += [f"Skipped, {why}:"] + [f"  {p.label}" for p in unneeded]
+    if best is None:
+        lines.append("Best: none, no job completed")
+    else:
+        state = ("not confirmed: max_jobs reached before all its neighbours ran" if stopped_early
+                 else "confirmed: no neighbour in the grid is faster")
+        lines.append(f"Best: {best.label}: {best.measured:.2f} tokens/s ({state})")
+    return "\n".join(lines)
+
+
+def _check_options(sweeper: Any) -> None:
+    from zi_app.schema import ConfigError
+
+    for key, value, allowed in (("max_jobs", sweeper.max_jobs, "null or a positive integer"),
+                                ("jobs_per_round", sweeper.jobs_per_round, "a positive integer")):
+        if (value is not None or key == "jobs_per_round") and (not isinstance(value, int) or value < 1):
+            print(f"error: invalid config: {ConfigError(f'hydra.sweeper.{key}', value, allowed)}", file=sys.stderr)
+            sys.exit(EXIT_INVALID_CONFIG)
+
+
+def _log_report(config: DictConfig, text: str) -> None:
+    """Attach the report to the sweep's parent run (opened by zi_app.callbacks.SweepCallback)."""
+    from mlflow.tracking import MlflowClient
+
+    from zi_app import tracking
+
+    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    if parent and not config.dry_run:
+        MlflowClient(tracking.absolute_uri(config.tracking.uri)).log_text(parent, text + "\n", REPORT_ARTIFACT)
+
+
+def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
+    """Plan the grid, launch round after round until the best is confirmed, print the report; return
+    the JobReturns of every round."""
+    _check_options(sweeper)
+    config = sweeper.config
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, sweep_dir / "multirun.yaml")
+    grid = plan_grid(sweeper, arguments)
+    fit = grid.by_prediction()
+    print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; predicted fastest first: "
+          + ", ".join(p.label for p in fit[:5]) + (" ..." if len(fit) > 5 else ""), flush=True)
+    limit = sweeper.max_jobs if sweeper.max_jobs is not None else len(grid.points)
+    returns: List[Sequence[JobReturn]] = []
+    launched = 0
+    while True:
+        batch = next_round(grid, min(sweeper.jobs_per_round, limit - launched))
+        if not batch:
+            break
+        best = grid.best()
+        print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch)
+              + (f" (neighbours of the best so far, {best.label})" if best is not None else " (predicted fastest)"),
+              flush=True)
+        results = sweeper.launcher.launch([p.overrides for p in batch], initial_job_idx=launched)
+        for point, ret in zip(batch, results):
+            point.launched = True
+            record(point, ret)
+        launched += len(batch)
+        returns.append(results)
+    best = grid.best()
+    stopped_early = bool(next_round(grid, 1))  # the loop ended at max_jobs with work left
+    text = report(grid, stopped_early)
+    print(text, flush=True)
+    _log_report(config, text)
+    if best is None:
+        raise HydraException("the adaptive sweep measured no point: " + (
+            "none fits (see above)" if not fit else "every job it launched failed (see above)"))
+    return returns
