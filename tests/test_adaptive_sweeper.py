@@ -4,7 +4,8 @@ and Hydra's Optuna sweeper (maximises the tokens/s the app returns). Both log un
 
 The GPU budget is set between two batches' predicted peaks (memory=reference: the prediction does not
 depend on the budget), so the planner refuses the larger batches: on CPU too, since a budget set in the
-config is checked without a GPU.
+config is checked without a GPU. The hardware's rates (the H200 preset's) are given, so that the planner
+predicts tokens/s on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from zi_app.jobplan import plan_job
 
 QUICK = ["model=tiny-opt", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1", "memory=reference"]
 BATCHES = [1, 2, 4, 8]
+RATES = ["hardware.h2d_pinned_gbps=55.2", "hardware.h2d_pageable_gbps=17.6", "hardware.gpu_memory_gbps=4800",
+         "hardware.gpu_tflops=989"]
 PINS = ["True", "False"]  # as Hydra writes the swept booleans into the job's overrides
 
 
@@ -62,7 +65,7 @@ def assert_parent_has_results(store, parent, jobs) -> None:
 
 def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, mlflow_store, compose, tmp_path):
     budget = budget_gib_between(compose, fits=4, refused=8)
-    result = run_app("hydra/sweeper=adaptive", *QUICK, f"memory.gpu_budget_gib={budget}",
+    result = run_app("hydra/sweeper=adaptive", *QUICK, *RATES, f"memory.gpu_budget_gib={budget}",
                      f"batch={','.join(map(str, BATCHES))}", "pin=true,false", "hydra.sweep.dir=sweep",
                      multirun=True).expect_success()
     parent, jobs = sweep_runs(mlflow_store)
@@ -71,6 +74,9 @@ def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, ml
     assert all(run.info.status == "FINISHED" for run in jobs), result.tail()
     assert len(set(measured)) == len(measured) < len(BATCHES) * len(PINS)
     assert all(batch != 8 for batch, _ in measured), "a point the planner refuses was launched"
+    # The first round (two jobs) took the points predicted fastest.
+    predictions = [run.data.metrics["predicted_tokens_per_sec"] for run in jobs]
+    assert min(predictions[:2]) >= max(predictions[2:]), predictions
     # Confirmed best: every neighbour of the fastest point that fits was measured, and none was faster.
     best = point(next(run for run in jobs if run.info.run_id == parent.data.tags[callbacks.BEST_RUN_TAG]))
     b, pin = BATCHES.index(best[0]), best[1]

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 
 REPORT_ARTIFACT = "adaptive_sweep.txt"  # the end-of-sweep report, on the sweep's parent run
 EXIT_INVALID_CONFIG = 2
-# Stand-in until JobPlan predicts tokens/s (issue 10, branch i10): how much faster pinned host buffers
-# copy to the GPU than pageable ones, as measured on the H200 (about 2x).
-FALLBACK_PINNED_SPEEDUP = 2.0
 
 
 @dataclass
@@ -42,7 +39,7 @@ class Point:
     label: str  # the swept keys' values, ``batch=8 pin=true``
     fits: bool = False
     reason: str = ""  # why it does not fit; empty when it does
-    predicted: float = 0.0  # predicted tokens/s
+    predicted: Optional[float] = None  # predicted tokens/s; None when the hardware's rates are unknown
     launched: bool = False
     measured: Optional[float] = None  # tokens/s of a completed job
     failure: str = ""  # a launched job's failure
@@ -67,8 +64,8 @@ class Grid:
         return found
 
     def by_prediction(self) -> List[Point]:
-        """The points that fit, predicted fastest first (grid order among equals)."""
-        return sorted((p for p in self.points.values() if p.fits), key=lambda p: -p.predicted)
+        """The points that fit, predicted fastest first; those without a prediction last, in grid order."""
+        return order(p for p in self.points.values() if p.fits)
 
     def best(self) -> Optional[Point]:
         """The measured fastest point, or None before any job completed."""
@@ -77,7 +74,12 @@ class Grid:
 
     def pending_neighbours(self, point: Point) -> List[Point]:
         """``point``'s neighbours that fit and were not launched, predicted fastest first."""
-        return sorted((p for p in self.neighbours(point) if p.fits and not p.launched), key=lambda p: -p.predicted)
+        return order(p for p in self.neighbours(point) if p.fits and not p.launched)
+
+
+def order(points: Iterable[Point]) -> List[Point]:
+    """``points`` predicted fastest first, those without a prediction last; grid order among equals."""
+    return sorted(points, key=lambda p: (p.predicted is None, -(p.predicted or 0.0)))
 
 
 def parse_grid(sweeper: Any, arguments: Sequence[str]) -> Tuple[List[str], List[Tuple[str, List[str]]]]:
@@ -96,18 +98,6 @@ def parse_grid(sweeper: Any, arguments: Sequence[str]) -> Tuple[List[str], List[
     return fixed, swept
 
 
-def fallback_predicted_tokens_per_sec(plan: Any) -> float:
-    """Stand-in until JobPlan predicts tokens/s (branch i10): a decode step moves every weight not resident
-    on the GPU over PCIe, so tokens/s grows with the batch over the streamed bytes, faster when pinned."""
-    from zi_app import dsconfig
-    from zi_app.model import model_facts
-
-    cfg = plan.cfg
-    total = sum(model_facts(dict(cfg.model.arch)).param_numels) * dsconfig.weight_bytes(cfg)
-    streamed = max(1.0, total - plan.residency.resident_bytes)
-    return cfg.batch / streamed * (FALLBACK_PINNED_SPEEDUP if cfg.pin else 1.0)
-
-
 def plan_point(sweeper: Any, point: Point, cuda: bool) -> None:
     """Plan ``point`` without loading anything: whether it fits here and why not, and its predicted tokens/s."""
     from zi_app.jobplan import plan_job
@@ -120,10 +110,7 @@ def plan_point(sweeper: Any, point: Point, cuda: bool) -> None:
     except ConfigError as error:
         point.reason = f"invalid config: {error}"
         return
-    if plan.problems:
-        point.reason = "; ".join(str(problem) for problem in plan.problems)
-        return
-    point.fits, point.predicted = True, fallback_predicted_tokens_per_sec(plan)
+    point.fits, point.reason, point.predicted = plan.fits, plan.reason, plan.predicted_tokens_per_sec
 
 
 def plan_grid(sweeper: Any, arguments: Sequence[str]) -> Grid:
@@ -162,6 +149,11 @@ def record(point: Point, ret: JobReturn) -> None:
         point.failure = outcome(ret, "tokens/s").removeprefix("FAILED ")
 
 
+def predicted(point: Point) -> str:
+    """`` (predicted 12.34 tokens/s)``, or nothing when the speed was not predicted."""
+    return f" (predicted {point.predicted:.2f} tokens/s)" if point.predicted is not None else ""
+
+
 def report(grid: Grid, stopped_early: bool) -> str:
     """Which points were measured, which were skipped and why, and the best."""
     best = grid.best()
@@ -171,12 +163,12 @@ def report(grid: Grid, stopped_early: bool) -> str:
     lines = ["", f"Adaptive sweep: {len(measured)} of {len(grid.points)} points measured, {len(unfit)} do not fit, "
                  f"{len(unneeded)} not needed"]
     lines += ["Measured:"] + [f"  {p.label}: " + (f"{p.measured:.2f} tokens/s" if p.measured is not None
-                                                   else f"FAILED {p.failure}") for p in measured]
+                                                   else f"FAILED {p.failure}") + predicted(p) for p in measured]
     if unfit:
         lines += ["Skipped, the planner refuses them:"] + [f"  {p.label}: {p.reason}" for p in unfit]
     if unneeded:
         why = "max_jobs reached" if stopped_early else "not a neighbour of the confirmed best"
-        lines += [f"Skipped, {why}:"] + [f"  {p.label}" for p in unneeded]
+        lines += [f"Skipped, {why}:"] + [f"  {p.label}{predicted(p)}" for p in unneeded]
     if best is None:
         lines.append("Best: none, no job completed")
     else:
@@ -218,7 +210,10 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
     grid = plan_grid(sweeper, arguments)
     fit = grid.by_prediction()
     print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; predicted fastest first: "
-          + ", ".join(p.label for p in fit[:5]) + (" ..." if len(fit) > 5 else ""), flush=True)
+          + ", ".join(p.label + predicted(p) for p in fit[:4]) + (", ..." if len(fit) > 4 else ""), flush=True)
+    if fit and all(p.predicted is None for p in fit):
+        print("Adaptive sweep: no speed predicted (hardware=auto without a GPU, or a GPU no preset knows: set the "
+              "hardware.* rates); the points are taken in grid order", flush=True)
     limit = sweeper.max_jobs if sweeper.max_jobs is not None else len(grid.points)
     returns: List[Sequence[JobReturn]] = []
     launched = 0
