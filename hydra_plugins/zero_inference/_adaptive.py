@@ -10,7 +10,6 @@ return tokens/s (``zi_app.app.main``); a failed job counts as measured and not f
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.zero_inference._core import outcome
 
-log = logging.getLogger(__name__)
-
 REPORT_ARTIFACT = "adaptive_sweep.txt"  # the end-of-sweep report, on the sweep's parent run
 EXIT_INVALID_CONFIG = 2
 
@@ -34,8 +31,8 @@ EXIT_INVALID_CONFIG = 2
 class Point:
     """One point of the grid: its position, its overrides, the planner's verdict and what it measured."""
 
-    position: Tuple[int, ...]  # index of its value in each swept key's list
-    overrides: List[str]  # every override of the job, fixed and swept
+    position: Tuple[int, ...]  # index of its value in each override's list of values
+    overrides: List[str]  # every override of the job, fixed and swept, in command-line order
     label: str  # the swept keys' values, ``batch=8 pin=true``
     fits: bool = False
     reason: str = ""  # why it does not fit; empty when it does
@@ -49,11 +46,10 @@ class Point:
 class Grid:
     """The sweep's points, planned."""
 
-    keys: List[str]  # the swept keys (more than one value), in command-line order
     points: Dict[Tuple[int, ...], Point]
 
     def neighbours(self, point: Point) -> List[Point]:
-        """The points one step away from ``point`` along one swept key."""
+        """The points one step away from ``point`` along one swept key (a fixed one has no other value)."""
         found = []
         for axis in range(len(point.position)):
             for step in (-1, 1):
@@ -82,20 +78,21 @@ def order(points: Iterable[Point]) -> List[Point]:
     return sorted(points, key=lambda p: (p.predicted is None, -(p.predicted or 0.0)))
 
 
-def parse_grid(sweeper: Any, arguments: Sequence[str]) -> Tuple[List[str], List[Tuple[str, List[str]]]]:
-    """The fixed overrides and the swept keys with their values, parsed as the basic sweeper does."""
+def parse_grid(sweeper: Any, arguments: Sequence[str]) -> List[Tuple[str, List[str]]]:
+    """Every override as (key, its values), parsed as the basic sweeper does, in command-line order: one
+    value for a fixed override, the listed ones for a swept key."""
     parser = OverridesParser.create(config_loader=sweeper.hydra_context.config_loader)
-    fixed, swept = [], []
+    axes = []
     for override in parser.parse_overrides([f"{k}={v}" for k, v in sweeper.params.items()] + list(arguments)):
         key = override.get_key_element()
         if not override.is_sweep_override():
-            fixed.append(f"{key}={override.get_value_element_as_str()}")
+            axes.append((key, [override.get_value_element_as_str()]))
         elif override.is_discrete_sweep():
-            swept.append((key, list(override.sweep_string_iterator())))
+            axes.append((key, list(override.sweep_string_iterator())))
         else:
             raise HydraException(f"the adaptive sweeper takes lists, range() and choice() of values, not "
                                  f"{override.value_type.name} sweeps ({override.input_line})")
-    return fixed, swept
+    return axes
 
 
 def plan_point(sweeper: Any, point: Point, cuda: bool) -> None:
@@ -117,17 +114,16 @@ def plan_grid(sweeper: Any, arguments: Sequence[str]) -> Grid:
     """Every point of the grid, planned."""
     import torch
 
-    fixed, swept = parse_grid(sweeper, arguments)
-    keys = [key for key, values in swept if len(values) > 1]
+    axes = parse_grid(sweeper, arguments)
     cuda = torch.cuda.is_available()
     points = {}
-    for position in itertools.product(*(range(len(values)) for _, values in swept)):
-        chosen = [f"{key}={values[i]}" for (key, values), i in zip(swept, position)]
-        label = " ".join(item for item, (key, _) in zip(chosen, swept) if key in keys)
-        point = Point(position, fixed + chosen, label or " ".join(fixed) or "(no overrides)")
+    for position in itertools.product(*(range(len(values)) for _, values in axes)):
+        chosen = [f"{key}={values[i]}" for (key, values), i in zip(axes, position)]
+        label = " ".join(item for item, (_, values) in zip(chosen, axes) if len(values) > 1)
+        point = Point(position, chosen, label or " ".join(chosen) or "(no overrides)")
         plan_point(sweeper, point, cuda)
         points[position] = point
-    return Grid(keys, points)
+    return Grid(points)
 
 
 def next_round(grid: Grid, size: int) -> List[Point]:
