@@ -23,15 +23,14 @@ DIR=${RESULTS_DIR:-${OUT:?set OUT or RESULTS_DIR}}/adaptive_vs_grid_$MODEL
 mkdir -p "$DIR"
 STORE="sqlite:///$(cd "$DIR" && pwd)/mlruns/mlflow.db"
 read -r -a COMMON <<<"${COMMON:-gen_len=8 warmup=1 repeat=1}"
-GRID=(model="$MODEL" memory.gpu_budget_gib="$BUDGET" batch="$BATCHES" pin=true,false "${COMMON[@]}" "$@"
-      tracking.uri="$STORE")
+GRID=(model="$MODEL" memory.gpu_budget_gib="$BUDGET" batch="$BATCHES" pin=true,false "${COMMON[@]}" "$@")
 step() { echo "=== $(date -u +%T) $1"; }
 
 step "full grid: ${GRID[*]}"
-timeout 3600 python3 -m zi_app -m "${GRID[@]}" tracking.experiment=grid hydra.sweep.dir="$DIR/grid" 2>&1 \
+timeout 3600 python3 -m zi_app -m "${GRID[@]}" tracking.uri="$STORE" tracking.experiment=grid hydra.sweep.dir="$DIR/grid" 2>&1 \
   | tee "$DIR/grid.log"
 step "adaptive sweep over the same grid"
-timeout 3600 python3 -m zi_app -m hydra/sweeper=adaptive "${GRID[@]}" tracking.experiment=adaptive \
+timeout 3600 python3 -m zi_app -m hydra/sweeper=adaptive "${GRID[@]}" tracking.uri="$STORE" tracking.experiment=adaptive \
   hydra.sweep.dir="$DIR/adaptive" 2>&1 | tee "$DIR/adaptive.log"
 
 step "comparison"
@@ -54,13 +53,14 @@ def summary(experiment: str) -> dict:
     if not parents:
         return {"jobs": 0, "failed": 0, "best": None, "point": "(no sweep ran)"}
     tags, metrics = parents[0].data.tags, parents[0].data.metrics
+    swept = [item for item in tags.get(callbacks.BEST_OVERRIDES_TAG, "").split() if item.split("=")[0] in ("batch", "pin")]
     return {"jobs": int(tags.get(callbacks.JOBS_TAG, 0)), "failed": int(tags.get(callbacks.FAILED_JOBS_TAG, 0)),
-            "best": metrics.get(f"best_{sweep.METRIC}"), "point": tags.get(callbacks.BEST_OVERRIDES_TAG, "(none)")}
+            "best": metrics.get(f"best_{sweep.METRIC}"), "point": " ".join(swept) or "(none)"}
 
 
 grid_run, adaptive = summary("grid"), summary("adaptive")
 print(f"## Adaptive sweep against the full grid: {model} under {budget} GiB\n\nGrid: `{grid}`\n")
-print("| sweep | jobs run | failed | best tokens/s | best run's overrides |\n|---|---|---|---|---|")
+print("| sweep | jobs run | failed | best tokens/s | best point |\n|---|---|---|---|---|")
 for name, row in (("full grid", grid_run), ("adaptive", adaptive)):
     best = "n/a" if row["best"] is None else f"{row['best']:.2f}"
     print(f"| {name} | {row['jobs']} | {row['failed']} | {best} | `{row['point']}` |")

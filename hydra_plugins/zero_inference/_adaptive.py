@@ -205,11 +205,13 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
     OmegaConf.save(config, sweep_dir / "multirun.yaml")
     grid = plan_grid(sweeper, arguments)
     fit = grid.by_prediction()
-    print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; predicted fastest first: "
+    guessed = any(p.predicted is not None for p in fit)
+    first = "predicted fastest" if guessed else "first in grid order"
+    print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; {first}: "
           + ", ".join(p.label + predicted(p) for p in fit[:4]) + (", ..." if len(fit) > 4 else ""), flush=True)
-    if fit and all(p.predicted is None for p in fit):
+    if fit and not guessed:
         print("Adaptive sweep: no speed predicted (hardware=auto without a GPU, or a GPU no preset knows: set the "
-              "hardware.* rates); the points are taken in grid order", flush=True)
+              "hardware.* rates), so the points are taken in grid order", flush=True)
     limit = sweeper.max_jobs if sweeper.max_jobs is not None else len(grid.points)
     returns: List[Sequence[JobReturn]] = []
     launched = 0
@@ -219,7 +221,7 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
             break
         best = grid.best()
         print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch)
-              + (f" (neighbours of the best so far, {best.label})" if best is not None else " (predicted fastest)"),
+              + (f" (neighbours of the best so far, {best.label})" if best is not None else f" ({first})"),
               flush=True)
         results = sweeper.launcher.launch([p.overrides for p in batch], initial_job_idx=launched)
         for point, ret in zip(batch, results):
