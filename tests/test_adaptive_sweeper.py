@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from hydra_plugins.zero_inference._adaptive import Grid, Point, next_round
 from zi_app import callbacks, tracking
 from zi_app.jobplan import plan_job
 
@@ -61,6 +62,32 @@ def assert_parent_has_results(store, parent, jobs) -> None:
     assert parent.data.metrics["best_tokens_per_sec"] == fastest.data.metrics["tokens_per_sec"]
     for name in callbacks.ARTIFACTS.values():
         assert store.artifact_path(parent, name).stat().st_size > 0, name
+
+
+def test_rounds_climb_to_a_better_neighbour_and_stop_once_the_best_is_confirmed():
+    """The choice of each round on a 4 x 2 grid (batch x pin): the predicted fastest first, then the best's
+    neighbours that fit (never a refused point), following a faster neighbour, until none is left."""
+    predicted = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0}
+    grid = Grid({(b, p): Point((b, p), [f"batch={batch}", f"pin={pin}"], f"batch={batch} pin={pin}",
+                               fits=batch != 8, predicted=predicted[batch] * (1.5 if pin == "True" else 1))
+                 for b, batch in enumerate(BATCHES) for p, pin in enumerate(PINS)})
+
+    def measure(points, speeds):
+        for point, speed in zip(points, speeds):
+            point.launched, point.measured = True, speed
+
+    first = next_round(grid, 2)
+    assert [p.label for p in first] == ["batch=4 pin=True", "batch=4 pin=False"]
+    measure(first, [5.0, 7.0])  # pin=False beats the prediction's favourite; batch 8 does not fit
+    second = next_round(grid, 2)
+    assert [p.label for p in second] == ["batch=2 pin=False"]
+    measure(second, [9.0])  # faster still: its neighbours come next
+    third = next_round(grid, 2)
+    assert [p.label for p in third] == ["batch=2 pin=True", "batch=1 pin=False"]
+    measure(third, [3.0, 2.0])
+    assert next_round(grid, 2) == []  # confirmed: batch=2 pin=False, every fitting neighbour measured
+    assert grid.best().label == "batch=2 pin=False"
+    assert not any(p.launched for p in grid.points.values() if not p.fits)
 
 
 def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, mlflow_store, compose, tmp_path):

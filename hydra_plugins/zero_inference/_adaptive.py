@@ -158,8 +158,9 @@ def report(grid: Grid, stopped_early: bool) -> str:
     unneeded = [p for p in grid.by_prediction() if not p.launched]
     lines = ["", f"Adaptive sweep: {len(measured)} of {len(grid.points)} points measured, {len(unfit)} do not fit, "
                  f"{len(unneeded)} not needed"]
-    lines += ["Measured:"] + [f"  {p.label}: " + (f"{p.measured:.2f} tokens/s" if p.measured is not None
-                                                   else f"FAILED {p.failure}") + predicted(p) for p in measured]
+    if measured:
+        lines += ["Measured:"] + [f"  {p.label}: " + (f"{p.measured:.2f} tokens/s" if p.measured is not None
+                                                       else f"FAILED {p.failure}") + predicted(p) for p in measured]
     if unfit:
         lines += ["Skipped, the planner refuses them:"] + [f"  {p.label}: {p.reason}" for p in unfit]
     if unneeded:
