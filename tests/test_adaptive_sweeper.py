@@ -153,3 +153,17 @@ def test_optuna_sweeper_maximises_the_apps_tokens_per_sec(run_app, mlflow_store,
     optimum = yaml.safe_load(Path(tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert optimum["best_value"] == fastest.data.metrics["tokens_per_sec"]
     assert f"batch={optimum['best_params']['batch']}" in fastest.data.tags[tracking.OVERRIDES_TAG].split()
+
+
+def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store):
+    """``hydra.sweeper.max_jobs=1``: one job, and the report says the best is not confirmed and why the
+    rest were skipped."""
+    result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.max_jobs=1", *QUICK, *RATES, "batch=1,2",
+                     multirun=True).expect_success()
+    parent, jobs = sweep_runs(mlflow_store)
+    assert len(jobs) == 1 and jobs[0].info.status == "FINISHED"
+    assert "batch=2" in jobs[0].data.tags[tracking.OVERRIDES_TAG].split(), "the point predicted fastest runs first"
+    report = mlflow_store.artifact_path(parent, "adaptive_sweep.txt").read_text()
+    assert "Skipped, max_jobs reached:\n  batch=1" in report
+    assert "(not confirmed: max_jobs reached before all its neighbours ran)" in report
+    assert report.strip() in result.stdout
