@@ -48,7 +48,7 @@ client = MlflowClient(store)
 def summary(experiment: str) -> dict:
     """The sweep's jobs and best run, read from its parent run (zi_app.callbacks.SweepCallback's tags)."""
     found = client.get_experiment_by_name(experiment)
-    parents = [run for run in sweep.search_runs(client, [found.experiment_id] if found else [], "")
+    parents = [run for run in tracking.search_runs(client, [found.experiment_id], "")
                if run.data.tags.get(tracking.ROLE_TAG) == "sweep"] if found else []
     if not parents:
         return {"jobs": 0, "failed": 0, "best": None, "point": "(no sweep ran)"}
