@@ -1,6 +1,6 @@
-"""Hydra finds our plugins: the search-path plugin is discovered, every app lists our groups' options, the
-plugin modules Hydra imports at every start stay cheap, and the ``hydra.plugins`` entry points (Hydra 1.4's
-discovery) name every plugin class we ship."""
+"""Hydra finds our plugins: the search-path plugin and the adaptive sweeper are discovered, every app lists our
+groups' options and ``hydra/sweeper=adaptive``, the plugin modules Hydra imports at every start stay cheap, and
+the ``hydra.plugins`` entry points (Hydra 1.4's discovery) name every plugin class we ship."""
 
 import inspect
 import json
@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.plugins import Plugins
 from hydra.plugins.plugin import Plugin
 from hydra.plugins.search_path_plugin import SearchPathPlugin
+from hydra.plugins.sweeper import Sweeper
 
 import zi_app
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory")
 PLUGIN_PACKAGE = "hydra_plugins.zero_inference"
 SEARCH_PATH_PLUGIN = f"{PLUGIN_PACKAGE}.searchpath.ZeroInferenceSearchPathPlugin"
+ADAPTIVE_SWEEPER = f"{PLUGIN_PACKAGE}.adaptive_sweeper.AdaptiveSweeper"
 HEAVY_MODULES = ("torch", "deepspeed", "transformers", "accelerate", "mlflow")
 
 
@@ -34,6 +36,13 @@ def _qualified_name(cls: type) -> str:
 def test_search_path_plugin_is_discovered():
     discovered = {_qualified_name(cls) for cls in Plugins.instance().discover(SearchPathPlugin)}
     assert SEARCH_PATH_PLUGIN in discovered
+
+
+def test_adaptive_sweeper_is_discovered_and_selectable(tmp_path):
+    """``hydra/sweeper=adaptive`` in any app: the class is found and its config is in the sweeper group."""
+    assert ADAPTIVE_SWEEPER in {_qualified_name(cls) for cls in Plugins.instance().discover(Sweeper)}
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        assert "adaptive" in GlobalHydra.instance().config_loader().get_group_options("hydra/sweeper")
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -59,7 +68,7 @@ def test_entry_points_name_every_plugin_class():
         loaded.add(_qualified_name(cls))
     ours = {_qualified_name(cls) for cls in Plugins.instance().discover(Plugin)
             if cls.__module__.startswith(f"{PLUGIN_PACKAGE}.")}
-    assert SEARCH_PATH_PLUGIN in loaded
+    assert {SEARCH_PATH_PLUGIN, ADAPTIVE_SWEEPER} <= loaded
     assert loaded == ours
 
 
@@ -72,6 +81,7 @@ def test_plugin_scan_and_search_path_import_nothing_heavy(tmp_path):
         "from hydra.core.global_hydra import GlobalHydra\n"
         f"with initialize_config_dir(config_dir={str(tmp_path)!r}, version_base='1.3'):\n"
         "    options = GlobalHydra.instance().config_loader().get_group_options('offload')\n"
+        "    assert 'adaptive' in GlobalHydra.instance().config_loader().get_group_options('hydra/sweeper')\n"
         f"print(json.dumps({{'options': options, 'heavy': [m for m in {HEAVY_MODULES!r} if m in sys.modules]}}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -1,0 +1,171 @@
+"""Sweepers that choose which points to run, driving the real app and the process_per_job launcher: ours,
+``hydra/sweeper=adaptive`` (plans the grid, measures the most promising points and the best's neighbours),
+and Hydra's Optuna sweeper (maximises the tokens/s the app returns). Both log under one sweep parent run.
+
+The GPU budget is set between two batches' predicted peaks (memory=reference: the prediction does not
+depend on the budget), so the planner refuses the larger batches: on CPU too, since a budget set in the
+config is checked without a GPU. The hardware's rates (the H200 preset's) are given, so that the planner
+predicts tokens/s on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from hydra_plugins.zero_inference._adaptive import Grid, Point, next_round
+from zi_app import callbacks, tracking
+from zi_app.jobplan import plan_job
+
+QUICK = ["model=tiny-opt", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1", "memory=reference"]
+BATCHES = [1, 2, 4, 8]
+RATES = ["hardware.h2d_pinned_gbps=55.2", "hardware.h2d_pageable_gbps=17.6", "hardware.gpu_memory_gbps=4800",
+         "hardware.gpu_tflops=989"]
+PINS = ["True", "False"]  # as Hydra writes the swept booleans into the job's overrides
+
+
+def budget_gib_between(compose, fits: int, refused: int) -> float:
+    """A GPU budget that the planner finds enough for batch ``fits`` and too small for batch ``refused``."""
+    peaks = [plan_job(compose(*QUICK, f"batch={batch}"), cuda=False).residency.predicted_peak_bytes
+             for batch in (fits, refused)]
+    assert peaks[0] < peaks[1], peaks
+    return sum(peaks) / 2 / 2**30
+
+
+def sweep_runs(store) -> tuple:
+    """The sweep's parent run and its jobs' runs, in start order."""
+    runs = store.runs()
+    parents = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    assert len(parents) == 1, [run.data.tags for run in runs]
+    parent = parents[0]
+    jobs = sorted((run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                  key=lambda run: run.info.start_time)
+    assert len(jobs) == len(runs) - 1, "every run of the experiment belongs to the sweep"
+    return parent, jobs
+
+
+def point(run) -> tuple:
+    """(batch, pin) of a job run, from its overrides."""
+    values = dict(item.split("=", 1) for item in run.data.tags[tracking.OVERRIDES_TAG].split())
+    return int(values["batch"]), values["pin"]
+
+
+def assert_parent_has_results(store, parent, jobs) -> None:
+    """The sweep callback's table, plot and best-run tags on the parent, naming its fastest job."""
+    completed = [run for run in jobs if run.info.status == "FINISHED"]
+    fastest = max(completed, key=lambda run: run.data.metrics["tokens_per_sec"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[callbacks.BEST_RUN_TAG] == fastest.info.run_id
+    assert parent.data.tags[callbacks.JOBS_TAG] == str(len(jobs))
+    assert parent.data.metrics["best_tokens_per_sec"] == fastest.data.metrics["tokens_per_sec"]
+    for name in callbacks.ARTIFACTS.values():
+        assert store.artifact_path(parent, name).stat().st_size > 0, name
+
+
+def test_rounds_climb_to_a_better_neighbour_and_stop_once_the_best_is_confirmed():
+    """The choice of each round on a 4 x 2 grid (batch x pin): the predicted fastest first, then the best's
+    neighbours that fit (never a refused point), following a faster neighbour, until none is left."""
+    predicted = {1: 10.0, 2: 20.0, 4: 40.0, 8: 80.0}
+    grid = Grid({(b, p): Point((b, p), [f"batch={batch}", f"pin={pin}"], f"batch={batch} pin={pin}",
+                               fits=batch != 8, predicted=predicted[batch] * (1.5 if pin == "True" else 1))
+                 for b, batch in enumerate(BATCHES) for p, pin in enumerate(PINS)})
+
+    def measure(points, speeds):
+        for point, speed in zip(points, speeds):
+            point.launched, point.measured = True, speed
+
+    first = next_round(grid, 2)
+    assert [p.label for p in first] == ["batch=4 pin=True", "batch=4 pin=False"]
+    measure(first, [5.0, 7.0])  # pin=False beats the prediction's favourite; batch 8 does not fit
+    second = next_round(grid, 2)
+    assert [p.label for p in second] == ["batch=2 pin=False"]
+    measure(second, [9.0])  # faster still: its neighbours come next
+    third = next_round(grid, 2)
+    assert [p.label for p in third] == ["batch=2 pin=True", "batch=1 pin=False"]
+    measure(third, [3.0, 2.0])
+    assert next_round(grid, 2) == []  # confirmed: batch=2 pin=False, every fitting neighbour measured
+    assert grid.best().label == "batch=2 pin=False"
+    assert not any(p.launched for p in grid.points.values() if not p.fits)
+
+
+def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, mlflow_store, compose, tmp_path):
+    budget = budget_gib_between(compose, fits=4, refused=8)
+    result = run_app("hydra/sweeper=adaptive", *QUICK, *RATES, f"memory.gpu_budget_gib={budget}",
+                     f"batch={','.join(map(str, BATCHES))}", "pin=true,false", "hydra.sweep.dir=sweep",
+                     multirun=True).expect_success()
+    parent, jobs = sweep_runs(mlflow_store)
+    measured = [point(run) for run in jobs]
+
+    assert all(run.info.status == "FINISHED" for run in jobs), result.tail()
+    assert len(set(measured)) == len(measured) < len(BATCHES) * len(PINS)
+    assert all(batch != 8 for batch, _ in measured), "a point the planner refuses was launched"
+    # The first round (two jobs) took the points predicted fastest (jobs log predictions on CUDA only).
+    planned = re.search(r"^Adaptive sweep: 8 points planned, 6 fit; predicted fastest: (.*)$", result.stdout, re.M)
+    order = re.findall(r"batch=(\d+) pin=(\w+) \(predicted ([\d.]+) tokens/s\)", planned.group(1))
+    assert [float(speed) for *_, speed in order] == sorted((float(speed) for *_, speed in order), reverse=True)
+    assert measured[:2] == [(int(batch), pin) for batch, pin, _ in order[:2]], (order, measured)
+    # Confirmed best: every neighbour of the fastest point that fits was measured, and none was faster.
+    best = point(next(run for run in jobs if run.info.run_id == parent.data.tags[callbacks.BEST_RUN_TAG]))
+    b, pin = BATCHES.index(best[0]), best[1]
+    neighbours = [(BATCHES[i], pin) for i in (b - 1, b + 1) if 0 <= i < len(BATCHES) and BATCHES[i] != 8]
+    neighbours.append((best[0], PINS[1 - PINS.index(pin)]))
+    assert set(neighbours) <= set(measured), (best, measured)
+    assert_parent_has_results(mlflow_store, parent, jobs)
+    # Several rounds went through the launcher: one job folder per launched job, numbered on across rounds.
+    assert sorted(int(p.name) for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == list(range(len(jobs)))
+    assert len(re.findall(r"^Adaptive sweep, round \d+:", result.stdout, re.M)) >= 2, result.stdout
+
+    report = mlflow_store.artifact_path(parent, "adaptive_sweep.txt").read_text()
+    assert report.strip() in result.stdout
+    assert f"Adaptive sweep: {len(jobs)} of 8 points measured, 2 do not fit" in report
+    for pin_value in PINS:
+        assert re.search(rf"^  batch=8 pin={pin_value}: batch=8 is not allowed: .*exceeds the budget", report, re.M)
+    assert f"Best: batch={best[0]} pin={best[1]}: " in report and "(confirmed: " in report
+
+
+def test_adaptive_sweep_refuses_bad_options_before_planning(run_app, mlflow_store):
+    result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.jobs_per_round=0", "batch=1,2", multirun=True)
+    assert result.returncode == 2, result.tail()
+    assert "error: invalid config: hydra.sweeper.jobs_per_round=0 is not allowed: a positive integer" in result.stderr
+    assert "Adaptive sweep" not in result.stdout
+    assert not [run for run in mlflow_store.runs() if "mlflow.parentRunId" in run.data.tags], "no job ran"
+
+
+def test_optuna_sweeper_maximises_the_apps_tokens_per_sec(run_app, mlflow_store, compose, tmp_path):
+    """Hydra's Optuna sweeper with our app and launcher: three trials, the one at batch=4 refused by the
+    planner inside its job (a FAILED run, a FAIL trial), the best trial the fastest completed run."""
+    budget = budget_gib_between(compose, fits=2, refused=4)
+    result = run_app("hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.direction=maximize",
+                     "hydra.sweeper.sampler.seed=1", "hydra.sweeper.max_failure_rate=1.0", "batch=choice(1,2,4)",
+                     *QUICK, f"memory.gpu_budget_gib={budget}", "hydra.sweep.dir=sweep", multirun=True)
+    result.expect_success()
+    parent, jobs = sweep_runs(mlflow_store)
+    assert len(jobs) == 3
+    failed = [run for run in jobs if run.info.status == "FAILED"]
+    completed = [run for run in jobs if run.info.status == "FINISHED"]
+    assert failed and completed, "seed 1 samples batch=4 and a batch that fits"
+    for run in failed:
+        assert "batch=4" in run.data.tags[tracking.OVERRIDES_TAG].split()
+        assert run.data.tags[tracking.FAILURE_KIND_TAG] == "invalid-config"
+    assert parent.data.tags[callbacks.FAILED_JOBS_TAG] == str(len(failed))
+    assert_parent_has_results(mlflow_store, parent, jobs)
+    fastest = max(completed, key=lambda run: run.data.metrics["tokens_per_sec"])
+    optimum = yaml.safe_load(Path(tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert optimum["best_value"] == fastest.data.metrics["tokens_per_sec"]
+    assert f"batch={optimum['best_params']['batch']}" in fastest.data.tags[tracking.OVERRIDES_TAG].split()
+
+
+def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store):
+    """``hydra.sweeper.max_jobs=1``: one job, and the report says the best is not confirmed and why the
+    rest were skipped."""
+    result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.max_jobs=1", *QUICK, *RATES, "batch=1,2",
+                     multirun=True).expect_success()
+    parent, jobs = sweep_runs(mlflow_store)
+    assert len(jobs) == 1 and jobs[0].info.status == "FINISHED"
+    assert "batch=2" in jobs[0].data.tags[tracking.OVERRIDES_TAG].split(), "the point predicted fastest runs first"
+    report = mlflow_store.artifact_path(parent, "adaptive_sweep.txt").read_text()
+    assert "Skipped, max_jobs reached:\n  batch=1" in report
+    assert "(not confirmed: max_jobs reached before all its neighbours ran)" in report
+    assert report.strip() in result.stdout
