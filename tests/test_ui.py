@@ -9,11 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
-from helpers.services import free_port
+from helpers.services import free_port, wait_healthy
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import sync_playwright
 
@@ -52,16 +51,7 @@ def server(sweep):
                                 f"sqlite:///{root}/mlruns/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
                                 "--workers", "1"], cwd=root, env=app_env(), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
-        time.sleep(0.5)
+    wait_healthy(base, process, root / "server.log")
     yield base
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)

@@ -165,14 +165,16 @@ def needs_facts(cfg) -> bool:
     return bool(memory.leaf_modules) or str(memory.persistence) == "auto" or memory.max_reuse_distance == "model"
 
 
-def build_ds_config(cfg: Any, facts: Optional[ModelFacts] = None, device_bytes: Optional[int] = None) -> Dict[str, Any]:
+def build_ds_config(cfg: Any, facts: Optional[ModelFacts] = None, device_bytes: Optional[int] = None,
+                    planned: Optional[Residency] = None) -> Dict[str, Any]:
     """Return the complete DeepSpeed config for a ZeRO-Inference job.
 
     ``cfg`` is the composed config (or the node where the zero-inference groups are mounted); keys it
     lacks take the schema's defaults. ``facts`` (decoder-layer classes and parameter sizes) are needed
     by the tuned memory settings; when not given they are read from the architecture on the meta
     device (imports transformers, allocates nothing). ``device_bytes`` is the GPU's memory, the budget
-    ``persistence=auto`` plans against when ``memory.gpu_budget_gib`` is not set.
+    ``persistence=auto`` plans against when ``memory.gpu_budget_gib`` is not set; ``planned`` is the
+    residency a job's plan already made (:class:`zi_app.jobplan.JobPlan`), planned here when not given.
     """
     cfg = with_defaults(cfg)
     h = hidden_size(cfg.model.arch)
@@ -180,7 +182,7 @@ def build_ds_config(cfg: Any, facts: Optional[ModelFacts] = None, device_bytes: 
         from zi_app.model import model_facts
 
         facts = model_facts(dict(cfg.model.arch))
-    plan = residency(cfg, facts, device_bytes) if str(cfg.memory.persistence) == "auto" else None
+    plan = (planned or residency(cfg, facts, device_bytes)) if str(cfg.memory.persistence) == "auto" else None
     ds: Dict[str, Any] = {key: {"enabled": cfg.model.dtype == dtype} for dtype, key in DS_DTYPE_KEYS.items()}
     ds["zero_optimization"] = _zero_optimization(cfg, h, facts, plan)
     if cfg.offload.device == "nvme":

@@ -160,8 +160,8 @@ def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
     problems = (*(preflight.environment_problems(cfg, cuda) if here else ()), *_over_budget(cfg, residency, budget),
                 *_host_problems(cfg, hardware, prediction, here),
                 *((ConfigError("hardware", hardware.name, mismatch),) if mismatch else ()))
-    return JobPlan(cfg, dsconfig.build_ds_config(cfg, facts, device_bytes), residency, budget, problems, hardware,
-                   prediction)
+    ds_config = dsconfig.build_ds_config(cfg, facts, device_bytes, residency)
+    return JobPlan(cfg, ds_config, residency, budget, problems, hardware, prediction)
 
 
 def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
