@@ -24,7 +24,7 @@ from zi_app.paths import command
 from zi_app.schema import ZIConfig
 
 REPO = Path(__file__).resolve().parents[1]
-GROUPS = ("model", "offload", "quant", "kvcache", "memory")
+GROUPS = ("model", "offload", "quant", "kvcache", "memory", "hardware")
 HEAVY_MODULES = ("torch", "mlflow", "matplotlib", "deepspeed", "transformers")
 
 

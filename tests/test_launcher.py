@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
@@ -179,9 +180,13 @@ def test_ctrl_c_stops_the_sweep(tmp_path):
                              "x=1,3,5", "sleep=30"], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
-    while not (sweep / "0" / ".hydra" / "overrides.yaml").exists() and time.monotonic() < deadline:
+    # The job's own process must exist before the signal: on a loaded machine the driver writes the job's
+    # folder well before the process it starts has imported anything.
+    driver = psutil.Process(proc.pid)
+    while not ((sweep / "0" / ".hydra" / "overrides.yaml").exists() and driver.children(recursive=True)) \
+            and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(1)  # inside the job's sleep
+    time.sleep(5)  # inside the job's sleep
     os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode != 0
