@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.signals import terminal_signals
 from mlflow.tracking import MlflowClient
 
 import zi_app
@@ -36,7 +37,9 @@ def spawn(root: Path, *args: str) -> subprocess.Popen:
     """``python <args>`` in ``root`` in its own session (process group), as a shell starts a command;
     output to root/out.txt."""
     return subprocess.Popen([sys.executable, *args], cwd=root, env={**ENV, "ZI_CACHE_DIR": str(root / "cache")},
-                            start_new_session=True, stdout=open(root / "out.txt", "w"), stderr=subprocess.STDOUT)
+                            start_new_session=True, preexec_fn=terminal_signals,
+                            stdout=open(root / "out.txt", "w"), stderr=subprocess.STDOUT)
+
 
 
 def output(root: Path) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers.signals import terminal_signals
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
@@ -178,6 +179,7 @@ def test_ctrl_c_stops_the_sweep(tmp_path):
     shutil.rmtree(sweep)
     proc = subprocess.Popen([sys.executable, str(tmp_path / "app.py"), "-m", LAUNCHER, "hydra.sweep.dir=sweep",
                              "x=1,3,5", "sleep=30"], cwd=tmp_path, start_new_session=True,
+                            preexec_fn=terminal_signals,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     # The job's own process must exist before the signal: on a loaded machine the driver writes the job's
