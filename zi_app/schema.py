@@ -141,6 +141,7 @@ class ZIConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     batch: int = 1
+    devices: int = 1
     pin: bool = True
     prompt_len: int = 512
     gen_len: int = 32
@@ -233,7 +234,7 @@ def _positive_int(key: str, value: Any) -> None:
 
 
 def _check_workload(cfg: DictConfig) -> None:
-    for key in ("batch", "prompt_len", "gen_len", "repeat"):
+    for key in ("batch", "devices", "prompt_len", "gen_len", "repeat"):
         _positive_int(key, cfg[key])
     if cfg.warmup < 0:
         raise ConfigError("warmup", cfg.warmup, "an integer >= 0")
