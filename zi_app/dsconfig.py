@@ -85,7 +85,8 @@ def workload(cfg) -> Workload:
                     nvme_buffer_elements=((offload.buffer_count or 5)
                                           * (offload.buffer_size or largest_parameter_numel(cfg.model.arch))
                                           if offload.device == "nvme" else 0),
-                    hookless_when_resident=memory.fetch == "overlap")
+                    overlap_fetch=memory.fetch == "overlap",
+                    post_quant_modules=tuple(cfg.quant.modules) if cfg.quant.mode == "post" else ())
 
 
 def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Residency:

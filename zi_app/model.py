@@ -59,8 +59,16 @@ def _read_facts(arch: Dict[str, Any]) -> ModelFacts:
     leaf = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in layers})
     inside = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
     modules = list(model.modules())
-    return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in model.parameters()),
-                      modules=len(modules), modules_with_leaves=sum(id(m) not in inside for m in modules))
+    # DeepSpeed's post-init quantization replaces modules of exactly these types (not subclasses such as
+    # OPT's learned position embedding); a tied weight is named after its first module, as parameters() yields it.
+    weight_of: Dict[int, str] = {}
+    for name, module in model.named_modules():
+        if type(module) in (torch.nn.Linear, torch.nn.Embedding):
+            weight_of.setdefault(id(module.weight), name)
+    params = list(model.parameters())
+    return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in params),
+                      modules=len(modules), modules_with_leaves=sum(id(m) not in inside for m in modules),
+                      weight_modules=tuple(weight_of.get(id(p), "") for p in params))
 
 
 def architecture_from_checkpoint(path: str) -> Dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -38,6 +38,9 @@ class ModelFacts:
     # Modules whose forward ZeRO-3 hooks (one fetch each), without and with decoder layers as leaf modules.
     modules: int = 0
     modules_with_leaves: int = 0
+    # Per parameter: the name of the Linear or Embedding module it is the weight of ("" for any other), what
+    # DeepSpeed's post-init quantization matches its keys against.
+    weight_modules: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,20 @@ class Residency:
     offload_needed: Optional[bool] = None  # see offload_needed(); None where the GPU budget is unknown
 
 
-def persisted_elements(numels: Sequence[int], param_threshold: int, model_threshold: int) -> int:
-    """Elements ZeRO-3 keeps resident: DeepSpeed persists, in construction order, each parameter of at
-    most ``param_threshold`` elements while the running total stays within ``model_threshold``."""
-    total = 0
+def persisted(numels: Sequence[int], param_threshold: int, model_threshold: int) -> Tuple[bool, ...]:
+    """Which parameters ZeRO-3 keeps resident: DeepSpeed persists, in construction order, each parameter of
+    at most ``param_threshold`` elements while the running total stays within ``model_threshold``."""
+    total, kept = 0, []
     for numel in numels:
-        if numel <= param_threshold and total + numel <= model_threshold:
-            total += numel
-    return total
+        keep = numel <= param_threshold and total + numel <= model_threshold
+        total += numel if keep else 0
+        kept.append(keep)
+    return tuple(kept)
+
+
+def persisted_elements(numels: Sequence[int], param_threshold: int, model_threshold: int) -> int:
+    """Elements of the parameters :func:`persisted` keeps resident."""
+    return sum(numel for numel, keep in zip(numels, persisted(numels, param_threshold, model_threshold)) if keep)
 
 
 def _layers(arch: Dict[str, Any]) -> int:
@@ -99,7 +108,27 @@ class Workload:
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
     nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
-    hookless_when_resident: bool = False  # memory.fetch=overlap removes ZeRO-3's hooks when every weight is resident
+    # memory.fetch=overlap: the host's per-fetch work runs while copies are in flight, and no hooks remain
+    # when every weight is resident (zi_app/fetch.py)
+    overlap_fetch: bool = False
+    post_quant_modules: Tuple[str, ...] = ()  # weight_quantization.post_init_quant's keys (quant=int8-post/int4-post)
+
+
+def post_quantized(work: Workload, facts: ModelFacts) -> Tuple[bool, ...]:
+    """Which parameters post-init quantization replaces: the weight of each Linear or Embedding module whose
+    name contains one of its keys (DeepSpeed's own matching)."""
+    names = facts.weight_modules or ("",) * len(facts.param_numels)
+    return tuple(bool(name) and any(key in name for key in work.post_quant_modules) for name in names)
+
+
+def stored_bytes(work: Workload, facts: ModelFacts) -> Tuple[int, ...]:
+    """Each parameter's bytes between steps: the quantized width for every weight under init-time
+    quantization and for the replaced ones after post-init quantization, the dtype's for the rest."""
+    if not work.post_quant_modules:
+        return tuple(int(numel * work.weight_bytes) for numel in facts.param_numels)
+    nbytes = DTYPE_BYTES[work.dtype]
+    return tuple(int(numel * (work.weight_bytes if replaced else nbytes))
+                 for numel, replaced in zip(facts.param_numels, post_quantized(work, facts)))
 
 
 def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_threshold: int) -> Residency:
@@ -107,24 +136,35 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
 
     The peak is the larger of the prefill's (KV cache of the prompt + a layer's activations for every
     prompt token) and the last decode step's (KV cache of the whole sequence), each with the resident
-    weights, the gathered (live) parameters of a layer and a fixed workspace. An offloaded KV cache holds
-    two layers on the GPU (the one computing and the one prefetched).
+    weights, the gathered (live) parameters of a layer when any weight is streamed, and a fixed workspace.
+    An offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
+    prefetched) and one and a half in the prefill (measured: OPT-6.7B batch 64 peaks half a layer's cache
+    above the computing layer's, with and without resident weights; a layer's copy to the host is queued
+    while the next computes). Post-init quantization replaces its weights by new parameters ZeRO-3
+    never persists: they are streamed at their quantized width and dequantized one matrix at a time.
     """
     nbytes = DTYPE_BYTES[work.dtype]
+    sizes = stored_bytes(work, facts)
     if work.offload == "none":  # nothing is offloaded: every weight stays where it is, on the GPU
-        resident = weight_total_bytes(work, facts)
+        resident = sum(sizes)
     else:
-        resident = int(persisted_elements(facts.param_numels, param_threshold, model_threshold) * work.weight_bytes)
+        kept = persisted(facts.param_numels, param_threshold, model_threshold)
+        resident = sum(size for size, keep, replaced in zip(sizes, kept, post_quantized(work, facts))
+                       if keep and not replaced)
     # The embedding is gathered only outside the decoder layers, where activations are small.
     layer_params = sorted(facts.param_numels)[-2] if len(facts.param_numels) > 1 else max(facts.param_numels)
-    live = max(work.live_elements, layer_params) * nbytes
+    live = 0
+    if resident < sum(sizes):
+        gathered = max(work.live_elements, layer_params)
+        live = (int(gathered * work.weight_bytes) + layer_params * nbytes if work.post_quant_modules
+                else gathered * nbytes)
 
-    def kv(tokens: int) -> int:
+    def kv(tokens: int, half_layers_held: int) -> int:
         full = kv_cache_bytes(work.arch, work.batch, tokens, nbytes)
-        return min(full, 2 * full // max(1, _layers(work.arch))) if work.kv_offloaded else full
+        return min(full, half_layers_held * full // max(1, 2 * _layers(work.arch))) if work.kv_offloaded else full
 
-    prefill = kv(work.prompt_len) + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes)
-    decode = kv(work.prompt_len + work.gen_len)
+    prefill = kv(work.prompt_len, 3) + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes)
+    decode = kv(work.prompt_len + work.gen_len, 4)
     peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
 
@@ -136,7 +176,10 @@ def fits(residency: Residency, budget_bytes: int) -> bool:
 
 def offload_needed(work: Workload, facts: ModelFacts, budget_bytes: int) -> bool:
     """False when every weight plus the workload fits the budget with ``offload=none``: offloading would
-    only cost time (each step copies weights the GPU could hold)."""
+    only cost time (each step copies weights the GPU could hold). Post-init quantization loads the weights
+    at their dtype's width first, so that is what must fit."""
+    if work.post_quant_modules:
+        work = replace(work, post_quant_modules=(), weight_bytes=float(DTYPE_BYTES[work.dtype]))
     return not fits(predict(work, facts, max(facts.param_numels), sys.maxsize), budget_bytes)
 
 
@@ -150,10 +193,14 @@ def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_th
     persist, in construction order, up to what the budget has left once KV cache, activations and
     live parameters fit.
     """
+    base = predict(work, facts, base_threshold, sys.maxsize)
+    if work.post_quant_modules:
+        # Post-init quantization replaces the large weights after ZeRO-3 chose what persists, by parameters it
+        # never keeps resident: persisting more would only hold their fp16 originals on the GPU while loading.
+        return base
     everything = predict(work, facts, max(facts.param_numels), sys.maxsize)
     if fits(everything, budget_bytes):
         return everything
-    base = predict(work, facts, base_threshold, sys.maxsize)
     param_threshold = max(base_threshold, sorted(facts.param_numels)[-2] if len(facts.param_numels) > 1 else 0)
     base_elements = persisted_elements(facts.param_numels, base_threshold, sys.maxsize)
     spare = max(0, int(budget_bytes * PLAN_FRACTION) - base.predicted_peak_bytes)
@@ -205,7 +252,7 @@ class Prediction:
 
 def weight_total_bytes(work: Workload, facts: ModelFacts) -> int:
     """Bytes of every weight as stored (quantized width where quantized)."""
-    return int(sum(facts.param_numels) * work.weight_bytes)
+    return sum(stored_bytes(work, facts))
 
 
 def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Residency) -> int:
@@ -213,13 +260,18 @@ def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Reside
     embedding the reference settings release between its two uses), plus an offloaded KV cache."""
     streamed = 0
     if work.offload != "none":
-        streamed = weight_total_bytes(work, facts) - residency.resident_bytes
+        sizes = stored_bytes(work, facts)
+        streamed = sum(sizes) - residency.resident_bytes
         if work.refetch_tied:
-            streamed += int(max(facts.param_numels) * work.weight_bytes)
-    if work.kv_offloaded:
-        streamed += kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len // 2,
-                                   DTYPE_BYTES[work.dtype])
-    return streamed
+            streamed += sizes[facts.param_numels.index(max(facts.param_numels))]
+    return streamed + offloaded_kv_bytes(work)
+
+
+def offloaded_kv_bytes(work: Workload) -> int:
+    """Bytes of an offloaded KV cache a decode step brings back to the GPU (its mean length); 0 on the GPU."""
+    if not work.kv_offloaded:
+        return 0
+    return kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len // 2, DTYPE_BYTES[work.dtype])
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -229,26 +281,43 @@ def pinned_bytes(nbytes: int) -> int:
 
 def host_bytes(work: Workload, facts: ModelFacts) -> int:
     """Predicted peak host RSS: the process's base, the offloaded weights (one pinned buffer per parameter
-    partition when pinned), NVMe staging buffers, an offloaded KV cache, and a checkpoint read from files."""
+    partition when pinned), NVMe staging buffers, an offloaded KV cache, and a checkpoint read from files.
+    Post-init quantization offloads the weights at their dtype's width while loading and their quantized
+    replacements after; the host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned)."""
     nbytes = DTYPE_BYTES[work.dtype]
     total = HOST_BASE_BYTES
     if work.offload == "cpu":
-        sizes = (int(math.ceil(numel * work.weight_bytes)) for numel in facts.param_numels)
+        sizes = [int(math.ceil(numel * (nbytes if work.post_quant_modules else work.weight_bytes)))
+                 for numel in facts.param_numels]
+        sizes += [size for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
         total += sum(pinned_bytes(size) if work.pin else size for size in sizes)
     elif work.offload == "nvme":
         size = work.nvme_buffer_elements * nbytes
         total += pinned_bytes(size) if work.pin else size
     if work.kv_offloaded:
-        total += kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len, nbytes)
+        total += offloaded_kv_host_bytes(work)
     if work.reads_checkpoint:
         total += sum(facts.param_numels) * nbytes
     return total
 
 
+def offloaded_kv_host_bytes(work: Workload) -> int:
+    """Host memory an offloaded KV cache holds: each layer's keys and values go to pinned memory after every
+    update, in blocks the CUDA host allocator rounds up to powers of two and caches by size, so every size
+    class the sequence passes through stays allocated (OPT-6.7B batch 64, 512 + 8 tokens: 256 MiB blocks
+    from the prefill and 512 MiB ones from the decode, 48 GiB for a 17 GB cache)."""
+    per_token = kv_cache_bytes(work.arch, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, _layers(work.arch)))
+    classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}
+    return 2 * _layers(work.arch) * sum(classes)
+
+
 def quantized_matrices(work: Workload, facts: ModelFacts) -> int:
-    """Weight matrices dequantized in every forward (quantized models: each one larger than a bias or norm)."""
+    """Weight matrices dequantized in every forward (quantized models: each one larger than a bias or norm,
+    or each one post-init quantization replaced)."""
     if work.weight_bytes >= DTYPE_BYTES[work.dtype]:
         return 0
+    if work.post_quant_modules:
+        return sum(post_quantized(work, facts))
     return sum(numel > int(work.arch["hidden_size"]) for numel in facts.param_numels)
 
 
@@ -259,10 +328,7 @@ def _flops_per_token(work: Workload, facts: ModelFacts, context: int) -> float:
 
 def streamed_weights(work: Workload, facts: ModelFacts, streamed: int) -> int:
     """The weight bytes among ``streamed`` (an offloaded KV cache's left out)."""
-    if not work.kv_offloaded:
-        return streamed
-    return streamed - kv_cache_bytes(work.arch, work.batch, work.prompt_len + work.gen_len // 2,
-                                     DTYPE_BYTES[work.dtype])
+    return streamed - offloaded_kv_bytes(work)
 
 
 def fetches_per_forward(work: Workload, facts: ModelFacts) -> int:
@@ -288,22 +354,32 @@ def prefill_flops(work: Workload, facts: ModelFacts) -> float:
 def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware) -> Tuple[float, float]:
     """(prefill seconds, decode step seconds) of ``work`` on ``hw`` (which must have its rates).
 
-    A decode step streams ``streamed`` bytes at the link's effective rate, pays ``fetch_overhead_s`` per
-    ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix and ``step_overhead_s`` once, and computes
-    at the GPU's rates (:func:`decode_compute_s`). The prefill streams the same weights while it computes
+    A decode step streams ``streamed`` bytes at the link's effective rate (an offloaded KV cache both ways),
+    pays ``fetch_overhead_s`` per ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix and
+    ``step_overhead_s`` once, and computes at the GPU's rates (:func:`decode_compute_s`). The prefill streams the same weights while it computes
     ``batch x prompt_len`` tokens; the larger of the two costs it.
     """
+    pinned_gbps = hw.h2d_pinned_gbps * hw.stream_efficiency * 1e9
     pinned = work.pin or work.offload == "none"
-    gbps = hw.h2d_pinned_gbps * hw.stream_efficiency if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency
+    gbps = pinned_gbps if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency * 1e9
+    weights = streamed_weights(work, facts, streamed)
+    # An offloaded KV cache leaves each layer for (pinned) host memory after its update and comes back before
+    # the next step; the two copies serialise with each other but overlap ZeRO-3's weight copies on their own
+    # stream (measured: OPT-6.7B batch 64 fully resident, 17.2 GB of cache, 0.84 s a step).
+    kv = offloaded_kv_bytes(work)
+    copies_s = max(weights / gbps + kv / pinned_gbps, 2 * kv / pinned_gbps)
     # The host walks ZeRO-3's hooks of every parameter while copies run: with little to stream, that walk
     # is the floor of a step (OPT-13B fully resident: 0.108 s where 0.01 s of copies remain).
-    hooks = not (work.hookless_when_resident and streamed_weights(work, facts, streamed) == 0)
-    stream_s = max(streamed / (gbps * 1e9), len(facts.param_numels) * hw.param_overhead_s * hooks)
+    hooks = not (work.overlap_fetch and weights == 0)
+    stream_s = max(copies_s, len(facts.param_numels) * hw.param_overhead_s * hooks)
     host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s * hooks
               + quantized_matrices(work, facts) * hw.dequant_overhead_s)
-    decode_s = stream_s + host_s + decode_compute_s(work, facts, hw) + hw.step_overhead_s
+    # The overlapping fetch path issues the next fetch's copies before the current module runs, so the host's
+    # per-fetch and dequantization work hides behind the copies instead of adding to them.
+    fetch_s = max(stream_s, host_s) if work.overlap_fetch else stream_s + host_s
+    decode_s = fetch_s + decode_compute_s(work, facts, hw) + hw.step_overhead_s
     compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
-    prefill_s = max(stream_s + host_s, compute_s) + hw.step_overhead_s
+    prefill_s = max(fetch_s, compute_s) + hw.step_overhead_s
     return prefill_s, decode_s
 
 
