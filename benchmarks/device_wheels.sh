@@ -15,7 +15,7 @@ PACKAGES="deepspeed hjson ninja py-cpuinfo pydantic pydantic-core annotated-type
   opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions protobuf cachetools
   databricks-sdk google-auth pyasn1 pyasn1-modules sqlparse gitpython gitdb smmap cloudpickle importlib-metadata
   zipp click python-dotenv matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six
-  tqdm"
+  tqdm fastapi starlette annotated-doc anyio h11 httpx2 httpcore2 truststore cryptography cffi pycparser"
 rm -rf .whl && mkdir -p .whl
 for name in $PACKAGES; do
   version=$($PY -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null) || {
@@ -23,7 +23,7 @@ for name in $PACKAGES; do
   # Compiled packages come as CPython 3.12 wheels; the few published only as sdists (DeepSpeed,
   # antlr4-python3-runtime) are pure Python and are built into wheels here.
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_34_x86_64 \
       -d .whl "$name==$version" 2>/dev/null \
     || DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl "$name==$version"
 done
