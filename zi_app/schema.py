@@ -115,6 +115,8 @@ class HardwareConfig:
     h2d_pageable_gbps: Optional[float] = None
     gpu_memory_gbps: Optional[float] = None
     gpu_tflops: Optional[float] = None
+    gpu_count: Optional[int] = None  # GPUs of the machine (auto: counted here); null on a preset: any number
+    gpu_peer_gbps: Optional[float] = None  # GPU-to-GPU GB/s per GPU, one direction (NVLink or PCIe P2P)
     # The speed model's constants (docs/planner.md), fitted to our H200 runs in docs/results/.
     stream_efficiency: float = 0.95  # share of h2d_pinned_gbps a decode step's pinned fetches reach
     pageable_efficiency: float = 0.38  # share of h2d_pageable_gbps pageable fetches reach
@@ -360,9 +362,11 @@ def _check_kvcache(kvcache: DictConfig) -> None:
 
 def _check_hardware(hardware: DictConfig) -> None:
     for key in ("gpu_memory_gib", "host_memory_gib", "h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
-                "gpu_tflops"):
+                "gpu_tflops", "gpu_peer_gbps"):
         if hardware[key] is not None and hardware[key] <= 0:
             raise ConfigError(f"hardware.{key}", hardware[key], "a positive number, or null (measured here)")
+    if hardware.gpu_count is not None:
+        _positive_int("hardware.gpu_count", hardware.gpu_count)
     for key in ("stream_efficiency", "pageable_efficiency", "compute_efficiency", "memory_efficiency"):
         if not 0 < hardware[key] <= 1:
             raise ConfigError(f"hardware.{key}", hardware[key], "a fraction in (0, 1]")
