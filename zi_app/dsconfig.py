@@ -86,7 +86,8 @@ def workload(cfg) -> Workload:
                                           * (offload.buffer_size or largest_parameter_numel(cfg.model.arch))
                                           if offload.device == "nvme" else 0),
                     overlap_fetch=memory.fetch == "overlap",
-                    post_quant_modules=tuple(cfg.quant.modules) if cfg.quant.mode == "post" else ())
+                    post_quant_modules=tuple(cfg.quant.modules) if cfg.quant.mode == "post" else (),
+                    ranks=cfg.devices)
 
 
 def residency(cfg, facts: ModelFacts, device_bytes: Optional[int] = None) -> Residency:

@@ -4,7 +4,9 @@ GPU memory: what lives on the GPU at the peak of the job: resident (persistent) 
 prefill activations + gathered (live) parameters + a fixed allowance for CUDA/cuBLAS workspaces.
 Host memory: the process's base + every offloaded weight (pinned buffers rounded up to powers of two).
 Speed: a decode step streams the non-resident weights over the host link, pays a host cost per ZeRO-3
-fetch, and computes at the GPU's rates; the prefill likewise. docs/planner.md derives each term and its
+fetch, and computes at the GPU's rates; the prefill likewise. A job of several ranks (``devices``) holds
+the resident weights on every rank and partitions the offloaded ones: each rank streams its share over its
+own link and all-gathers the rest from its peers. docs/planner.md derives each term and its
 constants from measured runs.
 """
 
@@ -112,6 +114,7 @@ class Workload:
     # when every weight is resident (zi_app/fetch.py)
     overlap_fetch: bool = False
     post_quant_modules: Tuple[str, ...] = ()  # weight_quantization.post_init_quant's keys (quant=int8-post/int4-post)
+    ranks: int = 1  # processes (devices) one job spans; batch is per rank
 
 
 def post_quantized(work: Workload, facts: ModelFacts) -> Tuple[bool, ...]:
@@ -230,6 +233,8 @@ class Hardware:
     step_overhead_s: float
     compute_efficiency: float
     memory_efficiency: float
+    gpu_count: Optional[int] = None  # GPUs a job may span; None: any number
+    gpu_peer_gbps: Optional[float] = None  # GPU-to-GPU GB/s per GPU, one direction
 
     @property
     def has_gpu_rates(self) -> bool:
@@ -248,6 +253,7 @@ class Prediction:
     decode_step_s: Optional[float]
     prefill_s: Optional[float]
     tokens_per_sec: Optional[float]
+    peer_bytes_per_step: int = 0  # bytes each rank all-gathers from its peers per decode step (devices > 1)
 
 
 def weight_total_bytes(work: Workload, facts: ModelFacts) -> int:
@@ -280,22 +286,24 @@ def pinned_bytes(nbytes: int) -> int:
 
 
 def host_bytes(work: Workload, facts: ModelFacts) -> int:
-    """Predicted peak host RSS: the process's base, the offloaded weights (one pinned buffer per parameter
-    partition when pinned), NVMe staging buffers, an offloaded KV cache, and a checkpoint read from files.
-    Post-init quantization offloads the weights at their dtype's width while loading and their quantized
-    replacements after; the host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned)."""
+    """Predicted peak host RSS of the whole job: per rank the process's base, NVMe staging buffers and an
+    offloaded KV cache; the offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each
+    pins its own partition, rounded up alone); and a checkpoint read from files. Post-init quantization
+    offloads the weights at their dtype's width while loading and their quantized replacements after; the
+    host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned)."""
     nbytes = DTYPE_BYTES[work.dtype]
-    total = HOST_BASE_BYTES
+    total = HOST_BASE_BYTES * work.ranks
     if work.offload == "cpu":
-        sizes = [int(math.ceil(numel * (nbytes if work.post_quant_modules else work.weight_bytes)))
-                 for numel in facts.param_numels]
-        sizes += [size for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
-        total += sum(pinned_bytes(size) if work.pin else size for size in sizes)
+        width = nbytes if work.post_quant_modules else work.weight_bytes
+        sizes = [int(math.ceil(math.ceil(numel / work.ranks) * width)) for numel in facts.param_numels]
+        sizes += [math.ceil(size / work.ranks)
+                  for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
+        total += work.ranks * sum(pinned_bytes(size) if work.pin else size for size in sizes)
     elif work.offload == "nvme":
         size = work.nvme_buffer_elements * nbytes
-        total += pinned_bytes(size) if work.pin else size
+        total += work.ranks * (pinned_bytes(size) if work.pin else size)
     if work.kv_offloaded:
-        total += offloaded_kv_host_bytes(work)
+        total += work.ranks * offloaded_kv_host_bytes(work)
     if work.reads_checkpoint:
         total += sum(facts.param_numels) * nbytes
     return total
@@ -351,13 +359,26 @@ def prefill_flops(work: Workload, facts: ModelFacts) -> float:
     return work.batch * work.prompt_len * _flops_per_token(work, facts, work.prompt_len // 2)
 
 
-def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware) -> Tuple[float, float]:
-    """(prefill seconds, decode step seconds) of ``work`` on ``hw`` (which must have its rates).
+def rank_traffic(work: Workload, facts: ModelFacts, streamed: int) -> Tuple[int, int]:
+    """(bytes over a rank's own host link, bytes it all-gathers from its peers) per decode step, of the job's
+    ``streamed`` bytes: ZeRO-3 partitions each offloaded weight across the ranks, so each rank copies its
+    1/ranks share from host memory and receives the rest from the other ranks; an offloaded KV cache is each
+    rank's own (its batch) and crosses its own link whole."""
+    weights = streamed_weights(work, facts, streamed)
+    own = math.ceil(weights / work.ranks)
+    return streamed - weights + own, weights - own
 
-    A decode step streams ``streamed`` bytes at the link's effective rate (an offloaded KV cache both ways),
-    pays ``fetch_overhead_s`` per ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix and
-    ``step_overhead_s`` once, and computes at the GPU's rates (:func:`decode_compute_s`). The prefill streams the same weights while it computes
-    ``batch x prompt_len`` tokens; the larger of the two costs it.
+
+def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware,
+                  peer_bytes: int = 0) -> Tuple[float, float]:
+    """(prefill seconds, decode step seconds) of one rank of ``work`` on ``hw`` (which must have its rates,
+    and ``gpu_peer_gbps`` when ``peer_bytes``).
+
+    A decode step streams ``streamed`` bytes at the link's effective rate (an offloaded KV cache both ways)
+    while the all-gather receives ``peer_bytes`` from the other ranks at ``gpu_peer_gbps`` (the slower of the
+    two counts), pays ``fetch_overhead_s`` per ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix and
+    ``step_overhead_s`` once, and computes at the GPU's rates (:func:`decode_compute_s`). The prefill streams
+    the same weights while it computes ``batch x prompt_len`` tokens; the larger of the two costs it.
     """
     pinned_gbps = hw.h2d_pinned_gbps * hw.stream_efficiency * 1e9
     pinned = work.pin or work.offload == "none"
@@ -371,7 +392,8 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     # The host walks ZeRO-3's hooks of every parameter while copies run: with little to stream, that walk
     # is the floor of a step (OPT-13B fully resident: 0.108 s where 0.01 s of copies remain).
     hooks = not (work.overlap_fetch and weights == 0)
-    stream_s = max(copies_s, len(facts.param_numels) * hw.param_overhead_s * hooks)
+    peer_s = peer_bytes / (hw.gpu_peer_gbps * 1e9) if peer_bytes else 0.0
+    stream_s = max(copies_s, peer_s, len(facts.param_numels) * hw.param_overhead_s * hooks)
     host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s * hooks
               + quantized_matrices(work, facts) * hw.dequant_overhead_s)
     # The overlapping fetch path issues the next fetch's copies before the current module runs, so the host's
@@ -389,13 +411,15 @@ def tokens_per_sec(batch: int, gen_len: int, prefill_s: float, decode_step_s: fl
 
 
 def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Hardware) -> Prediction:
-    """Everything predicted of one job: memory from ``residency``, speed when ``hw`` has its rates."""
-    streamed = streamed_bytes_per_step(work, facts, residency)
+    """Everything predicted of one job: memory from ``residency`` (GPU peak and streamed bytes per rank, host
+    memory of the whole job), speed when ``hw`` has its rates (and its peer rate, for more than one rank);
+    tokens/s counts every rank's batch."""
+    streamed, peer = rank_traffic(work, facts, streamed_bytes_per_step(work, facts, residency))
     nvme = weight_total_bytes(work, facts) if work.offload == "nvme" else 0
     prefill_s = decode_s = speed = None
-    if hw.has_gpu_rates:
-        prefill_s, decode_s = predict_times(work, facts, streamed, hw)
-        speed = tokens_per_sec(work.batch, work.gen_len, prefill_s, decode_s)
+    if hw.has_gpu_rates and (not peer or hw.gpu_peer_gbps is not None):
+        prefill_s, decode_s = predict_times(work, facts, streamed, hw, peer_bytes=peer)
+        speed = tokens_per_sec(work.batch * work.ranks, work.gen_len, prefill_s, decode_s)
     return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts),
                       streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
-                      prefill_s=prefill_s, tokens_per_sec=speed)
+                      prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer)
