@@ -62,6 +62,10 @@ class JobPlan:
         return self.prediction.streamed_bytes_per_step
 
     @property
+    def predicted_peer_bytes_per_step(self) -> int:
+        return self.prediction.peer_bytes_per_step
+
+    @property
     def predicted_decode_step_s(self) -> Optional[float]:
         return self.prediction.decode_step_s
 
@@ -79,6 +83,7 @@ class JobPlan:
                    "predicted_resident_bytes": self.residency.resident_bytes,
                    "predicted_peak_host_bytes": self.predicted_peak_host_bytes,
                    "predicted_streamed_bytes_per_step": self.predicted_streamed_bytes_per_step,
+                   "predicted_peer_bytes_per_step": self.predicted_peer_bytes_per_step,
                    "predicted_decode_step_s": self.predicted_decode_step_s,
                    "predicted_prefill_s": self.predicted_prefill_s,
                    "predicted_tokens_per_sec": self.predicted_tokens_per_sec}
@@ -136,6 +141,17 @@ def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction,
     return tuple(problems)
 
 
+def _device_problems(cfg: DictConfig, hardware: Hardware, found: Tuple[ConfigError, ...]) -> Tuple[ConfigError, ...]:
+    """``devices`` beyond the GPUs of the hardware planned for, unless the environment check (``found``)
+    already refused them here."""
+    if hardware.gpu_count is None or cfg.devices <= hardware.gpu_count or any(p.key == "devices" for p in found):
+        return ()
+    where = "this machine has" if hardware.name == "auto" else f"hardware={hardware.name} has"
+    return (ConfigError("devices", cfg.devices,
+                        f"at most {hardware.gpu_count}: {where} {hardware.gpu_count} GPU(s) (hardware.gpu_count), "
+                        f"one rank per GPU"),)
+
+
 def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
     """Plan ``cfg`` for the hardware it names (``hardware``; ``auto`` is this machine; ``cuda``: whether a
     CUDA device is usable here).
@@ -157,7 +173,8 @@ def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
     budget = dsconfig.budget_bytes(cfg, device_bytes)
     prediction = dsconfig.prediction(cfg, facts, residency, hardware)
     mismatch = machine.hardware_problem(hardware, cuda) if here else None
-    problems = (*(preflight.environment_problems(cfg, cuda) if here else ()), *_over_budget(cfg, residency, budget),
+    environment = tuple(preflight.environment_problems(cfg, cuda)) if here else ()
+    problems = (*environment, *_device_problems(cfg, hardware, environment), *_over_budget(cfg, residency, budget),
                 *_host_problems(cfg, hardware, prediction, here),
                 *((ConfigError("hardware", hardware.name, mismatch),) if mismatch else ()))
     ds_config = dsconfig.build_ds_config(cfg, facts, device_bytes, residency)
@@ -174,10 +191,11 @@ def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
     return plan
 
 
-def refusal(config: DictConfig) -> Optional[ConfigError]:
-    """Why a zero-inference job would be refused before loading: its invalid config or the first problem
-    of its plan, made the way the job itself makes it. None when it would run, when it is a dry run (which
-    only warns) or when ``config`` is not a zero-inference job. Lets a sweep's parent refuse jobs without
+def refusal(config: DictConfig, gpus: Optional[int] = None) -> Optional[ConfigError]:
+    """Why a zero-inference job would be refused before loading: its invalid config, ``devices`` beyond the
+    ``gpus`` a sweep hands out (None: no GPUs to hand out, ranks run on the CPU), or the first problem of its
+    plan, made the way the job itself makes it. None when it would run, when it is a dry run (which only
+    warns) or when ``config`` is not a zero-inference job. Lets a sweep's parent refuse jobs without
     starting their processes."""
     if not all(key in config for key in ("model", "offload", "quant", "memory")) or config.get("dry_run"):
         return None
@@ -187,4 +205,8 @@ def refusal(config: DictConfig) -> Optional[ConfigError]:
         plan = plan_job(config, torch.cuda.is_available())
     except ConfigError as error:
         return error
+    if gpus is not None and plan.cfg.devices > gpus:
+        return ConfigError("devices", plan.cfg.devices,
+                           f"at most {gpus}: this sweep has {gpus} GPU(s) (hydra.launcher.gpus, else "
+                           f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank")
     return plan.problems[0] if plan.problems else None

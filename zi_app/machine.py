@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -54,6 +54,28 @@ def gpu() -> Optional[Gpu]:
             return None
     index, uuid, name, mib = rows[0][:4]
     return Gpu(name=name, memory_bytes=int(float(mib)) * 2**20)
+
+
+def visible_gpus() -> List[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them when it is set, else every GPU
+    nvidia-smi lists (its indexes); empty without a GPU."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        gpus = []
+        for device in (d.strip() for d in env.split(",")):
+            if not device or device.startswith("-"):  # CUDA ignores everything from an invalid entry on
+                break
+            gpus.append(device)
+        return gpus
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
 
 
 def torch_gpu() -> Gpu:
@@ -131,8 +153,9 @@ def same_gpu(preset, device: Gpu) -> bool:
 def hardware(cfg, cuda: bool = False) -> Hardware:
     """The figures ``cfg.hardware`` plans for. A preset's are taken as given; ``hardware=auto`` fills each
     null figure from this machine: its GPU (nvidia-smi), available host memory (psutil), the cached
-    bandwidth, and the GPU's compute and memory rates from the preset matching its name. Without a GPU the
-    GPU figures stay None and no speed is predicted."""
+    bandwidth, the GPUs it may use (:func:`visible_gpus`), and the GPU's compute, memory and peer rates from
+    the preset matching its name. Without a GPU the GPU figures stay None (any number of ranks: they run on
+    the CPU) and no speed is predicted."""
     hw = OmegaConf.to_container(cfg.hardware)
     if hw["name"] == "auto":
         device = gpu() or (torch_gpu() if cuda else None)
@@ -144,12 +167,14 @@ def hardware(cfg, cuda: bool = False) -> Hardware:
                         if None in (hw["h2d_pinned_gbps"], hw["h2d_pageable_gbps"]) else {})
             found = {"device_name": device.name, "gpu_memory_gib": device.memory_bytes / GIB,
                      "h2d_pinned_gbps": measured.get("pinned"), "h2d_pageable_gbps": measured.get("pageable"),
-                     "gpu_memory_gbps": preset.get("gpu_memory_gbps"), "gpu_tflops": preset.get("gpu_tflops")}
+                     "gpu_memory_gbps": preset.get("gpu_memory_gbps"), "gpu_tflops": preset.get("gpu_tflops"),
+                     "gpu_count": len(visible_gpus()) or (1 if cuda else None),
+                     "gpu_peer_gbps": preset.get("gpu_peer_gbps")}
             hw.update({key: value for key, value in found.items() if hw[key] is None})
     return Hardware(name=hw["name"], device_name=hw["device_name"], gpu_memory_bytes=_gib(hw["gpu_memory_gib"]),
                     host_memory_bytes=_gib(hw["host_memory_gib"]),
                     **{key: hw[key] for key in ("h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
-                                                "gpu_tflops", "stream_efficiency", "pageable_efficiency",
+                                                "gpu_tflops", "gpu_count", "gpu_peer_gbps", "stream_efficiency", "pageable_efficiency",
                                                 "fetch_overhead_s", "param_overhead_s",
                                                 "dequant_overhead_s", "step_overhead_s", "compute_efficiency",
                                                 "memory_efficiency")})

@@ -72,7 +72,15 @@ def environment_problems(cfg, cuda: bool) -> List[ConfigError]:
         check_fetch_supported(cfg.memory.fetch)
     except ConfigError as refused:
         problems.append(refused)
-    if not cuda:
+    if cuda:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if cfg.devices > visible:
+            problems.append(ConfigError(
+                "devices", cfg.devices, f"at most {visible}: one rank per GPU and {visible} GPU(s) are visible to "
+                                        f"this process (CUDA_VISIBLE_DEVICES)"))
+    else:
         if cfg.kvcache.cache_implementation == "offloaded":
             problems.append(ConfigError(
                 "kvcache", "cpu", "gpu on a machine without CUDA (transformers' offloaded cache streams over CUDA "
