@@ -20,8 +20,8 @@ from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, Launche
 from hydra.version import VersionBase
 from packaging.version import Version
 
-from hydra_plugins.zero_inference import _core
 from hydra_plugins.zero_inference.process_per_job_launcher import ProcessPerJobLauncher
+from zi_app import machine
 
 LAUNCHER = "hydra/launcher=process_per_job"
 
@@ -169,7 +169,7 @@ def test_one_job_per_gpu_at_a_time(tmp_path):
                                            ("GPU-9f2e, GPU-77aa", ["GPU-9f2e", "GPU-77aa"])])
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, env, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
-    assert _core.visible_gpus() == expected
+    assert machine.visible_gpus() == expected
 
 
 def test_ctrl_c_stops_the_sweep(tmp_path):

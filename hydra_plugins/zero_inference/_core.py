@@ -16,8 +16,6 @@ import contextlib
 import logging
 import os
 import pickle
-import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,25 +80,34 @@ class Job:
         return str(self.config.hydra.runtime.output_dir)
 
 
-def visible_gpus() -> List[str]:
-    """The GPUs this sweep may use: ``CUDA_VISIBLE_DEVICES`` when set, else every GPU nvidia-smi lists."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        gpus = []
-        for device in (d.strip() for d in env.split(",")):
-            if not device or device.startswith("-"):  # CUDA ignores everything from an invalid entry on
-                break
-            gpus.append(device)
-        return gpus
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
+def job_devices(job: Job) -> int:
+    """The GPUs ``job`` asks for: its ``devices`` (a zero-inference job spanning several), else one."""
+    devices = job.config.get("devices")
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) and devices > 1 else 1
+
+
+class GpuPool:
+    """The sweep's GPUs, handed to jobs as sets: a job taking N waits until N are free at once, while jobs
+    that fit in what is free run beside it."""
+
+    def __init__(self, gpus: Sequence[str]) -> None:
+        self.gpus = list(gpus)
+        self.free = list(gpus)
+        self.changed = threading.Condition()
+
+    def take(self, count: int) -> List[str]:
+        """Wait until ``count`` GPUs are free and take them (the first free, in the sweep's order)."""
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.free) >= count)
+            taken, self.free = self.free[:count], self.free[count:]
+            return taken
+
+    def give_back(self, gpus: Sequence[str]) -> None:
+        """Return GPUs taken with :meth:`take`, waking the jobs waiting for them."""
+        with self.changed:
+            back = set(self.free) | set(gpus)
+            self.free = [gpu for gpu in self.gpus if gpu in back]
+            self.changed.notify_all()
 
 
 def compose(launcher: Any, overrides: Sequence[str], idx: int) -> Job:
@@ -171,15 +178,16 @@ def refused_job_return(job: Job, error: BaseException) -> JobReturn:
     return ret
 
 
-def plan_refusals(jobs: Sequence[Job]) -> dict:
+def plan_refusals(jobs: Sequence[Job], gpus: int) -> dict:
     """Plan every job in the driver first: {job idx: why it will be refused} for those the zero-inference
-    app would refuse before loading, printed with their reasons. Other apps' jobs are never refused."""
+    app would refuse before loading, or whose ``devices`` exceed the ``gpus`` the sweep has (when it has
+    any), printed with their reasons. Other apps' jobs are never refused."""
     from zi_app.jobplan import refusal
 
     refused = {}
     for job in jobs:
         task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
-        error = refusal(task_cfg)
+        error = refusal(task_cfg, gpus or None)
         if error is not None:
             refused[job.idx] = error
     if refused:
@@ -277,20 +285,21 @@ def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, work
 
 
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-    """Run the batch, one job per process, one at a time per GPU slot; return JobReturns in job order."""
+    """Run the batch, one job per process, each on as many of the sweep's GPUs as its ``devices`` (one at a
+    time without GPUs); return JobReturns in job order."""
+    from zi_app.machine import visible_gpus
+
     setup_globals()
     config = launcher.config
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     gpus = visible_gpus() if launcher.gpus is None else launcher.gpus
-    slots: "queue.Queue[Optional[str]]" = queue.Queue()
-    for gpu in gpus or [None]:
-        slots.put(gpu)
+    pool = GpuPool(gpus)
     jobs = [compose(launcher, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
     log.info("Launching %d jobs, each in a new process, %s", len(jobs),
-             f"one per GPU at a time on GPUs {','.join(gpus)}" if gpus else "one at a time")
-    refused = plan_refusals(jobs)
+             f"each on its devices' count of GPUs {','.join(gpus)}" if gpus else "one at a time")
+    refused = plan_refusals(jobs, len(gpus))
     state = Singleton.get_state()
     progress = Progress(initial_job_idx, initial_job_idx + len(jobs), launcher.result_label)
     callback_lock = threading.Lock()
@@ -303,7 +312,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
                 launcher.hydra_context.callbacks.on_job_end(config=job.config, job_return=ret)
             progress.job_ended(job, ret, 0.0, None)
             return ret
-        gpu = slots.get()
+        # Only a dry run (never refused) can ask for more GPUs than the sweep has: it would wait forever.
+        taken = pool.take(min(job_devices(job), len(gpus)))
+        gpu = ",".join(taken) or None
         try:
             log.info("\t#%d : %s", job.idx, redact_overrides(" ".join(filter_overrides(job.overrides))))
             start = time.monotonic()
@@ -314,20 +325,20 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             progress.job_ended(job, ret, time.monotonic() - start, gpu)
             return ret
         finally:
-            slots.put(gpu)
+            pool.give_back(taken)
 
     # Inside the sweep's folder: a driver killed with SIGKILL leaves it there, not in the system's temp folder.
     with tempfile.TemporaryDirectory(prefix=".zi-launcher-", dir=sweep_dir) as workdir:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus)))
+        threads = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(gpus)))
         try:
-            returns = list(pool.map(run_one, jobs))
+            returns = list(threads.map(run_one, jobs))
         except BaseException as error:
             # The signal that stopped the driver (Ctrl-C: SIGINT), or SIGTERM when the sweep fails otherwise.
             default = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
             children.stop(getattr(error, "signum", default))
             raise
         finally:
-            pool.shutdown(cancel_futures=True)  # waits for the running jobs, which the signal ends
+            threads.shutdown(cancel_futures=True)  # waits for the running jobs, which the signal ends
     for job, ret in zip(jobs, returns):
         if ret.status == JobStatus.FAILED:
             ret.return_value = JobFailed(failure_line(job, ret), ret._return_value)

@@ -2,7 +2,8 @@
 
 A fresh process per job keeps peak-memory counters, pinned host memory, CUDA contexts and ZeRO-3's
 process-wide state from leaking into the next job, and a crash or an out-of-memory kill takes down
-that job only. Jobs run one at a time, or one per GPU when several are visible.
+that job only. Jobs run one at a time, or, when GPUs are visible, side by side, each on as many GPUs
+as its ``devices`` asks (one for other apps' jobs).
 
 Hydra imports this module at every start of every app: it stays cheap, the work lives in ``_core``.
 """
@@ -22,8 +23,9 @@ class ProcessPerJobLauncherConf:
     """Settings of the process-per-job launcher (``hydra.launcher.*``)."""
 
     _target_: str = "hydra_plugins.zero_inference.process_per_job_launcher.ProcessPerJobLauncher"
-    # GPU ids to spread jobs over, one job per GPU at a time (each job sees only its GPU through
-    # CUDA_VISIBLE_DEVICES); null = every GPU visible to the sweep, [] = ignore GPUs (one job at a time).
+    # GPU ids to spread jobs over, each GPU one job's at a time (a job sees only its GPUs through
+    # CUDA_VISIBLE_DEVICES: `devices` of them, a job asking more than there are is refused);
+    # null = every GPU visible to the sweep, [] = ignore GPUs (one job at a time).
     gpus: Optional[List[str]] = None
     # Unit printed after a job's numeric return value in the progress line (the app returns tokens/sec).
     result_label: str = "tokens/s"
