@@ -2,8 +2,9 @@
 
 Takes the app's overrides, comma lists included (expanded by Hydra's own sweep machinery, as ``-m`` would),
 plans every point with :func:`zi_app.jobplan.plan_job` (no model loaded, no GPU needed) and prints one row
-per point: whether it fits the hardware it is planned for and why not, predicted peak GPU memory, peak
-host RSS, bytes streamed per decode step, decode step seconds and tokens/s, the predicted best marked.
+per point: whether it fits the hardware it is planned for and why not, the devices (ranks) it spans,
+predicted peak GPU memory per rank, peak host RSS of the job, bytes each rank streams over its host link and
+all-gathers from its peers per decode step, decode step seconds and tokens/s, the predicted best marked.
 ``--json`` prints one JSON array instead; ``--calibrate`` first refits the speed model's constants to the
 finished runs of the MLflow store (docs/planner.md).
 """
@@ -26,8 +27,8 @@ from zi_app.schema import ConfigError
 
 EXIT_INVALID_CONFIG = 2
 GIB = 2**30
-KEYS = ("overrides", "fits", "reason", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
-        "predicted_streamed_bytes_per_step", "predicted_decode_step_s", "predicted_prefill_s",
+KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
+        "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s", "predicted_prefill_s",
         "predicted_tokens_per_sec")
 
 
@@ -54,10 +55,11 @@ def plan_point(point: Sequence[str], cuda: bool) -> Dict[str, Any]:
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
         row.update(fits=False, reason=f"invalid config: {error}".splitlines()[0])
         return row
-    row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name,
+    row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name, devices=plan.cfg.devices,
                predicted_peak_gpu_bytes=plan.predicted_peak_gpu_bytes,
                predicted_peak_host_bytes=plan.predicted_peak_host_bytes,
                predicted_streamed_bytes_per_step=plan.predicted_streamed_bytes_per_step,
+               predicted_peer_bytes_per_step=plan.predicted_peer_bytes_per_step,
                predicted_decode_step_s=plan.predicted_decode_step_s, predicted_prefill_s=plan.predicted_prefill_s,
                predicted_tokens_per_sec=plan.predicted_tokens_per_sec)
     return row
@@ -76,11 +78,13 @@ def _cell(value: Optional[float], scale: float, fmt: str) -> str:
 def table(rows: Sequence[Dict[str, Any]]) -> str:
     """The rows as aligned text, in grid order, the predicted best marked; reasons below the table."""
     top = best(rows)
-    header = ["", "overrides", "fits", "peak GPU GiB", "peak host GiB", "streamed GB/step", "decode step s",
-              "prefill s", "tokens/s"]
+    header = ["", "overrides", "fits", "devices", "peak GPU GiB", "peak host GiB", "streamed GB/step",
+              "peer GB/step", "decode step s", "prefill s", "tokens/s"]
     body = [["best" if row is top else "", row["overrides"] or "(none)", "yes" if row["fits"] else "NO",
+             _cell(row["devices"], 1, "{:.0f}"),
              _cell(row["predicted_peak_gpu_bytes"], GIB, "{:.2f}"), _cell(row["predicted_peak_host_bytes"], GIB, "{:.2f}"),
              _cell(row["predicted_streamed_bytes_per_step"], 1e9, "{:.2f}"),
+             _cell(row["predicted_peer_bytes_per_step"], 1e9, "{:.2f}"),
              _cell(row["predicted_decode_step_s"], 1, "{:.4f}"), _cell(row["predicted_prefill_s"], 1, "{:.3f}"),
              _cell(row["predicted_tokens_per_sec"], 1, "{:.2f}")] for row in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
