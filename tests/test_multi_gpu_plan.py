@@ -110,7 +110,7 @@ def test_zi_plan_over_devices(run_python, tmp_path):
 def test_a_job_takes_its_devices_gpus_while_others_run_beside_it(tmp_path):
     """Three GPUs, jobs asking one or two: a two-GPU job sees two ids at once, no GPU serves two jobs at
     a time, and a one-GPU job runs on the third GPU beside a two-GPU job."""
-    proc = _run_app(tmp_path, "+devices=2,1", "x=3,5", "sleep=2", "hydra.launcher.gpus=[a,b,c]")
+    proc = _run_app(tmp_path, "+devices=2,1", "x=3,5", "sleep=3", "hydra.launcher.gpus=[a,b,c]")
     assert proc.returncode == 0, proc.stderr
     records = list(_records(tmp_path / "sweep").values())
     assert len(records) == 4
