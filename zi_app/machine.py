@@ -174,7 +174,8 @@ def hardware(cfg, cuda: bool = False) -> Hardware:
     return Hardware(name=hw["name"], device_name=hw["device_name"], gpu_memory_bytes=_gib(hw["gpu_memory_gib"]),
                     host_memory_bytes=_gib(hw["host_memory_gib"]),
                     **{key: hw[key] for key in ("h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
-                                                "gpu_tflops", "gpu_count", "gpu_peer_gbps", "stream_efficiency", "pageable_efficiency",
+                                                "gpu_tflops", "gpu_count", "gpu_peer_gbps",
+                                                "stream_efficiency", "pageable_efficiency",
                                                 "fetch_overhead_s", "param_overhead_s",
                                                 "dequant_overhead_s", "step_overhead_s", "compute_efficiency",
                                                 "memory_efficiency")})

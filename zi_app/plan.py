@@ -28,8 +28,8 @@ from zi_app.schema import ConfigError
 EXIT_INVALID_CONFIG = 2
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
-        "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s", "predicted_prefill_s",
-        "predicted_tokens_per_sec")
+        "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",
+        "predicted_prefill_s", "predicted_tokens_per_sec")
 
 
 def points(overrides: Sequence[str]) -> List[List[str]]:
