@@ -60,6 +60,16 @@ def test_resident_weights_are_not_gathered(compose):
     assert two.predicted_peak_gpu_bytes > 2.4 * GIB  # the whole fp16 model on each rank
 
 
+def test_an_offloaded_kv_cache_is_each_ranks_own(compose):
+    """kvcache=cpu with resident weights: each rank copies its own batch's cache over its own link, whole,
+    gathers nothing, and holds its own pinned cache blocks on the host."""
+    overrides = ("model=opt-1.3b", "offload=none", "kvcache=cpu", "batch=8", "hardware=h200")
+    one, two = _plan(compose, *overrides), _plan(compose, *overrides, "devices=2")
+    assert one.predicted_streamed_bytes_per_step > 0 and two.predicted_peer_bytes_per_step == 0
+    assert two.predicted_streamed_bytes_per_step == one.predicted_streamed_bytes_per_step
+    assert two.predicted_peak_host_bytes == 2 * one.predicted_peak_host_bytes
+
+
 def test_ranks_need_the_peer_rate_for_a_speed(compose):
     """Without hardware.gpu_peer_gbps the speed of several ranks is unknown (None), one rank's is not."""
     assert _plan(compose, *STREAMING, "hardware.gpu_peer_gbps=null", "devices=2").predicted_tokens_per_sec is None
