@@ -41,6 +41,8 @@ class ModelFacts:
     # Per parameter: the name of the Linear or Embedding module it is the weight of ("" for any other), what
     # DeepSpeed's post-init quantization matches its keys against.
     weight_modules: Tuple[str, ...] = ()
+    # Elements zero.Init partitions while the model is built: a tied weight once per module built with it.
+    constructed_numel: int = 0
 
 
 @dataclass(frozen=True)
