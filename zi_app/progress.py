@@ -51,7 +51,8 @@ class Progress:
 
     def _line(self, final: bool) -> str:
         elapsed = time.monotonic() - self.start
-        counts = f"{self._amount(self.done)}/{self._amount(self.total)}{'' if self.in_bytes else ' ' + self.unit}"
+        unit = "" if self.in_bytes else f" {self.unit}{'' if self.total == 1 else 's'}"
+        counts = f"{self._amount(self.done)}/{self._amount(self.total)}{unit}"
         if final:
             return f"{self.label}: {counts} in {elapsed:.1f} s"
         left = f", about {human_seconds(elapsed * (self.total - self.done) / self.done)} left" if self.done else ""
