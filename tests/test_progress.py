@@ -5,6 +5,7 @@ time and time left in real multiruns."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import pty
 import re
@@ -21,7 +22,7 @@ from conftest import SUBPROCESS_TIMEOUT_S, app_env
 
 from zi_app.jobplan import plan_job
 from zi_app.planner import Prediction, predicted_job_s
-from zi_app.progress import INTERVAL_S, human_seconds
+from zi_app.progress import INTERVAL_S, human_seconds, progress
 
 QUICK = ["prompt_len=8", "gen_len=4"]
 # The H200 preset's rates: the planner predicts speed, and so a job's time, on a machine without a GPU.
@@ -54,6 +55,17 @@ def test_piped_output_gets_rate_limited_plain_lines(run_app, tiny_checkpoint):
     assert [finals[label][0]["total"] + finals[label][0]["unit"] for label in ("warm-up 1/1", "repeat 2/2")] == [
         "2 steps", "4 steps"]
     assert "\r" not in result.output and "it/s" not in result.output, "a progress bar in piped output"
+
+
+def test_only_rank_0_shows_progress(monkeypatch, caplog):
+    """A job spanning several processes (one rank each) shows its progress once, from rank 0."""
+    caplog.set_level(logging.INFO, logger="zi_app.progress")
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        with progress("repeat 1/1", 4, unit="step") as steps:
+            for _ in range(4):
+                steps.update()
+    assert [record.getMessage().rsplit(" in ", 1)[0] for record in caplog.records] == ["repeat 1/1: 4/4 steps"]
 
 
 def run_in_terminal(args, cwd: Path) -> tuple:
