@@ -53,7 +53,8 @@ class ProcessResult:
         return self
 
 
-def _env(cwd: Path) -> Dict[str, str]:
+def app_env(cwd: Path) -> Dict[str, str]:
+    """The environment an app process started in ``cwd`` runs with: no foreign run, caches under ``cwd``."""
     env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RUN_ENV}
     # Random-weight checkpoints for init-time quantization land in the test's own directory.
     env["ZI_CACHE_DIR"] = str(cwd / "cache")
@@ -66,7 +67,7 @@ def run_python() -> Callable[..., ProcessResult]:
 
     def run(args: Sequence[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> ProcessResult:
         cmd = [sys.executable, *map(str, args)]
-        proc = subprocess.run(cmd, cwd=cwd, env=_env(Path(cwd)), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=app_env(Path(cwd)), capture_output=True, text=True, timeout=timeout)
         return ProcessResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
     return run

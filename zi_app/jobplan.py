@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 from omegaconf import DictConfig, open_dict
 
 from zi_app import dsconfig, machine, preflight
-from zi_app.planner import Hardware, Prediction, Residency
+from zi_app.planner import DTYPE_BYTES, Hardware, Prediction, Residency, predicted_job_s
 from zi_app.schema import ConfigError, validate
 
 GIB = 2**30
@@ -76,6 +76,14 @@ class JobPlan:
     @property
     def predicted_tokens_per_sec(self) -> Optional[float]:
         return self.prediction.tokens_per_sec
+
+    @property
+    def predicted_job_s(self) -> Optional[float]:
+        """Predicted wall seconds of the whole job (process start to result); None without a speed prediction."""
+        from zi_app.model import model_facts
+
+        weights = sum(model_facts(dict(self.cfg.model.arch)).param_numels) * DTYPE_BYTES[self.cfg.model.dtype]
+        return predicted_job_s(self.prediction, weights, self.cfg.warmup, self.cfg.repeat, self.cfg.gen_len)
 
     def predicted_metrics(self) -> Dict[str, float]:
         """The predictions as MLflow metrics (``predicted_*``, docs/metrics.md); unknown ones left out."""
@@ -191,22 +199,23 @@ def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
     return plan
 
 
-def refusal(config: DictConfig, gpus: Optional[int] = None) -> Optional[ConfigError]:
-    """Why a zero-inference job would be refused before loading: its invalid config, ``devices`` beyond the
-    ``gpus`` a sweep hands out (None: no GPUs to hand out, ranks run on the CPU), or the first problem of its
-    plan, made the way the job itself makes it. None when it would run, when it is a dry run (which only
-    warns) or when ``config`` is not a zero-inference job. Lets a sweep's parent refuse jobs without
-    starting their processes."""
+def sweep_plan(config: DictConfig, gpus: Optional[int] = None) -> Tuple[Optional[ConfigError], Optional[float]]:
+    """What a sweep's parent knows of a job before starting it: (why it would be refused before loading,
+    its :attr:`JobPlan.predicted_job_s`). The refusal is its invalid config, ``devices`` beyond the ``gpus``
+    the sweep hands out (None: no GPUs to hand out, ranks run on the CPU), or the first problem of its plan,
+    made the way the job itself makes it; None when it would run, when it is a dry run (which only warns) or
+    when ``config`` is not a zero-inference job. Lets a sweep's parent refuse jobs without starting their
+    processes and plan the sweep's time (None where unknown)."""
     if not all(key in config for key in ("model", "offload", "quant", "memory")) or config.get("dry_run"):
-        return None
+        return None, None
     import torch
 
     try:
         plan = plan_job(config, torch.cuda.is_available())
     except ConfigError as error:
-        return error
+        return error, None
     if gpus is not None and plan.cfg.devices > gpus:
         return ConfigError("devices", plan.cfg.devices,
                            f"at most {gpus}: this sweep has {gpus} GPU(s) (hydra.launcher.gpus, else "
-                           f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank")
-    return plan.problems[0] if plan.problems else None
+                           f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank"), None
+    return (plan.problems[0], None) if plan.problems else (None, plan.predicted_job_s)

@@ -11,10 +11,12 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from transformers import StoppingCriteria
+
+from zi_app.progress import progress
 
 
 def _synchronize() -> None:
@@ -81,14 +83,19 @@ class TokenClock(StoppingCriteria):
     """Stamps the time each new token is ready; generate calls it once per forward step.
 
     Never stops generation. The stamp follows a device sync, so step times are real device times.
+    ``on_token`` is called after each stamp (a progress bar's tick: its microseconds fall into the next
+    step's time, never into the one just stamped).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_token: Optional[Callable[[], None]] = None) -> None:
         self.stamps: List[float] = []
+        self.on_token = on_token
 
     def __call__(self, input_ids, scores, **kwargs):
         _synchronize()
         self.stamps.append(time.perf_counter())
+        if self.on_token is not None:
+            self.on_token()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -101,17 +108,21 @@ class GenerateTiming:
     step_s: List[float] = field(default_factory=list)
 
 
-def timed_generate(model, input_ids: torch.Tensor, gen_len: int, **generate_kwargs):
-    """Run greedy ``generate`` producing exactly ``gen_len`` tokens; return (output ids, timing)."""
-    clock = TokenClock()
-    _synchronize()
-    start = time.perf_counter()
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-            min_new_tokens=gen_len, max_new_tokens=gen_len, stopping_criteria=[clock], **generate_kwargs)
-    _synchronize()
-    total = time.perf_counter() - start
+def timed_generate(model, input_ids: torch.Tensor, gen_len: int, label: str = "generate", **generate_kwargs):
+    """Run greedy ``generate`` producing exactly ``gen_len`` tokens; return (output ids, timing).
+
+    Its decode steps show as progress named ``label`` (:mod:`zi_app.progress`).
+    """
+    with progress(label, gen_len, unit="step") as bar:
+        clock = TokenClock(on_token=bar.update)
+        _synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                min_new_tokens=gen_len, max_new_tokens=gen_len, stopping_criteria=[clock], **generate_kwargs)
+        _synchronize()
+        total = time.perf_counter() - start
     stamps = [start] + clock.stamps
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
     return output, GenerateTiming(total_s=total, prefill_s=stamps[1] - start, step_s=steps)

@@ -7,6 +7,7 @@ Imports transformers and torch; DeepSpeed's config must already be registered th
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -17,7 +18,8 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-from zi_app.planner import ModelFacts
+from zi_app.planner import DTYPE_BYTES, ModelFacts
+from zi_app.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,8 @@ def _read_facts(arch: Dict[str, Any]) -> ModelFacts:
     params = list(model.parameters())
     return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in params),
                       modules=len(modules), modules_with_leaves=sum(id(m) not in inside for m in modules),
-                      weight_modules=tuple(weight_of.get(id(p), "") for p in params))
+                      weight_modules=tuple(weight_of.get(id(p), "") for p in params),
+                      constructed_numel=sum(p.numel() for m in modules for p in m.parameters(recurse=False)))
 
 
 def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
@@ -153,6 +156,51 @@ def weights_path(cfg) -> Optional[str]:
     if cfg.model.weights == "random" and cfg.quant.mode == "init":
         return str(materialize_random_checkpoint(dict(cfg.model.arch), cfg.model.dtype, cfg.seed, cfg.cache_dir))
     return cfg.model.path
+
+
+@contextlib.contextmanager
+def loading_progress(cfg) -> Iterator[None]:
+    """Around :func:`load_model` inside :func:`zero3_construction`: zero.Init's partitioning of each module
+    as it is built, then the copy of each module's checkpoint weights, show as progress in bytes done/total
+    (:mod:`zi_app.progress`).
+
+    The one place that changes DeepSpeed for it: zero.Init's per-module step (``Init._post_init_method``,
+    DeepSpeed 0.19.8) is wrapped to count the module's new parameters and to give the module a
+    load-state-dict pre-hook, which transformers' ZeRO-3 loader runs for each module with weights in the
+    checkpoint (once it gathered them); both are undone on exit.
+    """
+    from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
+
+    element_bytes = DTYPE_BYTES[cfg.model.dtype]
+    facts = model_facts(dict(cfg.model.arch))
+    original, hooks, loading = Init._post_init_method, [], False
+    work = Progress("partitioning under ZeRO-3", facts.constructed_numel * element_bytes, in_bytes=True)
+
+    def count_load(numels, module, state_dict, prefix, *args):
+        nonlocal work, loading
+        if not loading:  # the first module to load: construction is over
+            loading = True
+            work.close()
+            work = Progress("loading weights", sum(facts.param_numels) * element_bytes, in_bytes=True)
+        # Sizes as built, not the checkpoint tensors': init-time quantization packs them before this hook.
+        work.update(sum(numel for name, numel in numels.items() if prefix + name in state_dict) * element_bytes)
+
+    def partition_counted(init, module):
+        numels = {name: p.numel() for name, p in module.named_parameters(recurse=False) if not is_zero_param(p)}
+        original(init, module)
+        work.update(sum(numels.values()) * element_bytes)
+        hooks.append(module.register_load_state_dict_pre_hook(functools.partial(count_load, numels)))
+
+    Init._post_init_method = partition_counted
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        Init._post_init_method = original
+        for hook in hooks:
+            hook.remove()
+        work.close(finished)
 
 
 def load_model(cfg, path: Optional[str]):

@@ -43,6 +43,8 @@ class ModelFacts:
     # Per parameter: the name of the Linear or Embedding module it is the weight of ("" for any other), what
     # DeepSpeed's post-init quantization matches its keys against.
     weight_modules: Tuple[str, ...] = ()
+    # Elements zero.Init partitions while the model is built: a tied weight once per module built with it.
+    constructed_numel: int = 0
 
 
 @dataclass(frozen=True)
@@ -423,3 +425,25 @@ def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Har
     return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts),
                       streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
                       prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer)
+
+
+# A sweep's time plan (the launcher's "about 12 min left"). Loading reads and partitions the weights at
+# about this rate (measured on the H200); every job also starts a process, imports torch and DeepSpeed
+# and builds its engine.
+LOAD_GBPS = 1.2
+JOB_OVERHEAD_S = 30.0
+
+
+def predicted_job_s(prediction: Prediction, checkpoint_bytes: int, warmup: int, repeat: int,
+                    gen_len: int) -> Optional[float]:
+    """Predicted wall seconds of one job: its overhead, loading ``checkpoint_bytes``, ``warmup`` generates
+    of two tokens (the runner's) and ``repeat`` of ``gen_len``, each a prefill and its decode steps; None
+    where the speed is not predicted."""
+    if prediction.prefill_s is None or prediction.decode_step_s is None:
+        return None
+
+    def generate_s(tokens: int) -> float:
+        return prediction.prefill_s + (tokens - 1) * prediction.decode_step_s
+
+    return (JOB_OVERHEAD_S + checkpoint_bytes / (LOAD_GBPS * 1e9)
+            + warmup * generate_s(min(2, gen_len)) + repeat * generate_s(gen_len))

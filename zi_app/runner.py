@@ -63,7 +63,8 @@ def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
     on_progress(f"loading {cfg.model.name} ({cfg.model.weights} weights, {cfg.model.dtype}) under ZeRO-3, "
                 f"offload={cfg.offload.device}, quant={cfg.quant.mode}")
     with measure.stopwatch() as load:
-        model = model_lib.load_model(cfg, weights)
+        with model_lib.loading_progress(cfg):
+            model = model_lib.load_model(cfg, weights)
         overlap = cfg.memory.max_inflight_fetches if cfg.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
     on_progress(f"loaded in {load.seconds:.1f} s")
@@ -91,10 +92,11 @@ def timed_generates(cfg, model, prompts: torch.Tensor, on_progress: Callable[[st
         # Two tokens run the prefill and a decode step: every kernel, allocation and ZeRO-3's fetch
         # trace is warm, at a fraction of a full generate's cost when each step streams the model.
         on_progress(f"warm-up {i + 1}/{cfg.warmup}")
-        measure.timed_generate(model, prompts, min(2, cfg.gen_len), **kwargs)
+        measure.timed_generate(model, prompts, min(2, cfg.gen_len), label=f"warm-up {i + 1}/{cfg.warmup}", **kwargs)
     repeats = []
     for i in range(cfg.repeat):
-        output, timing = measure.timed_generate(model, prompts, cfg.gen_len, **kwargs)
+        output, timing = measure.timed_generate(model, prompts, cfg.gen_len, label=f"repeat {i + 1}/{cfg.repeat}",
+                                                **kwargs)
         repeats.append(measure.throughput_metrics(timing, cfg.batch, cfg.prompt_len, cfg.gen_len))
         on_progress(f"timed {i + 1}/{cfg.repeat}: {repeats[-1]['tokens_per_sec']:.2f} tokens/s, "
                     f"{timing.total_s:.2f} s")

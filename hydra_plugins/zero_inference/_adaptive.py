@@ -224,6 +224,8 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
         print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch)
               + (f" (neighbours of the best so far, {best.label})" if best is not None else f" ({first})"),
               flush=True)
+        if hasattr(sweeper.launcher, "batch_name"):  # the launcher's time plan covers this round, not the sweep
+            sweeper.launcher.batch_name = f"round {len(returns) + 1}"
         results = sweeper.launcher.launch([p.overrides for p in batch], initial_job_idx=launched)
         for point, ret in zip(batch, results):
             point.launched = True

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +33,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from zi_app.progress import human_seconds
 from zi_app.redaction import redact_overrides
 
 log = logging.getLogger(__name__)
@@ -178,18 +179,21 @@ def refused_job_return(job: Job, error: BaseException) -> JobReturn:
     return ret
 
 
-def plan_refusals(jobs: Sequence[Job], gpus: int) -> dict:
-    """Plan every job in the driver first: {job idx: why it will be refused} for those the zero-inference
-    app would refuse before loading, or whose ``devices`` exceed the ``gpus`` the sweep has (when it has
-    any), printed with their reasons. Other apps' jobs are never refused."""
-    from zi_app.jobplan import refusal
+def plan_jobs(jobs: Sequence[Job], gpus: int) -> Tuple[dict, dict]:
+    """Plan every job in the driver first: ({job idx: why it will be refused}, {job idx: its planned seconds,
+    or None}) for the zero-inference app's jobs: refused are those it would refuse before loading, or whose
+    ``devices`` exceed the ``gpus`` the sweep has (when it has any), printed with their reasons and without
+    a planned time. Other apps' jobs are never refused and have no plan."""
+    from zi_app.jobplan import sweep_plan
 
-    refused = {}
+    refused, seconds = {}, {}
     for job in jobs:
         task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
-        error = refusal(task_cfg, gpus or None)
+        error, planned = sweep_plan(task_cfg, gpus or None)
         if error is not None:
             refused[job.idx] = error
+        else:
+            seconds[job.idx] = planned
     if refused:
         print(f"Planned {len(jobs)} jobs: {len(refused)} will be refused, without starting their processes:",
               flush=True)
@@ -197,7 +201,34 @@ def plan_refusals(jobs: Sequence[Job], gpus: int) -> dict:
             if job.idx in refused:
                 what = redact_overrides(" ".join(filter_overrides(job.overrides)))
                 print(f"  #{job.idx} {what}: {refused[job.idx]}", flush=True)
-    return refused
+    return refused, seconds
+
+
+@dataclass
+class TimePlan:
+    """The planned seconds of the jobs one launch runs (None: not planned), the slots they share, and what
+    the launch is to the user (``sweep``, or an adaptive sweep's ``round 2``)."""
+
+    seconds: Dict[int, Optional[float]]
+    slots: int
+    name: str
+
+    def left(self, finished: Set[int]) -> Optional[float]:
+        """Planned seconds until the unfinished jobs are done: their sum over the slots, at least the longest
+        of them; None when none of them has a plan."""
+        todo = [s for idx, s in self.seconds.items() if idx not in finished and s is not None]
+        return max(sum(todo) / self.slots, max(todo)) if todo else None
+
+    def start_line(self) -> str:
+        """``sweep: 8 jobs to run, about 12 min (planned)``; no time where no job's speed is predicted."""
+        count = len(self.seconds)
+        line = f"{self.name}: {count} job{'' if count == 1 else 's'} to run"
+        total = self.left(set())
+        if total is None:
+            return line
+        unplanned = sum(s is None for s in self.seconds.values())
+        return line + f", about {human_seconds(total)} (planned" + (f"; {unplanned} without a plan)" if unplanned
+                                                                   else ")")
 
 
 def outcome(ret: JobReturn, label: str) -> str:
@@ -212,10 +243,12 @@ def outcome(ret: JobReturn, label: str) -> str:
 
 
 class Progress:
-    """Prints one line per finished job: ``[k/N] #idx overrides: outcome (seconds, GPU)``."""
+    """Prints one line per finished job: ``[k/N] #idx overrides: outcome (seconds, GPU) · about T left``,
+    the time left from the plan of the jobs not finished yet."""
 
-    def __init__(self, done: int, total: int, label: str) -> None:
-        self.done, self.total, self.label = done, total, label
+    def __init__(self, done: int, total: int, label: str, plan: TimePlan) -> None:
+        self.done, self.total, self.label, self.plan = done, total, label, plan
+        self.finished: Set[int] = set()
         self.lock = threading.Lock()
 
     def job_ended(self, job: Job, ret: JobReturn, seconds: float, gpu: Optional[str]) -> None:
@@ -226,8 +259,12 @@ class Progress:
             logs = log_files(job) if ret.status == JobStatus.FAILED and not isinstance(ret._return_value,
                                                                                        JobProcessError) else []
             where += f"; traceback in {', '.join(logs)}" if logs else ""
-            print(f"[{self.done}/{self.total}] #{job.idx} {what}: {outcome(ret, self.label)} ({seconds:.1f} s{where})",
-                  flush=True)
+            self.finished.add(job.idx)
+            left = self.plan.left(self.finished)
+            scope = "" if self.plan.name == "sweep" else f" in {self.plan.name}"
+            eta = f" · about {human_seconds(left)} left{scope}" if left is not None else ""
+            print(f"[{self.done}/{self.total}] #{job.idx} {what}: {outcome(ret, self.label)} ({seconds:.1f} s{where})"
+                  + eta, flush=True)
 
 
 @dataclass
@@ -299,9 +336,12 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     jobs = [compose(launcher, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
     log.info("Launching %d jobs, each in a new process, %s", len(jobs),
              f"each on its devices' count of GPUs {','.join(gpus)}" if gpus else "one at a time")
-    refused = plan_refusals(jobs, len(gpus))
+    refused, seconds = plan_jobs(jobs, len(gpus))
+    plan = TimePlan(seconds, max(1, len(gpus)), launcher.batch_name)
+    if seconds:
+        print(plan.start_line(), flush=True)
     state = Singleton.get_state()
-    progress = Progress(initial_job_idx, initial_job_idx + len(jobs), launcher.result_label)
+    progress = Progress(initial_job_idx, initial_job_idx + len(jobs), launcher.result_label, plan)
     callback_lock = threading.Lock()
     children = Children()
 

@@ -41,6 +41,9 @@ class ProcessPerJobLauncher(Launcher):
     def __init__(self, gpus: Optional[List[str]] = None, result_label: str = "tokens/s") -> None:
         self.gpus = None if gpus is None else [str(gpu) for gpu in gpus]
         self.result_label = result_label
+        # What one launch() call is, in its start and time-left lines: the sweep, or a round of a sweeper
+        # that launches round after round (the adaptive sweeper sets it).
+        self.batch_name = "sweep"
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
