@@ -118,7 +118,8 @@ def run_job(cfg: DictConfig) -> float:
 
 
 def result_line(cfg: DictConfig, m: dict, offload_needed: Optional[bool] = None) -> str:
-    """One line with a job's headline numbers; the GPU and roofline figures where they were measured, and
+    """One line with a job's headline numbers (a job of several devices: its ranks' count, the whole job's
+    tokens/s, the largest rank's GPU peak); the GPU and roofline figures where they were measured, and
     whether the model would fit the GPU budget without offloading where that is known."""
     predicted = f" (predicted {m['predicted_tokens_per_sec']:.2f})" if "predicted_tokens_per_sec" in m else ""
     ranks = f" x {cfg.devices} devices" if cfg.devices > 1 else ""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from omegaconf import OmegaConf
 
 from zi_app import interrupt, measure, tracking
-from zi_app.runner import InferenceResult
+from zi_app.runner import InferenceResult, run_inference
 from zi_app.schema import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,6 @@ def _rank_main(cfg_tree: Dict[str, Any], ds_config: Dict[str, Any], scratch: str
     """One rank, in its own process: the environment elastic set names it (RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR/PORT, which DeepSpeed's process group reads); returns what it measured and generated."""
     import torch
-
-    from zi_app.runner import run_inference
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s")
