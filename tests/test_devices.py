@@ -140,3 +140,33 @@ def test_sigterm_to_the_job_stops_every_rank(tmp_path):
     assert (run.info.status, tags[tracking.FAILURE_KIND_TAG], tags[tracking.SIGNAL_TAG]) == ("FAILED", "killed",
                                                                                             "SIGTERM")
     assert "load_s.rank1" in run.data.metrics
+
+
+def test_more_ranks_than_visible_gpus_are_refused_naming_devices():
+    """On CUDA one rank needs one GPU of those the job sees; this machine's torch sees none (or fewer than 64)."""
+    import torch
+
+    refused = ranks_module.device_problem(64, cuda=True)
+    assert refused is not None and refused.key == "devices" and refused.value == 64
+    assert f"at most the {torch.cuda.device_count()} GPU(s) visible to this job" in str(refused)
+    assert ranks_module.device_problem(64, cuda=False) is None  # DeepSpeed's CPU accelerator: any number
+
+
+def test_the_jobs_metrics_from_its_ranks():
+    """CUDA-only metrics too: links and streamed bytes add up, the roofline is made from the sums against the
+    slowest step, peaks are the largest rank's, speed is the job's tokens over the slowest rank's calls."""
+    rank0 = {"load_s": 2.0, "peak_gpu_allocated_bytes": 5.0, "h2d_gbps": 50.0, "streamed_bytes_per_step": 1e9,
+             "decode_step_s": 0.1, "tokens_per_sec": 1.0, "roofline_ratio": 9.0}
+    rank1 = {"load_s": 3.0, "peak_gpu_allocated_bytes": 4.0, "h2d_gbps": 40.0, "streamed_bytes_per_step": 2e9,
+             "decode_step_s": 0.2, "tokens_per_sec": 1.0, "roofline_ratio": 9.0}
+    calls = [[{"latency_s": 1.0, "prefill_s": 0.5, "decode_step_s": 0.1}],
+             [{"latency_s": 2.0, "prefill_s": 0.25, "decode_step_s": 0.2}]]
+    repeats = ranks_module.job_repeats(calls, batch=4, prompt_len=8, gen_len=3)
+    assert repeats == [{"tokens_per_sec": 6.0, "latency_s": 2.0, "prefill_s": 0.5, "prefill_tokens_per_sec": 64.0,
+                        "decode_step_s": 0.2, "decode_tokens_per_sec": 8 / 1.5}]
+    job = ranks_module.job_metrics([rank0, rank1], repeats)
+    assert (job["load_s"], job["peak_gpu_allocated_bytes"], job["h2d_gbps"], job["streamed_bytes_per_step"]) == (
+        3.0, 5.0, 90.0, 3e9)
+    assert job["tokens_per_sec"] == 6.0
+    assert job["roofline_step_s"] == pytest.approx(3e9 / 90e9)
+    assert job["roofline_ratio"] == pytest.approx(0.2 / (3e9 / 90e9))
