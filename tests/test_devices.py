@@ -170,3 +170,12 @@ def test_the_jobs_metrics_from_its_ranks():
     assert job["tokens_per_sec"] == 6.0
     assert job["roofline_step_s"] == pytest.approx(3e9 / 90e9)
     assert job["roofline_ratio"] == pytest.approx(0.2 / (3e9 / 90e9))
+
+
+def test_a_rank_that_ran_out_of_memory_is_an_oom_failure():
+    """The kind comes from how the rank ended: a signal is ``killed``, a failed allocation ``oom``."""
+    assert ranks_module.RankFailed(1, 1, None, "OutOfMemoryError: CUDA out of memory.").failure_kind == "oom"
+    assert ranks_module.RankFailed(1, 1, None, "RuntimeError: shape mismatch").failure_kind == "error"
+    killed = ranks_module.RankFailed(0, -9, "SIGKILL", "Signal 9 (SIGKILL) received by PID 7")
+    assert (killed.failure_kind, str(killed)) == ("killed", "rank 0 failed (killed by SIGKILL): Signal 9 (SIGKILL) "
+                                                            "received by PID 7")
