@@ -124,21 +124,24 @@ def test_a_rank_killed_fails_the_job_and_stops_its_peer(tmp_path):
     assert {"load_s.rank0", "load_s.rank1", "peak_host_rss_bytes"} <= set(run.data.metrics)
 
 
-def test_sigterm_to_the_job_stops_every_rank(tmp_path):
-    """``kill PID`` of the job's process alone while its ranks generate: it stops both ranks, closes its run
-    FAILED (kind ``killed``, SIGTERM named) and exits 143, as a job of one device does."""
+@pytest.mark.parametrize("signum,group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["kill-the-job", "ctrl-c-to-the-group"])
+def test_a_signal_to_the_job_stops_every_rank(tmp_path, signum, group):
+    """``kill PID`` of the job's process alone (it must stop its ranks itself), or Ctrl-C's SIGINT to the whole
+    process group (the ranks get it too), while the ranks generate: both ranks end, the run is closed FAILED
+    (kind ``killed``, the signal named) and the job exits 128 + the signal, as a job of one device does."""
     job = spawn(tmp_path, "devices=2", "offload=none", *LONG)
     run = wait_both_ranks_loaded(tmp_path, job)
     descendants = psutil.Process(job.pid).children(recursive=True)
     assert sorted(rank_processes(job)) == [0, 1]
-    os.kill(job.pid, signal.SIGTERM)
-    assert job.wait(timeout=TIMEOUT_S) == 128 + signal.SIGTERM, output(tmp_path)[-3000:]
-    assert "zi_app: stopped by SIGTERM; exit status 143" in output(tmp_path)
+    (os.killpg if group else os.kill)(job.pid, signum)
+    assert job.wait(timeout=TIMEOUT_S) == 128 + signum, output(tmp_path)[-3000:]
+    name = signal.Signals(signum).name
+    assert f"zi_app: stopped by {name}; exit status {128 + signum}" in output(tmp_path)
     assert_all_gone(descendants)
     run = client(tmp_path).get_run(run.info.run_id)
     tags = run.data.tags
-    assert (run.info.status, tags[tracking.FAILURE_KIND_TAG], tags[tracking.SIGNAL_TAG]) == ("FAILED", "killed",
-                                                                                            "SIGTERM")
+    assert (run.info.status, tags[tracking.FAILURE_KIND_TAG], tags[tracking.SIGNAL_TAG]) == ("FAILED", "killed", name)
     assert "load_s.rank1" in run.data.metrics
 
 
