@@ -217,9 +217,9 @@ def run_ranks(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], None]
             on_metrics({"peak_host_rss_bytes": watch.peak_rss})
     results = [returned[rank] for rank in range(cfg.devices)]
     repeats = job_repeats([r["repeats"] for r in results], cfg.batch * cfg.devices, cfg.prompt_len, cfg.gen_len)
-    metrics = {**job_metrics([r["metrics"] for r in results], repeats), "peak_host_rss_bytes": float(watch.peak_rss)}
-    on_metrics(metrics)
-    return InferenceResult(metrics=metrics, repeats=repeats,
+    metrics = job_metrics([r["metrics"] for r in results], repeats)
+    on_metrics(metrics)  # the job's peak host RSS is already logged, failed or not
+    return InferenceResult(metrics={**metrics, "peak_host_rss_bytes": float(watch.peak_rss)}, repeats=repeats,
                            output_ids=[row for r in results for row in r["output_ids"]])
 
 
