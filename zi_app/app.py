@@ -127,7 +127,7 @@ def result_line(cfg: DictConfig, m: dict, offload_needed: Optional[bool] = None)
              f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
              f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
     if "peak_gpu_allocated_bytes" in m:
-        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB{' (worst rank)' if ranks else ''} "
+        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB{' (largest rank)' if ranks else ''} "
                      f"(predicted {m['predicted_peak_gpu_bytes'] / 2**30:.2f})")
     if "roofline_ratio" in m:
         parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "
