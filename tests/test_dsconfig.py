@@ -208,3 +208,8 @@ def test_memory_tuned(compose):
 
 def test_batch_is_the_train_batch_size(compose):
     assert build_ds_config(compose("batch=24"))["train_batch_size"] == 24
+
+
+def test_the_train_batch_size_is_every_ranks_batch(compose):
+    """DeepSpeed refuses a train_batch_size that is not the micro batch times the world size."""
+    assert build_ds_config(compose("batch=3", "devices=4"))["train_batch_size"] == 12

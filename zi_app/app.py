@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -87,9 +88,14 @@ def run_job(cfg: DictConfig) -> float:
     tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: overrides}
     run_name = tracking.run_name(overrides, fallback=cfg.model.name)
     with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
-                          run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None):
+                          run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None) as run:
         plan = ready(cfg, cuda)
         cfg = plan.cfg
+        from zi_app import ranks
+
+        refused = ranks.device_problem(cfg.devices, cuda)
+        if refused:
+            raise refused
         # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
         predicted = plan.predicted_metrics() if cuda else {}
         tracking.log_metrics(predicted)
@@ -98,23 +104,30 @@ def run_job(cfg: DictConfig) -> float:
         tracking.log_json(plan.ds_config, "ds_config.json")
         tracking.log_text(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
 
-        from zi_app.runner import run_inference
+        if cfg.devices > 1:
+            # Its ranks' metrics reach the run from a thread of their own: name the run, not the thread's.
+            result = ranks.run_ranks(cfg, plan.ds_config,
+                                     on_metrics=functools.partial(tracking.log_metrics, run_id=run.info.run_id))
+        else:
+            from zi_app.runner import run_inference
 
-        result = run_inference(cfg, plan.ds_config, on_metrics=tracking.log_metrics)
+            result = run_inference(cfg, plan.ds_config, on_metrics=tracking.log_metrics)
         tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
     log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}, plan.residency.offload_needed))
     return result.metrics["tokens_per_sec"]
 
 
 def result_line(cfg: DictConfig, m: dict, offload_needed: Optional[bool] = None) -> str:
-    """One line with a job's headline numbers; the GPU and roofline figures where they were measured, and
+    """One line with a job's headline numbers (a job of several devices: its ranks' count, the whole job's
+    tokens/s, the largest rank's GPU peak); the GPU and roofline figures where they were measured, and
     whether the model would fit the GPU budget without offloading where that is known."""
     predicted = f" (predicted {m['predicted_tokens_per_sec']:.2f})" if "predicted_tokens_per_sec" in m else ""
-    parts = [f"{cfg.model.name} batch={cfg.batch} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
+    ranks = f" x {cfg.devices} devices" if cfg.devices > 1 else ""
+    parts = [f"{cfg.model.name} batch={cfg.batch}{ranks} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
              f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
              f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
     if "peak_gpu_allocated_bytes" in m:
-        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB "
+        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB{' (largest rank)' if ranks else ''} "
                      f"(predicted {m['predicted_peak_gpu_bytes'] / 2**30:.2f})")
     if "roofline_ratio" in m:
         parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "

@@ -193,6 +193,7 @@ def build_ds_config(cfg: Any, facts: Optional[ModelFacts] = None, device_bytes: 
     if quantization:
         ds["weight_quantization"] = quantization
     ds["steps_per_print"] = 2000
-    ds["train_batch_size"] = int(cfg.batch)
+    # DeepSpeed checks train_batch_size = micro batch x world size: ``batch`` is what each rank generates for.
+    ds["train_batch_size"] = int(cfg.batch) * int(cfg.devices)
     ds["wall_clock_breakdown"] = False
     return ds

@@ -60,6 +60,15 @@ def install() -> None:
             signal.signal(signum, _stop)
 
 
+def caught(signum: int) -> Interrupted:
+    """The :class:`Interrupted` of a signal that another handler caught for this process (torch elastic's, while
+    it runs a job's ranks), recorded as received like one of ours."""
+    global _received
+    if _received is None:
+        _received = signum
+    return Interrupted(signum)
+
+
 def received() -> Optional[int]:
     """The signal that stopped this process, if one did."""
     return _received

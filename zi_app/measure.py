@@ -134,16 +134,23 @@ def throughput_metrics(timing: GenerateTiming, batch: int, prompt_len: int, gen_
     tokens_per_sec counts generated tokens only (batch * gen_len) over the whole generate, prefill
     included (the reference table's metric); decode figures exclude the first token.
     """
-    decode_s = timing.total_s - timing.prefill_s
+    step_s = statistics.median(timing.step_s) if timing.step_s else None
+    return speed_metrics(timing.total_s, timing.prefill_s, step_s, batch, prompt_len, gen_len)
+
+
+def speed_metrics(total_s: float, prefill_s: float, decode_step_s: Optional[float], batch: int, prompt_len: int,
+                  gen_len: int) -> Dict[str, float]:
+    """The speed metrics of ``batch`` prompts generated in ``total_s`` seconds, ``prefill_s`` of them up to the
+    first new token; the decode figures only when there was a decode step (``decode_step_s`` not None)."""
     metrics = {
-        "tokens_per_sec": batch * gen_len / timing.total_s,
-        "latency_s": timing.total_s,
-        "prefill_s": timing.prefill_s,
-        "prefill_tokens_per_sec": batch * prompt_len / timing.prefill_s,
+        "tokens_per_sec": batch * gen_len / total_s,
+        "latency_s": total_s,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_sec": batch * prompt_len / prefill_s,
     }
-    if timing.step_s:
-        metrics["decode_step_s"] = statistics.median(timing.step_s)
-        metrics["decode_tokens_per_sec"] = batch * (gen_len - 1) / decode_s
+    if decode_step_s is not None:
+        metrics["decode_step_s"] = decode_step_s
+        metrics["decode_tokens_per_sec"] = batch * (gen_len - 1) / (total_s - prefill_s)
     return metrics
 
 

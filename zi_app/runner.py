@@ -28,6 +28,14 @@ def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int, devi
     return torch.randint(4, vocab_size, (batch, prompt_len), generator=generator).to(device)
 
 
+def rank_prompts(cfg, vocab_size: int, device) -> torch.Tensor:
+    """This rank's ``batch`` prompts: its slice of the job's ``batch * devices`` seeded prompts, so that a job
+    generates for the same prompts however many ranks share them (rank 0 of 1 takes them all)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    prompts = random_prompts(cfg.batch * cfg.devices, cfg.prompt_len, vocab_size, cfg.seed, device)
+    return prompts[rank * cfg.batch:(rank + 1) * cfg.batch]
+
+
 def generate_kwargs(cfg) -> Dict[str, Any]:
     """Extra ``generate`` arguments from the kvcache group."""
     impl = cfg.kvcache.cache_implementation
@@ -69,7 +77,7 @@ def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
     on_progress(f"loaded in {load.seconds:.1f} s")
     on_metrics({"load_s": load.seconds})
-    prompts = random_prompts(cfg.batch, cfg.prompt_len, model.config.vocab_size, cfg.seed, engine.device())
+    prompts = rank_prompts(cfg, model.config.vocab_size, engine.device())
     kwargs = generate_kwargs(cfg)
     speed, repeats, output = timed_generates(cfg, model, prompts, on_progress)
     if torch.cuda.is_available() and "decode_step_s" in speed:

@@ -16,6 +16,7 @@ import os
 import socket
 import sqlite3
 import sys
+import time
 import urllib.error
 import urllib.request
 import urllib.parse
@@ -220,9 +221,14 @@ def failure_kind(error: BaseException) -> str:
         return "invalid-config"
     if _scheduler_time_limit(error):
         return "timeout"
-    if isinstance(error, MemoryError) or any(m in str(error).lower() for m in _OOM_MESSAGES):
+    if isinstance(error, MemoryError) or out_of_memory(str(error)):
         return "oom"
     return "error"
+
+
+def out_of_memory(message: str) -> bool:
+    """Whether an error's message says a GPU or host allocation failed."""
+    return any(m in message.lower() for m in _OOM_MESSAGES)
 
 
 def _scheduler_time_limit(error: BaseException) -> bool:
@@ -401,8 +407,17 @@ def log_tags(tags: Dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
-def log_metrics(metrics: Dict[str, float]) -> None:
-    """Log the job's headline metrics on the active run."""
+def log_metrics(metrics: Dict[str, float], run_id: Optional[str] = None) -> None:
+    """Log the job's headline metrics on the active run, or on run ``run_id``: MLflow's active run belongs
+    to the thread that started it, and a job of several devices logs its ranks' metrics from another."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    values = {k: float(v) for k, v in metrics.items()}
+    if run_id is None:
+        mlflow.log_metrics(values)
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
