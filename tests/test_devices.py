@@ -145,19 +145,9 @@ def test_a_signal_to_the_job_stops_every_rank(tmp_path, signum, group):
     assert "load_s.rank1" in run.data.metrics
 
 
-def test_more_ranks_than_visible_gpus_are_refused_naming_devices():
-    """On CUDA one rank needs one GPU of those the job sees; this machine's torch sees none (or fewer than 64)."""
-    import torch
-
-    refused = ranks_module.device_problem(64, cuda=True)
-    assert refused is not None and refused.key == "devices" and refused.value == 64
-    assert f"at most the {torch.cuda.device_count()} GPU(s) visible to this job" in str(refused)
-    assert ranks_module.device_problem(64, cuda=False) is None  # DeepSpeed's CPU accelerator: any number
-
-
 def test_the_jobs_metrics_from_its_ranks():
-    """CUDA-only metrics too: links and streamed bytes add up, the roofline is made from the sums against the
-    slowest step, peaks are the largest rank's, speed is the job's tokens over the slowest rank's calls."""
+    """CUDA-only metrics too: links add up, streamed bytes are the busiest rank's, the roofline is its bytes
+    over one rank's share of the links against the slowest step, peaks are the largest rank's, speed is the job's tokens over the slowest rank's calls."""
     rank0 = {"load_s": 2.0, "peak_gpu_allocated_bytes": 5.0, "h2d_gbps": 50.0, "streamed_bytes_per_step": 1e9,
              "decode_step_s": 0.1, "tokens_per_sec": 1.0, "roofline_ratio": 9.0}
     rank1 = {"load_s": 3.0, "peak_gpu_allocated_bytes": 4.0, "h2d_gbps": 40.0, "streamed_bytes_per_step": 2e9,
@@ -169,10 +159,10 @@ def test_the_jobs_metrics_from_its_ranks():
                         "decode_step_s": 0.2, "decode_tokens_per_sec": 8 / 1.5}]
     job = ranks_module.job_metrics([rank0, rank1], repeats)
     assert (job["load_s"], job["peak_gpu_allocated_bytes"], job["h2d_gbps"], job["streamed_bytes_per_step"]) == (
-        3.0, 5.0, 90.0, 3e9)
+        3.0, 5.0, 90.0, 2e9)
     assert job["tokens_per_sec"] == 6.0
-    assert job["roofline_step_s"] == pytest.approx(3e9 / 90e9)
-    assert job["roofline_ratio"] == pytest.approx(0.2 / (3e9 / 90e9))
+    assert job["roofline_step_s"] == pytest.approx(2e9 / 45e9)
+    assert job["roofline_ratio"] == pytest.approx(0.2 / (2e9 / 45e9))
 
 
 def test_a_rank_that_ran_out_of_memory_is_an_oom_failure():

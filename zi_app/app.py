@@ -91,11 +91,6 @@ def run_job(cfg: DictConfig) -> float:
                           run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None) as run:
         plan = ready(cfg, cuda)
         cfg = plan.cfg
-        from zi_app import ranks
-
-        refused = ranks.device_problem(cfg.devices, cuda)
-        if refused:
-            raise refused
         # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
         predicted = plan.predicted_metrics() if cuda else {}
         tracking.log_metrics(predicted)

@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 MONITOR_S = 0.1  # how often elastic's agent looks at its ranks: a dead rank's peers are stopped this soon
 RSS_SAMPLE_S = 0.2  # how often the job's process tree's memory is sampled
-# Metrics of the machine's links and of what crosses them: the job's are the sum of its ranks' (each rank
-# streams its own weights over its own GPU's link). Every other measured metric is the worst rank's.
-SUMMED = ("h2d_pinned_gbps", "h2d_pageable_gbps", "h2d_gbps", "streamed_bytes_per_step")
+# The job's link bandwidth is the sum of its ranks' (each rank streams its own shard over its own GPU's link).
+# Every other measured metric is the worst rank's: streamed bytes per step are one rank's, as predicted.
+SUMMED = ("h2d_pinned_gbps", "h2d_pageable_gbps", "h2d_gbps")
 # Metrics made again from the job's totals rather than taken from a rank.
 DERIVED = ("tokens_per_sec", "prefill_tokens_per_sec", "decode_tokens_per_sec", "roofline_step_s",
            "roofline_ratio", "peak_host_rss_bytes")
@@ -52,21 +52,6 @@ class RankFailed(Exception):
 
     def __reduce__(self):
         return type(self), (self.rank, self.exitcode, self.rank_signal, self.error)
-
-
-def device_problem(devices: int, cuda: bool) -> Optional[ConfigError]:
-    """Why a job of ``devices`` ranks cannot run here: on CUDA, more ranks than GPUs this process sees (one GPU
-    per rank); None when it can. DeepSpeed's CPU accelerator runs any number of ranks."""
-    if not cuda:
-        return None
-    import torch
-
-    visible = torch.cuda.device_count()
-    if devices <= visible:
-        return None
-    return ConfigError("devices", devices,
-                       f"at most the {visible} GPU(s) visible to this job (one rank per GPU; CUDA_VISIBLE_DEVICES="
-                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
 
 RANK_FILE = "rank{}.jsonl"  # what a rank measured, a JSON object a line; open in the rank while it runs
@@ -237,9 +222,9 @@ def job_repeats(rank_repeats: List[List[Dict[str, float]]], batch: int, prompt_l
 
 def job_metrics(rank_metrics: List[Dict[str, float]], repeats: List[Dict[str, float]]) -> Dict[str, float]:
     """The job's metrics from its ranks': speed = the median over its ``repeats`` (:func:`job_repeats`); link
-    bandwidth and
-    streamed bytes summed (:data:`SUMMED`); every other measurement the worst rank's (max); the roofline made
-    again from the sums. The job's peak host RSS is not a rank's: the caller samples it."""
+    bandwidth summed (:data:`SUMMED`); every other measurement the worst rank's (max); the roofline made again:
+    the busiest rank's bytes over one rank's share of the links. The job's peak host RSS is not a rank's: the
+    caller samples it."""
     metrics: Dict[str, float] = {}
     for name in set().union(*rank_metrics):
         if name in DERIVED:
@@ -249,5 +234,5 @@ def job_metrics(rank_metrics: List[Dict[str, float]], repeats: List[Dict[str, fl
     metrics.update(measure.median_metrics(repeats))
     if "streamed_bytes_per_step" in metrics and "decode_step_s" in metrics:
         metrics.update(measure.roofline_metrics(metrics["decode_step_s"], int(metrics["streamed_bytes_per_step"]),
-                                                metrics["h2d_gbps"]))
+                                                metrics["h2d_gbps"] / len(rank_metrics)))
     return metrics
