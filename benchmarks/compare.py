@@ -163,16 +163,18 @@ def main(argv=None) -> None:
     command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Not with_suffix: a name such as opt1.3b_x has a "suffix" (.3b_x) to lose.
+    written = {ext: out.parent / f"{out.name}.{ext}" for ext in ("md", "json", "png")}
     results = []
     variants = [(v, False) for v in args.variant] + [(v, True) for v in args.plain_gpu]
     for (name, *overrides), plain in variants:
         results.append(run_variant(name, [*args.common, *overrides], args.store, experiment, args.timeout, plain))
         # Written after every variant, so a run cut short still leaves what it measured.
         text = report(args.title, command, results)
-        out.with_suffix(".md").write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(
+        written["md"].write_text(text)
+        written["json"].write_text(json.dumps(
             {"title": args.title, "machine": machine(), "command": command, "results": results}, indent=2))
-    plot(results, args.title, out.with_suffix(".png"))
+    plot(results, args.title, written["png"])
     print(text)
 
 

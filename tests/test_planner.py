@@ -58,13 +58,15 @@ def _is_number(text: str) -> bool:
 
 
 RUNS = measured_runs()
-# Measured peaks the model misses by more than the tolerance (docs/planner.md says why).
+# Measured runs the model misses by more than the tolerance, each in what it names (docs/planner.md says why).
 PEAK_GPU_MISSES = {"opt13b_int4_fetch_call5:streamed-overlap"}
-TOKENS_MISSES = {"opt67b_resident_call5:resident-overlap"}
+TOKENS_MISSES = {"opt67b_resident_call5:resident-overlap", "opt1-3b_kvcpu_b64_call6:tuned",
+                 "opt1-3b_largest_batch_8gib_call7:batch60"}
+HOST_MISSES = {"opt1-3b_kvcpu_b64_call6:tuned"}
 
 
 def test_the_committed_measurements_are_there():
-    assert len(RUNS) >= 29
+    assert len(RUNS) >= 40
 
 
 @pytest.mark.parametrize("name,overrides,measured", RUNS, ids=[run[0] for run in RUNS])
@@ -72,10 +74,12 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
     """Planned for the H200 with the bandwidth the run measured: peak GPU allocated within 5%, tokens/s within
     20%, streamed bytes per step and peak host RSS within 6%. A run whose residency the planner chose
     (persistence=auto) is compared at the residency that run logged (the fraction planned to has changed)."""
+    # A run transcribed from its log (docs/results/*_call6) states its pinned rate only, and not its residency.
     hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
-                f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"]
+                *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
+                  else [])]
     plan = plan_job(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware), cuda=False)
-    shift = int(measured["predicted_resident_bytes"]) - plan.residency.resident_bytes
+    shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
     peak = plan.predicted_peak_gpu_bytes + shift
     streamed = plan.predicted_streamed_bytes_per_step - shift
     work = dsconfig.workload(plan.cfg)
@@ -94,7 +98,11 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
         assert abs(errors["tokens/s"]) > TOKENS_TOLERANCE, f"{name} now meets the tolerance: {errors}"
     else:
         assert abs(errors["tokens/s"]) <= TOKENS_TOLERANCE, errors
-    assert abs(errors["streamed"]) <= 0.06 and abs(errors["peak host"]) <= 0.06, errors
+    assert abs(errors["streamed"]) <= 0.06, errors
+    if name in HOST_MISSES:
+        assert abs(errors["peak host"]) > 0.06, f"{name} now meets the tolerance: {errors}"
+    else:
+        assert abs(errors["peak host"]) <= 0.06, errors
 
 
 def test_short_dtype_names_are_accepted(compose):

@@ -177,7 +177,8 @@ def hardware(cfg, cuda: bool = False) -> Hardware:
                                                 "gpu_tflops", "gpu_count", "gpu_peer_gbps",
                                                 "stream_efficiency", "pageable_efficiency",
                                                 "fetch_overhead_s", "param_overhead_s",
-                                                "dequant_overhead_s", "step_overhead_s", "compute_efficiency",
+                                                "dequant_overhead_s", "post_quant_overhead_s", "step_overhead_s",
+                                                "compute_efficiency",
                                                 "memory_efficiency")})
 
 

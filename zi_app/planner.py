@@ -143,9 +143,7 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     prompt token) and the last decode step's (KV cache of the whole sequence), each with the resident
     weights, the gathered (live) parameters of a layer when any weight is streamed, and a fixed workspace.
     An offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
-    prefetched) and one and a half in the prefill (measured: OPT-6.7B batch 64 peaks half a layer's cache
-    above the computing layer's, with and without resident weights; a layer's copy to the host is queued
-    while the next computes). Post-init quantization replaces its weights by new parameters ZeRO-3
+    prefetched) and one in the prefill (the one computing: nothing is prefetched yet). Post-init quantization replaces its weights by new parameters ZeRO-3
     never persists: they are streamed at their quantized width and dequantized one matrix at a time.
     """
     nbytes = DTYPE_BYTES[work.dtype]
@@ -168,7 +166,7 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
         full = kv_cache_bytes(work.arch, work.batch, tokens, nbytes)
         return min(full, half_layers_held * full // max(1, 2 * _layers(work.arch))) if work.kv_offloaded else full
 
-    prefill = kv(work.prompt_len, 3) + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes)
+    prefill = kv(work.prompt_len, 2) + activation_bytes(work.arch, work.batch, work.prompt_len, nbytes)
     decode = kv(work.prompt_len + work.gen_len, 4)
     peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
@@ -232,6 +230,7 @@ class Hardware:
     fetch_overhead_s: float
     param_overhead_s: float
     dequant_overhead_s: float
+    post_quant_overhead_s: float
     step_overhead_s: float
     compute_efficiency: float
     memory_efficiency: float
@@ -322,12 +321,10 @@ def offloaded_kv_host_bytes(work: Workload) -> int:
 
 
 def quantized_matrices(work: Workload, facts: ModelFacts) -> int:
-    """Weight matrices dequantized in every forward (quantized models: each one larger than a bias or norm,
-    or each one post-init quantization replaced)."""
-    if work.weight_bytes >= DTYPE_BYTES[work.dtype]:
+    """Weight matrices dequantized in every forward under init-time quantization (each one larger than a bias
+    or norm); post-init quantization's replaced matrices cost ``post_quant_overhead_s`` instead."""
+    if work.weight_bytes >= DTYPE_BYTES[work.dtype] or work.post_quant_modules:
         return 0
-    if work.post_quant_modules:
-        return sum(post_quantized(work, facts))
     return sum(numel > int(work.arch["hidden_size"]) for numel in facts.param_numels)
 
 
@@ -378,7 +375,8 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
 
     A decode step streams ``streamed`` bytes at the link's effective rate (an offloaded KV cache both ways)
     while the all-gather receives ``peer_bytes`` from the other ranks at ``gpu_peer_gbps`` (the slower of the
-    two counts), pays ``fetch_overhead_s`` per ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix and
+    two counts), pays ``fetch_overhead_s`` per ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix
+    (``post_quant_overhead_s`` per matrix post-init quantization replaced) and
     ``step_overhead_s`` once, and computes at the GPU's rates (:func:`decode_compute_s`). The prefill streams
     the same weights while it computes ``batch x prompt_len`` tokens; the larger of the two costs it.
     """
@@ -397,7 +395,8 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     peer_s = peer_bytes / (hw.gpu_peer_gbps * 1e9) if peer_bytes else 0.0
     stream_s = max(copies_s, peer_s, len(facts.param_numels) * hw.param_overhead_s * hooks)
     host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s * hooks
-              + quantized_matrices(work, facts) * hw.dequant_overhead_s)
+              + quantized_matrices(work, facts) * hw.dequant_overhead_s
+              + sum(post_quantized(work, facts)) * hw.post_quant_overhead_s)
     # The overlapping fetch path issues the next fetch's copies before the current module runs, so the host's
     # per-fetch and dequantization work hides behind the copies instead of adding to them.
     fetch_s = max(stream_s, host_s) if work.overlap_fetch else stream_s + host_s

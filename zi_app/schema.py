@@ -123,6 +123,9 @@ class HardwareConfig:
     fetch_overhead_s: float = 0.00033  # host seconds per ZeRO-3 fetch (hooked module forward)
     param_overhead_s: float = 0.00007  # host seconds per parameter's hooks: the floor of a step with little to stream
     dequant_overhead_s: float = 0.00018  # seconds per quantized weight matrix dequantized in a forward
+    # seconds per weight matrix post-init quantization replaced, per forward (its own module, fetched and
+    # dequantized apart: OPT-1.3B int8-post and int4-post on the H200)
+    post_quant_overhead_s: float = 0.0007
     step_overhead_s: float = 0.02  # fixed host seconds per forward pass
     compute_efficiency: float = 0.57  # share of gpu_tflops the prefill's matmuls reach
     memory_efficiency: float = 0.3  # share of gpu_memory_gbps a decode step's weight and KV reads reach
@@ -370,7 +373,8 @@ def _check_hardware(hardware: DictConfig) -> None:
     for key in ("stream_efficiency", "pageable_efficiency", "compute_efficiency", "memory_efficiency"):
         if not 0 < hardware[key] <= 1:
             raise ConfigError(f"hardware.{key}", hardware[key], "a fraction in (0, 1]")
-    for key in ("fetch_overhead_s", "param_overhead_s", "dequant_overhead_s", "step_overhead_s"):
+    for key in ("fetch_overhead_s", "param_overhead_s", "dequant_overhead_s", "post_quant_overhead_s",
+                "step_overhead_s"):
         if hardware[key] < 0:
             raise ConfigError(f"hardware.{key}", hardware[key], "seconds >= 0")
 
