@@ -1,0 +1,60 @@
+"""Print docs/planner.md's accuracy table: every finished run committed under docs/results/ (the runs
+tests/test_planner.py holds the planner to, read with its own reader), planned for hardware=h200 at the link
+rate it measured, predicted against measured.
+
+    .venv/bin/python benchmarks/planner_accuracy.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from zi_app import dsconfig, planner
+from zi_app.jobplan import plan_job
+from zi_app.model import model_facts
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from test_planner import RUNS  # noqa: E402  (the test's reader: one list of committed runs)
+
+GIB = 2**30
+SHOWN_AS_COMMON = ("warmup=", "repeat=", "profile_step")
+
+
+def row(name: str, overrides: list, measured: dict) -> str:
+    """One table row: peak GPU, peak host, streamed bytes, decode step and tokens/s, predicted / measured."""
+    rates = [f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}"]
+    if "h2d_pageable_gbps" in measured:
+        rates.append(f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}")
+    plan = plan_job(compose("config", [*(o for o in overrides if not o.startswith("profile_step")),
+                                       "hardware=h200", *rates]), cuda=False)
+    shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
+    peak, streamed = plan.predicted_peak_gpu_bytes + shift, plan.predicted_streamed_bytes_per_step - shift
+    work = dsconfig.workload(plan.cfg)
+    prefill_s, step_s = planner.predict_times(work, model_facts(dict(plan.cfg.model.arch)), streamed, plan.hardware)
+    speed = planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s)
+
+    def pair(pred: float, meas: float, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
+        error = f" ({pred / meas - 1:+.1%})" if meas else ""
+        return f"{fmt.format(pred / scale)} / {fmt.format(meas / scale)}{error}"
+
+    shown = " ".join(o for o in overrides if not o.startswith(SHOWN_AS_COMMON))
+    return (f"| {name} | {shown} | {pair(peak, measured['peak_gpu_allocated_bytes'], GIB)} "
+            f"| {pair(plan.predicted_peak_host_bytes, measured['peak_host_rss_bytes'], GIB)} "
+            f"| {pair(streamed, measured['streamed_bytes_per_step'], 1e9)} "
+            f"| {pair(step_s, measured['decode_step_s'], fmt='{:.3f}')} | {pair(speed, measured['tokens_per_sec'], fmt='{:.1f}')} |")
+
+
+def main() -> None:
+    print("| run | overrides (beyond warmup/repeat) | peak GPU GiB | peak host GiB | streamed GB/step | decode step s "
+          "| tokens/s |\n|---|---|---|---|---|---|---|")
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        for name, overrides, measured in RUNS:
+            print(row(name, overrides, measured), flush=True)
+
+
+if __name__ == "__main__":
+    main()
