@@ -100,6 +100,8 @@ def run_job(cfg: DictConfig) -> float:
         tracking.log_text(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
 
         if cfg.devices > 1:
+            from zi_app import ranks
+
             # Its ranks' metrics reach the run from a thread of their own: name the run, not the thread's.
             result = ranks.run_ranks(cfg, plan.ds_config,
                                      on_metrics=functools.partial(tracking.log_metrics, run_id=run.info.run_id))

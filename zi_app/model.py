@@ -159,10 +159,11 @@ def weights_path(cfg) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def loading_progress(cfg) -> Iterator[None]:
+def loading_progress(cfg, facts: ModelFacts) -> Iterator[None]:
     """Around :func:`load_model` inside :func:`zero3_construction`: zero.Init's partitioning of each module
     as it is built, then the copy of each module's checkpoint weights, show as progress in bytes done/total
-    (:mod:`zi_app.progress`).
+    (:mod:`zi_app.progress`). ``facts`` are read before ZeRO-3 is armed: building the meta model under
+    zero.Init would run transformers' ZeRO-3 weight init on meta tensors.
 
     The one place that changes DeepSpeed for it: zero.Init's per-module step (``Init._post_init_method``,
     DeepSpeed 0.19.8) is wrapped to count the module's new parameters and to give the module a
@@ -172,7 +173,6 @@ def loading_progress(cfg) -> Iterator[None]:
     from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
 
     element_bytes = DTYPE_BYTES[cfg.model.dtype]
-    facts = model_facts(dict(cfg.model.arch))
     original, hooks, loading = Init._post_init_method, [], False
     work = Progress("partitioning under ZeRO-3", facts.constructed_numel * element_bytes, in_bytes=True)
 

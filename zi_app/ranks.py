@@ -233,6 +233,7 @@ def job_metrics(rank_metrics: List[Dict[str, float]], repeats: List[Dict[str, fl
         metrics[name] = sum(values) if name in SUMMED else max(values)
     metrics.update(measure.median_metrics(repeats))
     if "streamed_bytes_per_step" in metrics and "decode_step_s" in metrics:
-        metrics.update(measure.roofline_metrics(metrics["decode_step_s"], int(metrics["streamed_bytes_per_step"]),
-                                                metrics["h2d_gbps"] / len(rank_metrics)))
+        roofline = measure.roofline_metrics(metrics["decode_step_s"], int(metrics["streamed_bytes_per_step"]),
+                                            metrics["h2d_gbps"] / len(rank_metrics))
+        metrics.update(roofline_step_s=roofline["roofline_step_s"], roofline_ratio=roofline["roofline_ratio"])
     return metrics

@@ -58,20 +58,21 @@ def run_inference(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], N
     engine.init_distributed(cfg.verbose)
     engine.cap_gpu_memory(cfg.memory.gpu_budget_gib)
     weights = model_lib.weights_path(cfg)  # a random checkpoint must be written before ZeRO-3 is armed
+    facts = model_lib.model_facts(dict(cfg.model.arch))  # likewise (a meta model built while armed fails)
     try:
         with measure.peak_memory() as peaks, model_lib.zero3_construction(ds_config):
-            metrics, repeats, output = _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics)
+            metrics, repeats, output = _load_and_generate(cfg, ds_config, weights, facts, on_progress, on_metrics)
     finally:
         on_metrics(peaks.as_metrics())
     metrics.update(peaks.as_metrics())
     return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, cfg.prompt_len:].tolist())
 
 
-def _load_and_generate(cfg, ds_config, weights, on_progress, on_metrics):
+def _load_and_generate(cfg, ds_config, weights, facts, on_progress, on_metrics):
     on_progress(f"loading {cfg.model.name} ({cfg.model.weights} weights, {cfg.model.dtype}) under ZeRO-3, "
                 f"offload={cfg.offload.device}, quant={cfg.quant.mode}")
     with measure.stopwatch() as load:
-        with model_lib.loading_progress(cfg):
+        with model_lib.loading_progress(cfg, facts):
             model = model_lib.load_model(cfg, weights)
         overlap = cfg.memory.max_inflight_fetches if cfg.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
