@@ -215,7 +215,9 @@ def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_pa
     plan = run_python(["-m", "zi_app.plan", "--calibrate", "--json", "hardware=h200", f"tracking.uri={uri}",
                        "tracking.experiment=h200-runs", "model=opt-13b", "batch=32", "memory=reference",
                        "hardware.h2d_pinned_gbps=55.2"], tmp_path).expect_success()
-    assert f"calibrated from {len(RUNS)} finished runs" in plan.stderr, plan.tail()
+    # Post-init quantization's runs are left out: their per-matrix cost is not one of the fitted terms.
+    fitted = [run for run in RUNS if not any(o.startswith("quant=") and o.endswith("-post") for o in run[1])]
+    assert len(fitted) < len(RUNS) and f"calibrated from {len(fitted)} finished runs" in plan.stderr, plan.tail()
     assert "hardware.stream_efficiency=" in plan.stderr and "(from " in plan.stderr
     [row] = json.loads(plan.stdout)
     assert abs(row["predicted_tokens_per_sec"] / 47.8 - 1) < TOKENS_TOLERANCE, (row, plan.stderr)

@@ -78,6 +78,9 @@ def _usable_runs(cfg: DictConfig, hardware) -> List[_Run]:
             continue
         text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
         run_cfg = validate(OmegaConf.create(text))
+        if run_cfg.get("devices", 1) > 1 or run_cfg.quant.mode == "post":
+            # The fit's terms are one rank's, without post-init quantization's own per-matrix cost.
+            continue
         work, facts = dsconfig.workload(run_cfg), model_facts(dict(run_cfg.model.arch))
         usable.append(_Run(work, facts, dict(metrics), planner.decode_compute_s(work, facts, hardware),
                            planner.prefill_flops(work, facts), planner.fetches_per_forward(work, facts),
