@@ -12,13 +12,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from zi_app import dsconfig, planner
-from zi_app.jobplan import plan_job
-from zi_app.model import model_facts
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_planner import RUNS  # noqa: E402  (the test's reader: one list of committed runs)
+from test_planner import RUNS, predicted_for_run  # noqa: E402  (the test's own reader and prediction)
 
 GIB = 2**30
 SHOWN_AS_COMMON = ("warmup=", "repeat=", "profile_step")
@@ -26,17 +22,8 @@ SHOWN_AS_COMMON = ("warmup=", "repeat=", "profile_step")
 
 def row(name: str, overrides: list, measured: dict) -> str:
     """One table row: peak GPU, peak host, streamed bytes, decode step and tokens/s, predicted / measured."""
-    rates = [f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}"]
-    if "h2d_pageable_gbps" in measured:
-        rates.append(f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}")
-    plan = plan_job(compose("config", [*(o for o in overrides if not o.startswith("profile_step")),
-                                       "hardware=h200", *rates]), cuda=False)
-    shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
-    peak, streamed = plan.predicted_peak_gpu_bytes + shift, plan.predicted_streamed_bytes_per_step - shift
-    work = dsconfig.workload(plan.cfg)
-    prefill_s, step_s = planner.predict_times(work, model_facts(dict(plan.cfg.model.arch)), streamed, plan.hardware)
-    speed = planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s)
-
+    plan, peak, streamed, step_s, speed = predicted_for_run(overrides, measured,
+                                                            lambda *chosen: compose("config", list(chosen)))
     def pair(pred: float, meas: float, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
         error = f" ({pred / meas - 1:+.1%})" if meas else ""
         return f"{fmt.format(pred / scale)} / {fmt.format(meas / scale)}{error}"

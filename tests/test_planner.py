@@ -57,6 +57,23 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def predicted_for_run(overrides: list, measured: dict, compose) -> tuple:
+    """(plan, peak GPU bytes, streamed bytes per step, decode step s, tokens/s) predicted for a committed run:
+    planned for the H200 at the link rates it measured, at the residency it logged. ``compose(*overrides)``
+    composes the app's config."""
+    # A run transcribed from its log (docs/results/*_call6) states its pinned rate only, and not its residency.
+    hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
+                *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
+                  else [])]
+    plan = plan_job(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware), cuda=False)
+    shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
+    streamed = plan.predicted_streamed_bytes_per_step - shift
+    work = dsconfig.workload(plan.cfg)
+    prefill_s, step_s = planner.predict_times(work, model_facts(dict(plan.cfg.model.arch)), streamed, plan.hardware)
+    return (plan, plan.predicted_peak_gpu_bytes + shift, streamed, step_s,
+            planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s))
+
+
 RUNS = measured_runs()
 # Measured runs the model misses by more than the tolerance, each in what it names (docs/planner.md says why).
 PEAK_GPU_MISSES = {"opt13b_int4_fetch_call5:streamed-overlap"}
@@ -74,17 +91,7 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
     """Planned for the H200 with the bandwidth the run measured: peak GPU allocated within 5%, tokens/s within
     20%, streamed bytes per step and peak host RSS within 6%. A run whose residency the planner chose
     (persistence=auto) is compared at the residency that run logged (the fraction planned to has changed)."""
-    # A run transcribed from its log (docs/results/*_call6) states its pinned rate only, and not its residency.
-    hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
-                *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
-                  else [])]
-    plan = plan_job(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware), cuda=False)
-    shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
-    peak = plan.predicted_peak_gpu_bytes + shift
-    streamed = plan.predicted_streamed_bytes_per_step - shift
-    work = dsconfig.workload(plan.cfg)
-    prefill_s, step_s = planner.predict_times(work, model_facts(dict(plan.cfg.model.arch)), streamed, plan.hardware)
-    speed = planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s)
+    plan, peak, streamed, step_s, speed = predicted_for_run(overrides, measured, compose)
     errors = {"peak GPU": peak / measured["peak_gpu_allocated_bytes"] - 1,
               "tokens/s": speed / measured["tokens_per_sec"] - 1,
               "streamed": (streamed - measured["streamed_bytes_per_step"]) / max(measured["streamed_bytes_per_step"],
