@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 from omegaconf import DictConfig, open_dict
 
 from zi_app import dsconfig, machine, preflight
-from zi_app.planner import DTYPE_BYTES, Hardware, Prediction, Residency, predicted_job_s
+from zi_app.planner import DTYPE_BYTES, Hardware, ModelFacts, Prediction, Residency, predicted_job_s
 from zi_app.schema import ConfigError, validate
 
 GIB = 2**30
@@ -33,6 +33,7 @@ class JobPlan:
     problems: Tuple[ConfigError, ...]
     hardware: Hardware
     prediction: Prediction
+    facts: ModelFacts  # the model's parameter sizes and hooked modules, read once for every use of the plan
 
     def check_runnable(self) -> None:
         """Raise the first problem: a real run refuses before anything loads."""
@@ -80,9 +81,7 @@ class JobPlan:
     @property
     def predicted_job_s(self) -> Optional[float]:
         """Predicted wall seconds of the whole job (process start to result); None without a speed prediction."""
-        from zi_app.model import model_facts
-
-        weights = sum(model_facts(dict(self.cfg.model.arch)).param_numels) * DTYPE_BYTES[self.cfg.model.dtype]
+        weights = sum(self.facts.param_numels) * DTYPE_BYTES[self.cfg.model.dtype]
         return predicted_job_s(self.prediction, weights, self.cfg.warmup, self.cfg.repeat, self.cfg.gen_len)
 
     def predicted_metrics(self) -> Dict[str, float]:
@@ -186,7 +185,7 @@ def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
                 *_host_problems(cfg, hardware, prediction, here),
                 *((ConfigError("hardware", hardware.name, mismatch),) if mismatch else ()))
     ds_config = dsconfig.build_ds_config(cfg, facts, device_bytes, residency)
-    return JobPlan(cfg, ds_config, residency, budget, problems, hardware, prediction)
+    return JobPlan(cfg, ds_config, residency, budget, problems, hardware, prediction, facts)
 
 
 def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
