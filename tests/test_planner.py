@@ -89,7 +89,8 @@ def test_the_committed_measurements_are_there():
 @pytest.mark.parametrize("name,overrides,measured", RUNS, ids=[run[0] for run in RUNS])
 def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, compose):
     """Planned for the H200 with the bandwidth the run measured: peak GPU allocated within 5%, tokens/s within
-    20%, streamed bytes per step and peak host RSS within 6%. A run whose residency the planner chose
+    20% when the run was warm (``warmup`` >= 1: a cold timed generate pays one-time costs the planner does not
+    predict, docs/planner.md), streamed bytes per step and peak host RSS within 6%. A run whose residency the planner chose
     (persistence=auto) is compared at the residency that run logged (the fraction planned to has changed)."""
     plan, peak, streamed, step_s, speed = predicted_for_run(overrides, measured, compose)
     errors = {"peak GPU": peak / measured["peak_gpu_allocated_bytes"] - 1,
@@ -103,7 +104,7 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
         assert abs(errors["peak GPU"]) <= PEAK_GPU_TOLERANCE, errors
     if name in TOKENS_MISSES:
         assert abs(errors["tokens/s"]) > TOKENS_TOLERANCE, f"{name} now meets the tolerance: {errors}"
-    else:
+    elif plan.cfg.warmup >= 1:
         assert abs(errors["tokens/s"]) <= TOKENS_TOLERANCE, errors
     assert abs(errors["streamed"]) <= 0.06, errors
     if name in HOST_MISSES:
