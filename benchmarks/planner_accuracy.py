@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from test_planner import RUNS, predicted_for_run  # noqa: E402  (the test's own reader and prediction)
+from test_planner import RUNS, predicted_for_run, warm  # noqa: E402  (the test's own reader and prediction)
 
 GIB = 2**30
 SHOWN_AS_COMMON = ("warmup=", "repeat=", "profile_step", "tracking.")
@@ -29,11 +29,12 @@ def row(name: str, overrides: list, measured: dict) -> str:
         return f"{fmt.format(pred / scale)} / {fmt.format(meas / scale)}{error}"
 
     shown = " ".join(o for o in overrides if not o.startswith(SHOWN_AS_COMMON))
-    cold = " (cold: warmup=0)" if plan.cfg.warmup == 0 else ""
+    cold = "" if warm(plan) else " (cold: warmup=0)"
     return (f"| {name} | {shown} | {pair(peak, measured['peak_gpu_allocated_bytes'], GIB)} "
             f"| {pair(plan.predicted_peak_host_bytes, measured['peak_host_rss_bytes'], GIB)} "
             f"| {pair(streamed, measured['streamed_bytes_per_step'], 1e9)} "
-            f"| {pair(step_s, measured['decode_step_s'], fmt='{:.3f}')} | {pair(speed, measured['tokens_per_sec'], fmt='{:.1f}')}{cold} |")
+            f"| {pair(step_s, measured['decode_step_s'], fmt='{:.3f}')} "
+            f"| {pair(speed, measured['tokens_per_sec'], fmt='{:.1f}')}{cold} |")
 
 
 def main() -> None:

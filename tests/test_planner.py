@@ -74,6 +74,12 @@ def predicted_for_run(overrides: list, measured: dict, compose) -> tuple:
             planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s))
 
 
+def warm(plan) -> bool:
+    """Whether the run timed a warm generate (``warmup`` >= 1), the one the planner predicts: a cold one pays
+    one-time costs the planner leaves out (docs/planner.md, "Cold runs")."""
+    return plan.cfg.warmup >= 1
+
+
 RUNS = measured_runs()
 # Measured runs the model misses by more than the tolerance, each in what it names (docs/planner.md says why).
 PEAK_GPU_MISSES = {"opt13b_int4_fetch_call5:streamed-overlap"}
@@ -89,9 +95,9 @@ def test_the_committed_measurements_are_there():
 @pytest.mark.parametrize("name,overrides,measured", RUNS, ids=[run[0] for run in RUNS])
 def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, compose):
     """Planned for the H200 with the bandwidth the run measured: peak GPU allocated within 5%, tokens/s within
-    20% when the run was warm (``warmup`` >= 1: a cold timed generate pays one-time costs the planner does not
-    predict, docs/planner.md), streamed bytes per step and peak host RSS within 6%. A run whose residency the planner chose
-    (persistence=auto) is compared at the residency that run logged (the fraction planned to has changed)."""
+    20% when the run was warm (see ``warm``), streamed bytes per step and peak host RSS within 6%. A run whose
+    residency the planner chose (persistence=auto) is compared at the residency that run logged (the fraction
+    planned to has changed)."""
     plan, peak, streamed, step_s, speed = predicted_for_run(overrides, measured, compose)
     errors = {"peak GPU": peak / measured["peak_gpu_allocated_bytes"] - 1,
               "tokens/s": speed / measured["tokens_per_sec"] - 1,
@@ -104,7 +110,7 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
         assert abs(errors["peak GPU"]) <= PEAK_GPU_TOLERANCE, errors
     if name in TOKENS_MISSES:
         assert abs(errors["tokens/s"]) > TOKENS_TOLERANCE, f"{name} now meets the tolerance: {errors}"
-    elif plan.cfg.warmup >= 1:
+    elif warm(plan):
         assert abs(errors["tokens/s"]) <= TOKENS_TOLERANCE, errors
     assert abs(errors["streamed"]) <= 0.06, errors
     if name in HOST_MISSES:
