@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 
 def settings(results: list) -> dict:
@@ -27,7 +28,7 @@ def settings(results: list) -> dict:
 
 
 def table(results: list) -> str:
-    """The scaling table in Markdown; a setting measured on one device count only has no ratio."""
+    """The scaling table in Markdown; each setting's fewest-GPU run is its own base (ratios 1.00)."""
     lines = ["| setting | GPUs | tokens/s | predicted tokens/s | tokens/s x fewest GPUs | decode step s "
              "| step speed-up | ideal (links) | of ideal |", "|---|---|---|---|---|---|---|---|---|"]
     for setting, runs in settings(results).items():
@@ -48,7 +49,7 @@ def main(paths: list) -> None:
     if not paths:
         sys.exit("usage: scaling.py RESULTS.json [RESULTS.json ...] (benchmarks/compare.py's --out .json files)")
     for path in paths:
-        data = json.loads(open(path).read())
+        data = json.loads(Path(path).read_text())
         print(f"## {data['title']}\n\n{data['machine']}\n\n{table(data['results'])}\n")
 
 
