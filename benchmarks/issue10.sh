@@ -13,7 +13,8 @@ step() { echo "=== $(date -u +%T) $1"; }
 
 # One timed generate of 4 tokens per job and no warm-up: both sweeps run the same jobs, and the two grids (14
 # jobs that load a model, 6 of them pageable) and the two adaptive sweeps fit the 30 minutes of device time a
-# session has. A job's fixed cost (process start, 26-60 GB load) was 45-90 s either way (call 8: job time less its timed generate).
+# session has. A job's fixed cost (process start, 26-60 GB load) was 45-90 s either way (call 8: each job's
+# time less its timed generate).
 step "adaptive sweep against the full grid: OPT-13B under 24 GiB"
 COMMON="gen_len=4 warmup=0 repeat=1" RESULTS_DIR=$RESULTS timeout 1200 bash benchmarks/adaptive_vs_grid.sh opt-13b 1,8,32,48,64
 step "adaptive sweep against the full grid: OPT-30B under 48 GiB"
