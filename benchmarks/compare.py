@@ -23,8 +23,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from zi_app import tracking
-from zi_app.schema import TrackingConfig
+from zi_app.record import runs
+from zi_app.config.schema import TrackingSpec
 
 PLAIN_GPU = Path(__file__).with_name("plain_gpu.py")
 COLUMNS = [  # (metric, header, scale, format)
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a baseline after the variants: the model loaded with transformers onto the GPU, no "
                              "DeepSpeed (benchmarks/plain_gpu.py); its name, then its overrides")
     parser.add_argument("--out", required=True, help="path prefix of the .md/.json/.png results")
-    parser.add_argument("--store", default=TrackingConfig.uri, help="MLflow tracking URI (default: %(default)s)")
+    parser.add_argument("--store", default=TrackingSpec.uri, help="MLflow tracking URI (default: %(default)s)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one variant may take")
     return parser.parse_args(argv)
 
@@ -95,12 +95,12 @@ def run_variant(name: str, overrides: list, store: str, experiment: str, timeout
     except subprocess.TimeoutExpired:
         code = "timeout"
     metrics, status, reason = {}, f"exit {code}", ""
-    run_id_file = run_dir / tracking.RUN_ID_FILE
+    run_id_file = run_dir / runs.RUN_ID_FILE
     if run_id_file.is_file():
         mlflow.set_tracking_uri(store)
         run = mlflow.get_run(run_id_file.read_text().strip())
         metrics, status = dict(run.data.metrics), run.info.status
-        reason = run.data.tags.get(tracking.FAILURE_KIND_TAG, "")
+        reason = run.data.tags.get(runs.FAILURE_KIND_TAG, "")
     print(f"== {name}: {status} {reason} in {time.time() - started:.0f} s", flush=True)
     return {"name": name, "overrides": overrides, "status": status, "failure": reason, "metrics": metrics}
 

@@ -190,7 +190,7 @@ def plain_greedy() -> Callable[..., List[List[int]]]:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from zi_app.runner import random_prompts
+        from zi_app.run.inference import random_prompts
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         prompts = random_prompts(batch, prompt_len, model.config.vocab_size, 0, "cpu")

@@ -16,8 +16,9 @@ from pathlib import Path
 import yaml
 
 from hydra_plugins.zero_inference._adaptive import Grid, Point, next_round
-from zi_app import callbacks, tracking
-from zi_app.jobplan import plan_job
+from zi_app.record import runs as zi_runs, sweep_end
+from zi_app import validate
+from zi_app.plan.job import plan_job
 
 QUICK = ["model=tiny-opt", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1", "memory=reference"]
 BATCHES = [1, 2, 4, 8]
@@ -28,7 +29,7 @@ PINS = ["True", "False"]  # as Hydra writes the swept booleans into the job's ov
 
 def budget_gib_between(compose, fits: int, refused: int) -> float:
     """A GPU budget that the planner finds enough for batch ``fits`` and too small for batch ``refused``."""
-    peaks = [plan_job(compose(*QUICK, f"batch={batch}"), cuda=False).residency.predicted_peak_bytes
+    peaks = [plan_job(validate(compose(*QUICK, f"batch={batch}")), cuda=False).residency.predicted_peak_bytes
              for batch in (fits, refused)]
     assert peaks[0] < peaks[1], peaks
     return sum(peaks) / 2 / 2**30
@@ -37,7 +38,7 @@ def budget_gib_between(compose, fits: int, refused: int) -> float:
 def sweep_runs(store) -> tuple:
     """The sweep's parent run and its jobs' runs, in start order."""
     runs = store.runs()
-    parents = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    parents = [run for run in runs if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep"]
     assert len(parents) == 1, [run.data.tags for run in runs]
     parent = parents[0]
     jobs = sorted((run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
@@ -48,7 +49,7 @@ def sweep_runs(store) -> tuple:
 
 def point(run) -> tuple:
     """(batch, pin) of a job run, from its overrides."""
-    values = dict(item.split("=", 1) for item in run.data.tags[tracking.OVERRIDES_TAG].split())
+    values = dict(item.split("=", 1) for item in run.data.tags[zi_runs.OVERRIDES_TAG].split())
     return int(values["batch"]), values["pin"]
 
 
@@ -57,10 +58,10 @@ def assert_parent_has_results(store, parent, jobs) -> None:
     completed = [run for run in jobs if run.info.status == "FINISHED"]
     fastest = max(completed, key=lambda run: run.data.metrics["tokens_per_sec"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[callbacks.BEST_RUN_TAG] == fastest.info.run_id
-    assert parent.data.tags[callbacks.JOBS_TAG] == str(len(jobs))
+    assert parent.data.tags[sweep_end.BEST_RUN_TAG] == fastest.info.run_id
+    assert parent.data.tags[sweep_end.JOBS_TAG] == str(len(jobs))
     assert parent.data.metrics["best_tokens_per_sec"] == fastest.data.metrics["tokens_per_sec"]
-    for name in callbacks.ARTIFACTS.values():
+    for name in sweep_end.ARTIFACTS.values():
         assert store.artifact_path(parent, name).stat().st_size > 0, name
 
 
@@ -107,7 +108,7 @@ def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, ml
     assert [float(speed) for *_, speed in order] == sorted((float(speed) for *_, speed in order), reverse=True)
     assert measured[:2] == [(int(batch), pin) for batch, pin, _ in order[:2]], (order, measured)
     # Confirmed best: every neighbour of the fastest point that fits was measured, and none was faster.
-    best = point(next(run for run in jobs if run.info.run_id == parent.data.tags[callbacks.BEST_RUN_TAG]))
+    best = point(next(run for run in jobs if run.info.run_id == parent.data.tags[sweep_end.BEST_RUN_TAG]))
     b, pin = BATCHES.index(best[0]), best[1]
     neighbours = [(BATCHES[i], pin) for i in (b - 1, b + 1) if 0 <= i < len(BATCHES) and BATCHES[i] != 8]
     neighbours.append((best[0], PINS[1 - PINS.index(pin)]))
@@ -147,14 +148,14 @@ def test_optuna_sweeper_maximises_the_apps_tokens_per_sec(run_app, mlflow_store,
     completed = [run for run in jobs if run.info.status == "FINISHED"]
     assert failed and completed, "seed 1 samples batch=4 and a batch that fits"
     for run in failed:
-        assert "batch=4" in run.data.tags[tracking.OVERRIDES_TAG].split()
-        assert run.data.tags[tracking.FAILURE_KIND_TAG] == "invalid-config"
-    assert parent.data.tags[callbacks.FAILED_JOBS_TAG] == str(len(failed))
+        assert "batch=4" in run.data.tags[zi_runs.OVERRIDES_TAG].split()
+        assert run.data.tags[zi_runs.FAILURE_KIND_TAG] == "invalid-config"
+    assert parent.data.tags[sweep_end.FAILED_JOBS_TAG] == str(len(failed))
     assert_parent_has_results(mlflow_store, parent, jobs)
     fastest = max(completed, key=lambda run: run.data.metrics["tokens_per_sec"])
     optimum = yaml.safe_load(Path(tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert optimum["best_value"] == fastest.data.metrics["tokens_per_sec"]
-    assert f"batch={optimum['best_params']['batch']}" in fastest.data.tags[tracking.OVERRIDES_TAG].split()
+    assert f"batch={optimum['best_params']['batch']}" in fastest.data.tags[zi_runs.OVERRIDES_TAG].split()
 
 
 def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store):
@@ -164,7 +165,7 @@ def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store):
                      multirun=True).expect_success()
     parent, jobs = sweep_runs(mlflow_store)
     assert len(jobs) == 1 and jobs[0].info.status == "FINISHED"
-    assert "batch=2" in jobs[0].data.tags[tracking.OVERRIDES_TAG].split(), "the point predicted fastest runs first"
+    assert "batch=2" in jobs[0].data.tags[zi_runs.OVERRIDES_TAG].split(), "the point predicted fastest runs first"
     report = mlflow_store.artifact_path(parent, "adaptive_sweep.txt").read_text()
     assert "Skipped, max_jobs reached:\n  batch=1" in report
     assert "(not confirmed: max_jobs reached before all its neighbours ran)" in report

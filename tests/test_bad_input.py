@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from zi_app import ConfigError, preflight
+from zi_app import ConfigError, validate
+from zi_app.plan import preflight
 
 # (overrides, key, bad value as printed, what is allowed as printed); {tmp} is the test's directory.
 BAD_OVERRIDES = [
@@ -85,7 +86,7 @@ def test_nvme_path_this_machine_lacks_is_refused(compose, tmp_path):
     for path, allowed in ((tmp_path / "missing", "an existing directory"), (tmp_path / "a-file", "an existing directory"),
                           # nobody may create files in /proc/sys, root included (chmod would not stop root)
                           ("/proc/sys", "a directory this user can write to")):
-        problems = preflight.environment_problems(compose("offload=nvme", f"offload.nvme_path={path}"), False)
+        problems = preflight.environment_problems(validate(compose("offload=nvme", f"offload.nvme_path={path}")), False)
         assert [(p.key, p.value) for p in problems if p.key == "offload.nvme_path"] == [("offload.nvme_path", str(path))]
         assert allowed in str(problems[-1])
 
@@ -93,7 +94,7 @@ def test_nvme_path_this_machine_lacks_is_refused(compose, tmp_path):
 def test_nvme_without_libaio_is_refused(compose, tmp_path, monkeypatch):
     """libaio's header is looked for where Debian/Ubuntu put it; pointing the lookup at an empty
     directory is what a machine without libaio-dev looks like to the check."""
-    cfg = compose("offload=nvme", f"offload.nvme_path={tmp_path}")
+    cfg = validate(compose("offload=nvme", f"offload.nvme_path={tmp_path}"))
     assert preflight.libaio_available(), "this machine should have libaio-dev (the NVMe test needs it)"
     preflight.check_environment(cfg, cuda=False)
     monkeypatch.setattr(preflight, "_LIBAIO_HEADERS", (str(tmp_path / "libaio.h"),))
@@ -104,23 +105,23 @@ def test_nvme_without_libaio_is_refused(compose, tmp_path, monkeypatch):
 
 def test_offloaded_kv_cache_without_cuda_is_refused(compose):
     """kvcache=cpu is transformers' offloaded cache, which streams over CUDA streams."""
-    error = refusal(preflight.check_environment, compose("kvcache=cpu"), False)
+    error = refusal(preflight.check_environment, validate(compose("kvcache=cpu")), False)
     assert (error.key, error.value) == ("kvcache", "cpu")
     assert "gpu on a machine without CUDA" in str(error)
 
 
 def test_fp16_quantization_without_cuda_is_refused(compose):
     """DeepSpeed's fp16 dequantizer is a CUDA kernel: on a CPU, quantized weights need float32/bfloat16."""
-    error = refusal(preflight.check_environment, compose("quant=int4", "model.dtype=float16"), False)
+    error = refusal(preflight.check_environment, validate(compose("quant=int4", "model.dtype=float16")), False)
     assert (error.key, error.value) == ("model.dtype", "float16")
     assert "float32 or bfloat16" in str(error)
-    preflight.check_environment(compose("quant=int4", "model.dtype=bfloat16"), False)
+    preflight.check_environment(validate(compose("quant=int4", "model.dtype=bfloat16")), False)
 
 
 def test_dtype_the_accelerator_cannot_compute_in_is_refused_in_a_real_run(run_app, run_python, tmp_path):
     """A real job asks DeepSpeed's accelerator which dtypes it computes in, before loading anything; a CPU
     without fp16 kernels (this project's machines) refuses float16 with the key, value and the dtypes it has."""
-    probe = run_python(["-c", "from zi_app.engine import accelerator; a = accelerator(); "
+    probe = run_python(["-c", "from zi_app.run.engine import accelerator; a = accelerator(); "
                               "print(a.is_fp16_supported(), a.is_bf16_supported())"], tmp_path)
     fp16, bf16 = (word == "True" for word in probe.stdout.split()[-2:])
     run = run_app("model.dtype=float16", "prompt_len=16", "gen_len=4", "warmup=0", "repeat=1")

@@ -11,8 +11,9 @@ import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from zi_app import best, tracking
-from zi_app.paths import command
+from zi_app import zi_best as best
+from zi_app.record import runs, store as zi_store
+from zi_app.config.paths import command
 
 GIB = 2**30
 
@@ -25,11 +26,11 @@ def store(tmp_path_factory):
     client = MlflowClient(uri)
 
     def sweep(experiment: str, jobs: dict) -> dict:
-        experiment_id = tracking.open_experiment(uri, experiment)
-        parent = tracking.start_sweep_run(experiment_id, "sweep", {})
+        experiment_id = zi_store.open_experiment(uri, experiment)
+        parent = runs.start_sweep_run(experiment_id, "sweep", {})
         ids = {}
         for overrides, (tokens, gpu_reserved) in jobs.items():
-            run = client.create_run(experiment_id, tags={tracking.OVERRIDES_TAG: overrides, tracking.ROLE_TAG: "job",
+            run = client.create_run(experiment_id, tags={runs.OVERRIDES_TAG: overrides, runs.ROLE_TAG: "job",
                                                          "mlflow.parentRunId": parent})
             now = int(time.time() * 1000)
             client.log_batch(run.info.run_id, metrics=[
@@ -99,10 +100,10 @@ def test_parent_by_a_unique_prefix_of_its_run_id(store, capsys, tmp_path):
     uri, older, _, _ = store
     assert best_json(capsys, uri, "--parent", older["parent"][:12])["run_id"] == older["batch=64 pin=true"]
     own = f"sqlite:///{tmp_path}/mlflow.db"  # sweeps of its own: the shared store's latest sweep stays the latest
-    experiment_id = tracking.open_experiment(own, "zero-inference")
+    experiment_id = zi_store.open_experiment(own, "zero-inference")
     seen = {}
     while True:  # sweeps until two ids share their first character (run ids are random hex)
-        parent = tracking.start_sweep_run(experiment_id, "sweep", {})
+        parent = runs.start_sweep_run(experiment_id, "sweep", {})
         if parent[0] in seen:
             break
         seen[parent[0]] = parent
@@ -124,6 +125,6 @@ def test_help_is_plain_text(capsys):
 def test_a_store_without_sweeps_says_how_to_run_one(capsys, tmp_path):
     """The command it suggests is this environment's app, runnable as printed from any shell."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking.open_experiment(uri, "zero-inference")
+    zi_store.open_experiment(uri, "zero-inference")
     assert best.main(["--tracking-uri", uri]) == best.EXIT_BAD_INPUT
     assert f"no sweep in this store (run one with `{command('zi', 'zi_app')} -m ...`)" in capsys.readouterr().err

@@ -20,8 +20,8 @@ from typing import Dict, List
 import pytest
 
 import zi_app
-from zi_app.paths import command
-from zi_app.schema import ZIConfig
+from zi_app.config.paths import command
+from zi_app.config.schema import ZIConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory", "hardware")
@@ -132,7 +132,7 @@ def test_docs_name_commands_that_exist_here():
 
 
 def _as_written(line: str) -> List[str]:
-    """A documented ``.venv/bin/zi ...`` command, with this environment's ``zi`` (see zi_app.paths.command)."""
+    """A documented ``.venv/bin/zi ...`` command, with this environment's ``zi`` (see zi_app.config.paths.command)."""
     args = shlex.split(line.split("  #")[0])
     assert args[0] == ".venv/bin/zi"
     return [*shlex.split(command("zi", "zi_app")), *args[1:]]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from zi_app import callbacks, tracking
+from zi_app.record import runs as zi_runs, sweep_end
 
 TIMEOUT_S = 900
 EXPERIMENT = "slurm-sweep"
@@ -27,13 +27,13 @@ def lower_time_limit_while_generating(client: MlflowClient, root: Path, job: int
     """Once job ``job`` generates (its run has ``load_s``), cut its SLURM time limit to one minute, which it has
     already used: SLURM then warns it and ends it as it would any job that runs past ``--time``. Returns the
     SLURM job id."""
-    run_file = root / "sweep" / str(job) / tracking.RUN_ID_FILE
+    run_file = root / "sweep" / str(job) / zi_runs.RUN_ID_FILE
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and sweep.poll() is None:
         if run_file.exists() and run_file.read_text():
             run = client.get_run(run_file.read_text())
             if "load_s" in run.data.metrics:
-                slurm_job = run.data.tags[tracking.SLURM_JOB_TAG]
+                slurm_job = run.data.tags[zi_runs.SLURM_JOB_TAG]
                 slurm.scontrol("update", f"JobId={slurm_job}", "TimeLimit=1")
                 return slurm_job
         time.sleep(0.5)
@@ -43,7 +43,7 @@ def lower_time_limit_while_generating(client: MlflowClient, root: Path, job: int
 @pytest.fixture(scope="module")
 def slurm_sweep(slurm, tracking_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-sweep")
-    env = {k: v for k, v in os.environ.items() if k not in (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
     # repeat=0 fails validation; repeat=100000 generates far longer than any time limit here.
     sweep = subprocess.Popen([sys.executable, "-m", "zi_app", "-m", "hydra/launcher=zi_slurm", *CPU_NODE,
                               "repeat=1,0,100000", "prompt_len=8", "gen_len=4", "warmup=0",
@@ -60,8 +60,8 @@ def slurm_sweep(slurm, tracking_server, tmp_path_factory):
             sweep.wait()
     experiment = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
-    parent = next(run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep")
-    jobs = {run.data.tags[tracking.OVERRIDES_TAG].split()[0]: run for run in runs
+    parent = next(run for run in runs if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep")
+    jobs = {run.data.tags[zi_runs.OVERRIDES_TAG].split()[0]: run for run in runs
             if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     return root, sweep.returncode, (root / "stdout.txt").read_text(), client, parent, jobs, slurm_job
 
@@ -70,12 +70,12 @@ def test_every_job_ran_as_a_slurm_job_and_failures_have_their_kind(slurm_sweep):
     root, returncode, stdout, _, _, jobs, slurm_job = slurm_sweep
     assert returncode == 1, (root / "stderr.txt").read_text()[-3000:]  # a job failed, as with the grid sweep
     assert sorted(jobs) == ["repeat=0", "repeat=1", "repeat=100000"]
-    assert all(run.data.tags.get(tracking.SLURM_JOB_TAG) for run in jobs.values())
+    assert all(run.data.tags.get(zi_runs.SLURM_JOB_TAG) for run in jobs.values())
     assert jobs["repeat=1"].info.status == "FINISHED" and jobs["repeat=1"].data.metrics["tokens_per_sec"] > 0
     invalid, timed_out = jobs["repeat=0"], jobs["repeat=100000"]
-    assert (invalid.info.status, invalid.data.tags[tracking.FAILURE_KIND_TAG]) == ("FAILED", "invalid-config")
-    assert (timed_out.info.status, timed_out.data.tags[tracking.FAILURE_KIND_TAG]) == ("FAILED", "timeout")
-    assert timed_out.data.tags[tracking.SLURM_JOB_TAG] == slurm_job
+    assert (invalid.info.status, invalid.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "invalid-config")
+    assert (timed_out.info.status, timed_out.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "timeout")
+    assert timed_out.data.tags[zi_runs.SLURM_JOB_TAG] == slurm_job
     assert "load_s" in timed_out.data.metrics  # what it measured before its time ran out stays
     assert "Sweep finished: 3 jobs, 2 failed (invalid-config: 1, timeout: 1)" in stdout
 
@@ -84,7 +84,7 @@ def test_the_parent_run_gets_table_plot_and_best_run(slurm_sweep):
     _, _, _, client, parent, jobs, _ = slurm_sweep
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[callbacks.BEST_RUN_TAG] == jobs["repeat=1"].info.run_id
-    assert (parent.data.tags[callbacks.JOBS_TAG], parent.data.tags[callbacks.FAILED_JOBS_TAG]) == ("3", "2")
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+    assert parent.data.tags[sweep_end.BEST_RUN_TAG] == jobs["repeat=1"].info.run_id
+    assert (parent.data.tags[sweep_end.JOBS_TAG], parent.data.tags[sweep_end.FAILED_JOBS_TAG]) == ("3", "2")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(sweep_end.ARTIFACTS.values())
     assert [run.info.run_name for run in jobs.values()].count("repeat=1") == 1  # named by what the sweep varies

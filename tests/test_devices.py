@@ -20,8 +20,8 @@ import pytest
 from helpers.signals import terminal_signals
 from mlflow.tracking import MlflowClient
 
-from zi_app import ranks as ranks_module
-from zi_app import tracking
+from zi_app.run import ranks as ranks_module
+from zi_app.record import runs
 
 SHORT = ["prompt_len=8", "gen_len=4", "warmup=0", "repeat=1"]
 LONG = ["prompt_len=8", "gen_len=2000", "warmup=0", "repeat=1"]  # still generating when the test strikes
@@ -62,7 +62,7 @@ def test_two_ranks_generate_the_tokens_of_one(model, offload, run_app, mlflow_st
 def spawn(root: Path, *overrides: str) -> subprocess.Popen:
     """``python -m zi_app <overrides>`` in ``root``, in its own session as a shell starts a command; output to
     root/out.txt."""
-    env = {k: v for k, v in os.environ.items() if k not in (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in (runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
     return subprocess.Popen([sys.executable, "-m", "zi_app", *overrides], cwd=root,
                             env={**env, "ZI_CACHE_DIR": str(root / "cache")}, start_new_session=True,
                             preexec_fn=terminal_signals, stdout=open(root / "out.txt", "w"), stderr=subprocess.STDOUT)
@@ -81,7 +81,7 @@ def wait_both_ranks_loaded(root: Path, job: subprocess.Popen):
     and generate; found through the run-id file the job writes."""
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and job.poll() is None:
-        for run_file in root.rglob(tracking.RUN_ID_FILE):
+        for run_file in root.rglob(runs.RUN_ID_FILE):
             run = client(root).get_run(run_file.read_text())
             if {"load_s.rank0", "load_s.rank1"} <= set(run.data.metrics):
                 return run
@@ -119,8 +119,8 @@ def test_a_rank_killed_fails_the_job_and_stops_its_peer(tmp_path):
     assert_all_gone(descendants)
     run = client(tmp_path).get_run(run.info.run_id)
     tags = run.data.tags
-    assert (run.info.status, tags[tracking.FAILURE_KIND_TAG]) == ("FAILED", "killed"), tags
-    assert tags[tracking.FAILURE_MESSAGE_TAG].startswith("RankFailed: rank 0 failed (killed by SIGKILL)"), tags
+    assert (run.info.status, tags[runs.FAILURE_KIND_TAG]) == ("FAILED", "killed"), tags
+    assert tags[runs.FAILURE_MESSAGE_TAG].startswith("RankFailed: rank 0 failed (killed by SIGKILL)"), tags
     assert {"load_s.rank0", "load_s.rank1", "peak_host_rss_bytes"} <= set(run.data.metrics)
 
 
@@ -141,7 +141,7 @@ def test_a_signal_to_the_job_stops_every_rank(tmp_path, signum, group):
     assert_all_gone(descendants)
     run = client(tmp_path).get_run(run.info.run_id)
     tags = run.data.tags
-    assert (run.info.status, tags[tracking.FAILURE_KIND_TAG], tags[tracking.SIGNAL_TAG]) == ("FAILED", "killed", name)
+    assert (run.info.status, tags[runs.FAILURE_KIND_TAG], tags[runs.SIGNAL_TAG]) == ("FAILED", "killed", name)
     assert "load_s.rank1" in run.data.metrics
 
 

@@ -24,13 +24,14 @@ from helpers.signals import terminal_signals
 from mlflow.tracking import MlflowClient
 
 import zi_app
-from zi_app import callbacks, tracking
-from zi_app.schema import ConfigError, validate
+from hydra_plugins.zero_inference import sweep_callback
+from zi_app.record import runs as zi_runs, store as zi_store, sweep_end
+from zi_app import ConfigError, validate
 
 QUICK = ["prompt_len=8", "warmup=0", "repeat=1"]
 LONG = "2000"  # gen_len of a job that must still be generating when the signal comes
 TIMEOUT_S = 600
-ENV = {k: v for k, v in os.environ.items() if k not in (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+ENV = {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
 
 
 def spawn(root: Path, *args: str) -> subprocess.Popen:
@@ -52,7 +53,7 @@ def client(root: Path) -> MlflowClient:
 
 def all_runs(root: Path) -> list:
     store = client(root)
-    return store.search_runs([e.experiment_id for e in store.search_experiments()], max_results=1000)
+    return zi_store.search_runs([e.experiment_id for e in store.search_experiments()], max_results=1000)
 
 
 def wait_generating(root: Path, process: subprocess.Popen):
@@ -60,10 +61,10 @@ def wait_generating(root: Path, process: subprocess.Popen):
     through the run-id files jobs write: touching the store before the app created it would race it."""
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
-        for run_file in root.rglob(tracking.RUN_ID_FILE):
+        for run_file in root.rglob(zi_runs.RUN_ID_FILE):
             run = client(root).get_run(run_file.read_text())
             if run.info.status == "RUNNING" and "load_s" in run.data.metrics and \
-                    f"gen_len={LONG}" in run.data.tags.get(tracking.OVERRIDES_TAG, ""):
+                    f"gen_len={LONG}" in run.data.tags.get(zi_runs.OVERRIDES_TAG, ""):
                 return run
         time.sleep(0.2)
     pytest.fail(f"no job started generating (exit {process.poll()}):\n{output(root)[-3000:]}")
@@ -79,7 +80,7 @@ def assert_nothing_running(root: Path) -> None:
 
 
 def sweep_parent(root: Path):
-    parents = [run for run in all_runs(root) if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    parents = [run for run in all_runs(root) if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep"]
     assert len(parents) == 1, parents
     return parents[0]
 
@@ -95,8 +96,8 @@ def test_a_signalled_job_closes_its_run_and_exits_128_plus_the_signal(tmp_path, 
     assert f"zi_app: stopped by {name}; exit status {128 + signum}" in output(tmp_path)
     run = client(tmp_path).get_run(run.info.run_id)
     tags = run.data.tags
-    assert (run.info.status, tags[tracking.FAILURE_KIND_TAG], tags[tracking.SIGNAL_TAG]) == ("FAILED", "killed", name)
-    assert tags[tracking.FAILURE_MESSAGE_TAG] == f"Interrupted: stopped by {name}"
+    assert (run.info.status, tags[zi_runs.FAILURE_KIND_TAG], tags[zi_runs.SIGNAL_TAG]) == ("FAILED", "killed", name)
+    assert tags[zi_runs.FAILURE_MESSAGE_TAG] == f"Interrupted: stopped by {name}"
     assert "load_s" in run.data.metrics  # what it measured before the signal stays
 
 
@@ -110,18 +111,18 @@ def test_ctrl_c_marks_the_sweep_interrupted_and_counts_the_jobs_that_never_ran(t
     assert "Sweep interrupted by SIGINT: 1 of 3 jobs ran, 2 never ran; 1 failed (killed: 1)" in text
     assert re.search(r"\[1/3\] #0 gen_len=2000 .*: FAILED JobProcessError: the job's process stopped on SIGINT", text)
     job = client(tmp_path).get_run(run.info.run_id)
-    assert (job.info.status, job.data.tags[tracking.FAILURE_KIND_TAG]) == ("FAILED", "killed")  # not `error`
-    assert job.data.tags[tracking.SIGNAL_TAG] == "SIGINT"
+    assert (job.info.status, job.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "killed")  # not `error`
+    assert job.data.tags[zi_runs.SIGNAL_TAG] == "SIGINT"
     parent = sweep_parent(tmp_path)
     tags = parent.data.tags
-    assert (parent.info.status, tags[tracking.FAILURE_KIND_TAG], tags[tracking.SIGNAL_TAG]) == ("FAILED", "killed",
+    assert (parent.info.status, tags[zi_runs.FAILURE_KIND_TAG], tags[zi_runs.SIGNAL_TAG]) == ("FAILED", "killed",
                                                                                                 "SIGINT")
-    assert tags[callbacks.NEVER_RAN_TAG] == "2"
-    never_ran = client(tmp_path).download_artifacts(parent.info.run_id, callbacks.NEVER_RAN_ARTIFACT, str(tmp_path))
+    assert tags[sweep_end.NEVER_RAN_TAG] == "2"
+    never_ran = client(tmp_path).download_artifacts(parent.info.run_id, sweep_end.NEVER_RAN_ARTIFACT, str(tmp_path))
     assert Path(never_ran).read_text().splitlines() == ["gen_len=2 prompt_len=8 warmup=0 repeat=1",
                                                         "gen_len=3 prompt_len=8 warmup=0 repeat=1"]
     assert_nothing_running(tmp_path)
-    assert list(Path(tags[callbacks.SWEEP_DIR_TAG]).glob(".zi-launcher-*")) == []
+    assert list(Path(tags[sweep_end.SWEEP_DIR_TAG]).glob(".zi-launcher-*")) == []
 
 
 def test_sigterm_to_the_sweep_driver_alone_stops_its_job_too(tmp_path):
@@ -133,9 +134,9 @@ def test_sigterm_to_the_sweep_driver_alone_stops_its_job_too(tmp_path):
     assert wait(sweep) == 128 + signal.SIGTERM, output(tmp_path)[-3000:]
     assert "Sweep interrupted by SIGTERM: 1 of 2 jobs ran, 1 never ran" in output(tmp_path)
     job = client(tmp_path).get_run(run.info.run_id)
-    assert (job.info.status, job.data.tags[tracking.SIGNAL_TAG]) == ("FAILED", "SIGTERM")
-    assert not psutil_alive(int(job.data.tags[tracking.PID_TAG]))
-    assert sweep_parent(tmp_path).data.tags[tracking.SIGNAL_TAG] == "SIGTERM"
+    assert (job.info.status, job.data.tags[zi_runs.SIGNAL_TAG]) == ("FAILED", "SIGTERM")
+    assert not psutil_alive(int(job.data.tags[zi_runs.PID_TAG]))
+    assert sweep_parent(tmp_path).data.tags[zi_runs.SIGNAL_TAG] == "SIGTERM"
     assert_nothing_running(tmp_path)
 
 
@@ -159,9 +160,9 @@ def test_after_sigkill_the_next_command_closes_the_dead_runs_and_says_the_sweep_
     parent = sweep_parent(tmp_path)
     assert {client(tmp_path).get_run(r).info.status for r in (run.info.run_id, parent.info.run_id)} == {"RUNNING"}
     # The launcher's scratch folder stays in the sweep's folder, not in the system's temp folder.
-    assert len(list(Path(parent.data.tags[callbacks.SWEEP_DIR_TAG]).glob(".zi-launcher-*"))) == 1
+    assert len(list(Path(parent.data.tags[sweep_end.SWEEP_DIR_TAG]).glob(".zi-launcher-*"))) == 1
 
-    best = subprocess.run([sys.executable, "-m", "zi_app.best"], cwd=tmp_path, env=ENV, capture_output=True,
+    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best"], cwd=tmp_path, env=ENV, capture_output=True,
                           text=True, timeout=TIMEOUT_S)
     assert best.returncode == 0, best.stderr
     closed = re.search(r"MLflow: closed 2 run\(s\) left RUNNING by a process that is gone \(now FAILED, kind "
@@ -171,7 +172,7 @@ def test_after_sigkill_the_next_command_closes_the_dead_runs_and_says_the_sweep_
     assert "(2 runs, 1 failed)" in best.stdout
     for run_id in closed.groups():
         tags = client(tmp_path).get_run(run_id).data.tags
-        assert tags[tracking.FAILURE_KIND_TAG] == "killed"
+        assert tags[zi_runs.FAILURE_KIND_TAG] == "killed"
     assert_nothing_running(tmp_path)
 
 
@@ -188,9 +189,9 @@ def test_two_sweeps_started_at_once_on_a_new_store_lose_nothing(tmp_path):
     for text in outputs:
         assert "Sweep finished: 2 jobs, 0 failed" in text and "Callback SweepCallback" not in text
     runs = all_runs(tmp_path)
-    parents = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    parents = [run for run in runs if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep"]
     assert len(parents) == 2 and len({run.info.experiment_id for run in runs}) == 1
-    sweep_dirs = {parent.data.tags[callbacks.SWEEP_DIR_TAG] for parent in parents}
+    sweep_dirs = {parent.data.tags[sweep_end.SWEEP_DIR_TAG] for parent in parents}
     assert len(sweep_dirs) == 2
     for parent in parents:
         jobs = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -211,23 +212,23 @@ def test_settling_a_job_touches_only_the_run_it_recorded(tmp_path, compose, monk
     """A job folder whose run-id file names another sweep's run (two sweeps sharing a folder): settling this
     sweep's dead job there creates its own FAILED run and leaves the other sweep's run as it was."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    experiment_id = tracking.open_experiment(uri, "zero-inference")
+    experiment_id = zi_store.open_experiment(uri, "zero-inference")
     store = MlflowClient(uri)
-    other_parent = tracking.start_sweep_run(experiment_id, "other sweep", {})
+    other_parent = zi_runs.start_sweep_run(experiment_id, "other sweep", {})
     others = store.create_run(experiment_id, tags={"mlflow.parentRunId": other_parent}).info.run_id
     store.set_terminated(others, "FINISHED")
-    ours = tracking.start_sweep_run(experiment_id, "our sweep", {})
-    monkeypatch.setenv(tracking.PARENT_RUN_ENV, ours)
+    ours = zi_runs.start_sweep_run(experiment_id, "our sweep", {})
+    monkeypatch.setenv(zi_runs.PARENT_RUN_ENV, ours)
     job_dir = tmp_path / "multirun" / "0"
     job_dir.mkdir(parents=True)
-    (job_dir / tracking.RUN_ID_FILE).write_text(others)
-    config = callbacks._task_config(compose(f"tracking.uri={uri}"))
-    callbacks.settle_job(job_dir, config, "batch=1", RuntimeError("the job's process died"))
-    assert store.get_run(others).info.status == "FINISHED" and tracking.FAILURE_KIND_TAG not in \
+    (job_dir / zi_runs.RUN_ID_FILE).write_text(others)
+    config = sweep_callback._task_config(compose(f"tracking.uri={uri}"))
+    sweep_end.settle_job(job_dir, config, "batch=1", RuntimeError("the job's process died"))
+    assert store.get_run(others).info.status == "FINISHED" and zi_runs.FAILURE_KIND_TAG not in \
         store.get_run(others).data.tags
-    mine = store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{ours}'")
+    mine = zi_store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{ours}'")
     assert len(mine) == 1 and mine[0].info.status == "FAILED"
-    assert (job_dir / tracking.RUN_ID_FILE).read_text() == mine[0].info.run_id
+    assert (job_dir / zi_runs.RUN_ID_FILE).read_text() == mine[0].info.run_id
 
 
 @pytest.fixture
@@ -263,9 +264,9 @@ def test_an_unreachable_tracking_server_is_refused_in_one_line(tmp_path, silent_
     closed, silent = f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{silent_port}"
     commands = [(closed, ["-m", "zi_app", f"tracking.uri={closed}"]),
                 (closed, ["-m", "zi_app", "-m", f"tracking.uri={closed}", "batch=1,2"]),
-                (closed, ["-m", "zi_app.best", "--tracking-uri", closed]),
-                (silent, ["-m", "zi_app.best", "--tracking-uri", silent]),
-                (closed, ["-m", "zi_app.best", "--tracking-uri", closed.replace("//", "//bob:s3cret@")])]
+                (closed, ["-m", "zi_app.zi_best", "--tracking-uri", closed]),
+                (silent, ["-m", "zi_app.zi_best", "--tracking-uri", silent]),
+                (closed, ["-m", "zi_app.zi_best", "--tracking-uri", closed.replace("//", "//bob:s3cret@")])]
     for uri, args in commands:
         start = time.monotonic()
         result = run(tmp_path, *args, timeout=120)
@@ -285,7 +286,7 @@ def test_garbage_in_the_store_is_refused_in_one_line(tmp_path):
     (tmp_path / "mlruns").mkdir()
     db = tmp_path / "mlruns" / "mlflow.db"
     db.write_bytes(b"these are not the tables you are looking for\n" * 100)
-    for args in (["-m", "zi_app"], ["-m", "zi_app", "-m", "batch=1,2"], ["-m", "zi_app.best"]):
+    for args in (["-m", "zi_app"], ["-m", "zi_app", "-m", "batch=1,2"], ["-m", "zi_app.zi_best"]):
         result = run(tmp_path, *args)
         assert result.returncode == 2, (args, result.stderr[-3000:])
         [line] = error_lines(result.stderr)
@@ -327,7 +328,7 @@ def test_a_failing_end_of_sweep_hook_closes_the_parent_run(tmp_path):
     assert "error: the end of the sweep failed: " in result.stderr
     parent = sweep_parent(tmp_path)
     assert parent.info.status == "FAILED"
-    assert parent.data.tags[tracking.FAILURE_MESSAGE_TAG].startswith("the end of the sweep failed:")
+    assert parent.data.tags[zi_runs.FAILURE_MESSAGE_TAG].startswith("the end of the sweep failed:")
     assert_nothing_running(tmp_path)
 
 

@@ -113,23 +113,29 @@ def test_a_model_that_fits_is_told_offload_is_not_needed(job):
 def test_offload_needed_is_planned_against_the_budget(compose):
     """The planner's verdict: OPT-13B fp16 (26 GB of weights) needs offload under 24 GiB, not under 139 GiB;
     without a known budget (no GPU, no memory.gpu_budget_gib) there is no verdict."""
-    from zi_app.dsconfig import residency
-    from zi_app.model import model_facts
+    from zi_app import validate
+    from zi_app.plan.facts import model_facts
+    from zi_app.plan.job import residency
+    from zi_app.plan.workload import budget_bytes, workload
 
-    cfg = compose("model=opt-13b", "batch=32")
-    facts = model_facts(dict(cfg.model.arch))
-    assert residency(cfg, facts, device_bytes=24 * 2**30).offload_needed is True
-    whole_card = residency(cfg, facts, device_bytes=139 * 2**30)
+    spec = validate(compose("model=opt-13b", "batch=32"))
+    facts = model_facts(spec.model.arch)
+
+    def planned(device_bytes=None):
+        return residency(spec, workload(spec), facts, budget_bytes(spec, device_bytes))
+
+    assert planned(24 * 2**30).offload_needed is True
+    whole_card = planned(139 * 2**30)
     assert whole_card.offload_needed is False
     assert whole_card.resident_bytes == 2 * sum(facts.param_numels)  # tuned then keeps every weight resident
-    assert residency(cfg, facts).offload_needed is None
+    assert planned().offload_needed is None
 
 
 def test_overlap_refused_on_an_untested_deepspeed():
     """Any DeepSpeed other than the tested release refuses ``overlap``, naming the key and both versions;
     ``deepspeed`` is accepted on any version."""
-    from zi_app import preflight
-    from zi_app.schema import ConfigError
+    from zi_app.plan import preflight
+    from zi_app import ConfigError
 
     with pytest.raises(ConfigError) as refused:
         preflight.check_fetch_supported("overlap", installed="0.20.1")
@@ -143,7 +149,7 @@ def test_overlap_refused_on_an_untested_deepspeed():
 @pytest.mark.parametrize("override,key", [("memory.fetch=fast", "memory.fetch"),
                                           ("memory.max_inflight_fetches=0", "memory.max_inflight_fetches")])
 def test_bad_fetch_settings_are_refused(override, key, compose):
-    from zi_app.schema import ConfigError, validate
+    from zi_app import ConfigError, validate
 
     with pytest.raises(ConfigError) as refused:
         validate(compose(override))

@@ -21,7 +21,7 @@ from hydra.version import VersionBase
 from packaging.version import Version
 
 from hydra_plugins.zero_inference.process_per_job_launcher import ProcessPerJobLauncher
-from zi_app import machine
+from zi_app.plan import hardware as machine
 
 LAUNCHER = "hydra/launcher=process_per_job"
 

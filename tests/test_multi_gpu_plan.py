@@ -11,9 +11,9 @@ import pytest
 from test_launcher import _records, _run_app
 
 import zi_app
-from zi_app import planner, preflight
-from zi_app.jobplan import plan_job
-from zi_app.schema import validate
+from zi_app.plan import memory as planner, preflight
+from zi_app.plan.job import plan_job
+from zi_app import validate
 
 GIB = 2**30
 # OPT-30B under a 24 GiB budget on the H200: most weights stream over the host link every decode step.
@@ -21,7 +21,7 @@ STREAMING = ("model=opt-30b", "batch=8", "hardware=h200", "memory.gpu_budget_gib
 
 
 def _plan(compose, *overrides):
-    return plan_job(compose(*overrides), cuda=True, here=False)
+    return plan_job(validate(compose(*overrides)), cuda=True, here=False)
 
 
 def test_offloaded_weights_are_partitioned_across_ranks(compose):
@@ -103,12 +103,12 @@ def test_devices_beyond_the_visible_gpus_are_refused_on_cuda(compose):
 def test_zi_plan_over_devices(run_python, tmp_path):
     """zi-plan devices=1,2: the JSON rows carry devices and the peer bytes, the table shows both columns
     and marks two ranks best for the link-bound job; a third rank on a 2-GPU machine does not fit."""
-    run = run_python(["-m", "zi_app.plan", "--json", *STREAMING, "devices=1,2"], tmp_path).expect_success()
+    run = run_python(["-m", "zi_app.zi_plan", "--json", *STREAMING, "devices=1,2"], tmp_path).expect_success()
     one, two = json.loads(run.stdout)
     assert (one["devices"], two["devices"]) == (1, 2)
     assert one["predicted_peer_bytes_per_step"] == 0 < two["predicted_peer_bytes_per_step"]
     assert two["predicted_tokens_per_sec"] > 2 * one["predicted_tokens_per_sec"]
-    table = run_python(["-m", "zi_app.plan", *STREAMING, "hardware.gpu_count=2", "devices=1,2,3"],
+    table = run_python(["-m", "zi_app.zi_plan", *STREAMING, "hardware.gpu_count=2", "devices=1,2,3"],
                        tmp_path).expect_success().stdout
     header, _, *rows = table.splitlines()
     assert "devices" in header.split() and "peer GB/step" in header, table

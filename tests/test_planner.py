@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import zi_app
-from zi_app import dsconfig, planner
-from zi_app.jobplan import plan_job
-from zi_app.model import model_facts
+from zi_app.plan import speed, workload
+from zi_app import validate
+from zi_app.plan.job import plan_job
 
 RESULTS = Path(zi_app.__file__).resolve().parent.parent / "docs" / "results"
 GIB = 2**30
@@ -65,19 +65,19 @@ def predicted_for_run(overrides: list, measured: dict, compose) -> tuple:
     hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
                 *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
                   else [])]
-    plan = plan_job(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware), cuda=False)
+    plan = plan_job(validate(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware)), cuda=False)
     shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
     streamed = plan.predicted_streamed_bytes_per_step - shift
-    work = dsconfig.workload(plan.cfg)
-    prefill_s, step_s = planner.predict_times(work, model_facts(dict(plan.cfg.model.arch)), streamed, plan.hardware)
+    work = workload.workload(plan.spec)
+    prefill_s, step_s = speed.predict_times(work, plan.facts, streamed, plan.hardware)
     return (plan, plan.predicted_peak_gpu_bytes + shift, streamed, step_s,
-            planner.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s))
+            speed.tokens_per_sec(work.batch, work.gen_len, prefill_s, step_s))
 
 
 def warm(plan) -> bool:
     """Whether the run timed a warm generate (``warmup`` >= 1), the one the planner predicts: a cold one pays
     one-time costs the planner leaves out (docs/planner.md, "Cold runs")."""
-    return plan.cfg.warmup >= 1
+    return plan.spec.warmup >= 1
 
 
 RUNS = measured_runs()
@@ -121,32 +121,32 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
 
 def test_short_dtype_names_are_accepted(compose):
     cfg = compose("model.dtype=bf16", "hardware.host_memory_gib=4096")
-    ds = plan_job(cfg, cuda=False).ds_config
+    ds = plan_job(validate(cfg), cuda=False).ds_config
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False}
     with pytest.raises(zi_app.ConfigError, match="model.dtype='fp8'.*fp16, half, bf16"):
-        plan_job(compose("model.dtype=fp8"), cuda=False)
+        plan_job(validate(compose("model.dtype=fp8")), cuda=False)
 
 
 def test_a_preset_plans_for_its_machine(compose):
     """hardware=a6000 plans persistence=auto against 48 GB (not this machine's memory) and, on this machine
     without its GPU, lists that as a problem naming the key; an invalid figure is refused with its key."""
-    plan = plan_job(compose("model=opt-30b", "batch=24", "hardware=a6000"), cuda=False)
+    plan = plan_job(validate(compose("model=opt-30b", "batch=24", "hardware=a6000")), cuda=False)
     assert plan.hardware.gpu_memory_bytes == int(47.99 * GIB)
     assert plan.predicted_peak_gpu_bytes <= 0.87 * plan.hardware.gpu_memory_bytes + 2**20
     assert plan.predicted_tokens_per_sec is not None and not plan.fits
     assert any(p.key == "hardware" and "this machine has none" in str(p) for p in plan.problems), plan.reason
     with pytest.raises(zi_app.ConfigError, match="hardware.stream_efficiency"):
-        plan_job(compose("hardware.stream_efficiency=1.5"), cuda=False)
+        plan_job(validate(compose("hardware.stream_efficiency=1.5")), cuda=False)
 
 
 def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
     """OPT-175B offloaded to a 125 GiB host cannot hold its weights: refused naming the key and the ways
     out; the same weights swapped to NVMe need the disk space the directory has."""
-    plan = plan_job(compose("model=opt-175b", "offload=cpu", "hardware=h200"), cuda=True, here=False)
+    plan = plan_job(validate(compose("model=opt-175b", "offload=cpu", "hardware=h200")), cuda=True, here=False)
     [problem] = [p for p in plan.problems if p.key == "offload"]
     assert plan.predicted_peak_host_bytes > 125 * GIB and "125.0 GiB of hardware=h200" in str(problem)
     assert all(way in str(problem) for way in ("offload=nvme", "quant=int4")), problem
-    nvme = plan_job(compose("model=opt-175b", "offload=nvme", f"offload.nvme_path={tmp_path}"), cuda=False)
+    nvme = plan_job(validate(compose("model=opt-175b", "offload=nvme", f"offload.nvme_path={tmp_path}")), cuda=False)
     assert nvme.prediction.nvme_bytes > 300 * GIB
     [disk] = [p for p in nvme.problems if p.key == "offload.nvme_path"]
     assert "GiB free there" in str(disk)
@@ -155,7 +155,7 @@ def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
 def test_zi_plan_command(run_python, tmp_path):
     """``python -m zi_app.plan`` with comma lists: one JSON object per point in grid order, with the keys the
     issue names; the table marks the best and gives the reasons; without a GPU, auto predicts no speed."""
-    run = run_python(["-m", "zi_app.plan", "--json", "model=opt-13b", "batch=8,32,192", "pin=true,false",
+    run = run_python(["-m", "zi_app.zi_plan", "--json", "model=opt-13b", "batch=8,32,192", "pin=true,false",
                       "memory=reference", "memory.gpu_budget_gib=24", "hardware=h200"], tmp_path).expect_success()
     rows = json.loads(run.stdout)
     # as Hydra's sweep writes them (the sweep's job runs carry the same string)
@@ -168,13 +168,13 @@ def test_zi_plan_command(run_python, tmp_path):
     best = max((row for row in rows if row["fits"]), key=lambda row: row["predicted_tokens_per_sec"])
     assert best["overrides"].split()[1:3] == ["batch=32", "pin=True"], rows
     # the measured grid (docs/results/opt13b_sweep_24gib_jobs_call4): batch 32 pinned 49.9 tokens/s at gen_len 8
-    table = run_python(["-m", "zi_app.plan", "model=opt-13b", "batch=32,192", "memory.gpu_budget_gib=24",
+    table = run_python(["-m", "zi_app.zi_plan", "model=opt-13b", "batch=32,192", "memory.gpu_budget_gib=24",
                         "hardware=h200", "gen_len=8", "memory=reference"], tmp_path).expect_success().stdout
     [best_line] = [line for line in table.splitlines() if line.startswith("best")]
     assert "batch=32" in best_line and "NO" in table and "exceeds the budget of 24.0 GiB" in table
-    here = run_python(["-m", "zi_app.plan", "model=tiny-opt", "hardware.host_memory_gib=1"], tmp_path)
+    here = run_python(["-m", "zi_app.zi_plan", "model=tiny-opt", "hardware.host_memory_gib=1"], tmp_path)
     assert here.returncode == 0 and "NO" in here.stdout and "no speed predicted" in here.stdout, here.tail()
-    bad = run_python(["-m", "zi_app.plan", "batch=1,,"], tmp_path)
+    bad = run_python(["-m", "zi_app.zi_plan", "batch=1,,"], tmp_path)
     assert bad.returncode == 2 and "invalid override" in bad.stderr, bad.tail()
 
 
@@ -213,7 +213,7 @@ def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_pa
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
-    from zi_app.schema import validate
+    from zi_app import validate
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     (tmp_path / "mlruns").mkdir()
@@ -226,7 +226,7 @@ def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_pa
         cfg = validate(compose(*[o for o in overrides if not o.startswith("profile_step")]))
         client.log_text(run.info.run_id, OmegaConf.to_yaml(cfg), "config.yaml")
         client.set_terminated(run.info.run_id, "FINISHED")
-    plan = run_python(["-m", "zi_app.plan", "--calibrate", "--json", "hardware=h200", f"tracking.uri={uri}",
+    plan = run_python(["-m", "zi_app.zi_plan", "--calibrate", "--json", "hardware=h200", f"tracking.uri={uri}",
                        "tracking.experiment=h200-runs", "model=opt-13b", "batch=32", "memory=reference",
                        "hardware.h2d_pinned_gbps=55.2"], tmp_path).expect_success()
     # Post-init quantization's runs are left out: their per-matrix cost is not one of the fitted terms.
@@ -235,6 +235,6 @@ def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_pa
     assert "hardware.stream_efficiency=" in plan.stderr and "(from " in plan.stderr
     [row] = json.loads(plan.stdout)
     assert abs(row["predicted_tokens_per_sec"] / 47.8 - 1) < TOKENS_TOLERANCE, (row, plan.stderr)
-    empty = run_python(["-m", "zi_app.plan", "--calibrate", "hardware=h200", f"tracking.uri={uri}",
+    empty = run_python(["-m", "zi_app.zi_plan", "--calibrate", "hardware=h200", f"tracking.uri={uri}",
                         "tracking.experiment=none-such"], tmp_path)
     assert empty.returncode == 2 and "no experiment 'none-such'" in empty.stderr, empty.tail()

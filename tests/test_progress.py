@@ -20,9 +20,10 @@ from pathlib import Path
 
 from conftest import SUBPROCESS_TIMEOUT_S, app_env
 
-from zi_app.jobplan import plan_job
-from zi_app.planner import Prediction, predicted_job_s
-from zi_app.progress import INTERVAL_S, human_seconds, progress
+from zi_app import validate
+from zi_app.plan.job import plan_job
+from zi_app.plan.speed import Prediction, predicted_job_s
+from zi_app.run.progress import INTERVAL_S, human_seconds, progress
 
 QUICK = ["prompt_len=8", "gen_len=4"]
 # The H200 preset's rates: the planner predicts speed, and so a job's time, on a machine without a GPU.
@@ -117,7 +118,7 @@ def test_a_jobs_planned_time_is_its_overhead_its_load_and_its_generates():
 
 def planned_seconds(compose, *overrides: str) -> float:
     """The planner's predicted wall seconds of one job of the app with ``overrides``."""
-    seconds = plan_job(compose(*overrides), cuda=False).predicted_job_s
+    seconds = plan_job(validate(compose(*overrides)), cuda=False).predicted_job_s
     assert seconds is not None
     return seconds
 

@@ -106,7 +106,7 @@ def relative_error(report, dtype: str) -> float:
     """||logits - reference logits|| / ||reference logits|| on the probe's prompts."""
     import torch
 
-    from zi_app.runner import random_prompts
+    from zi_app.run.inference import random_prompts
 
     plain = plain_model(report["checkpoint"], dtype)
     prompts = random_prompts(2, 16, plain.config.vocab_size, 0, "cpu")

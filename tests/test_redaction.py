@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from zi_app import tracking
-from zi_app.redaction import public_url, redact, redact_overrides, redact_text
+from zi_app.record import runs, store
+from zi_app.record.redaction import public_url, redact, redact_overrides, redact_text
 
 
 def test_passwords_in_urls_and_secret_keys_are_masked():
@@ -28,7 +28,7 @@ def test_passwords_in_urls_and_secret_keys_are_masked():
 def test_server_credentials_move_to_mlflow_environment_variables(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-    assert tracking.absolute_uri("http://alice:p%40ss@127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert store.absolute_uri("http://alice:p%40ss@127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("alice", "p@ss")
 
 
@@ -39,18 +39,18 @@ def test_server_credentials_move_to_mlflow_environment_variables(monkeypatch):
     ("batch", "", "job"),
 ])
 def test_job_runs_are_named_by_what_their_sweep_varies(monkeypatch, swept, overrides, name):
-    monkeypatch.setenv(tracking.SWEPT_KEYS_ENV, swept)
-    assert tracking.run_name(overrides) == name
+    monkeypatch.setenv(runs.SWEPT_KEYS_ENV, swept)
+    assert runs.run_name(overrides) == name
 
 
 def test_params_never_hold_a_secret():
-    params = tracking.job_params({"batch": 1, "model": {"path": "https://u:pw@hub/x"}, "tracking": {"uri": "x"}})
+    params = runs.job_params({"batch": 1, "model": {"path": "https://u:pw@hub/x"}, "tracking": {"uri": "x"}})
     assert params == {"batch": 1, "model.path": "https://u:***@hub/x"}
 
 
 def test_a_submitit_time_limit_notice_is_a_timeout():
     from submitit.core.utils import UncompletedJobError
 
-    assert tracking.failure_kind(UncompletedJobError("Job not requeued because: timed-out too many times.")) == \
+    assert runs.failure_kind(UncompletedJobError("Job not requeued because: timed-out too many times.")) == \
         "timeout"
-    assert tracking.failure_kind(UncompletedJobError("Job 12 has not produced any output")) == "error"
+    assert runs.failure_kind(UncompletedJobError("Job 12 has not produced any output")) == "error"

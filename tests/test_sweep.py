@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from zi_app import best as best_module
-from zi_app import callbacks, tracking
+from zi_app import zi_best as best_module
+from zi_app.record import runs as zi_runs, sweep_end
 
 QUICK = ["prompt_len=16", "warmup=0", "repeat=1"]
 SWEEP_TIMEOUT_S = 900
@@ -26,7 +26,7 @@ SWEEP_TIMEOUT_S = 900
 
 def app_env() -> dict:
     """The environment of a sweep started by a user: no parent or active run inherited from ours."""
-    return {k: v for k, v in os.environ.items() if k not in (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+    return {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
 
 
 def start_sweep(root: Path, *overrides: str) -> subprocess.Popen:
@@ -48,7 +48,7 @@ def kill_while_generating(root: Path, job: int, sweep: subprocess.Popen) -> None
         if run_file.exists() and run_file.read_text():
             run = store(root).get_run(run_file.read_text())
             if "load_s" in run.data.metrics:
-                os.kill(int(run.data.tags[tracking.PID_TAG]), signal.SIGKILL)
+                os.kill(int(run.data.tags[zi_runs.PID_TAG]), signal.SIGKILL)
                 return
         time.sleep(0.1)
     pytest.fail(f"job {job} never started generating; stderr:\n{(root / 'stderr.txt').read_text()[-3000:]}")
@@ -63,7 +63,7 @@ def parent_and_jobs(root: Path) -> tuple:
     client = store(root)
     experiment = client.get_experiment_by_name("zero-inference")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    parents = [run for run in runs if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep"]
     assert len(parents) == 1
     jobs = sorted((run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id),
                   key=lambda run: run.info.start_time)
@@ -136,16 +136,16 @@ def test_failures_are_runs_with_their_kind(failing_sweep):
     _, _, _, _, _, jobs = failing_sweep
     assert [run.info.status for run in jobs] == ["FINISHED", "FAILED", "FAILED", "FINISHED"]
     invalid, killed = jobs[1].data.tags, jobs[2].data.tags
-    assert invalid[tracking.FAILURE_KIND_TAG] == "invalid-config"
-    assert "gen_len=0 is not allowed" in invalid[tracking.FAILURE_MESSAGE_TAG]
-    assert killed[tracking.FAILURE_KIND_TAG] == "killed"
-    assert "SIGKILL" in killed[tracking.FAILURE_MESSAGE_TAG]
+    assert invalid[zi_runs.FAILURE_KIND_TAG] == "invalid-config"
+    assert "gen_len=0 is not allowed" in invalid[zi_runs.FAILURE_MESSAGE_TAG]
+    assert killed[zi_runs.FAILURE_KIND_TAG] == "killed"
+    assert "SIGKILL" in killed[zi_runs.FAILURE_MESSAGE_TAG]
     assert "load_s" in jobs[2].data.metrics  # what it measured before it died stays
     for run in (jobs[0], jobs[3]):
         assert run.data.metrics["tokens_per_sec"] > 0 and "peak_host_rss_bytes" in run.data.metrics
     # A new process per job that ran; the invalid one was refused by the sweep's plan, before any process.
-    assert tracking.PID_TAG not in invalid
-    pids = {run.data.tags[tracking.PID_TAG] for run in (jobs[0], jobs[2], jobs[3])}
+    assert zi_runs.PID_TAG not in invalid
+    pids = {run.data.tags[zi_runs.PID_TAG] for run in (jobs[0], jobs[2], jobs[3])}
     assert len(pids) == 3
 
 
@@ -155,9 +155,9 @@ def test_the_parent_run_holds_table_plot_and_best_run(failing_sweep):
     parent = store(root).get_run(parent.info.run_id)
     tags = parent.data.tags
     assert parent.info.status == "FINISHED"
-    assert tags[callbacks.BEST_RUN_TAG] == best.info.run_id
-    assert tags[callbacks.BEST_OVERRIDES_TAG] == best.data.tags[tracking.OVERRIDES_TAG]
-    assert (tags[callbacks.JOBS_TAG], tags[callbacks.FAILED_JOBS_TAG]) == ("4", "2")
+    assert tags[sweep_end.BEST_RUN_TAG] == best.info.run_id
+    assert tags[sweep_end.BEST_OVERRIDES_TAG] == best.data.tags[zi_runs.OVERRIDES_TAG]
+    assert (tags[sweep_end.JOBS_TAG], tags[sweep_end.FAILED_JOBS_TAG]) == ("4", "2")
     assert parent.data.metrics["best_tokens_per_sec"] == best.data.metrics["tokens_per_sec"]
     folder = Path(parent.info.artifact_uri.removeprefix("file://"))
     table = list(csv.DictReader(io.StringIO((folder / "jobs.csv").read_text())))
@@ -165,7 +165,7 @@ def test_the_parent_run_holds_table_plot_and_best_run(failing_sweep):
     assert [row["failure_kind"] for row in table] == ["", "invalid-config", "killed", ""]
     assert [row["best"] for row in table].count("True") == 1
     markdown = (folder / "jobs.md").read_text()
-    assert f"| best | gen_len={best.data.tags[tracking.OVERRIDES_TAG].split()[0].split('=')[1]} | FINISHED |" in markdown
+    assert f"| best | gen_len={best.data.tags[zi_runs.OVERRIDES_TAG].split()[0].split('=')[1]} | FINISHED |" in markdown
     assert markdown.count("| FAILED |") == 2
     assert (folder / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -187,11 +187,11 @@ def test_best_run_command_names_the_best_run(failing_sweep, best_command):
     root, _, _, _, parent, jobs = failing_sweep
     finished = [run for run in jobs if run.info.status == "FINISHED"]
     best = max(finished, key=lambda run: run.data.metrics["tokens_per_sec"])
-    text = subprocess.run([sys.executable, "-m", "zi_app.best"], cwd=root, env=app_env(), capture_output=True,
+    text = subprocess.run([sys.executable, "-m", "zi_app.zi_best"], cwd=root, env=app_env(), capture_output=True,
                           text=True, timeout=120)
     assert text.returncode == 0, text.stderr
     assert f"Best run of sweep {parent.info.run_id} (4 runs, 2 failed)" in text.stdout
-    assert best.info.run_id in text.stdout and best.data.tags[tracking.OVERRIDES_TAG] in text.stdout
+    assert best.info.run_id in text.stdout and best.data.tags[zi_runs.OVERRIDES_TAG] in text.stdout
     info = json.loads(best_command(root, "--json").stdout)
     assert info["run_id"] == best.info.run_id
     assert info["tokens_per_sec"] == best.data.metrics["tokens_per_sec"]
@@ -234,18 +234,18 @@ def test_failures_and_parent_run_under_submitit_local(tmp_path):
     returncode, stdout, stderr = finish(sweep, tmp_path)
     assert returncode == 1, stderr[-3000:]
     parent, jobs = parent_and_jobs(tmp_path)
-    runs = {run.data.tags[tracking.OVERRIDES_TAG].split()[0]: run for run in jobs}
+    runs = {run.data.tags[zi_runs.OVERRIDES_TAG].split()[0]: run for run in jobs}
     assert sorted(runs) == ["gen_len=0", "gen_len=1000", "gen_len=4"]
     assert runs["gen_len=4"].info.status == "FINISHED"
-    assert runs["gen_len=0"].data.tags[tracking.FAILURE_KIND_TAG] == "invalid-config"
+    assert runs["gen_len=0"].data.tags[zi_runs.FAILURE_KIND_TAG] == "invalid-config"
     killed = runs["gen_len=1000"]
-    assert (killed.info.status, killed.data.tags[tracking.FAILURE_KIND_TAG]) == ("FAILED", "killed")
-    assert "its process ended while the sweep ran" in killed.data.tags[tracking.FAILURE_MESSAGE_TAG]
-    assert len({run.data.tags[tracking.PID_TAG] for run in jobs}) == 3
+    assert (killed.info.status, killed.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "killed")
+    assert "its process ended while the sweep ran" in killed.data.tags[zi_runs.FAILURE_MESSAGE_TAG]
+    assert len({run.data.tags[zi_runs.PID_TAG] for run in jobs}) == 3
     parent = store(tmp_path).get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[callbacks.BEST_RUN_TAG] == runs["gen_len=4"].info.run_id
-    assert {a.path for a in store(tmp_path).list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+    assert parent.data.tags[sweep_end.BEST_RUN_TAG] == runs["gen_len=4"].info.run_id
+    assert {a.path for a in store(tmp_path).list_artifacts(parent.info.run_id)} == set(sweep_end.ARTIFACTS.values())
     assert "Sweep finished: 3 jobs, 2 failed (invalid-config: 1, killed: 1)" in stdout
 
 

@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from zi_app import callbacks, sweep, tracking
-from zi_app.schema import ConfigError
+from zi_app.record import orphans, results as sweep, runs as zi_runs, store, sweep_end
+from zi_app import ConfigError
 
 TOKENS = {("1", "true"): 10.0, ("8", "true"): 60.0, ("32", "true"): None, ("1", "false"): 2.0, ("8", "false"): 12.0,
           ("32", "false"): 30.0}  # None: failed (oom)
@@ -88,8 +88,8 @@ def test_rank_applies_memory_caps():
 @pytest.fixture
 def client(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    uri = tracking.absolute_uri("sqlite:///mlruns/mlflow.db")
-    experiment_id = tracking.open_experiment(uri, "zero-inference")
+    uri = store.absolute_uri("sqlite:///mlruns/mlflow.db")
+    experiment_id = store.open_experiment(uri, "zero-inference")
     return MlflowClient(uri), experiment_id
 
 
@@ -101,26 +101,26 @@ def dead_pid() -> str:
 
 def test_runs_of_dead_processes_are_marked_killed(client):
     client, experiment_id = client
-    parent = tracking.start_sweep_run(experiment_id, "sweep", {})
-    here = tracking.process_tags()
-    elsewhere = {tracking.PID_TAG: "1", tracking.HOST_TAG: "another-host"}
+    parent = zi_runs.start_sweep_run(experiment_id, "sweep", {})
+    here = zi_runs.process_tags()
+    elsewhere = {zi_runs.PID_TAG: "1", zi_runs.HOST_TAG: "another-host"}
 
     def run(tags):
         return client.create_run(experiment_id, tags=tags).info.run_id
 
-    dead = run({**here, tracking.PID_TAG: dead_pid()})
+    dead = run({**here, zi_runs.PID_TAG: dead_pid()})
     # Our pid, but the process that held it when the run started began earlier: the pid was reused.
-    reused = run({**here, tracking.PID_START_TAG: repr(float(here[tracking.PID_START_TAG]) - 60)})
+    reused = run({**here, zi_runs.PID_START_TAG: repr(float(here[zi_runs.PID_START_TAG]) - 60)})
     alive = run(here)
     remote_job = run({**elsewhere, "mlflow.parentRunId": parent})
     remote_other = run(elsewhere)
-    closed, running = tracking.reap_dead_runs(client, [experiment_id], "gone")
+    closed, running = orphans.reap_dead_runs(client, [experiment_id], "gone")
     assert (sorted(closed), running) == (sorted([dead, reused]), set())
     status = {r: client.get_run(r).info.status for r in (dead, reused, alive, remote_job, remote_other, parent)}
     assert status == {dead: "FAILED", reused: "FAILED", alive: "RUNNING", remote_job: "RUNNING",
                       remote_other: "RUNNING", parent: "RUNNING"}
-    assert client.get_run(dead).data.tags[tracking.FAILURE_KIND_TAG] == "killed"
-    tracking.reap_dead_runs(client, [experiment_id], "sweep over", parent_run_id=parent)
+    assert client.get_run(dead).data.tags[zi_runs.FAILURE_KIND_TAG] == "killed"
+    orphans.reap_dead_runs(client, [experiment_id], "sweep over", parent_run_id=parent)
     assert client.get_run(remote_job).info.status == "FAILED"  # the sweep is over: it cannot still run
     assert client.get_run(remote_other).info.status == "RUNNING"
     assert client.get_run(parent).info.status == "RUNNING"
@@ -128,21 +128,21 @@ def test_runs_of_dead_processes_are_marked_killed(client):
 
 def test_a_job_that_died_before_opening_its_run_gets_a_failed_run(client, tmp_path, compose, monkeypatch):
     client, experiment_id = client
-    parent = tracking.start_sweep_run(experiment_id, "sweep", {})
-    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
-    state = callbacks.Sweep(uri=client.tracking_uri, experiment_id=experiment_id, parent_run_id=parent,
+    parent = zi_runs.start_sweep_run(experiment_id, "sweep", {})
+    monkeypatch.setenv(zi_runs.PARENT_RUN_ENV, parent)
+    state = sweep_end.Sweep(uri=client.tracking_uri, experiment_id=experiment_id, parent_run_id=parent,
                             sweep_dir=tmp_path / "sweep", output_subdir=".hydra", started=0.0)
     job_dir = tmp_path / "sweep" / "0"
     (job_dir / ".hydra").mkdir(parents=True)
     config = compose("batch=4")
     OmegaConf.save(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), job_dir / ".hydra/config.yaml")
     OmegaConf.save(OmegaConf.create(["batch=4"]), job_dir / ".hydra/overrides.yaml")
-    callbacks.settle_unrecorded_jobs(state)
-    callbacks.settle_unrecorded_jobs(state)  # once only: the new run's id is written to the job's folder
+    sweep_end.settle_unrecorded_jobs(state)
+    sweep_end.settle_unrecorded_jobs(state)  # once only: the new run's id is written to the job's folder
     runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert len(runs) == 1 and runs[0].info.run_id == (job_dir / "mlflow_run_id").read_text()
-    assert runs[0].info.status == "FAILED" and runs[0].data.tags[tracking.FAILURE_KIND_TAG] == "killed"
-    assert runs[0].data.tags[tracking.OVERRIDES_TAG] == "batch=4" and runs[0].data.params["batch"] == "4"
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags[zi_runs.FAILURE_KIND_TAG] == "killed"
+    assert runs[0].data.tags[zi_runs.OVERRIDES_TAG] == "batch=4" and runs[0].data.params["batch"] == "4"
 
 
 def test_failure_kinds():
@@ -150,9 +150,9 @@ def test_failure_kinds():
 
     with pytest.raises(RuntimeError) as host_oom:
         torch.empty(2**60, dtype=torch.uint8)  # the CPU allocator refuses: host memory
-    assert tracking.failure_kind(host_oom.value) == "oom"
-    assert tracking.failure_kind(ConfigError("batch", 0, "a positive integer")) == "invalid-config"
-    assert tracking.failure_kind(ValueError("boom")) == "error"
+    assert zi_runs.failure_kind(host_oom.value) == "oom"
+    assert zi_runs.failure_kind(ConfigError("batch", 0, "a positive integer")) == "invalid-config"
+    assert zi_runs.failure_kind(ValueError("boom")) == "error"
 
 
 def test_ui_address_of_a_sweep():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from zi_app import callbacks, tracking
+from zi_app.record import runs as zi_runs, sweep_end
 
 QUICK = ["prompt_len=8", "gen_len=2", "warmup=0", "repeat=1"]
 TIMEOUT_S = 900
@@ -24,7 +24,7 @@ TIMEOUT_S = 900
 
 def app_env() -> dict:
     """A user's environment: no run of ours to nest under, no tracking credentials."""
-    drop = (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    drop = (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
@@ -47,7 +47,7 @@ def sweep_runs(client: MlflowClient, experiment: str) -> tuple:
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no experiment {experiment!r}"
     runs = client.search_runs([found.experiment_id], max_results=1000)
-    parents = [run for run in runs if run.data.tags.get(tracking.ROLE_TAG) == "sweep"]
+    parents = [run for run in runs if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep"]
     children = {p.info.run_id: sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id),
                                       key=lambda r: r.info.start_time) for p in parents}
     assert len(runs) == len(parents) + sum(map(len, children.values())), "runs outside any sweep"
@@ -64,7 +64,7 @@ def server_sweep(tracking_server, tmp_path_factory):
                           f"tracking.uri={uri}", "tracking.experiment=server-sweep"], cwd=root, env=app_env(),
                          capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
-    best = subprocess.run([sys.executable, "-m", "zi_app.best", "--tracking-uri", tracking_server.url, "--json"],
+    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best", "--tracking-uri", tracking_server.url, "--json"],
                           cwd=root, env=app_env(), capture_output=True, text=True, timeout=120)
     assert best.returncode == 0, best.stderr
     parents, children = sweep_runs(MlflowClient(tracking_server.url), "server-sweep")
@@ -77,7 +77,7 @@ def test_a_sweep_logs_runs_and_artifacts_to_the_server(server_sweep, tracking_se
     client = MlflowClient(tracking_server.url)
     assert [job.info.status for job in jobs] == ["FINISHED", "FINISHED"]
     assert [job.info.run_name for job in jobs] == ["batch=1", "batch=2"]  # what varies; the rest is in the tag
-    assert jobs[0].data.tags[tracking.OVERRIDES_TAG].startswith("batch=1 pin=True " + " ".join(QUICK))
+    assert jobs[0].data.tags[zi_runs.OVERRIDES_TAG].startswith("batch=1 pin=True " + " ".join(QUICK))
     for job in jobs:
         assert job.data.metrics["tokens_per_sec"] > 0
         assert job.info.artifact_uri.startswith("mlflow-artifacts:/")  # served by the server, not a local path
@@ -87,12 +87,12 @@ def test_a_sweep_logs_runs_and_artifacts_to_the_server(server_sweep, tracking_se
         assert len(stored) == 1 and json.loads(stored[0].read_text())["zero_optimization"]["stage"] == 3
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(sweep_end.ARTIFACTS.values())
     table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(parent.info.run_id, "jobs.csv",
                                                                            str(tmp_path))).read_text())))
     assert sorted(row["run_id"] for row in table) == sorted(job.info.run_id for job in jobs)
     best = max(jobs, key=lambda job: job.data.metrics["tokens_per_sec"])
-    assert parent.data.tags[callbacks.BEST_RUN_TAG] == best.info.run_id
+    assert parent.data.tags[sweep_end.BEST_RUN_TAG] == best.info.run_id
     assert f"This sweep's runs, best first: {tracking_server.url}/#/experiments/{parent.info.experiment_id}/" \
            in run.stdout
 
@@ -151,7 +151,7 @@ def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_pat
             assert job.data.metrics["tokens_per_sec"] > 0
             assert {a.path for a in client.list_artifacts(job.info.run_id)} >= {"ds_config.json", "config.yaml"}
         finished = client.get_run(parent.info.run_id)
-        assert finished.info.status == "FINISHED" and finished.data.tags[callbacks.JOBS_TAG] == "2"
-        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(callbacks.ARTIFACTS.values())
+        assert finished.info.status == "FINISHED" and finished.data.tags[sweep_end.JOBS_TAG] == "2"
+        assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(sweep_end.ARTIFACTS.values())
         assert any(f"sweep parent run {parent.info.run_id}" in out for out in outputs)
     assert sorted(by_batches) == [("batch=1", "batch=2"), ("batch=3", "batch=4")]

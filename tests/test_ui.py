@@ -16,7 +16,7 @@ from helpers.services import free_port, wait_healthy
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import sync_playwright
 
-from zi_app import callbacks, tracking
+from zi_app.record import runs as zi_runs, sweep_end
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -25,7 +25,7 @@ TOKENS_COLUMN = "metrics.`tokens_per_sec`"
 
 
 def app_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in (tracking.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+    return {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def sweep(tmp_path_factory):
     run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=1,2", "prompt_len=16", "gen_len=4",
                           "warmup=0", "repeat=1"], cwd=root, env=app_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    best = subprocess.run([sys.executable, "-m", "zi_app.best", "--json"], cwd=root, env=app_env(),
+    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best", "--json"], cwd=root, env=app_env(),
                           capture_output=True, text=True, timeout=120)
     assert best.returncode == 0, best.stderr
     return root, run.stdout, json.loads(best.stdout)
@@ -103,7 +103,7 @@ def test_the_sweep_link_shows_its_runs_by_name_best_first_with_their_figures(swe
     first, with tokens/sec, decode step time and peak memory as columns (nothing to choose by hand)."""
     root, stdout, best = sweep
     jobs = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db").search_runs(
-        [best["experiment_id"]], f"tags.`{tracking.ROLE_TAG}` = 'job'")
+        [best["experiment_id"]], f"tags.`{zi_runs.ROLE_TAG}` = 'job'")
     tokens = {run.info.run_name: run.data.metrics["tokens_per_sec"] for run in jobs}
     with sync_playwright() as playwright:
         context = browser(playwright, tmp_path / "chromium-profile")
@@ -138,9 +138,9 @@ def test_the_parent_run_link_opens_its_artifacts_in_the_model_training_view(swee
             page.get_by_text("Model metrics").first.wait_for(timeout=120_000)  # the model-training run page's tabs
             page.get_by_text("Artifacts", exact=True).first.click()
             page.get_by_text("throughput.png").first.wait_for(timeout=60_000)
-            listed = [name for name in callbacks.ARTIFACTS.values() if page.get_by_text(name).count()]
+            listed = [name for name in sweep_end.ARTIFACTS.values() if page.get_by_text(name).count()]
             shown_url = page.url
         finally:
             context.close()
-    assert sorted(listed) == sorted(callbacks.ARTIFACTS.values())
+    assert sorted(listed) == sorted(sweep_end.ARTIFACTS.values())
     assert "workflowType=machine_learning" in shown_url

@@ -1,4 +1,7 @@
-"""The Hydra task: validate -> (dry run | run under ZeRO-3) -> MLflow. Thin on purpose."""
+"""``zi`` / ``python -m zi_app``: the Hydra task, thin on purpose. One job goes down the stages once, in order:
+configuration (the composed config validated into a job spec), plan (the job's plan, refused here at its
+first problem), run (under ZeRO-3), record (its MLflow run, opened first so that a refusal or a failure is
+recorded too). docs/architecture.md draws it."""
 
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app import interrupt, tracking
-from zi_app.jobplan import plan_job, ready
-from zi_app.paths import conf_dir
-from zi_app.redaction import redact, redact_overrides
-from zi_app.schema import ConfigError
+from zi_app.config.checks import ConfigError
+from zi_app.config.paths import conf_dir
+from zi_app.config.schema import JobSpec, as_config
+from zi_app.config.spec import validate
+from zi_app.plan.job import plan_job, ready
+from zi_app.record import orphans, runs, store
+from zi_app.record.redaction import redact, redact_overrides
+from zi_app.run import interrupt
 
 log = logging.getLogger("zi_app")
 EXIT_INVALID_CONFIG = 2
@@ -76,51 +82,51 @@ def run_job(cfg: DictConfig) -> float:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from mlflow.tracking import MlflowClient  # here, not at import: --help and tab completion load this module
 
-    uri = tracking.absolute_uri(cfg.tracking.uri, _launch_dir())
-    experiment_id = tracking.open_experiment(uri, cfg.tracking.experiment)  # a bad store: refused before loading
-    tracking.close_dead_runs(MlflowClient(uri), [experiment_id], "when a job started")
+    uri = store.absolute_uri(cfg.tracking.uri, _launch_dir())
+    experiment_id = store.open_experiment(uri, cfg.tracking.experiment)  # a bad store: refused before loading
+    orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a job started")
     import torch
 
     cuda = torch.cuda.is_available()
     raw = OmegaConf.to_container(cfg, resolve=True)
     out_dir = _output_dir()
     overrides = _overrides()
-    tags = {**_versions(), "device": _device_name(cuda), tracking.OVERRIDES_TAG: overrides}
-    run_name = tracking.run_name(overrides, fallback=cfg.model.name)
-    with tracking.job_run(experiment_id, run_name, tracking.job_params(raw), tags,
-                          run_id_file=out_dir / tracking.RUN_ID_FILE if out_dir else None) as run:
-        plan = ready(cfg, cuda)
-        cfg = plan.cfg
+    tags = {**_versions(), "device": _device_name(cuda), runs.OVERRIDES_TAG: overrides}
+    run_name = runs.run_name(overrides, fallback=cfg.model.name)
+    with runs.job_run(experiment_id, run_name, runs.job_params(raw), tags,
+                      run_id_file=out_dir / runs.RUN_ID_FILE if out_dir else None) as run:
+        spec = validate(cfg)
+        plan = ready(spec, cuda)
         # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
         predicted = plan.predicted_metrics() if cuda else {}
-        tracking.log_metrics(predicted)
+        runs.log_metrics(predicted)
         if plan.residency.offload_needed is not None:
-            tracking.log_tags({tracking.OFFLOAD_NEEDED_TAG: str(plan.residency.offload_needed).lower()})
-        tracking.log_json(plan.ds_config, "ds_config.json")
-        tracking.log_text(OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
+            runs.log_tags({runs.OFFLOAD_NEEDED_TAG: str(plan.residency.offload_needed).lower()})
+        runs.log_json(plan.ds_config, "ds_config.json")
+        runs.log_text(OmegaConf.to_yaml(redact(as_config(spec))), runs.CONFIG_ARTIFACT)
 
-        if cfg.devices > 1:
-            from zi_app import ranks
+        if spec.devices > 1:
+            from zi_app.run import ranks
 
             # Its ranks' metrics reach the run from a thread of their own: name the run, not the thread's.
-            result = ranks.run_ranks(cfg, plan.ds_config,
-                                     on_metrics=functools.partial(tracking.log_metrics, run_id=run.info.run_id))
+            result = ranks.run_ranks(spec, plan.ds_config, plan.facts,
+                                     on_metrics=functools.partial(runs.log_metrics, run_id=run.info.run_id))
         else:
-            from zi_app.runner import run_inference
+            from zi_app.run.inference import run_inference
 
-            result = run_inference(cfg, plan.ds_config, on_metrics=tracking.log_metrics)
-        tracking.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
-    log.info("result: %s", result_line(cfg, {**predicted, **result.metrics}, plan.residency.offload_needed))
+            result = run_inference(spec, plan.ds_config, plan.facts, on_metrics=runs.log_metrics)
+        runs.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
+    log.info("result: %s", result_line(spec, {**predicted, **result.metrics}, plan.residency.offload_needed))
     return result.metrics["tokens_per_sec"]
 
 
-def result_line(cfg: DictConfig, m: dict, offload_needed: Optional[bool] = None) -> str:
+def result_line(spec: JobSpec, m: dict, offload_needed: Optional[bool] = None) -> str:
     """One line with a job's headline numbers (a job of several devices: its ranks' count, the whole job's
     tokens/s, the largest rank's GPU peak); the GPU and roofline figures where they were measured, and
     whether the model would fit the GPU budget without offloading where that is known."""
     predicted = f" (predicted {m['predicted_tokens_per_sec']:.2f})" if "predicted_tokens_per_sec" in m else ""
-    ranks = f" x {cfg.devices} devices" if cfg.devices > 1 else ""
-    parts = [f"{cfg.model.name} batch={cfg.batch}{ranks} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
+    ranks = f" x {spec.devices} devices" if spec.devices > 1 else ""
+    parts = [f"{spec.model.name} batch={spec.batch}{ranks} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
              f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
              f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
     if "peak_gpu_allocated_bytes" in m:
@@ -149,7 +155,7 @@ def dry_run(cfg: DictConfig) -> None:
         if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
             handler.setStream(sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):
-        plan = plan_job(cfg, torch.cuda.is_available())
+        plan = plan_job(validate(cfg), torch.cuda.is_available())
     for problem in plan.problems:
         print(f"warning: cannot run here: {problem}", file=sys.stderr)
     print(json.dumps(plan.ds_config, indent=2))
@@ -176,12 +182,12 @@ def main(cfg: DictConfig) -> Optional[float]:
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
-    except (ConfigError, tracking.StoreError) as error:
+    except (ConfigError, store.StoreError) as error:
         if _multirun():  # the launcher reports it, and the sweep records it as a failed run
             raise
         invalid = isinstance(error, ConfigError)
         print(f"error: {'invalid config: ' if invalid else ''}{error}", file=sys.stderr)
-        sys.exit(EXIT_INVALID_CONFIG if invalid else tracking.EXIT_STORE_ERROR)
+        sys.exit(EXIT_INVALID_CONFIG if invalid else store.EXIT_STORE_ERROR)
 
 
 def cli() -> None:

@@ -21,7 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.zero_inference._core import outcome
+from hydra_plugins.zero_inference._launcher import outcome
 
 REPORT_ARTIFACT = "adaptive_sweep.txt"  # the end-of-sweep report, on the sweep's parent run
 EXIT_INVALID_CONFIG = 2
@@ -97,13 +97,13 @@ def parse_grid(sweeper: Any, arguments: Sequence[str]) -> List[Tuple[str, List[s
 
 def plan_point(sweeper: Any, point: Point, cuda: bool) -> None:
     """Plan ``point`` without loading anything: whether it fits here and why not, and its predicted tokens/s."""
-    from zi_app.jobplan import plan_job
-    from zi_app.schema import ConfigError
+    from zi_app.config.checks import ConfigError
+    from zi_app.config.spec import validate
+    from zi_app.plan.job import plan_job
 
     config = sweeper.hydra_context.config_loader.load_sweep_config(sweeper.config, list(point.overrides))
-    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     try:
-        plan = plan_job(task, cuda)
+        plan = plan_job(validate(config), cuda)
     except ConfigError as error:
         point.reason = f"invalid config: {error}"
         return
@@ -176,7 +176,7 @@ def report(grid: Grid, stopped_early: bool) -> str:
 
 
 def _check_options(sweeper: Any) -> None:
-    from zi_app.schema import ConfigError
+    from zi_app.config.checks import ConfigError
 
     for key, value, allowed in (("max_jobs", sweeper.max_jobs, "null or a positive integer"),
                                 ("jobs_per_round", sweeper.jobs_per_round, "a positive integer")):
@@ -186,14 +186,14 @@ def _check_options(sweeper: Any) -> None:
 
 
 def _log_report(config: DictConfig, text: str) -> None:
-    """Attach the report to the sweep's parent run (opened by zi_app.callbacks.SweepCallback)."""
+    """Attach the report to the sweep's parent run (opened by the sweep callback, sweep_callback.py)."""
     from mlflow.tracking import MlflowClient
 
-    from zi_app import tracking
+    from zi_app.record import runs, store
 
-    parent = os.environ.get(tracking.PARENT_RUN_ENV)
+    parent = os.environ.get(runs.PARENT_RUN_ENV)
     if parent and not config.dry_run:
-        MlflowClient(tracking.absolute_uri(config.tracking.uri)).log_text(parent, text + "\n", REPORT_ARTIFACT)
+        MlflowClient(store.absolute_uri(config.tracking.uri)).log_text(parent, text + "\n", REPORT_ARTIFACT)
 
 
 def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:

@@ -1,6 +1,6 @@
 """One job in its own process: ``python -m hydra_plugins.zero_inference._job PAYLOAD RESULT``.
 
-Reads the job the launcher wrote to PAYLOAD (see ``_core.run_in_process``), restores Hydra's state, runs
+Reads the job the launcher wrote to PAYLOAD (see ``_launcher.run_in_process``), restores Hydra's state, runs
 the job through ``hydra.core.utils.run_job`` exactly as Hydra's own launchers do, and writes the
 JobReturn to RESULT.
 """
@@ -17,7 +17,7 @@ import cloudpickle
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, run_job, setup_globals
 
-from hydra_plugins.zero_inference._core import JOB_DIR_KEY, JOB_SUBDIR_KEY, JobError
+from hydra_plugins.zero_inference._launcher import JOB_DIR_KEY, JOB_SUBDIR_KEY, JobError
 
 
 def portable(ret: JobReturn) -> bytes:

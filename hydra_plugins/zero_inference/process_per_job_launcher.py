@@ -5,7 +5,7 @@ process-wide state from leaking into the next job, and a crash or an out-of-memo
 that job only. Jobs run one at a time, or, when GPUs are visible, side by side, each on as many GPUs
 as its ``devices`` asks (one for other apps' jobs).
 
-Hydra imports this module at every start of every app: it stays cheap, the work lives in ``_core``.
+Hydra imports this module at every start of every app: it stays cheap, the work lives in ``_launcher``.
 """
 
 from dataclasses import dataclass
@@ -54,6 +54,6 @@ class ProcessPerJobLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.zero_inference import _core
+        from hydra_plugins.zero_inference import _launcher
 
-        return _core.launch(self, job_overrides, initial_job_idx)
+        return _launcher.launch(self, job_overrides, initial_job_idx)

@@ -18,8 +18,8 @@ class ZeroInferenceSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
         # zi_app's package import is pure Python (no torch); registering the schema here lets an app that
         # never imports zi_app still put `zi_schema` in its defaults list for typed composition.
-        from zi_app.paths import conf_dir
-        from zi_app.schema import register
+        from zi_app.config.paths import conf_dir
+        from zi_app.config.schema import register
 
         register()
         conf = conf_dir()

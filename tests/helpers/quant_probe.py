@@ -5,7 +5,7 @@ process-wide). Writes ``torch.save`` of a dict:
 
 - ``held``: parameter name -> bytes of its partition (``param.ds_tensor``), its dtype, and whether
   DeepSpeed quantized it (``weight_quantized``); with one rank the partition is the whole parameter;
-- ``logits``: float32 logits of one forward over the app's prompts (``zi_app.runner.random_prompts``);
+- ``logits``: float32 logits of one forward over the app's prompts (``zi_app.run.inference.random_prompts``);
 - ``checkpoint``: the directory the weights were loaded from, for an unquantized reference.
 """
 
@@ -16,10 +16,11 @@ import sys
 import torch
 from hydra import compose, initialize_config_dir
 
-from zi_app import conf_dir, engine
-from zi_app.jobplan import ready
-from zi_app.model import load_model, weights_path, zero3_construction
-from zi_app.runner import random_prompts
+from zi_app import conf_dir, validate
+from zi_app.run import engine
+from zi_app.plan.job import ready
+from zi_app.run.loading import load_model, weights_path, zero3_construction
+from zi_app.run.inference import random_prompts
 
 
 def held_storage(model: torch.nn.Module) -> dict:
@@ -31,8 +32,8 @@ def held_storage(model: torch.nn.Module) -> dict:
 
 def main(out: str, overrides: list) -> None:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        plan = ready(compose("config", overrides=overrides), torch.cuda.is_available())
-        cfg, ds_config = plan.cfg, plan.ds_config
+        plan = ready(validate(compose("config", overrides=overrides)), torch.cuda.is_available())
+        cfg, ds_config = plan.spec, plan.ds_config
     engine.init_distributed()
     checkpoint = weights_path(cfg)
     with zero3_construction(ds_config):

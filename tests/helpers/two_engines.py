@@ -12,10 +12,11 @@ import gc
 import torch
 from hydra import compose, initialize_config_dir
 
-from zi_app import conf_dir, engine
-from zi_app.jobplan import ready
-from zi_app.model import load_model, zero3_construction
-from zi_app.runner import random_prompts
+from zi_app import conf_dir, validate
+from zi_app.run import engine
+from zi_app.plan.job import ready
+from zi_app.run.loading import load_model, zero3_construction
+from zi_app.run.inference import random_prompts
 
 
 def coordinators() -> dict:
@@ -31,8 +32,8 @@ def main() -> None:
 
     shipped_fetch = PartitionedParameterCoordinator._fetch_sub_module_impl
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        plan = ready(compose("config", overrides=["memory=tuned", "memory.fetch=overlap"]), False)
-    cfg, ds_config = plan.cfg, plan.ds_config
+        plan = ready(validate(compose("config", overrides=["memory=tuned", "memory.fetch=overlap"])), False)
+    cfg, ds_config = plan.spec, plan.ds_config
     engine.init_distributed()
     with zero3_construction(ds_config):
         ours = engine.initialize(load_model(cfg, None), ds_config, overlap_fetches=cfg.memory.max_inflight_fetches)

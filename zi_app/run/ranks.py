@@ -2,7 +2,7 @@
 launcher from the job's process, and the job's metrics made from what its ranks return.
 
 The job's process keeps the MLflow run; the ranks never touch MLflow. Each rank runs
-:func:`zi_app.runner.run_inference` on its slice of the job's prompts and returns its metrics and token ids;
+:func:`zi_app.run.inference.run_inference` on its slice of the job's prompts and returns its metrics and token ids;
 what a rank measures is passed on to the run as ``<name>.rank<r>`` as soon as it exists, so a failed job keeps
 it. docs/metrics.md ("Jobs of several devices") says how the job's metrics are made from the ranks'.
 """
@@ -19,11 +19,10 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
-from omegaconf import OmegaConf
-
-from zi_app import interrupt, measure, tracking
-from zi_app.runner import InferenceResult, run_inference
-from zi_app.schema import ConfigError
+from zi_app.config.schema import JobSpec
+from zi_app.plan.facts import ModelFacts
+from zi_app.run import interrupt, measure
+from zi_app.run.inference import InferenceResult, run_inference
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +40,13 @@ class RankFailed(Exception):
     """A rank of the job failed: names the rank, how its process ended (exit code or signal) and its error.
 
     ``failure_kind`` is ``killed`` for a rank a signal ended (the kernel's out-of-memory killer, a kill from
-    outside), ``oom`` for an allocation that failed inside it, else ``error``.
+    outside); otherwise None, and the recording stage classifies the rank's error by its message (``oom`` for
+    an allocation that failed inside it, else ``error``).
     """
 
     def __init__(self, rank: int, exitcode: int, signal_name: Optional[str], error: str):
         self.rank, self.exitcode, self.rank_signal, self.error = rank, exitcode, signal_name, error
-        self.failure_kind = "killed" if signal_name else "oom" if tracking.out_of_memory(error) else "error"
+        self.failure_kind = "killed" if signal_name else None
         ended = f"killed by {signal_name}" if signal_name else f"exit code {exitcode}"
         super().__init__(f"rank {rank} failed ({ended}): {error}")
 
@@ -61,19 +61,18 @@ def _rank_file(scratch: str, rank: int) -> Path:
     return Path(scratch) / RANK_FILE.format(rank)
 
 
-def _rank_main(cfg_tree: Dict[str, Any], ds_config: Dict[str, Any], scratch: str) -> Dict[str, Any]:
+def _rank_main(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, scratch: str) -> Dict[str, Any]:
     """One rank, in its own process: the environment elastic set names it (RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR/PORT, which DeepSpeed's process group reads); returns what it measured and generated."""
     import torch
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s")
-    cfg = OmegaConf.create(cfg_tree)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     elif "OMP_NUM_THREADS" not in os.environ:
         # Ranks on one CPU share its cores; each taking all of them would oversubscribe it N times.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.devices))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // spec.devices))
     # The ranks run in lockstep (every forward gathers from all): rank 0's progress speaks for all of them.
     on_progress = log.info if rank == 0 else log.debug
     with open(_rank_file(scratch, rank), "a") as sink:
@@ -81,7 +80,7 @@ def _rank_main(cfg_tree: Dict[str, Any], ds_config: Dict[str, Any], scratch: str
             sink.write(json.dumps(metrics) + "\n")
             sink.flush()
 
-        result = run_inference(cfg, ds_config, on_progress=on_progress, on_metrics=on_metrics)
+        result = run_inference(spec, ds_config, facts, on_progress=on_progress, on_metrics=on_metrics)
     return {"metrics": result.metrics, "repeats": result.repeats, "output_ids": result.output_ids}
 
 
@@ -166,9 +165,9 @@ def _rank_failed(failed) -> RankFailed:
     return RankFailed(rank, failure.exitcode, signal_name, str(message))
 
 
-def run_ranks(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], None] = log.info,
+def run_ranks(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, on_progress: Callable[[str], None] = log.info,
               on_metrics: Callable[[Dict[str, float]], None] = lambda metrics: None) -> InferenceResult:
-    """Run the job on ``cfg.devices`` ranks, one process each, and return the job's measurements.
+    """Run the job on ``spec.devices`` ranks, one process each, and return the job's measurements.
 
     ``on_metrics`` receives every rank's measurements as ``<name>.rank<r>`` as they appear, from another
     thread, then the job's own; the job's peak host RSS also when a rank fails. A rank that fails stops its
@@ -179,29 +178,28 @@ def run_ranks(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], None]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if not cfg.verbose:  # elastic's agent logs its launch settings and each step of its rendezvous
+    if not spec.verbose:  # elastic's agent logs its launch settings and each step of its rendezvous
         logging.getLogger("torch.distributed").setLevel(logging.WARNING)
-    on_progress(f"starting {cfg.devices} ranks, batch {cfg.batch} each")
-    tree = OmegaConf.to_container(cfg, resolve=True)
+    on_progress(f"starting {spec.devices} ranks, batch {spec.batch} each")
     with tempfile.TemporaryDirectory(prefix="zi-ranks-") as scratch, _elastic_signals() as signals:
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=cfg.devices, run_id=f"zi-{os.getpid()}",
+            min_nodes=1, max_nodes=1, nproc_per_node=spec.devices, run_id=f"zi-{os.getpid()}",
             # torchrun --standalone's rendezvous: a store of this process on localhost, port 0 = the first
             # free one (no port chosen here and taken by someone else before the store binds it).
             rdzv_backend="c10d", rdzv_endpoint="localhost:0",
             max_restarts=0, monitor_interval=MONITOR_S, start_method="spawn", signals_to_handle=signals,
             logs_specs=DefaultLogsSpecs(log_dir=str(Path(scratch) / "elastic")))
-        watch = _Watch(scratch, cfg.devices, on_metrics)
+        watch = _Watch(scratch, spec.devices, on_metrics)
         watch.start()
         try:
-            returned = elastic_launch(config, _rank_main)(tree, ds_config, scratch)
+            returned = elastic_launch(config, _rank_main)(spec, ds_config, facts, scratch)
         except ChildFailedError as failed:
             raise _rank_failed(failed) from None
         finally:
             watch.stop()
             on_metrics({"peak_host_rss_bytes": watch.peak_rss})
-    results = [returned[rank] for rank in range(cfg.devices)]
-    repeats = job_repeats([r["repeats"] for r in results], cfg.batch * cfg.devices, cfg.prompt_len, cfg.gen_len)
+    results = [returned[rank] for rank in range(spec.devices)]
+    repeats = job_repeats([r["repeats"] for r in results], spec.batch * spec.devices, spec.prompt_len, spec.gen_len)
     metrics = job_metrics([r["metrics"] for r in results], repeats)
     on_metrics(metrics)  # the job's peak host RSS is already logged, failed or not
     return InferenceResult(metrics={**metrics, "peak_host_rss_bytes": float(watch.peak_rss)}, repeats=repeats,

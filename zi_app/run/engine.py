@@ -13,12 +13,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from zi_app.plan import preflight
+
 log = logging.getLogger(__name__)
-
-
-def cuda_available() -> bool:
-    """Whether a CUDA device is usable (decides DeepSpeed's accelerator)."""
-    return torch.cuda.is_available()
 
 
 def _free_port() -> int:
@@ -27,19 +24,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prefer_cpu_accelerator() -> None:
-    """Without CUDA, name DeepSpeed's CPU accelerator before anything imports DeepSpeed (transformers does,
-    for real weights), or DeepSpeed probes and warns on stdout."""
-    if not cuda_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 def accelerator():
     """DeepSpeed's accelerator for this machine: CUDA when present, else its CPU accelerator."""
-    prefer_cpu_accelerator()
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator()
+    return preflight.accelerator(torch.cuda.is_available())
 
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory collectives on its CPU accelerator (a JIT-built op)
@@ -89,7 +76,7 @@ def init_distributed(verbose: bool = False) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.INFO if verbose else logging.WARNING)
     # ZeRO-3's gather uses a torch.distributed name torch has deprecated; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    if not cuda_available():
+    if not torch.cuda.is_available():
         build_dir = shm_op_dir()
         if not os.path.isfile(os.path.join(build_dir, f"{SHM_OP}.so")):
             log.info("building DeepSpeed's shm_comm op once (about 30 s), cached in %s", build_dir)
@@ -104,7 +91,7 @@ def device() -> torch.device:
 
 def cap_gpu_memory(budget_gib: float | None) -> None:
     """Limit this process's CUDA allocations to ``budget_gib`` so a large card stands in for a smaller one."""
-    if budget_gib is None or not cuda_available():
+    if budget_gib is None or not torch.cuda.is_available():
         return
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     fraction = min(1.0, budget_gib * 2**30 / total)
@@ -127,7 +114,7 @@ def initialize(model: torch.nn.Module, ds_config: Dict[str, Any],
     if "post_init_quant" in ds_config.get("weight_quantization", {}):
         _apply_post_init_quantization(engine.module, ds_config)
     if overlap_fetches is not None:
-        from zi_app import fetch
+        from zi_app.run import fetch
 
         fetch.install(engine, overlap_fetches)
     return engine.module

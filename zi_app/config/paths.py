@@ -7,8 +7,9 @@ from pathlib import Path
 
 def conf_dir() -> Path:
     """The ``conf/`` directory: inside the installed wheel, or the source checkout's (editable install)."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+    package = Path(__file__).resolve().parents[1]
+    packaged = package / "conf"
+    return packaged if packaged.is_dir() else package.parent / "conf"
 
 
 def command(script: str, module: str) -> str:

@@ -1,21 +1,14 @@
-"""Typed schema of a ZeRO-Inference job and the checks that turn bad input into clear messages.
-
-The dataclasses are registered in Hydra's ConfigStore as ``zi_schema`` so that composition already rejects
-wrong types (``batch=abc``, ``pin=maybe``) with the key's name; :func:`validate` adds the checks a type
-cannot express (ranges, combinations, paths on disk). Everything here is cheap to import.
+"""The checks that turn bad input into one clear message: :class:`ConfigError` names the key, the bad value and
+what is allowed. Checks of the configuration and the paths it names only; what the machine lacks is the plan
+stage's (:mod:`zi_app.plan.preflight`). Cheap to import.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
-
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from typing import Any
 
 DTYPES = ("float32", "float16", "bfloat16")
 # The short names users type (as in torch's and DeepSpeed's configs) for the long ones the app uses.
@@ -43,202 +36,12 @@ class ConfigError(ValueError):
         return type(self), (self.key, self.value, self.allowed)
 
 
-@dataclass
-class ModelConfig:
-    name: str = "unnamed"
-    path: Optional[str] = None
-    weights: str = "random"
-    dtype: str = "float16"
-    max_positions: Optional[int] = None
-    arch: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class AioConfig:
-    block_size: int = 16 * 2**20
-    queue_depth: int = 64
-    intra_op_parallelism: int = 8
-    single_submit: bool = False
-    overlap_events: bool = True
-    use_gds: bool = False
-
-
-@dataclass
-class OffloadConfig:
-    device: str = "none"
-    nvme_path: Optional[str] = None
-    buffer_count: Optional[int] = None
-    buffer_size: Optional[int] = None
-    aio: Optional[AioConfig] = None
-
-
-@dataclass
-class QuantConfig:
-    mode: str = "none"
-    bits: Optional[int] = None
-    group_size: Optional[int] = None
-    group_dim: Optional[int] = None
-    symmetric: Optional[bool] = None
-    modules: Optional[List[str]] = None
-
-
-@dataclass
-class KVCacheConfig:
-    cache_implementation: Optional[str] = None
-
-
-@dataclass
-class MemoryConfig:
-    name: str = "reference"
-    prefetch_bucket_hh: float = 2
-    max_live_hh: float = 2
-    persistence: str = "h"
-    leaf_modules: bool = False
-    max_reuse_distance: Optional[str] = None
-    gpu_budget_gib: Optional[float] = None
-    fetch: str = "deepspeed"
-    max_inflight_fetches: int = 8
-
-
-@dataclass
-class HardwareConfig:
-    """The machine a job is planned for: its figures, and the constants of the planner's speed model.
-
-    A null figure is measured on this machine (``hardware=auto``); a preset names another machine's.
-    """
-
-    name: str = "auto"
-    device_name: Optional[str] = None  # substring of the CUDA device name a preset stands for ("H200")
-    gpu_memory_gib: Optional[float] = None
-    host_memory_gib: Optional[float] = None
-    h2d_pinned_gbps: Optional[float] = None
-    h2d_pageable_gbps: Optional[float] = None
-    gpu_memory_gbps: Optional[float] = None
-    gpu_tflops: Optional[float] = None
-    gpu_count: Optional[int] = None  # GPUs of the machine (auto: counted here); null on a preset: any number
-    gpu_peer_gbps: Optional[float] = None  # GPU-to-GPU GB/s per GPU, one direction (NVLink or PCIe P2P)
-    # The speed model's constants (docs/planner.md), fitted to our H200 runs in docs/results/.
-    stream_efficiency: float = 0.95  # share of h2d_pinned_gbps a decode step's pinned fetches reach
-    pageable_efficiency: float = 0.38  # share of h2d_pageable_gbps pageable fetches reach
-    fetch_overhead_s: float = 0.00033  # host seconds per ZeRO-3 fetch (hooked module forward)
-    param_overhead_s: float = 0.00007  # host seconds per parameter's hooks: the floor of a step with little to stream
-    dequant_overhead_s: float = 0.00018  # seconds per quantized weight matrix dequantized in a forward
-    # seconds per weight matrix post-init quantization replaced, per forward (its own module, fetched and
-    # dequantized apart: OPT-1.3B int8-post and int4-post on the H200)
-    post_quant_overhead_s: float = 0.0007
-    step_overhead_s: float = 0.02  # fixed host seconds per forward pass
-    compute_efficiency: float = 0.57  # share of gpu_tflops the prefill's matmuls reach
-    memory_efficiency: float = 0.3  # share of gpu_memory_gbps a decode step's weight and KV reads reach
-
-
-@dataclass
-class TrackingConfig:
-    uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "zero-inference"
-
-
-@dataclass
-class ZIConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    offload: OffloadConfig = field(default_factory=OffloadConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    kvcache: KVCacheConfig = field(default_factory=KVCacheConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
-    hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    batch: int = 1
-    devices: int = 1
-    pin: bool = True
-    prompt_len: int = 512
-    gen_len: int = 32
-    warmup: int = 1
-    repeat: int = 3
-    seed: int = 0
-    dry_run: bool = False
-    profile_step: bool = False
-    verbose: bool = False
-    cache_dir: str = MISSING
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-
-def register() -> None:
-    """Register the schema as ``zi_schema`` in Hydra's ConfigStore (idempotent)."""
-    ConfigStore.instance().store(name="zi_schema", node=ZIConfig)
-
-
-register()
-
-
-def default_cache_dir() -> str:
-    """``$ZI_CACHE_DIR``, else ``~/.cache/hydra-zero-inference``: the default conf/config.yaml sets too."""
-    return os.environ.get("ZI_CACHE_DIR") or str(Path.home() / ".cache" / "hydra-zero-inference")
-
-
-def schema_keys() -> Tuple[str, ...]:
-    """The top-level keys of a zero-inference job: the groups and the workload keys of :class:`ZIConfig`."""
-    return tuple(f.name for f in fields(ZIConfig))
-
-
-def _own_keys(cfg: Any) -> Any:
-    """The schema's keys of ``cfg``, values resolved where they stand: a client app's own keys (its
-    ``trainer``, ``data``, ...) beside ours are left out, and interpolations into them still resolve."""
-    if not isinstance(cfg, DictConfig):
-        return {k: v for k, v in (cfg or {}).items() if k in schema_keys()}
-    own = {}
-    for key in schema_keys():
-        if key not in cfg or OmegaConf.is_missing(cfg, key):
-            continue
-        value = cfg[key]
-        own[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    return own
-
-
-def _config_error(error: OmegaConfBaseException, own: Any) -> ConfigError:
-    """Our message for what OmegaConf refuses while merging ``own`` over the schema: an unknown key or a
-    value of the wrong type."""
-    key = error.full_key or str(error.key)
-    value = error.value if error.value is not None else OmegaConf.select(OmegaConf.create(own), key)
-    if isinstance(error, ConfigKeyError):
-        parent = key.rpartition(".")[0]
-        node = OmegaConf.select(OmegaConf.structured(ZIConfig), parent) if parent else OmegaConf.structured(ZIConfig)
-        known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
-        return ConfigError(key, value, f"a key of {parent or 'the zero-inference schema'}: {known}")
-    return ConfigError(key, value, str(error.msg).splitlines()[0])
-
-
-def with_defaults(cfg: Any) -> DictConfig:
-    """Merge the schema's keys of ``cfg`` (DictConfig or dict, possibly partial) over the schema defaults,
-    type-checked; other top-level keys are the caller's and are left out. Raises :class:`ConfigError`."""
-    # A typed config (zi_schema in a defaults list) is complete except for cache_dir when the app that
-    # composed it is not ours; merging keeps every value it has and fills the missing one.
-    typed = isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is ZIConfig
-    if typed and not OmegaConf.is_missing(cfg, "cache_dir"):
-        return _long_dtype(cfg)
-    base = OmegaConf.structured(ZIConfig)
-    base.cache_dir = default_cache_dir()
-    own: Any = {}
-    try:
-        own = _own_keys(cfg)  # resolving our keys may fail too (an interpolation to a missing key)
-        return _long_dtype(OmegaConf.merge(base, own))
-    except OmegaConfBaseException as error:
-        raise _config_error(error, own) from None
-
-
-def _long_dtype(cfg: DictConfig) -> DictConfig:
-    """``cfg`` with ``model.dtype`` by its long name (``fp16`` -> ``float16``), copied if it had to change."""
-    dtype = cfg.model.dtype
-    if dtype not in DTYPE_ALIASES:
-        return cfg
-    cfg = cfg.copy()
-    cfg.model.dtype = DTYPE_ALIASES[dtype]
-    return cfg
-
-
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, value, "a positive integer")
 
 
-def _check_workload(cfg: DictConfig) -> None:
+def _check_workload(cfg: Any) -> None:
     for key in ("batch", "devices", "prompt_len", "gen_len", "repeat"):
         _positive_int(key, cfg[key])
     if cfg.warmup < 0:
@@ -251,7 +54,7 @@ def _check_workload(cfg: DictConfig) -> None:
             f"{limit} positions; keep it <= {limit}")
 
 
-def _check_model(model: DictConfig) -> None:
+def _check_model(model: Any) -> None:
     if model.dtype not in DTYPES:
         raise ConfigError("model.dtype", model.dtype, f"one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     if model.weights not in WEIGHTS:
@@ -298,7 +101,7 @@ def _check_arch(arch: Any) -> None:
         raise ConfigError("model.arch.num_key_value_heads", kv_heads, f"a divisor of {heads_key} {heads}")
 
 
-def _check_offload(offload: DictConfig) -> None:
+def _check_offload(offload: Any) -> None:
     if offload.device not in OFFLOAD_DEVICES:
         raise ConfigError("offload.device", offload.device, f"one of {', '.join(OFFLOAD_DEVICES)}")
     if offload.device != "nvme":
@@ -312,7 +115,7 @@ def _check_offload(offload: DictConfig) -> None:
         _positive_int("offload.buffer_size", offload.buffer_size)
 
 
-def _check_quant(quant: DictConfig, model: DictConfig) -> None:
+def _check_quant(quant: Any, model: Any) -> None:
     if quant.mode not in QUANT_MODES:
         raise ConfigError("quant.mode", quant.mode, f"one of {', '.join(QUANT_MODES)}")
     if quant.mode == "none":
@@ -337,7 +140,7 @@ def _check_quant(quant: DictConfig, model: DictConfig) -> None:
             raise ConfigError("quant.modules", quant.modules, "a non-empty list of module-name substrings")
 
 
-def _check_memory(memory: DictConfig) -> None:
+def _check_memory(memory: Any) -> None:
     for key in ("prefetch_bucket_hh", "max_live_hh"):
         if memory[key] <= 0:
             raise ConfigError(f"memory.{key}", memory[key], "a positive multiple of h*h")
@@ -357,13 +160,13 @@ def _check_memory(memory: DictConfig) -> None:
     _positive_int("memory.max_inflight_fetches", memory.max_inflight_fetches)
 
 
-def _check_kvcache(kvcache: DictConfig) -> None:
+def _check_kvcache(kvcache: Any) -> None:
     if kvcache.cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ConfigError("kvcache.cache_implementation", kvcache.cache_implementation,
                           "null (default GPU cache) or 'offloaded' (host-memory cache)")
 
 
-def _check_hardware(hardware: DictConfig) -> None:
+def _check_hardware(hardware: Any) -> None:
     for key in ("gpu_memory_gib", "host_memory_gib", "h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
                 "gpu_tflops", "gpu_peer_gbps"):
         if hardware[key] is not None and hardware[key] <= 0:
@@ -379,13 +182,9 @@ def _check_hardware(hardware: DictConfig) -> None:
             raise ConfigError(f"hardware.{key}", hardware[key], "seconds >= 0")
 
 
-def validate(cfg: Any) -> DictConfig:
-    """Return ``cfg`` merged over the schema defaults, or raise :class:`ConfigError` for the first bad key.
-
-    Checks only the configuration and the paths it names; environment checks (CUDA, libaio,
-    DeepSpeed's version) live in :mod:`zi_app.preflight`.
-    """
-    cfg = with_defaults(cfg)
+def check(cfg: Any) -> None:
+    """Raise :class:`ConfigError` for the first bad key of ``cfg`` (merged over the schema's defaults, dtype
+    by its long name, the architecture known)."""
     _check_model(cfg.model)
     _check_workload(cfg)
     _check_offload(cfg.offload)
@@ -393,4 +192,3 @@ def validate(cfg: Any) -> DictConfig:
     _check_memory(cfg.memory)
     _check_kvcache(cfg.kvcache)
     _check_hardware(cfg.hardware)
-    return cfg

@@ -33,8 +33,8 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from zi_app.progress import human_seconds
-from zi_app.redaction import redact_overrides
+from zi_app.run.progress import human_seconds
+from zi_app.record.redaction import redact_overrides
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +184,21 @@ def plan_jobs(jobs: Sequence[Job], gpus: int) -> Tuple[dict, dict]:
     or None}) for the zero-inference app's jobs: refused are those it would refuse before loading, or whose
     ``devices`` exceed the ``gpus`` the sweep has (when it has any), printed with their reasons and without
     a planned time. Other apps' jobs are never refused and have no plan."""
-    from zi_app.jobplan import sweep_plan
+    import torch
+
+    from zi_app.config.checks import ConfigError
+    from zi_app.config.spec import validate
+    from zi_app.plan.job import sweep_plan
 
     refused, seconds = {}, {}
+    cuda = torch.cuda.is_available()
     for job in jobs:
-        task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
-        error, planned = sweep_plan(task_cfg, gpus or None)
+        if not all(key in job.config for key in ("model", "offload", "quant", "memory")) or job.config.get("dry_run"):
+            continue  # another app's job, or a dry run (which only warns): neither refused nor planned
+        try:
+            error, planned = sweep_plan(validate(job.config), cuda, gpus or None)
+        except ConfigError as invalid:
+            error, planned = invalid, None
         if error is not None:
             refused[job.idx] = error
         else:
@@ -324,7 +333,7 @@ def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, work
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
     """Run the batch, one job per process, each on as many of the sweep's GPUs as its ``devices`` (one at a
     time without GPUs); return JobReturns in job order."""
-    from zi_app.machine import visible_gpus
+    from zi_app.plan.hardware import visible_gpus
 
     setup_globals()
     config = launcher.config

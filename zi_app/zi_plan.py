@@ -1,7 +1,7 @@
-"""``zi-plan`` / ``python -m zi_app.plan [overrides]``: predict jobs before running them.
+"""``zi-plan`` / ``python -m zi_app.zi_plan [overrides]``: predict jobs before running them.
 
 Takes the app's overrides, comma lists included (expanded by Hydra's own sweep machinery, as ``-m`` would),
-plans every point with :func:`zi_app.jobplan.plan_job` (no model loaded, no GPU needed) and prints one row
+validates and plans every point (:func:`zi_app.plan.job.plan_job`) (no model loaded, no GPU needed) and prints one row
 per point: whether it fits the hardware it is planned for and why not, the devices (ranks) it spans,
 predicted peak GPU memory per rank, peak host RSS of the job, bytes each rank streams over its host link and
 all-gathers from its peers per decode step, decode step seconds and tokens/s, the predicted best marked.
@@ -22,8 +22,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from zi_app.paths import conf_dir
-from zi_app.schema import ConfigError
+from zi_app.config.checks import ConfigError
+from zi_app.config.paths import conf_dir
+from zi_app.config.schema import JobSpec
+from zi_app.config.spec import validate
 
 EXIT_INVALID_CONFIG = 2
 GIB = 2**30
@@ -45,17 +47,17 @@ def plan_point(point: Sequence[str], cuda: bool) -> Dict[str, Any]:
     A preset (``hardware=h200``) is planned for that machine; ``hardware=auto`` for this one, with what it
     lacks included. A config invalid as configuration does not fit, with the error as its reason.
     """
-    from zi_app.jobplan import plan_job
+    from zi_app.plan.job import plan_job
 
     row: Dict[str, Any] = {key: None for key in KEYS}
     row["overrides"] = " ".join(point)
     try:
-        cfg = compose("config", overrides=list(point))
-        plan = plan_job(cfg, cuda, here=cfg.hardware.name == "auto")
+        spec = validate(compose("config", overrides=list(point)))
+        plan = plan_job(spec, cuda, here=spec.hardware.name == "auto")
     except (ConfigError, HydraException, OmegaConfBaseException) as error:
         row.update(fits=False, reason=f"invalid config: {error}".splitlines()[0])
         return row
-    row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name, devices=plan.cfg.devices,
+    row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name, devices=plan.spec.devices,
                predicted_peak_gpu_bytes=plan.predicted_peak_gpu_bytes,
                predicted_peak_host_bytes=plan.predicted_peak_host_bytes,
                predicted_streamed_bytes_per_step=plan.predicted_streamed_bytes_per_step,
@@ -98,6 +100,16 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _calibrate(spec: JobSpec):
+    """The speed model's constants refitted to the finished runs of ``spec.tracking``'s store and experiment."""
+    from zi_app.plan import calibrate
+    from zi_app.record import runs, store
+
+    uri = store.absolute_uri(spec.tracking.uri)
+    return calibrate.from_runs(spec, runs.measured_runs(uri, spec.tracking.experiment),
+                               f"experiment {spec.tracking.experiment!r} of {spec.tracking.uri}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse the command line, plan every point, print the table (or JSON); 2 for bad overrides."""
     parser = argparse.ArgumentParser(prog="zi-plan", description=__doc__.split("\n\n")[1],
@@ -118,11 +130,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cuda = torch.cuda.is_available()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         if args.calibrate:
-            from zi_app import calibrate
+            from zi_app.plan.calibrate import CalibrationError
 
             try:
-                fitted = calibrate.from_store(compose("config", overrides=grid[0]))
-            except (ConfigError, calibrate.CalibrationError) as error:
+                fitted = _calibrate(validate(compose("config", overrides=grid[0])))
+            except (ConfigError, LookupError, CalibrationError) as error:
                 print(f"error: cannot calibrate: {error}", file=sys.stderr)
                 return EXIT_INVALID_CONFIG
             print(fitted.describe(), file=sys.stderr)

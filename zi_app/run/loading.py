@@ -14,12 +14,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
 
-from zi_app.planner import DTYPE_BYTES, ModelFacts
-from zi_app.progress import Progress
+from zi_app.config.schema import JobSpec
+from zi_app.plan.facts import ModelFacts, auto_config
+from zi_app.plan.workload import DTYPE_BYTES
+from zi_app.run.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -27,66 +29,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 INIT_STD = 0.02  # the initializer_range of OPT, LLaMA and BLOOM
 
 
-def _auto_config(arch: Dict[str, Any]):
-    from omegaconf import OmegaConf
-    from transformers import AutoConfig
-
-    # dict() of a composed config keeps nested blocks (LLaMA's rope_parameters) as DictConfig, which
-    # transformers' config validation rejects: convert all the way down.
-    arch = OmegaConf.to_container(OmegaConf.create(dict(arch)))
-    return AutoConfig.for_model(arch.pop("model_type"), **arch)
-
-
-def model_facts(arch: Dict[str, Any]) -> ModelFacts:
-    """Decoder-layer classes (from ``_no_split_modules``), parameter sizes and the modules ZeRO-3 hooks,
-    read on the meta device; remembered per architecture (a sweep plans many jobs of one model)."""
-    from omegaconf import OmegaConf
-
-    key = json.dumps(OmegaConf.to_container(OmegaConf.create(dict(arch))), sort_keys=True)
-    if key not in _FACTS:
-        _FACTS[key] = _read_facts(arch)
-    return _FACTS[key]
-
-
-_FACTS: Dict[str, ModelFacts] = {}
-
-
-def _read_facts(arch: Dict[str, Any]) -> ModelFacts:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_auto_config(arch))
-    layer_names = set(type(model)._no_split_modules or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
-    leaf = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in layers})
-    inside = {id(sub) for layer in layers for sub in layer.modules() if sub is not layer}
-    modules = list(model.modules())
-    # DeepSpeed's post-init quantization replaces modules of exactly these types (not subclasses such as
-    # OPT's learned position embedding); a tied weight is named after its first module, as parameters() yields it.
-    weight_of: Dict[int, str] = {}
-    for name, module in model.named_modules():
-        if type(module) in (torch.nn.Linear, torch.nn.Embedding):
-            weight_of.setdefault(id(module.weight), name)
-    params = list(model.parameters())
-    return ModelFacts(leaf_classes=tuple(leaf), param_numels=tuple(p.numel() for p in params),
-                      modules=len(modules), modules_with_leaves=sum(id(m) not in inside for m in modules),
-                      weight_modules=tuple(weight_of.get(id(p), "") for p in params),
-                      constructed_numel=sum(p.numel() for m in modules for p in m.parameters(recurse=False)))
-
-
-def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
-    """The transformers config of a checkpoint (local directory or cached hub id) as a plain dict."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path)
-    arch = config.to_diff_dict()
-    arch["model_type"] = config.model_type
-    arch["hidden_size"] = config.hidden_size
-    arch.setdefault("max_position_embeddings", getattr(config, "max_position_embeddings", None))
-    return {k: v for k, v in arch.items() if v is not None and not k.startswith("_") and k != "transformers_version"}
-
-
-def _random_checkpoint_dir(arch: Dict[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
+def _random_checkpoint_dir(arch: Mapping[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
     # format 2: checkpoints written before it could hold empty or untied tensors; never reuse those.
     key = json.dumps({"arch": arch, "dtype": dtype, "seed": seed, "format": 2}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -94,7 +37,7 @@ def _random_checkpoint_dir(arch: Dict[str, Any], dtype: str, seed: int, cache_di
 
 
 @torch.no_grad()
-def materialize_random_checkpoint(arch: Dict[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
+def materialize_random_checkpoint(arch: Mapping[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
     """Write (once, cached) a checkpoint of seeded random weights and return its directory.
 
     Needed where weights must exist *before* ZeRO-3 sees them: init-time quantization quantizes each
@@ -108,7 +51,7 @@ def materialize_random_checkpoint(arch: Dict[str, Any], dtype: str, seed: int, c
         return target
     log.info("writing random %s weights to %s (once)", arch["model_type"], target)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(_auto_config(arch), dtype=TORCH_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(auto_config(arch), dtype=TORCH_DTYPES[dtype])
     model.to_empty(device="cpu")
     model.tie_weights()  # to_empty gives tied weights (embedding / LM head) separate storage again
     generator = torch.Generator().manual_seed(seed)
@@ -146,23 +89,23 @@ def zero3_construction(ds_config: Dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def weights_path(cfg) -> Optional[str]:
+def weights_path(spec: JobSpec) -> Optional[str]:
     """The checkpoint :func:`load_model` reads: ``model.path``, the seeded random checkpoint that
     init-time quantization needs (written now if not cached), or None for a random init.
 
     Call it before :func:`zero3_construction`: a model built while ZeRO-3 is armed is partitioned, and
     ``save_pretrained`` of it writes empty tensors.
     """
-    if cfg.model.weights == "random" and cfg.quant.mode == "init":
-        return str(materialize_random_checkpoint(dict(cfg.model.arch), cfg.model.dtype, cfg.seed, cfg.cache_dir))
-    return cfg.model.path
+    if spec.model.weights == "random" and spec.quant.mode == "init":
+        return str(materialize_random_checkpoint(spec.model.arch, spec.model.dtype, spec.seed, spec.cache_dir))
+    return spec.model.path
 
 
 @contextlib.contextmanager
-def loading_progress(cfg, facts: ModelFacts) -> Iterator[None]:
+def loading_progress(spec: JobSpec, facts: ModelFacts) -> Iterator[None]:
     """Around :func:`load_model` inside :func:`zero3_construction`: zero.Init's partitioning of each module
     as it is built, then the copy of each module's checkpoint weights, show as progress in bytes done/total
-    (:mod:`zi_app.progress`). ``facts`` are read before ZeRO-3 is armed: building the meta model under
+    (:mod:`zi_app.run.progress`). ``facts`` are read before ZeRO-3 is armed: building the meta model under
     zero.Init would run transformers' ZeRO-3 weight init on meta tensors.
 
     The one place that changes DeepSpeed for it: zero.Init's per-module step (``Init._post_init_method``,
@@ -172,7 +115,7 @@ def loading_progress(cfg, facts: ModelFacts) -> Iterator[None]:
     """
     from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
 
-    element_bytes = DTYPE_BYTES[cfg.model.dtype]
+    element_bytes = DTYPE_BYTES[spec.model.dtype]
     original, hooks, loading = Init._post_init_method, [], False
     work = Progress("partitioning under ZeRO-3", facts.constructed_numel * element_bytes, in_bytes=True)
 
@@ -203,7 +146,7 @@ def loading_progress(cfg, facts: ModelFacts) -> Iterator[None]:
         work.close(finished)
 
 
-def load_model(cfg, path: Optional[str]):
+def load_model(spec: JobSpec, path: Optional[str]):
     """Build the model: real weights via ``from_pretrained`` of ``path`` (from :func:`weights_path`),
     or a random init when it is None.
 
@@ -211,11 +154,10 @@ def load_model(cfg, path: Optional[str]):
     """
     from transformers import AutoModelForCausalLM
 
-    dtype = TORCH_DTYPES[cfg.model.dtype]
-    arch = dict(cfg.model.arch)
+    dtype = TORCH_DTYPES[spec.model.dtype]
     if path:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:
-        torch.manual_seed(cfg.seed)
-        model = AutoModelForCausalLM.from_config(_auto_config(arch), dtype=dtype)
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(auto_config(spec.model.arch), dtype=dtype)
     return model.eval()

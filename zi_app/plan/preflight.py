@@ -16,7 +16,8 @@ from typing import List
 
 from packaging.version import Version
 
-from zi_app.schema import ConfigError
+from zi_app.config.checks import ConfigError
+from zi_app.config.schema import JobSpec
 
 MIN_DEEPSPEED = Version("0.10.3")
 # memory.fetch=overlap (zi_app/fetch.py) subclasses DeepSpeed's parameter coordinator and reads its private
@@ -63,7 +64,7 @@ def _nvme_problems(offload) -> List[ConfigError]:
     return problems
 
 
-def environment_problems(cfg, cuda: bool) -> List[ConfigError]:
+def environment_problems(cfg: JobSpec, cuda: bool) -> List[ConfigError]:
     """What this machine lacks to run the validated ``cfg`` (``cuda``: whether a CUDA device is usable), one
     :class:`ConfigError` per problem naming the key; empty when it can run here."""
     check_deepspeed_version()
@@ -92,27 +93,41 @@ def environment_problems(cfg, cuda: bool) -> List[ConfigError]:
     return problems
 
 
-def check_environment(cfg, cuda: bool) -> None:
+def check_environment(cfg: JobSpec, cuda: bool) -> None:
     """Raise the first of :func:`environment_problems`: the machine cannot run ``cfg``."""
     problems = environment_problems(cfg, cuda)
     if problems:
         raise problems[0]
 
 
-def check_dtype_supported(cfg) -> None:
+def prefer_cpu_accelerator(cuda: bool) -> None:
+    """Without CUDA, name DeepSpeed's CPU accelerator before anything imports DeepSpeed (transformers does,
+    for real weights), or DeepSpeed probes and warns on stdout."""
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def accelerator(cuda: bool):
+    """DeepSpeed's accelerator for this machine (``cuda``: whether a CUDA device is usable): CUDA when
+    present, else its CPU accelerator. Imports DeepSpeed."""
+    prefer_cpu_accelerator(cuda)
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def check_dtype_supported(cfg: JobSpec, cuda: bool) -> None:
     """Refuse a dtype DeepSpeed's accelerator cannot compute in (fp16 on CPUs without fp16 kernels).
 
     Imports DeepSpeed, so it runs for real jobs only: a dry run may prepare a GPU config on any machine.
     """
-    from zi_app.engine import accelerator
-
-    accel = accelerator()
+    accel = accelerator(cuda)
     supported = {"float32": True, "float16": accel.is_fp16_supported(), "bfloat16": accel.is_bf16_supported()}
     if not supported[cfg.model.dtype]:
         allowed = " or ".join(dtype for dtype, ok in supported.items() if ok)
-        arch = cfg.model.arch
+        shape = cfg.model.shape
         # A decoder layer holds about 12 h^2 weights: a billion of them is a model for a GPU, not a CPU.
-        params = 12 * arch.get("hidden_size", 0) ** 2 * arch.get("num_hidden_layers", 0)
+        params = 12 * shape.hidden_size ** 2 * shape.layers
         meant_for_gpu = (f"; model={cfg.model.name} (about {params / 1e9:.0f}B parameters) is meant for a GPU, "
                          f"on this machine try model=tiny-opt" if accel.device_name() == "cpu" and params >= 1e9 else "")
         raise ConfigError("model.dtype", cfg.model.dtype,

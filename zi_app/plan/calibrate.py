@@ -1,8 +1,9 @@
 """Refit the speed model's constants (``hardware.*_efficiency``, ``*_overhead_s``) to finished runs.
 
-Reads every FINISHED job run of the configured MLflow experiment that measured a decode step on the GPU
-the plan is for (its ``device`` tag holds ``hardware.device_name``), re-plans its logged config to know
-its fetches and compute, and fits (docs/planner.md):
+Takes the finished job runs of an MLflow experiment (read by the recording stage,
+:func:`zi_app.record.runs.measured_runs`), keeps those that measured a decode step on the GPU the plan is for
+(their ``device`` tag holds ``hardware.device_name``), re-plans each one's logged config to know its fetches
+and compute, and fits (docs/planner.md):
 
 - pinned runs limited by the link: ``decode_step_s - compute = streamed / (h2d_gbps * stream_efficiency)
   + fetches * fetch_overhead_s + quantized matrices * dequant_overhead_s + step_overhead_s``, least squares
@@ -15,9 +16,14 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from zi_app.config.schema import JobSpec
+from zi_app.config.spec import validate
+from zi_app.plan import speed
+from zi_app.plan.facts import model_facts
+from zi_app.plan.hardware import Hardware, hardware as machine_hardware
+from zi_app.plan.workload import workload
 
 MIN_RUNS = 3
 
@@ -56,35 +62,30 @@ class _Run:
     quantized: int
 
 
-def _usable_runs(cfg: DictConfig, hardware) -> List[_Run]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
+@dataclass(frozen=True)
+class MeasuredRun:
+    """A finished job run as the store holds it: its logged ``config.yaml``, its metrics and its device tag."""
 
-    from zi_app import dsconfig, planner, tracking
-    from zi_app.model import model_facts
-    from zi_app.schema import validate
+    config: Dict[str, Any]
+    metrics: Dict[str, float]
+    device: str
 
-    uri = tracking.absolute_uri(cfg.tracking.uri)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    if experiment is None:
-        raise CalibrationError(f"no experiment {cfg.tracking.experiment!r} in {uri}")
+
+def _usable_runs(runs: Iterable[MeasuredRun], hardware: Hardware) -> List[_Run]:
     usable = []
-    for run in tracking.search_runs(client, [experiment.experiment_id], "attributes.status = 'FINISHED'"):
-        metrics = run.data.metrics
-        device = run.data.tags.get("device", "")
+    for run in runs:
+        metrics = run.metrics
         if "decode_step_s" not in metrics or "h2d_gbps" not in metrics or "streamed_bytes_per_step" not in metrics \
-                or hardware.device_name.lower() not in device.lower():
+                or hardware.device_name.lower() not in run.device.lower():
             continue
-        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
-        run_cfg = validate(OmegaConf.create(text))
-        if run_cfg.get("devices", 1) > 1 or run_cfg.quant.mode == "post":
+        spec = validate(run.config)
+        if spec.devices > 1 or spec.quant.mode == "post":
             # The fit's terms are one rank's, without post-init quantization's own per-matrix cost.
             continue
-        work, facts = dsconfig.workload(run_cfg), model_facts(dict(run_cfg.model.arch))
-        usable.append(_Run(work, facts, dict(metrics), planner.decode_compute_s(work, facts, hardware),
-                           planner.prefill_flops(work, facts), planner.fetches_per_forward(work, facts),
-                           planner.quantized_matrices(work, facts)))
+        work, facts = workload(spec), model_facts(spec.model.arch)
+        usable.append(_Run(work, facts, dict(metrics), speed.decode_compute_s(work, facts, hardware),
+                           speed.prefill_flops(work, facts), speed.fetches_per_forward(work, facts),
+                           speed.quantized_matrices(work, facts)))
     return usable
 
 
@@ -137,18 +138,15 @@ def fit(runs: List[_Run], hardware) -> Calibration:
     return Calibration(fitted, {key: counts[key] for key in fitted}, len(runs))
 
 
-def from_store(cfg: DictConfig, hardware: Optional[object] = None) -> Calibration:
-    """Fit the constants of ``cfg``'s hardware to the finished runs in ``cfg.tracking`` (its URI and experiment)."""
-    from zi_app import machine
-    from zi_app.schema import validate
-
-    cfg = validate(cfg)
-    hardware = hardware or machine.hardware(cfg)
+def from_runs(spec: JobSpec, runs: Iterable[MeasuredRun], where: str,
+              hardware: Optional[Hardware] = None) -> Calibration:
+    """Fit the constants of ``spec``'s hardware (or ``hardware``) to ``runs``, the finished runs of ``where``
+    (the store and experiment they were read from, for the error message)."""
+    hardware = hardware or machine_hardware(spec)
     if not hardware.has_gpu_rates or not hardware.device_name:
         raise CalibrationError(f"hardware={hardware.name} has no GPU figures here; name the machine the runs "
                                f"ran on, e.g. hardware=h200")
-    runs = _usable_runs(cfg, hardware)
-    if not runs:
-        raise CalibrationError(f"no finished run on a {hardware.device_name} with a measured decode step in "
-                               f"experiment {cfg.tracking.experiment!r} of {cfg.tracking.uri}")
-    return fit(runs, hardware)
+    usable = _usable_runs(runs, hardware)
+    if not usable:
+        raise CalibrationError(f"no finished run on a {hardware.device_name} with a measured decode step in {where}")
+    return fit(usable, hardware)

@@ -2,14 +2,17 @@
 host-to-device bandwidth, measured once per machine and cached.
 
 Nothing here creates a CUDA context in the calling process: the GPU is read through ``nvidia-smi`` and the
-bandwidth is measured in a child process (``python -m zi_app.machine CACHE_DIR``), so a sweep's parent can
+bandwidth is measured in a child process (``python -m zi_app.plan.hardware CACHE_DIR``), so a sweep's parent can
 plan its jobs without holding GPU memory while they run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import statistics
+import time
 import shutil
 import socket
 import subprocess
@@ -18,11 +21,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from omegaconf import OmegaConf
-
-from zi_app.planner import Hardware
+from zi_app.config.schema import JobSpec
 
 GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The figures of the machine a job is planned for (None: unknown) and the speed model's constants.
+
+    ``host_memory_bytes`` is what a job may use: the available memory when measured here, a preset's total.
+    """
+
+    name: str
+    device_name: Optional[str]
+    gpu_memory_bytes: Optional[int]
+    host_memory_bytes: Optional[int]
+    h2d_pinned_gbps: Optional[float]
+    h2d_pageable_gbps: Optional[float]
+    gpu_memory_gbps: Optional[float]
+    gpu_tflops: Optional[float]
+    stream_efficiency: float
+    pageable_efficiency: float
+    fetch_overhead_s: float
+    param_overhead_s: float
+    dequant_overhead_s: float
+    post_quant_overhead_s: float
+    step_overhead_s: float
+    compute_efficiency: float
+    memory_efficiency: float
+    gpu_count: Optional[int] = None  # GPUs a job may span; None: any number
+    gpu_peer_gbps: Optional[float] = None  # GPU-to-GPU GB/s per GPU, one direction
+
+    @property
+    def has_gpu_rates(self) -> bool:
+        """Whether the speed of a job can be predicted: the link's and the GPU's rates are known."""
+        return None not in (self.h2d_pinned_gbps, self.h2d_pageable_gbps, self.gpu_memory_gbps, self.gpu_tflops)
 
 
 @dataclass(frozen=True)
@@ -105,13 +139,29 @@ def _bandwidth_file(cache_dir: str, device_name: str) -> Path:
     return Path(cache_dir).expanduser() / name
 
 
+def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Median host-to-device copy bandwidth in GB/s (10^9 bytes/s) of a pinned or pageable buffer (creates a
+    CUDA context)."""
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=pinned)
+    seconds = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        device.copy_(host, non_blocking=pinned)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return nbytes / statistics.median(seconds) / 1e9
+
+
 def measure_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
     """Measure pinned and pageable host-to-device GB/s in this process (creates a CUDA context) and cache them."""
     import torch
 
-    from zi_app import measure
-
-    bandwidth = {"pinned": measure.h2d_gbps(pinned=True), "pageable": measure.h2d_gbps(pinned=False)}
+    bandwidth = {"pinned": h2d_gbps(pinned=True), "pageable": h2d_gbps(pinned=False)}
     path = _bandwidth_file(cache_dir, torch.cuda.get_device_name())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(bandwidth))
@@ -126,7 +176,7 @@ def cached_h2d_bandwidth(cache_dir: str) -> Optional[Dict[str, float]]:
         return None
     path = _bandwidth_file(cache_dir, device.name)
     if not path.is_file():
-        subprocess.run([sys.executable, "-m", "zi_app.machine", cache_dir], check=False)
+        subprocess.run([sys.executable, "-m", "zi_app.plan.hardware", cache_dir], check=False)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -134,7 +184,7 @@ def matching_preset(device: Gpu) -> Optional[dict]:
     """The conf/hardware preset that stands for ``device`` (its device name in the GPU's, memory within 10%)."""
     from omegaconf import OmegaConf
 
-    from zi_app.paths import conf_dir
+    from zi_app.config.paths import conf_dir
 
     for path in sorted((conf_dir() / "hardware").glob("*.yaml")):
         preset = OmegaConf.to_container(OmegaConf.load(path))
@@ -150,20 +200,20 @@ def same_gpu(preset, device: Gpu) -> bool:
     return preset.get("gpu_memory_gib") is None or abs(device.memory_bytes / GIB / preset["gpu_memory_gib"] - 1) < 0.1
 
 
-def hardware(cfg, cuda: bool = False) -> Hardware:
-    """The figures ``cfg.hardware`` plans for. A preset's are taken as given; ``hardware=auto`` fills each
+def hardware(spec: JobSpec, cuda: bool = False) -> Hardware:
+    """The figures ``spec.hardware`` plans for. A preset's are taken as given; ``hardware=auto`` fills each
     null figure from this machine: its GPU (nvidia-smi), available host memory (psutil), the cached
     bandwidth, the GPUs it may use (:func:`visible_gpus`), and the GPU's compute, memory and peer rates from
     the preset matching its name. Without a GPU the GPU figures stay None (any number of ranks: they run on
     the CPU) and no speed is predicted."""
-    hw = OmegaConf.to_container(cfg.hardware)
+    hw = dataclasses.asdict(spec.hardware)
     if hw["name"] == "auto":
         device = gpu() or (torch_gpu() if cuda else None)
         if hw["host_memory_gib"] is None:
             hw["host_memory_gib"] = available_host_bytes() / GIB
         if device is not None:
             preset = matching_preset(device) or {}
-            measured = (cached_h2d_bandwidth(cfg.cache_dir) or {}
+            measured = (cached_h2d_bandwidth(spec.cache_dir) or {}
                         if None in (hw["h2d_pinned_gbps"], hw["h2d_pageable_gbps"]) else {})
             found = {"device_name": device.name, "gpu_memory_gib": device.memory_bytes / GIB,
                      "h2d_pinned_gbps": measured.get("pinned"), "h2d_pageable_gbps": measured.get("pageable"),

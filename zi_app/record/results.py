@@ -1,7 +1,7 @@
 """A sweep's results read back from MLflow: one row per job, the best run, the job tables and the
 throughput plot, and where to browse them in the MLflow UI.
 
-Reading and formatting only: the runs are opened and closed by the app and :mod:`zi_app.callbacks`.
+Reading and formatting only: the runs are opened and closed by the app and the sweep callback (hydra_plugins/zero_inference/sweep_callback.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-from zi_app import tracking
-from zi_app.paths import command
-from zi_app.redaction import public_url
+from zi_app.record import runs, store
+from zi_app.config.paths import command
+from zi_app.record.redaction import public_url
 
 METRIC = "tokens_per_sec"
 PREDICTED = "predicted_tokens_per_sec"  # the planner's prediction of METRIC, logged before loading
@@ -60,9 +60,9 @@ class JobRow:
     def from_run(cls, run) -> "JobRow":
         tags = run.data.tags
         return cls(run_id=run.info.run_id, experiment_id=run.info.experiment_id,
-                   overrides=tags.get(tracking.OVERRIDES_TAG, ""), status=run.info.status,
-                   failure_kind=tags.get(tracking.FAILURE_KIND_TAG, ""),
-                   failure_message=tags.get(tracking.FAILURE_MESSAGE_TAG, ""), metrics=dict(run.data.metrics),
+                   overrides=tags.get(runs.OVERRIDES_TAG, ""), status=run.info.status,
+                   failure_kind=tags.get(runs.FAILURE_KIND_TAG, ""),
+                   failure_message=tags.get(runs.FAILURE_MESSAGE_TAG, ""), metrics=dict(run.data.metrics),
                    artifact_uri=run.info.artifact_uri, start_time=run.info.start_time or 0)
 
     @property
@@ -86,15 +86,15 @@ class JobRow:
 def child_rows(client, parent_run_id: str) -> List[JobRow]:
     """The jobs of the sweep whose parent run is ``parent_run_id``, in start order."""
     parent = client.get_run(parent_run_id)
-    runs = tracking.search_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return sorted((JobRow.from_run(run) for run in runs), key=lambda row: row.start_time)
+    children = store.search_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return sorted((JobRow.from_run(run) for run in children), key=lambda row: row.start_time)
 
 
 def experiment_rows(client, experiment_ids: Sequence[str]) -> List[JobRow]:
     """Every job run of the experiments (sweep parent runs left out), in start order."""
-    runs = [run for run in tracking.search_runs(client, list(experiment_ids), "")
-            if run.data.tags.get(tracking.ROLE_TAG) != "sweep"]
-    return sorted((JobRow.from_run(run) for run in runs), key=lambda row: row.start_time)
+    jobs = [run for run in store.search_runs(client, list(experiment_ids), "")
+            if run.data.tags.get(runs.ROLE_TAG) != "sweep"]
+    return sorted((JobRow.from_run(run) for run in jobs), key=lambda row: row.start_time)
 
 
 def rank(rows: Sequence[JobRow], metric: str = METRIC, minimize: bool = False,
@@ -264,9 +264,9 @@ def plot(rows: Sequence[JobRow], metric: str = METRIC):
 def ui_command(uri: str) -> Optional[str]:
     """The command that serves the MLflow UI on a local SQLite store (None for a tracking server), with
     this environment's ``mlflow`` so that it works pasted into any shell."""
-    if not uri.startswith(tracking.SQLITE_PREFIX):
+    if not uri.startswith(store.SQLITE_PREFIX):
         return None
-    return f"{command('mlflow', 'mlflow')} ui --backend-store-uri {tracking.absolute_uri(uri)} --host 127.0.0.1"
+    return f"{command('mlflow', 'mlflow')} ui --backend-store-uri {store.absolute_uri(uri)} --host 127.0.0.1"
 
 
 def ui_base(uri: str) -> str:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from transformers import StoppingCriteria
 
-from zi_app.progress import progress
+from zi_app.run.progress import progress
 
 
 def _synchronize() -> None:
@@ -157,19 +157,6 @@ def speed_metrics(total_s: float, prefill_s: float, decode_step_s: Optional[floa
 def median_metrics(runs: List[Dict[str, float]]) -> Dict[str, float]:
     """Per-metric median over repeated timed runs."""
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-
-
-def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
-    """Median host-to-device copy bandwidth in GB/s (10^9 bytes/s) for a pinned or pageable buffer."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=pinned)
-    seconds = []
-    for _ in range(repeats):
-        with stopwatch() as watch:
-            device.copy_(host, non_blocking=pinned)
-        seconds.append(watch.seconds)
-    return nbytes / statistics.median(seconds) / 1e9
 
 
 class _DecodeStepProfiler(StoppingCriteria):

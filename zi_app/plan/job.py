@@ -1,6 +1,6 @@
-"""Turn a composed config into a planned job, once: validated, architecture known, DeepSpeed config built,
-GPU residency, host memory and speed predicted for the hardware it is planned for, and what keeps it from
-running there listed.
+"""Turn a job spec into a planned job, once: the model's facts read, DeepSpeed config built, GPU residency,
+host memory and speed predicted for the hardware it is planned for, and what keeps it from running there
+listed.
 
 The :class:`JobPlan` is made once per job and passed down to whoever needs it (the run, the dry run, the
 planner CLI, the sweep); nothing downstream re-validates or re-plans. Imports transformers only when called
@@ -9,24 +9,29 @@ and never creates a CUDA context.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from omegaconf import DictConfig, open_dict
-
-from zi_app import dsconfig, machine, preflight
-from zi_app.planner import DTYPE_BYTES, Hardware, ModelFacts, Prediction, Residency, predicted_job_s
-from zi_app.schema import ConfigError, validate
+from zi_app.config.checks import ConfigError
+from zi_app.config.schema import JobSpec
+from zi_app.plan import dsconfig, hardware as machine, preflight
+from zi_app.plan.facts import ModelFacts, model_facts
+from zi_app.plan.hardware import Hardware
+from zi_app.plan.memory import Residency, offload_needed, plan_residency, predict
+from zi_app.plan.speed import Prediction, predict_job, predicted_job_s
+from zi_app.plan.workload import DTYPE_BYTES, Workload, budget_bytes, persistence_threshold, workload
 
 GIB = 2**30
 
 
 @dataclass(frozen=True)
 class JobPlan:
-    """One job's plan: the validated config, its DeepSpeed config, the predicted GPU residency against the
-    budget, and ``problems``: what keeps it from running on this machine (empty when it can)."""
+    """One job's plan: its spec, its DeepSpeed config, the predicted GPU residency against the budget, and
+    ``problems``: what keeps it from running on this machine (empty when it can)."""
 
-    cfg: DictConfig
+    spec: JobSpec
     ds_config: dict
     residency: Residency
     budget_bytes: Optional[int]
@@ -81,8 +86,8 @@ class JobPlan:
     @property
     def predicted_job_s(self) -> Optional[float]:
         """Predicted wall seconds of the whole job (process start to result); None without a speed prediction."""
-        weights = sum(self.facts.param_numels) * DTYPE_BYTES[self.cfg.model.dtype]
-        return predicted_job_s(self.prediction, weights, self.cfg.warmup, self.cfg.repeat, self.cfg.gen_len)
+        weights = sum(self.facts.param_numels) * DTYPE_BYTES[self.spec.model.dtype]
+        return predicted_job_s(self.prediction, weights, self.spec.warmup, self.spec.repeat, self.spec.gen_len)
 
     def predicted_metrics(self) -> Dict[str, float]:
         """The predictions as MLflow metrics (``predicted_*``, docs/metrics.md); unknown ones left out."""
@@ -97,124 +102,112 @@ class JobPlan:
         return {key: float(value) for key, value in metrics.items() if value is not None}
 
 
-def prepare(cfg: DictConfig) -> DictConfig:
-    """Validate the composed config; for real weights read the checkpoint's architecture first."""
-    cfg = validate(cfg)
-    if cfg.model.weights == "pretrained":
-        from zi_app.model import architecture_from_checkpoint
+def residency(spec: JobSpec, work: Workload, facts: ModelFacts, budget: Optional[int]) -> Residency:
+    """Persistence thresholds for ``spec``, the peak GPU memory they are predicted to give and, where the
+    ``budget`` is known, whether the job needs to offload weights at all."""
+    h = spec.model.shape.hidden_size
+    if spec.memory.persistence == "auto" and budget is not None:
+        planned = plan_residency(work, facts, budget, base_threshold=h)
+    else:
+        planned = predict(work, facts, persistence_threshold(spec.memory.persistence, h), sys.maxsize)
+    if budget is None:
+        return planned
+    return dataclasses.replace(planned, offload_needed=offload_needed(work, facts, budget))
 
-        arch = architecture_from_checkpoint(cfg.model.path)
-        with open_dict(cfg):
-            cfg.model.arch = arch
-            cfg.model.max_positions = cfg.model.max_positions or arch.get("max_position_embeddings")
-        cfg = validate(cfg)
-    return cfg
 
-
-def _over_budget(cfg: DictConfig, residency: Residency, budget: Optional[int]) -> Tuple[ConfigError, ...]:
+def _over_budget(spec: JobSpec, residency: Residency, budget: Optional[int]) -> Tuple[ConfigError, ...]:
     if budget is None or residency.predicted_peak_bytes <= budget:
         return ()
     return (ConfigError(
-        "batch", cfg.batch,
+        "batch", spec.batch,
         f"a batch that fits: predicted peak GPU memory {residency.predicted_peak_bytes / 2**30:.1f} GiB "
         f"(resident weights {residency.resident_bytes / 2**30:.1f} GiB + KV cache, activations, live parameters) "
         f"exceeds the budget of {budget / 2**30:.1f} GiB; lower batch or prompt_len + gen_len, "
         f"or raise memory.gpu_budget_gib"),)
 
 
-def _host_problems(cfg: DictConfig, hardware: Hardware, prediction: Prediction,
+def _host_problems(spec: JobSpec, hardware: Hardware, prediction: Prediction,
                    here: bool) -> Tuple[ConfigError, ...]:
     problems = []
     host = hardware.host_memory_bytes
     if host is not None and prediction.peak_host_bytes > host:
-        ways = [way for way, applies in (("offload=nvme", cfg.offload.device == "cpu"),
-                                         ("quant=int4", cfg.quant.mode == "none"),
-                                         ("pin=false", bool(cfg.pin) and cfg.offload.device == "cpu"),
-                                         ("a smaller batch", cfg.kvcache.cache_implementation == "offloaded"))
+        ways = [way for way, applies in (("offload=nvme", spec.offload.device == "cpu"),
+                                         ("quant=int4", spec.quant.mode == "none"),
+                                         ("pin=false", bool(spec.pin) and spec.offload.device == "cpu"),
+                                         ("a smaller batch", spec.kvcache.cache_implementation == "offloaded"))
                 if applies]
         problems.append(ConfigError(
-            "offload", cfg.offload.device,
+            "offload", spec.offload.device,
             f"a setting whose host memory fits: predicted peak host RSS {prediction.peak_host_bytes / GIB:.1f} GiB "
-            f"(offloaded weights{', pinned: rounded up to powers of two' if cfg.pin else ''}) exceeds the "
+            f"(offloaded weights{', pinned: rounded up to powers of two' if spec.pin else ''}) exceeds the "
             f"{host / GIB:.1f} GiB {'available on this machine' if hardware.name == 'auto' else 'of hardware=' + hardware.name}"
             f" (hardware.host_memory_gib); try {', '.join(ways) or 'a smaller model'}"))
-    if cfg.offload.device == "nvme" and here:
-        free = machine.free_disk_bytes(cfg.offload.nvme_path)
+    if spec.offload.device == "nvme" and here:
+        free = machine.free_disk_bytes(spec.offload.nvme_path)
         if free is not None and prediction.nvme_bytes > free:
             problems.append(ConfigError(
-                "offload.nvme_path", cfg.offload.nvme_path,
+                "offload.nvme_path", spec.offload.nvme_path,
                 f"a directory with room for the swapped weights: {prediction.nvme_bytes / GIB:.1f} GiB needed, "
                 f"{free / GIB:.1f} GiB free there; free space, choose another disk, or quant=int4"))
     return tuple(problems)
 
 
-def _device_problems(cfg: DictConfig, hardware: Hardware, found: Tuple[ConfigError, ...]) -> Tuple[ConfigError, ...]:
+def _device_problems(spec: JobSpec, hardware: Hardware, found: Tuple[ConfigError, ...]) -> Tuple[ConfigError, ...]:
     """``devices`` beyond the GPUs of the hardware planned for, unless the environment check (``found``)
     already refused them here."""
-    if hardware.gpu_count is None or cfg.devices <= hardware.gpu_count or any(p.key == "devices" for p in found):
+    if hardware.gpu_count is None or spec.devices <= hardware.gpu_count or any(p.key == "devices" for p in found):
         return ()
     where = "this machine has" if hardware.name == "auto" else f"hardware={hardware.name} has"
-    return (ConfigError("devices", cfg.devices,
+    return (ConfigError("devices", spec.devices,
                         f"at most {hardware.gpu_count}: {where} {hardware.gpu_count} GPU(s) (hardware.gpu_count), "
                         f"one rank per GPU"),)
 
 
-def plan_job(cfg: DictConfig, cuda: bool, here: bool = True) -> JobPlan:
-    """Plan ``cfg`` for the hardware it names (``hardware``; ``auto`` is this machine; ``cuda``: whether a
-    CUDA device is usable here).
+def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
+    """Plan the job ``spec`` for the hardware it names (``hardware``; ``auto`` is this machine; ``cuda``:
+    whether a CUDA device is usable here).
 
-    Raises :class:`ConfigError` for a config that is invalid as configuration; what the hardware lacks
+    What the hardware lacks
     (GPU memory for the predicted peak, host memory) goes into ``problems``, and so, with ``here`` (the job
     would run on this machine), what this machine lacks: CUDA, libaio, the NVMe directory or its free
     space, the GPU of a hardware preset. ``here=False`` plans for a preset's machine instead (zi-plan).
     """
-    from zi_app.engine import prefer_cpu_accelerator
-    from zi_app.model import model_facts
-
-    prefer_cpu_accelerator()
-    cfg = prepare(cfg)
-    facts = model_facts(dict(cfg.model.arch))
-    hardware = machine.hardware(cfg, cuda)
-    device_bytes = hardware.gpu_memory_bytes if (cuda or hardware.name != "auto") else None
-    residency = dsconfig.residency(cfg, facts, device_bytes)
-    budget = dsconfig.budget_bytes(cfg, device_bytes)
-    prediction = dsconfig.prediction(cfg, facts, residency, hardware)
-    mismatch = machine.hardware_problem(hardware, cuda) if here else None
-    environment = tuple(preflight.environment_problems(cfg, cuda)) if here else ()
-    problems = (*environment, *_device_problems(cfg, hardware, environment), *_over_budget(cfg, residency, budget),
-                *_host_problems(cfg, hardware, prediction, here),
-                *((ConfigError("hardware", hardware.name, mismatch),) if mismatch else ()))
-    ds_config = dsconfig.build_ds_config(cfg, facts, device_bytes, residency)
-    return JobPlan(cfg, ds_config, residency, budget, problems, hardware, prediction, facts)
+    preflight.prefer_cpu_accelerator(cuda)  # before anything imports DeepSpeed
+    facts = model_facts(spec.model.arch)
+    hw = machine.hardware(spec, cuda)
+    device_bytes = hw.gpu_memory_bytes if (cuda or hw.name != "auto") else None
+    work = workload(spec)
+    budget = budget_bytes(spec, device_bytes)
+    planned = residency(spec, work, facts, budget)
+    prediction = predict_job(work, facts, planned, hw)
+    mismatch = machine.hardware_problem(hw, cuda) if here else None
+    environment = tuple(preflight.environment_problems(spec, cuda)) if here else ()
+    problems = (*environment, *_device_problems(spec, hw, environment), *_over_budget(spec, planned, budget),
+                *_host_problems(spec, hw, prediction, here),
+                *((ConfigError("hardware", hw.name, mismatch),) if mismatch else ()))
+    ds_config = dsconfig.build_ds_config(spec, facts, planned)
+    return JobPlan(spec, ds_config, planned, budget, problems, hw, prediction, facts)
 
 
-def ready(cfg: DictConfig, cuda: bool) -> JobPlan:
+def ready(spec: JobSpec, cuda: bool) -> JobPlan:
     """The plan of a job about to run here: :func:`plan_job`, refused at its first problem, and the dtype
     checked with DeepSpeed's accelerator (which a dry run need not import) first: a GPU model on a CPU
     machine is told to use a small model, before what its size would need of this host."""
-    plan = plan_job(cfg, cuda)
-    preflight.check_dtype_supported(plan.cfg)
+    plan = plan_job(spec, cuda)
+    preflight.check_dtype_supported(plan.spec, cuda)
     plan.check_runnable()
     return plan
 
 
-def sweep_plan(config: DictConfig, gpus: Optional[int] = None) -> Tuple[Optional[ConfigError], Optional[float]]:
+def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None) -> Tuple[Optional[ConfigError], Optional[float]]:
     """What a sweep's parent knows of a job before starting it: (why it would be refused before loading,
-    its :attr:`JobPlan.predicted_job_s`). The refusal is its invalid config, ``devices`` beyond the ``gpus``
-    the sweep hands out (None: no GPUs to hand out, ranks run on the CPU), or the first problem of its plan,
-    made the way the job itself makes it; None when it would run, when it is a dry run (which only warns) or
-    when ``config`` is not a zero-inference job. Lets a sweep's parent refuse jobs without starting their
+    its :attr:`JobPlan.predicted_job_s`). The refusal is ``devices`` beyond the ``gpus`` the sweep hands out
+    (None: no GPUs to hand out, ranks run on the CPU), or the first problem of its plan, made the way the job
+    itself makes it; None when it would run. Lets a sweep's parent refuse jobs without starting their
     processes and plan the sweep's time (None where unknown)."""
-    if not all(key in config for key in ("model", "offload", "quant", "memory")) or config.get("dry_run"):
-        return None, None
-    import torch
-
-    try:
-        plan = plan_job(config, torch.cuda.is_available())
-    except ConfigError as error:
-        return error, None
-    if gpus is not None and plan.cfg.devices > gpus:
-        return ConfigError("devices", plan.cfg.devices,
+    plan = plan_job(spec, cuda)
+    if gpus is not None and spec.devices > gpus:
+        return ConfigError("devices", spec.devices,
                            f"at most {gpus}: this sweep has {gpus} GPU(s) (hydra.launcher.gpus, else "
                            f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank"), None
     return (plan.problems[0], None) if plan.problems else (None, plan.predicted_job_s)

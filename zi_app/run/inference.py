@@ -8,7 +8,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from zi_app import engine, machine, measure, model as model_lib
+from zi_app.config.schema import JobSpec
+from zi_app.plan import hardware as machine
+from zi_app.plan.facts import ModelFacts
+from zi_app.run import engine, loading, measure
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +31,17 @@ def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int, devi
     return torch.randint(4, vocab_size, (batch, prompt_len), generator=generator).to(device)
 
 
-def rank_prompts(cfg, vocab_size: int, device) -> torch.Tensor:
+def rank_prompts(spec: JobSpec, vocab_size: int, device) -> torch.Tensor:
     """This rank's ``batch`` prompts: its slice of the job's ``batch * devices`` seeded prompts, so that a job
     generates for the same prompts however many ranks share them (rank 0 of 1 takes them all)."""
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    prompts = random_prompts(cfg.batch * cfg.devices, cfg.prompt_len, vocab_size, cfg.seed, device)
-    return prompts[rank * cfg.batch:(rank + 1) * cfg.batch]
+    prompts = random_prompts(spec.batch * spec.devices, spec.prompt_len, vocab_size, spec.seed, device)
+    return prompts[rank * spec.batch:(rank + 1) * spec.batch]
 
 
-def generate_kwargs(cfg) -> Dict[str, Any]:
+def generate_kwargs(spec: JobSpec) -> Dict[str, Any]:
     """Extra ``generate`` arguments from the kvcache group."""
-    impl = cfg.kvcache.cache_implementation
+    impl = spec.kvcache.cache_implementation
     return {"cache_implementation": impl} if impl else {}
 
 
@@ -46,46 +49,45 @@ def _ignore(metrics: Dict[str, float]) -> None:
     return None
 
 
-def run_inference(cfg, ds_config: Dict[str, Any], on_progress: Callable[[str], None] = log.info,
+def run_inference(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, on_progress: Callable[[str], None] = log.info,
                   on_metrics: Callable[[Dict[str, float]], None] = _ignore) -> InferenceResult:
     """Build the model under ZeRO-3, run warm-up and timed ``generate`` calls, and return the measurements.
 
-    ``cfg`` and ``ds_config`` come from :func:`zi_app.jobplan.ready`. ``on_metrics`` receives every
+    ``spec``, ``ds_config`` and ``facts`` come from the job's plan (:func:`zi_app.plan.job.ready`). ``on_metrics`` receives every
     measurement once, as soon as it exists (load time after loading, peak memory even when generation
     fails), so a failed job keeps what it measured. Run one call per process: ZeRO-3's partitioning
     hook, the process group and the peak-memory counters are process-wide.
     """
-    engine.init_distributed(cfg.verbose)
-    engine.cap_gpu_memory(cfg.memory.gpu_budget_gib)
-    weights = model_lib.weights_path(cfg)  # a random checkpoint must be written before ZeRO-3 is armed
-    facts = model_lib.model_facts(dict(cfg.model.arch))  # likewise (a meta model built while armed fails)
+    engine.init_distributed(spec.verbose)
+    engine.cap_gpu_memory(spec.memory.gpu_budget_gib)
+    weights = loading.weights_path(spec)  # a random checkpoint must be written before ZeRO-3 is armed
     try:
-        with measure.peak_memory() as peaks, model_lib.zero3_construction(ds_config):
-            metrics, repeats, output = _load_and_generate(cfg, ds_config, weights, facts, on_progress, on_metrics)
+        with measure.peak_memory() as peaks, loading.zero3_construction(ds_config):
+            metrics, repeats, output = _load_and_generate(spec, ds_config, weights, facts, on_progress, on_metrics)
     finally:
         on_metrics(peaks.as_metrics())
     metrics.update(peaks.as_metrics())
-    return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, cfg.prompt_len:].tolist())
+    return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, spec.prompt_len:].tolist())
 
 
-def _load_and_generate(cfg, ds_config, weights, facts, on_progress, on_metrics):
-    on_progress(f"loading {cfg.model.name} ({cfg.model.weights} weights, {cfg.model.dtype}) under ZeRO-3, "
-                f"offload={cfg.offload.device}, quant={cfg.quant.mode}")
+def _load_and_generate(spec: JobSpec, ds_config, weights, facts, on_progress, on_metrics):
+    on_progress(f"loading {spec.model.name} ({spec.model.weights} weights, {spec.model.dtype}) under ZeRO-3, "
+                f"offload={spec.offload.device}, quant={spec.quant.mode}")
     with measure.stopwatch() as load:
-        with model_lib.loading_progress(cfg, facts):
-            model = model_lib.load_model(cfg, weights)
-        overlap = cfg.memory.max_inflight_fetches if cfg.memory.fetch == "overlap" else None
+        with loading.loading_progress(spec, facts):
+            model = loading.load_model(spec, weights)
+        overlap = spec.memory.max_inflight_fetches if spec.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
     on_progress(f"loaded in {load.seconds:.1f} s")
     on_metrics({"load_s": load.seconds})
-    prompts = rank_prompts(cfg, model.config.vocab_size, engine.device())
-    kwargs = generate_kwargs(cfg)
-    speed, repeats, output = timed_generates(cfg, model, prompts, on_progress)
+    prompts = rank_prompts(spec, model.config.vocab_size, engine.device())
+    kwargs = generate_kwargs(spec)
+    speed, repeats, output = timed_generates(spec, model, prompts, on_progress)
     if torch.cuda.is_available() and "decode_step_s" in speed:
-        speed.update(roofline(cfg, model, prompts, kwargs, speed["decode_step_s"]))
+        speed.update(roofline(spec, model, prompts, kwargs, speed["decode_step_s"]))
         on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
                     f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
-    if cfg.profile_step:
+    if spec.profile_step:
         speed.update(measure.decode_step_breakdown(model, prompts, **kwargs))
         on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
                                                          for k, v in speed.items() if k.startswith("profile_")))
@@ -93,29 +95,29 @@ def _load_and_generate(cfg, ds_config, weights, facts, on_progress, on_metrics):
     return {**speed, "load_s": load.seconds}, repeats, output
 
 
-def timed_generates(cfg, model, prompts: torch.Tensor, on_progress: Callable[[str], None] = log.info):
-    """``cfg.warmup`` untimed and ``cfg.repeat`` timed greedy generates of ``model`` (any causal LM, under
+def timed_generates(spec: JobSpec, model, prompts: torch.Tensor, on_progress: Callable[[str], None] = log.info):
+    """``spec.warmup`` untimed and ``spec.repeat`` timed greedy generates of ``model`` (any causal LM, under
     ZeRO-3 or not); returns the median speed metrics, each repeat's metrics and the last output ids."""
-    kwargs = generate_kwargs(cfg)
-    for i in range(cfg.warmup):
+    kwargs = generate_kwargs(spec)
+    for i in range(spec.warmup):
         # Two tokens run the prefill and a decode step: every kernel, allocation and ZeRO-3's fetch
         # trace is warm, at a fraction of a full generate's cost when each step streams the model.
-        on_progress(f"warm-up {i + 1}/{cfg.warmup}")
-        measure.timed_generate(model, prompts, min(2, cfg.gen_len), label=f"warm-up {i + 1}/{cfg.warmup}", **kwargs)
+        on_progress(f"warm-up {i + 1}/{spec.warmup}")
+        measure.timed_generate(model, prompts, min(2, spec.gen_len), label=f"warm-up {i + 1}/{spec.warmup}", **kwargs)
     repeats = []
-    for i in range(cfg.repeat):
-        output, timing = measure.timed_generate(model, prompts, cfg.gen_len, label=f"repeat {i + 1}/{cfg.repeat}",
+    for i in range(spec.repeat):
+        output, timing = measure.timed_generate(model, prompts, spec.gen_len, label=f"repeat {i + 1}/{spec.repeat}",
                                                 **kwargs)
-        repeats.append(measure.throughput_metrics(timing, cfg.batch, cfg.prompt_len, cfg.gen_len))
-        on_progress(f"timed {i + 1}/{cfg.repeat}: {repeats[-1]['tokens_per_sec']:.2f} tokens/s, "
+        repeats.append(measure.throughput_metrics(timing, spec.batch, spec.prompt_len, spec.gen_len))
+        on_progress(f"timed {i + 1}/{spec.repeat}: {repeats[-1]['tokens_per_sec']:.2f} tokens/s, "
                     f"{timing.total_s:.2f} s")
     return measure.median_metrics(repeats), repeats, output
 
 
-def roofline(cfg, model, prompts, kwargs, decode_step_s: float) -> Dict[str, float]:
+def roofline(spec: JobSpec, model, prompts, kwargs, decode_step_s: float) -> Dict[str, float]:
     """Roofline figures of this job on CUDA: bandwidth, bytes streamed per decode step, bound and ratio."""
-    bandwidth = machine.cached_h2d_bandwidth(cfg.cache_dir) or machine.measure_h2d_bandwidth(cfg.cache_dir)
+    bandwidth = machine.cached_h2d_bandwidth(spec.cache_dir) or machine.measure_h2d_bandwidth(spec.cache_dir)
     streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs)
-    metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if cfg.pin else "pageable"])
+    metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if spec.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
     return metrics

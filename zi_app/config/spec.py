@@ -1,0 +1,127 @@
+"""Validation: a composed config becomes one frozen :class:`~zi_app.config.schema.JobSpec`, made once per job.
+
+The schema's keys are merged over its defaults (type-checked by OmegaConf), the dtype gets its long name,
+real weights' architecture is read from their checkpoint, every key is checked
+(:mod:`zi_app.config.checks`), and the model's sizes are read once (``spec.model.shape``). Every stage
+below takes the spec; none merges defaults again or reads sizes from the raw architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from zi_app.config.checks import DTYPE_ALIASES, ConfigError, check
+from zi_app.config.schema import (AioSpec, HardwareSpec, JobSpec, KVCacheSpec, MemorySpec, ModelShape, ModelSpec,
+                                  OffloadSpec, QuantSpec, TrackingSpec, ZIConfig, freeze, schema_keys)
+
+
+def default_cache_dir() -> str:
+    """``$ZI_CACHE_DIR``, else ``~/.cache/hydra-zero-inference``: the default conf/config.yaml sets too."""
+    return os.environ.get("ZI_CACHE_DIR") or str(Path.home() / ".cache" / "hydra-zero-inference")
+
+
+def _own_keys(cfg: Any) -> Dict[str, Any]:
+    """The schema's keys of ``cfg``, values resolved where they stand: a client app's own keys (its
+    ``trainer``, ``data``, ...) beside ours are left out, and interpolations into them still resolve."""
+    if not isinstance(cfg, DictConfig):
+        return {k: v for k, v in (cfg or {}).items() if k in schema_keys()}
+    own = {}
+    for key in schema_keys():
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            continue
+        value = cfg[key]
+        own[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return own
+
+
+def _config_error(error: OmegaConfBaseException, own: Any) -> ConfigError:
+    """Our message for what OmegaConf refuses while merging ``own`` over the schema: an unknown key or a
+    value of the wrong type."""
+    key = error.full_key or str(error.key)
+    value = error.value if error.value is not None else OmegaConf.select(OmegaConf.create(own), key)
+    if isinstance(error, ConfigKeyError):
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.select(OmegaConf.structured(ZIConfig), parent) if parent else OmegaConf.structured(ZIConfig)
+        known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
+        return ConfigError(key, value, f"a key of {parent or 'the zero-inference schema'}: {known}")
+    return ConfigError(key, value, str(error.msg).splitlines()[0])
+
+
+def _merged(cfg: Any) -> DictConfig:
+    """The schema's keys of ``cfg`` (a DictConfig or dict, possibly partial) merged over the schema's
+    defaults, type-checked, ``model.dtype`` by its long name; other top-level keys are the caller's."""
+    base = OmegaConf.structured(ZIConfig)
+    base.cache_dir = default_cache_dir()
+    own: Any = {}
+    try:
+        own = _own_keys(cfg)  # resolving our keys may fail too (an interpolation to a missing key)
+        merged = OmegaConf.merge(base, own)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, own) from None
+    merged.model.dtype = DTYPE_ALIASES.get(merged.model.dtype, merged.model.dtype)
+    return merged
+
+
+def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
+    """The transformers config of a checkpoint (local directory or cached hub id) as a plain dict."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    arch = config.to_diff_dict()
+    arch["model_type"] = config.model_type
+    arch["hidden_size"] = config.hidden_size
+    arch.setdefault("max_position_embeddings", getattr(config, "max_position_embeddings", None))
+    return {k: v for k, v in arch.items() if v is not None and not k.startswith("_") and k != "transformers_version"}
+
+
+def model_shape(arch: Any) -> ModelShape:
+    """The sizes of a checked architecture (a transformers config dict), under each family's key names."""
+    hidden = next(int(arch[key]) for key in ("hidden_size", "n_embed", "d_model", "n_embd") if arch.get(key))
+    heads = int(arch.get("num_attention_heads") or arch.get("n_head") or 1)
+    positions = arch.get("max_position_embeddings") or arch.get("n_positions")
+    return ModelShape(hidden_size=hidden, layers=int(arch.get("num_hidden_layers") or arch.get("n_layer") or 0),
+                      heads=heads, kv_heads=int(arch.get("num_key_value_heads") or heads),
+                      ffn_dim=int(arch.get("ffn_dim") or arch.get("intermediate_size") or 4 * hidden),
+                      vocab_size=int(arch.get("vocab_size", 0)),
+                      embed_dim=int(arch.get("word_embed_proj_dim") or hidden),
+                      max_positions=int(positions) if positions else None,
+                      tied_embeddings=bool(arch.get("tie_word_embeddings", True)))
+
+
+_SPECS = {"model": ModelSpec, "offload": OffloadSpec, "quant": QuantSpec, "kvcache": KVCacheSpec,
+          "memory": MemorySpec, "hardware": HardwareSpec, "tracking": TrackingSpec}
+
+
+def _freeze(checked: DictConfig) -> JobSpec:
+    tree = OmegaConf.to_container(checked, resolve=True)
+    groups = {name: spec_class(**freeze(tree.pop(name))) for name, spec_class in _SPECS.items()}
+    if groups["offload"].aio is not None:
+        groups["offload"] = dataclasses.replace(groups["offload"], aio=AioSpec(**groups["offload"].aio))
+    groups["model"] = dataclasses.replace(groups["model"], shape=model_shape(groups["model"].arch))
+    return JobSpec(**groups, **tree)
+
+
+def validate(cfg: Any) -> JobSpec:
+    """The job spec of ``cfg``, or :class:`ConfigError` for its first bad key.
+
+    ``cfg`` is the node holding the zero-inference groups (a composed DictConfig, e.g. ``cfg`` or a client
+    app's ``cfg.zi``, or a dict); keys it lacks take the schema's defaults, keys not the schema's are left
+    alone. Real weights' architecture is read from ``model.path`` (imports transformers).
+    """
+    if isinstance(cfg, JobSpec):
+        return cfg
+    merged = _merged(cfg)
+    if merged.model.weights == "pretrained" and merged.model.path:
+        check(merged)  # the path is checked before anything reads it
+        arch = architecture_from_checkpoint(merged.model.path)
+        with open_dict(merged):
+            merged.model.arch = arch
+            merged.model.max_positions = merged.model.max_positions or arch.get("max_position_embeddings")
+    check(merged)
+    return _freeze(merged)

@@ -1,0 +1,224 @@
+"""Predicted memory of a job: what ZeRO-3 keeps resident on the GPU and the peak it reaches there, and the
+host memory the job holds. Pure arithmetic on the workload and the model's facts.
+
+GPU memory: what lives on the GPU at the peak of the job: resident (persistent) weights + KV cache +
+prefill activations + gathered (live) parameters + a fixed allowance for CUDA/cuBLAS workspaces.
+Host memory: the process's base + every offloaded weight (pinned buffers rounded up to powers of two).
+A job of several ranks (``devices``) holds the resident weights on every rank and partitions the offloaded
+ones. docs/planner.md derives each term and its constants from measured runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Tuple
+
+from zi_app.config.schema import ModelShape
+from zi_app.plan.facts import ModelFacts
+from zi_app.plan.workload import DTYPE_BYTES, Workload
+
+# cuBLAS/attention workspaces and transients beside the modelled terms (fitted: OPT-13B and OPT-30B peaks on
+# the H200, docs/planner.md).
+WORKSPACE_BYTES = int(0.3 * 2**30)
+# Residency is planned so that the predicted allocated peak stays within this share of the budget: the
+# caching allocator's fragmentation under ZeRO-3's gather/free churn takes the rest (measured: 20.8 GiB
+# allocated for 24.0 reserved under a 24 GiB budget, 43.2 for 48.0 under 48 GiB; an OPT-13B job planned
+# to the full 24 GiB hit OOM with 19.9 GiB allocated and 4 GiB reserved but unused).
+PLAN_FRACTION = 0.87
+# Host RSS of a job process beyond its weights: Python, torch, CUDA, DeepSpeed (OPT-13B, pageable, H200:
+# 25.91 GiB peak for 23.94 GiB of fp16 weights).
+HOST_BASE_BYTES = int(1.97 * 2**30)
+
+
+@dataclass(frozen=True)
+class Residency:
+    """ZeRO-3 persistence settings and the GPU peak they are predicted to give."""
+
+    param_threshold: int
+    model_threshold: int
+    resident_bytes: int
+    predicted_peak_bytes: int
+    offload_needed: Optional[bool] = None  # see offload_needed(); None where the GPU budget is unknown
+
+
+def persisted(numels: Sequence[int], param_threshold: int, model_threshold: int) -> Tuple[bool, ...]:
+    """Which parameters ZeRO-3 keeps resident: DeepSpeed persists, in construction order, each parameter of
+    at most ``param_threshold`` elements while the running total stays within ``model_threshold``."""
+    total, kept = 0, []
+    for numel in numels:
+        keep = numel <= param_threshold and total + numel <= model_threshold
+        total += numel if keep else 0
+        kept.append(keep)
+    return tuple(kept)
+
+
+def persisted_elements(numels: Sequence[int], param_threshold: int, model_threshold: int) -> int:
+    """Elements of the parameters :func:`persisted` keeps resident."""
+    return sum(numel for numel, keep in zip(numels, persisted(numels, param_threshold, model_threshold)) if keep)
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:
+    """Keys and values of every layer for ``batch`` sequences of ``seq_len`` tokens."""
+    return 2 * shape.layers * batch * seq_len * shape.kv_dim * dtype_bytes
+
+
+def activation_bytes(shape: ModelShape, batch: int, prompt_len: int, dtype_bytes: int) -> int:
+    """Peak transient activations of the prefill, inside one layer's MLP: the residual and normalised hidden
+    states and the MLP's intermediate before and after its activation function, for every prompt token."""
+    return batch * prompt_len * (2 * shape.hidden_size + 2 * shape.ffn_dim) * dtype_bytes
+
+
+def post_quantized(work: Workload, facts: ModelFacts) -> Tuple[bool, ...]:
+    """Which parameters post-init quantization replaces: the weight of each Linear or Embedding module whose
+    name contains one of its keys (DeepSpeed's own matching)."""
+    names = facts.weight_modules or ("",) * len(facts.param_numels)
+    return tuple(bool(name) and any(key in name for key in work.post_quant_modules) for name in names)
+
+
+def stored_bytes(work: Workload, facts: ModelFacts) -> Tuple[int, ...]:
+    """Each parameter's bytes between steps: the quantized width for every weight under init-time
+    quantization and for the replaced ones after post-init quantization, the dtype's for the rest."""
+    if not work.post_quant_modules:
+        return tuple(int(numel * work.weight_bytes) for numel in facts.param_numels)
+    nbytes = DTYPE_BYTES[work.dtype]
+    return tuple(int(numel * (work.weight_bytes if replaced else nbytes))
+                 for numel, replaced in zip(facts.param_numels, post_quantized(work, facts)))
+
+
+def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_threshold: int) -> Residency:
+    """Predicted peak GPU bytes allocated by one job with these persistence thresholds.
+
+    The peak is the larger of the prefill's (KV cache of the prompt + a layer's activations for every
+    prompt token) and the last decode step's (KV cache of the whole sequence), each with the resident
+    weights, the gathered (live) parameters of a layer when any weight is streamed, and a fixed workspace.
+    An offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
+    prefetched) and one in the prefill (the one computing: nothing is prefetched yet). Post-init quantization replaces its weights by new parameters ZeRO-3
+    never persists: they are streamed at their quantized width and dequantized one matrix at a time.
+    """
+    nbytes = DTYPE_BYTES[work.dtype]
+    sizes = stored_bytes(work, facts)
+    if work.offload == "none":  # nothing is offloaded: every weight stays where it is, on the GPU
+        resident = sum(sizes)
+    else:
+        kept = persisted(facts.param_numels, param_threshold, model_threshold)
+        resident = sum(size for size, keep, replaced in zip(sizes, kept, post_quantized(work, facts))
+                       if keep and not replaced)
+    # The embedding is gathered only outside the decoder layers, where activations are small.
+    layer_params = sorted(facts.param_numels)[-2] if len(facts.param_numels) > 1 else max(facts.param_numels)
+    live = 0
+    if resident < sum(sizes):
+        gathered = max(work.live_elements, layer_params)
+        live = (int(gathered * work.weight_bytes) + layer_params * nbytes if work.post_quant_modules
+                else gathered * nbytes)
+
+    def kv(tokens: int, half_layers_held: int) -> int:
+        full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
+        return min(full, half_layers_held * full // max(1, 2 * work.shape.layers)) if work.kv_offloaded else full
+
+    prefill = kv(work.prompt_len, 2) + activation_bytes(work.shape, work.batch, work.prompt_len, nbytes)
+    decode = kv(work.prompt_len + work.gen_len, 4)
+    peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
+    return Residency(param_threshold, model_threshold, resident, peak)
+
+
+def fits(residency: Residency, budget_bytes: int) -> bool:
+    """Whether a residency's predicted peak fits the share of the budget residency is planned against."""
+    return residency.predicted_peak_bytes <= budget_bytes * PLAN_FRACTION
+
+
+def offload_needed(work: Workload, facts: ModelFacts, budget_bytes: int) -> bool:
+    """False when every weight plus the workload fits the budget with ``offload=none``: offloading would
+    only cost time (each step copies weights the GPU could hold). Post-init quantization loads the weights
+    at their dtype's width first, so that is what must fit."""
+    if work.post_quant_modules:
+        work = replace(work, post_quant_modules=(), weight_bytes=float(DTYPE_BYTES[work.dtype]))
+    return not fits(predict(work, facts, max(facts.param_numels), sys.maxsize), budget_bytes)
+
+
+def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_threshold: int) -> Residency:
+    """Keep as many weight bytes resident as the budget leaves room for after the workload's needs.
+
+    When every weight fits, every parameter persists: nothing is fetched and, with ``memory.fetch=overlap``,
+    ZeRO-3's per-module hooks are removed (zi_app/fetch.py).
+    Parameters up to ``base_threshold`` elements (biases, norms) always stay, as in the reference;
+    beyond them every parameter smaller than the largest one (the embedding, which is streamed) may
+    persist, in construction order, up to what the budget has left once KV cache, activations and
+    live parameters fit.
+    """
+    base = predict(work, facts, base_threshold, sys.maxsize)
+    if work.post_quant_modules:
+        # Post-init quantization replaces the large weights after ZeRO-3 chose what persists, by parameters it
+        # never keeps resident: persisting more would only hold their fp16 originals on the GPU while loading.
+        return base
+    everything = predict(work, facts, max(facts.param_numels), sys.maxsize)
+    if fits(everything, budget_bytes):
+        return everything
+    param_threshold = max(base_threshold, sorted(facts.param_numels)[-2] if len(facts.param_numels) > 1 else 0)
+    base_elements = persisted_elements(facts.param_numels, base_threshold, sys.maxsize)
+    spare = max(0, int(budget_bytes * PLAN_FRACTION) - base.predicted_peak_bytes)
+    return predict(work, facts, param_threshold, base_elements + int(spare / work.weight_bytes))
+
+
+def weight_total_bytes(work: Workload, facts: ModelFacts) -> int:
+    """Bytes of every weight as stored (quantized width where quantized)."""
+    return sum(stored_bytes(work, facts))
+
+
+def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Residency) -> int:
+    """Bytes copied host->device in one decode step: every non-resident weight once (twice for a tied
+    embedding the reference settings release between its two uses), plus an offloaded KV cache."""
+    streamed = 0
+    if work.offload != "none":
+        sizes = stored_bytes(work, facts)
+        streamed = sum(sizes) - residency.resident_bytes
+        if work.refetch_tied:
+            streamed += sizes[facts.param_numels.index(max(facts.param_numels))]
+    return streamed + offloaded_kv_bytes(work)
+
+
+def offloaded_kv_bytes(work: Workload) -> int:
+    """Bytes of an offloaded KV cache a decode step brings back to the GPU (its mean length); 0 on the GPU."""
+    if not work.kv_offloaded:
+        return 0
+    return kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len // 2, DTYPE_BYTES[work.dtype])
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host bytes a pinned allocation of ``nbytes`` takes: the CUDA host allocator rounds up to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(nbytes))) if nbytes > 0 else 0
+
+
+def host_bytes(work: Workload, facts: ModelFacts) -> int:
+    """Predicted peak host RSS of the whole job: per rank the process's base, NVMe staging buffers and an
+    offloaded KV cache; the offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each
+    pins its own partition, rounded up alone); and a checkpoint read from files. Post-init quantization
+    offloads the weights at their dtype's width while loading and their quantized replacements after; the
+    host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned)."""
+    nbytes = DTYPE_BYTES[work.dtype]
+    total = HOST_BASE_BYTES * work.ranks
+    if work.offload == "cpu":
+        width = nbytes if work.post_quant_modules else work.weight_bytes
+        sizes = [int(math.ceil(math.ceil(numel / work.ranks) * width)) for numel in facts.param_numels]
+        sizes += [math.ceil(size / work.ranks)
+                  for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
+        total += work.ranks * sum(pinned_bytes(size) if work.pin else size for size in sizes)
+    elif work.offload == "nvme":
+        size = work.nvme_buffer_elements * nbytes
+        total += work.ranks * (pinned_bytes(size) if work.pin else size)
+    if work.kv_offloaded:
+        total += work.ranks * offloaded_kv_host_bytes(work)
+    if work.reads_checkpoint:
+        total += sum(facts.param_numels) * nbytes
+    return total
+
+
+def offloaded_kv_host_bytes(work: Workload) -> int:
+    """Host memory an offloaded KV cache holds: each layer's keys and values go to pinned memory after every
+    update, in blocks the CUDA host allocator rounds up to powers of two and caches by size, so every size
+    class the sequence passes through stays allocated (OPT-6.7B batch 64, 512 + 8 tokens: 256 MiB blocks
+    from the prefill and 512 MiB ones from the decode, 48 GiB for a 17 GB cache)."""
+    per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, work.shape.layers))
+    classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}
+    return 2 * work.shape.layers * sum(classes)

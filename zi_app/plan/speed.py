@@ -1,0 +1,158 @@
+"""Predicted speed of a job: a decode step streams the non-resident weights over the host link, pays a host
+cost per ZeRO-3 fetch and dequantized matrix, and computes at the GPU's rates; the prefill likewise. A job
+of several ranks streams each rank's share over its own link and all-gathers the rest from its peers.
+Pure arithmetic; docs/planner.md derives each term and its constants from measured runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from zi_app.plan.facts import ModelFacts
+from zi_app.plan.hardware import Hardware
+from zi_app.plan.memory import (Residency, host_bytes, kv_cache_bytes, offloaded_kv_bytes, post_quantized,
+                                streamed_bytes_per_step, weight_total_bytes)
+from zi_app.plan.workload import DTYPE_BYTES, Workload
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a job is predicted to need and to do; the times are None when the hardware's rates are unknown."""
+
+    peak_gpu_bytes: int
+    peak_host_bytes: int
+    streamed_bytes_per_step: int
+    nvme_bytes: int
+    decode_step_s: Optional[float]
+    prefill_s: Optional[float]
+    tokens_per_sec: Optional[float]
+    peer_bytes_per_step: int = 0  # bytes each rank all-gathers from its peers per decode step (devices > 1)
+
+
+def quantized_matrices(work: Workload, facts: ModelFacts) -> int:
+    """Weight matrices dequantized in every forward under init-time quantization (each one larger than a bias
+    or norm); post-init quantization's replaced matrices cost ``post_quant_overhead_s`` instead."""
+    if work.weight_bytes >= DTYPE_BYTES[work.dtype] or work.post_quant_modules:
+        return 0
+    return sum(numel > work.shape.hidden_size for numel in facts.param_numels)
+
+
+def _flops_per_token(work: Workload, facts: ModelFacts, context: int) -> float:
+    """Forward FLOPs of one token: two per weight, plus attention over ``context`` earlier tokens."""
+    return 2.0 * sum(facts.param_numels) + 4.0 * work.shape.layers * context * work.shape.hidden_size
+
+
+def streamed_weights(work: Workload, facts: ModelFacts, streamed: int) -> int:
+    """The weight bytes among ``streamed`` (an offloaded KV cache's left out)."""
+    return streamed - offloaded_kv_bytes(work)
+
+
+def fetches_per_forward(work: Workload, facts: ModelFacts) -> int:
+    """ZeRO-3 fetches (hooked module forwards) per forward pass: one per decoder layer with leaf modules."""
+    return facts.modules_with_leaves if work.leaf_modules else facts.modules
+
+
+def decode_compute_s(work: Workload, facts: ModelFacts, hw: Hardware) -> float:
+    """GPU seconds of one decode step: every weight and the KV cache read from GPU memory, and two FLOPs
+    per weight and token plus attention, at the GPU's effective rates."""
+    context = work.prompt_len + work.gen_len // 2
+    kv = kv_cache_bytes(work.shape, work.batch, context, DTYPE_BYTES[work.dtype])
+    memory = hw.gpu_memory_gbps * 1e9 * hw.memory_efficiency
+    flops = hw.gpu_tflops * 1e12 * hw.compute_efficiency
+    return (weight_total_bytes(work, facts) + kv) / memory + work.batch * _flops_per_token(work, facts, context) / flops
+
+
+def prefill_flops(work: Workload, facts: ModelFacts) -> float:
+    """FLOPs of the prefill: every prompt token through every weight, and causal attention."""
+    return work.batch * work.prompt_len * _flops_per_token(work, facts, work.prompt_len // 2)
+
+
+def rank_traffic(work: Workload, facts: ModelFacts, streamed: int) -> Tuple[int, int]:
+    """(bytes over a rank's own host link, bytes it all-gathers from its peers) per decode step, of the job's
+    ``streamed`` bytes: ZeRO-3 partitions each offloaded weight across the ranks, so each rank copies its
+    1/ranks share from host memory and receives the rest from the other ranks; an offloaded KV cache is each
+    rank's own (its batch) and crosses its own link whole."""
+    weights = streamed_weights(work, facts, streamed)
+    own = math.ceil(weights / work.ranks)
+    return streamed - weights + own, weights - own
+
+
+def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware,
+                  peer_bytes: int = 0) -> Tuple[float, float]:
+    """(prefill seconds, decode step seconds) of one rank of ``work`` on ``hw`` (which must have its rates,
+    and ``gpu_peer_gbps`` when ``peer_bytes``).
+
+    A decode step streams ``streamed`` bytes at the link's effective rate (an offloaded KV cache both ways)
+    while the all-gather receives ``peer_bytes`` from the other ranks at ``gpu_peer_gbps`` (the slower of the
+    two counts), pays ``fetch_overhead_s`` per ZeRO-3 fetch, ``dequant_overhead_s`` per quantized matrix
+    (``post_quant_overhead_s`` per matrix post-init quantization replaced) and
+    ``step_overhead_s`` once, and computes at the GPU's rates (:func:`decode_compute_s`). The prefill streams
+    the same weights while it computes ``batch x prompt_len`` tokens; the larger of the two costs it.
+    """
+    pinned_gbps = hw.h2d_pinned_gbps * hw.stream_efficiency * 1e9
+    pinned = work.pin or work.offload == "none"
+    gbps = pinned_gbps if pinned else hw.h2d_pageable_gbps * hw.pageable_efficiency * 1e9
+    weights = streamed_weights(work, facts, streamed)
+    # An offloaded KV cache leaves each layer for (pinned) host memory after its update and comes back before
+    # the next step; the two copies serialise with each other but overlap ZeRO-3's weight copies on their own
+    # stream (measured: OPT-6.7B batch 64 fully resident, 17.2 GB of cache, 0.84 s a step).
+    kv = offloaded_kv_bytes(work)
+    copies_s = max(weights / gbps + kv / pinned_gbps, 2 * kv / pinned_gbps)
+    # The host walks ZeRO-3's hooks of every parameter while copies run: with little to stream, that walk
+    # is the floor of a step (OPT-13B fully resident: 0.108 s where 0.01 s of copies remain).
+    hooks = not (work.overlap_fetch and weights == 0)
+    peer_s = peer_bytes / (hw.gpu_peer_gbps * 1e9) if peer_bytes else 0.0
+    stream_s = max(copies_s, peer_s, len(facts.param_numels) * hw.param_overhead_s * hooks)
+    host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s * hooks
+              + quantized_matrices(work, facts) * hw.dequant_overhead_s
+              + sum(post_quantized(work, facts)) * hw.post_quant_overhead_s)
+    # The overlapping fetch path issues the next fetch's copies before the current module runs, so the host's
+    # per-fetch and dequantization work hides behind the copies instead of adding to them.
+    fetch_s = max(stream_s, host_s) if work.overlap_fetch else stream_s + host_s
+    decode_s = fetch_s + decode_compute_s(work, facts, hw) + hw.step_overhead_s
+    compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
+    prefill_s = max(fetch_s, compute_s) + hw.step_overhead_s
+    return prefill_s, decode_s
+
+
+def tokens_per_sec(batch: int, gen_len: int, prefill_s: float, decode_step_s: float) -> float:
+    """The ``tokens_per_sec`` metric's definition: generated tokens over prefill plus every decode step."""
+    return batch * gen_len / (prefill_s + (gen_len - 1) * decode_step_s)
+
+
+def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Hardware) -> Prediction:
+    """Everything predicted of one job: memory from ``residency`` (GPU peak and streamed bytes per rank, host
+    memory of the whole job), speed when ``hw`` has its rates (and its peer rate, for more than one rank);
+    tokens/s counts every rank's batch."""
+    streamed, peer = rank_traffic(work, facts, streamed_bytes_per_step(work, facts, residency))
+    nvme = weight_total_bytes(work, facts) if work.offload == "nvme" else 0
+    prefill_s = decode_s = speed = None
+    if hw.has_gpu_rates and (not peer or hw.gpu_peer_gbps is not None):
+        prefill_s, decode_s = predict_times(work, facts, streamed, hw, peer_bytes=peer)
+        speed = tokens_per_sec(work.batch * work.ranks, work.gen_len, prefill_s, decode_s)
+    return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts),
+                      streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
+                      prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer)
+
+
+# A sweep's time plan (the launcher's "about 12 min left"). Loading reads and partitions the weights at
+# about this rate (measured on the H200); every job also starts a process, imports torch and DeepSpeed
+# and builds its engine.
+LOAD_GBPS = 1.2
+JOB_OVERHEAD_S = 30.0
+
+
+def predicted_job_s(prediction: Prediction, checkpoint_bytes: int, warmup: int, repeat: int,
+                    gen_len: int) -> Optional[float]:
+    """Predicted wall seconds of one job: its overhead, loading ``checkpoint_bytes``, ``warmup`` generates
+    of two tokens (the runner's) and ``repeat`` of ``gen_len``, each a prefill and its decode steps; None
+    where the speed is not predicted."""
+    if prediction.prefill_s is None or prediction.decode_step_s is None:
+        return None
+
+    def generate_s(tokens: int) -> float:
+        return prediction.prefill_s + (tokens - 1) * prediction.decode_step_s
+
+    return (JOB_OVERHEAD_S + checkpoint_bytes / (LOAD_GBPS * 1e9)
+            + warmup * generate_s(min(2, gen_len)) + repeat * generate_s(gen_len))

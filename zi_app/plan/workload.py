@@ -1,0 +1,92 @@
+"""A job's workload: the shapes, storage widths and streaming settings its predictions depend on, taken
+from its spec once. Pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from zi_app.config.schema import JobSpec, ModelShape
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+NVME_BUFFER_COUNT = 5  # offload_param.buffer_count when memory.offload.buffer_count is null (the reference's)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shapes and storage widths that decide a job's memory."""
+
+    shape: ModelShape
+    dtype: str
+    weight_bytes: float  # bytes per stored weight element (less than the dtype's when quantized)
+    batch: int
+    prompt_len: int
+    gen_len: int
+    live_elements: int  # stage3_max_live_parameters
+    offload: str = "cpu"  # offload_param.device: none, cpu or nvme
+    pin: bool = True
+    kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu)
+    leaf_modules: bool = False
+    refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
+    reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
+    nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
+    # memory.fetch=overlap: the host's per-fetch work runs while copies are in flight, and no hooks remain
+    # when every weight is resident (zi_app/run/fetch.py)
+    overlap_fetch: bool = False
+    post_quant_modules: Tuple[str, ...] = ()  # weight_quantization.post_init_quant's keys (quant=int8-post/int4-post)
+    ranks: int = 1  # processes (devices) one job spans; batch is per rank
+
+
+def persistence_threshold(word: str, h: int) -> int:
+    """stage3_param_persistence_threshold for a fixed ``memory.persistence`` setting.
+
+    ``h``: the reference (only biases and norms stay resident); ``hh``: h*h+1, so every h x h
+    projection (attention q/k/v/out) stays resident on the GPU too; digits: that many elements.
+    ``auto`` is planned against the GPU budget (:func:`zi_app.plan.job.plan_job`); without a known budget it
+    falls back to ``h``.
+    """
+    if word in ("h", "auto"):
+        return h
+    if word == "hh":
+        return h * h + 1
+    return int(word)
+
+
+def weight_bytes(spec: JobSpec) -> float:
+    """Bytes per stored weight element: the dtype's, or the quantized width plus a scale and zero point per group."""
+    if spec.quant.mode == "none":
+        return float(DTYPE_BYTES[spec.model.dtype])
+    return spec.quant.bits / 8 + 2 * DTYPE_BYTES[spec.model.dtype] / spec.quant.group_size
+
+
+def budget_bytes(spec: JobSpec, device_bytes: Optional[int]) -> Optional[int]:
+    """The GPU memory a job may use: ``memory.gpu_budget_gib`` if set, else the whole device (when known)."""
+    if spec.memory.gpu_budget_gib is not None:
+        return int(spec.memory.gpu_budget_gib * 2**30)
+    return device_bytes
+
+
+def nvme_buffer_size(spec: JobSpec) -> int:
+    """offload_param.buffer_size in elements: as set, else the largest parameter (each buffer must hold one)."""
+    return spec.offload.buffer_size or spec.model.shape.largest_parameter_numel
+
+
+def workload(spec: JobSpec) -> Workload:
+    """The shapes, storage widths and streaming settings of ``spec`` that its predictions depend on."""
+    shape, memory, offload = spec.model.shape, spec.memory, spec.offload
+    h = shape.hidden_size
+    return Workload(shape=shape, dtype=spec.model.dtype, weight_bytes=weight_bytes(spec),
+                    batch=spec.batch, prompt_len=spec.prompt_len, gen_len=spec.gen_len,
+                    live_elements=int(memory.max_live_hh * h * h), offload=offload.device, pin=spec.pin,
+                    kv_offloaded=spec.kvcache.cache_implementation == "offloaded",
+                    leaf_modules=memory.leaf_modules,
+                    # measured: only the reference's small buckets release the embedding between its two uses
+                    refetch_tied=shape.tied_embeddings and not memory.leaf_modules
+                    and memory.max_reuse_distance != "model",
+                    reads_checkpoint=spec.model.weights == "pretrained" or spec.quant.mode == "init",
+                    nvme_buffer_elements=((offload.buffer_count or NVME_BUFFER_COUNT) * nvme_buffer_size(spec)
+                                          if offload.device == "nvme" else 0),
+                    overlap_fetch=memory.fetch == "overlap",
+                    post_quant_modules=(spec.quant.modules or ()) if spec.quant.mode == "post" else (),
+                    ranks=spec.devices)

@@ -1,0 +1,241 @@
+"""One MLflow run per job: its params, tags, metrics and artifacts, and its failure recorded as data (kind and
+message); a sweep's parent run; and the finished runs read back for calibration. Receives plain dicts and
+files only; knows nothing of torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
+
+if TYPE_CHECKING:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+from zi_app.config.checks import ConfigError
+from zi_app.record.redaction import redact, redact_text
+from zi_app.record.store import search_runs
+
+FAILURE_KIND_TAG = "zi.failure_kind"
+FAILURE_MESSAGE_TAG = "zi.failure_message"
+OVERRIDES_TAG = "zi.overrides"
+PARENT_RUN_ENV = "ZI_PARENT_RUN_ID"
+SWEPT_KEYS_ENV = "ZI_SWEPT_KEYS"  # the keys a sweep varies, comma-separated: they name its jobs' runs
+RUN_ID_FILE = "mlflow_run_id"  # in a job's output dir: its run id, for whoever records the job after it died
+ROLE_TAG = "zi.role"  # "job" on a job's run, "sweep" on a sweep's parent run
+# The process that owns a run, its start time and its host: a RUNNING run whose process is gone (or whose pid
+# now names a process started at another time) was killed (zi_app.record.orphans).
+PID_TAG = "zi.pid"
+PID_START_TAG = "zi.pid_start"
+HOST_TAG = "zi.host"
+SLURM_JOB_TAG = "zi.slurm_job_id"  # the SLURM job that ran the run, when one did
+SIGNAL_TAG = "zi.signal"  # the signal that stopped a run's process (SIGINT, SIGTERM, SIGHUP), when one did
+FAILURE_KINDS = ("oom", "invalid-config", "killed", "timeout", "error")
+OFFLOAD_NEEDED_TAG = "zi.offload_needed"  # "false" when every weight fits the GPU budget with offload=none
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+PARAM_SKIP = ("tracking", "dry_run", "cache_dir", "verbose")  # bookkeeping and display, not the job
+CONFIG_ARTIFACT = "config.yaml"  # a job's validated config (its spec's keys), secrets masked
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dict -> {"a.b.c": value}; lists become JSON strings."""
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def job_params(config: Dict[str, Any]) -> Dict[str, Any]:
+    """MLflow params of a job: the flattened composed config, bookkeeping keys left out, secrets masked."""
+    return {k: v for k, v in flatten(redact(config)).items() if not k.startswith(PARAM_SKIP)}
+
+
+def run_name(overrides: str, fallback: str = "job") -> str:
+    """A job run's name: the values of the keys its sweep varies (``batch=64 pin=true``, from
+    ``ZI_SWEPT_KEYS``), else all its overrides, else ``fallback``. The full overrides go in a tag."""
+    pairs = [item.split("=", 1) for item in overrides.split() if "=" in item]
+    values = {key.lstrip("+~"): {"True": "true", "False": "false"}.get(value, value) for key, value in pairs}
+    swept = [key for key in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if key in values]
+    return " ".join(f"{key}={values[key]}" for key in swept) or overrides or fallback
+
+
+def failure_kind(error: BaseException) -> str:
+    """Classify a job failure: ``oom`` (GPU or host allocation failed), ``invalid-config``, ``killed``,
+    ``timeout`` (the scheduler's time limit) or ``error``; an exception may name its kind itself in a
+    ``failure_kind`` attribute (the launcher's error for a job process killed by a signal does)."""
+    declared = getattr(error, "failure_kind", None)
+    if declared in FAILURE_KINDS:
+        return declared
+    if isinstance(error, KeyboardInterrupt):  # SIGINT before our handler was installed: the same cause
+        return "killed"
+    if isinstance(error, ConfigError):
+        return "invalid-config"
+    if _scheduler_time_limit(error):
+        return "timeout"
+    if isinstance(error, MemoryError) or out_of_memory(str(error)):
+        return "oom"
+    return "error"
+
+
+def out_of_memory(message: str) -> bool:
+    """Whether an error's message says a GPU or host allocation failed."""
+    return any(m in message.lower() for m in _OOM_MESSAGES)
+
+
+def _scheduler_time_limit(error: BaseException) -> bool:
+    """Whether ``error`` is submitit's notice, raised inside the job when SLURM warns that its time limit is near
+    (``signal_delay_s`` before it), that the job timed out and will not be requeued."""
+    return type(error).__module__.startswith("submitit") and "timed-out" in str(error)
+
+
+def process_tags() -> Dict[str, str]:
+    """Tags naming this process (pid, start time, host), so that a run it leaves RUNNING when killed can
+    be recognised, also after its pid was reused; and the SLURM job running it, if any."""
+    import psutil
+
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    slurm_job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")  # as squeue names it
+    return {PID_TAG: str(os.getpid()), PID_START_TAG: repr(psutil.Process().create_time()),
+            HOST_TAG: socket.gethostname(), **({SLURM_JOB_TAG: slurm_job} if slurm_job else {})}
+
+
+def sweep_parent_tags() -> Dict[str, str]:
+    """The tag that nests a job's run under its sweep's parent run (id in ``ZI_PARENT_RUN_ID``), if any."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
+
+
+def failure_tags(error: BaseException) -> Dict[str, str]:
+    """Tags a failure adds beyond its kind and message: the signal that stopped the process, if any."""
+    name = getattr(error, "signal_name", None)
+    if name is None and isinstance(error, KeyboardInterrupt):
+        name = "SIGINT"
+    return {SIGNAL_TAG: name} if name else {}
+
+
+def record_failure(run_id: str, kind: str, message: str, tags: Optional[Dict[str, str]] = None,
+                   client: Optional["MlflowClient"] = None) -> None:
+    """Mark a run FAILED with the kind and message of its failure (and any further ``tags``)."""
+    from mlflow.entities import RunStatus
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    tags = {FAILURE_KIND_TAG: kind, FAILURE_MESSAGE_TAG: redact_text(message)[:4000], **(tags or {})}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+@contextlib.contextmanager
+def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dict[str, str],
+            run_id_file: Optional[Path] = None) -> Iterator[mlflow.ActiveRun]:
+    """One MLflow run for one job; an exception inside marks it FAILED with its kind, then propagates.
+
+    The run id is written to ``run_id_file`` first, so that whoever started this process can mark
+    the run FAILED if the process is killed before it can. A parent run id in ``ZI_PARENT_RUN_ID``
+    nests the run under a sweep's parent run.
+    """
+    import mlflow
+
+    tags = {**tags, ROLE_TAG: "job", **process_tags(), **sweep_parent_tags()}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        if run_id_file is not None:
+            run_id_file.write_text(run.info.run_id)
+        mlflow.log_params(params)
+        try:
+            yield run
+        except BaseException as error:
+            record_failure(run.info.run_id, failure_kind(error), f"{type(error).__name__}: {error}",
+                           failure_tags(error))
+            raise
+
+
+def start_sweep_run(experiment_id: str, run_name: str, tags: Dict[str, str]) -> str:
+    """Create a sweep's parent run (RUNNING, not made the active run) and return its id."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().create_run(experiment_id, run_name=run_name,
+                                    tags={**tags, ROLE_TAG: "sweep", **process_tags()})
+    return run.info.run_id
+
+
+def failed_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dict[str, str], kind: str,
+               message: str) -> str:
+    """Record a job that failed before it could open its own run: a FAILED run holding its config."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id, run_name=run_name, tags={**tags, ROLE_TAG: "job"}).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    record_failure(run_id, kind, message)
+    return run_id
+
+
+def log_json(obj: Any, name: str) -> None:
+    """Store ``obj`` as a JSON artifact of the active run."""
+    import mlflow
+
+    mlflow.log_dict(obj, name)
+
+
+def log_text(text: str, name: str) -> None:
+    """Store ``text`` as an artifact of the active run."""
+    import mlflow
+
+    mlflow.log_text(text, name)
+
+
+def log_tags(tags: Dict[str, str]) -> None:
+    """Set tags on the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_metrics(metrics: Dict[str, float], run_id: Optional[str] = None) -> None:
+    """Log the job's headline metrics on the active run, or on run ``run_id``: MLflow's active run belongs
+    to the thread that started it, and a job of several devices logs its ranks' metrics from another."""
+    import mlflow
+
+    values = {k: float(v) for k, v in metrics.items()}
+    if run_id is None:
+        mlflow.log_metrics(values)
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()])
+
+
+def measured_runs(uri: str, experiment: str) -> list:
+    """Every FINISHED job run of ``experiment`` in the store at ``uri`` as the planner's calibration takes it
+    (:class:`zi_app.plan.calibrate.MeasuredRun`: its logged config, metrics and device tag); raises
+    :class:`LookupError` when the experiment does not exist."""
+    import mlflow
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from zi_app.plan.calibrate import MeasuredRun
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LookupError(f"no experiment {experiment!r} in {uri}")
+    runs = []
+    for run in search_runs(client, [found.experiment_id], "attributes.status = 'FINISHED'"):
+        if run.data.tags.get(ROLE_TAG, "job") != "job":
+            continue
+        text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+        runs.append(MeasuredRun(yaml.safe_load(text), dict(run.data.metrics), run.data.tags.get("device", "")))
+    return runs

@@ -1,0 +1,162 @@
+"""The MLflow store: its URI made absolute, checked quickly before anything loads, created with its
+experiment safely when several processes start at once, and searched. MLflow itself (about 1.5 s) is imported
+when a function first needs it, so that composing the app's config, ``--help`` and tab completion never pay
+for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import http.client
+import logging
+import os
+import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+from zi_app.record.redaction import public_url, redact_text
+
+SQLITE_PREFIX = "sqlite:///"
+EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
+STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer the first request before we refuse it
+# Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def artifact_root(uri: str) -> Optional[str]:
+    """Artifact location for a local SQLite store: ``artifacts/`` beside the database file."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    return (Path(uri[len(SQLITE_PREFIX):]).resolve().parent / "artifacts").as_uri()
+
+
+def absolute_uri(uri: str, base: Optional[str] = None) -> str:
+    """The URI to hand MLflow: a local SQLite store's path made absolute (relative paths start at ``base``,
+    else the cwd), a tracking server's ``user:password@`` moved to MLflow's own environment variables."""
+    if uri.startswith(("http://", "https://")):
+        return _credentials_to_env(uri)
+    if not uri.startswith(SQLITE_PREFIX):
+        return uri
+    return SQLITE_PREFIX + str((Path(base or ".") / uri[len(SQLITE_PREFIX):]).resolve())
+
+
+class StoreError(Exception):
+    """An MLflow store that cannot be used: unreachable, read-only, not a database. The message names the
+    store and what is wrong, in one line."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) -> None:
+    """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
+    answer within ``timeout`` seconds, a SQLite store whose folder cannot be made or written (``write``)
+    or whose file is not a SQLite database. Raises :class:`StoreError`."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            # Without the URI's credentials: any HTTP answer, 401 included, shows a server is there.
+            urllib.request.urlopen(f"{public_url(uri).rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: a server (auth and paths are MLflow's business)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # InvalidURL: a bad port
+            reason = getattr(error, "reason", error)
+            raise StoreError(f"MLflow tracking server {redact_text(uri)} does not answer within {timeout:g} s "
+                             f"({reason})") from None
+    if not uri.startswith(SQLITE_PREFIX):
+        return
+    db = Path(uri[len(SQLITE_PREFIX):])
+    if write:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with open(_lock_path(db), "a"):
+                pass
+        except OSError as error:
+            raise StoreError(f"MLflow store {uri}: cannot write in {db.parent} ({error.strerror})") from None
+    if db.is_file() and db.stat().st_size:
+        if not os.access(db, os.R_OK | (os.W_OK if write else 0)):
+            raise StoreError(f"MLflow store {uri}: cannot {'write' if write else 'read'} {db}")
+        try:
+            with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error as error:
+            raise StoreError(f"MLflow store {uri}: {db} is not a usable SQLite database ({error})") from None
+
+
+def _lock_path(db: Path) -> Path:
+    return db.with_name(db.name + ".lock")
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local SQLite store: its first use creates and migrates the tables,
+    which two processes must not do at once."""
+    if not uri.startswith(SQLITE_PREFIX):
+        yield
+        return
+    with open(_lock_path(Path(uri[len(SQLITE_PREFIX):])), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _credentials_to_env(uri: str) -> str:
+    """A server URI without its userinfo, whose user and password go to ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (inherited by job processes): MLflow prints the URI it is given in its run
+    links, so a password in it would reach the output."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return public_url(uri)
+
+
+def open_experiment(uri: str, experiment: str) -> str:
+    """Check the store (:func:`check_store`), point MLflow at ``uri`` and return the experiment's id,
+    creating the store and the experiment if needed, safely when several processes start at once.
+
+    Raises :class:`StoreError` for a store that cannot be used.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_store(uri)
+    # "Creating initial MLflow database tables..." on a new store: routine, not worth two lines per store.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    try:
+        with _store_lock(uri):
+            mlflow.set_tracking_uri(uri)
+            client = MlflowClient()
+            found = client.get_experiment_by_name(experiment)
+            if found:
+                return found.experiment_id
+            try:
+                return client.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                                tags=EXPERIMENT_TAGS)
+            except MlflowException:
+                # Another process (through a tracking server, which our lock does not cover) created it
+                # between our lookup and create.
+                return client.get_experiment_by_name(experiment).experiment_id
+    except (MlflowException, SQLAlchemyError, OSError) as error:
+        raise StoreError(redact_text(f"MLflow store {uri}: {_first_line(error)}")) from None
+
+
+def search_runs(client, experiment_ids: List[str], filter_string: str) -> list:
+    """Every run of the experiments that matches ``filter_string``, all pages."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
