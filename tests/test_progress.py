@@ -29,9 +29,9 @@ QUICK = ["prompt_len=8", "gen_len=4"]
 # The H200 preset's rates: the planner predicts speed, and so a job's time, on a machine without a GPU.
 RATES = ["hardware.h2d_pinned_gbps=55.2", "hardware.h2d_pageable_gbps=17.6", "hardware.gpu_memory_gbps=4800",
          "hardware.gpu_tflops=989"]
-FINAL = re.compile(r"\[zi_app\.progress\]\[INFO\] - (?P<label>[^:\n]+): (?P<done>\S+)/(?P<total>\S+)"
+FINAL = re.compile(r"\[zi_app\.run\.progress\]\[INFO\] - (?P<label>[^:\n]+): (?P<done>\S+)/(?P<total>\S+)"
                    r"(?P<unit> \w+)? in (?P<seconds>[\d.]+) s$", re.M)
-ON_THE_WAY = re.compile(r"\[zi_app\.progress\]\[INFO\] - (?P<label>[^:\n]+): \S+/\S+.*, \d+ s(, about .* left)?$",
+ON_THE_WAY = re.compile(r"\[zi_app\.run\.progress\]\[INFO\] - (?P<label>[^:\n]+): \S+/\S+.*, \d+ s(, about .* left)?$",
                         re.M)
 
 
