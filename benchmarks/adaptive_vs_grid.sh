@@ -6,7 +6,7 @@
 #   bash benchmarks/adaptive_vs_grid.sh opt-13b                      # 24 GiB budget, batch=1,8,32,64,128,192
 #   bash benchmarks/adaptive_vs_grid.sh opt-30b 1,8,16,32,48,64      # 48 GiB budget, this batch list
 # Writes under $RESULTS_DIR (default $OUT)/adaptive_vs_grid_<model>/: both sweeps' logs, the store, comparison.md.
-# Longer than one device call: run it detached, as gpu_session.sh is, e.g.
+# Longer than one device call: run it detached, as fetch_paths_session.sh is, e.g.
 #   RESULTS_DIR=/tmp/avg bash benchmarks/detach.sh start /tmp/avg bash benchmarks/on_device.sh \
 #     bash benchmarks/adaptive_vs_grid.sh opt-13b
 #   bash benchmarks/detach.sh wait /tmp/avg 540   # in each device call, until it prints an exit status

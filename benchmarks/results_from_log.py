@@ -3,8 +3,8 @@ store was lost with the machine (it went back before the store was packed). Each
 its ``result:`` line printed (tokens/s, decode step, prefill, peaks, streamed bytes, link rate), at that
 line's precision; the JSON says so in its ``source``.
 
-    python benchmarks/results_from_log.py docs/results/issue10_session_call6.log "kvcache=cpu" \\
-        docs/results/opt1-3b_kvcpu_b64_call6.json
+    python benchmarks/results_from_log.py docs/results/planner_accuracy_session_2026-12-04.log "kvcache=cpu" \\
+        docs/results/opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04.json
 """
 
 from __future__ import annotations

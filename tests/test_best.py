@@ -1,4 +1,4 @@
-"""``python -m zi_app.best`` on a store holding GPU-like results: the latest sweep by default, a given
+"""``python -m zi_app.zi_best`` on a store holding GPU-like results: the latest sweep by default, a given
 sweep or experiment, and the fastest run under a GPU memory cap. The runs are written with MLflow's
 client, as the app writes them (a CPU machine cannot produce GPU peaks)."""
 

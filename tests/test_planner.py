@@ -23,10 +23,11 @@ TOKENS_TOLERANCE = 0.20
 
 
 def as_run_then(stem: str, overrides: list) -> list:
-    """The overrides that reproduce a committed run with today's defaults: calls 1-4 predate ``memory.fetch``
-    (issue 9), so their tuned runs used DeepSpeed's own fetch path, today's ``memory.fetch=deepspeed``."""
-    call = int(re.search(r"call(\d+)", stem).group(1))
-    if call < 5 and not any(o.startswith("memory.fetch=") for o in overrides):
+    """The overrides that reproduce a committed run with today's defaults: the runs measured before 2026-12-03
+    (the date in a results file's name) predate ``memory.fetch`` (issue 9), so their tuned runs used DeepSpeed's
+    own fetch path, today's ``memory.fetch=deepspeed``."""
+    measured_on = re.search(r"\d{4}-\d{2}-\d{2}", stem).group(0)
+    if measured_on < "2026-12-03" and not any(o.startswith("memory.fetch=") for o in overrides):
         return [*overrides, "memory.fetch=deepspeed"]
     return list(overrides)
 
@@ -61,7 +62,8 @@ def predicted_for_run(overrides: list, measured: dict, compose) -> tuple:
     """(plan, peak GPU bytes, streamed bytes per step, decode step s, tokens/s) predicted for a committed run:
     planned for the H200 at the link rates it measured, at the residency it logged. ``compose(*overrides)``
     composes the app's config."""
-    # A run transcribed from its log (docs/results/*_call6) states its pinned rate only, and not its residency.
+    # A run transcribed from its log (docs/results/*_planner_accuracy_2026-12-04.json) states its pinned rate
+    # only, and not its residency.
     hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
                 *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
                   else [])]
@@ -82,10 +84,11 @@ def warm(plan) -> bool:
 
 RUNS = measured_runs()
 # Measured runs the model misses by more than the tolerance, each in what it names (docs/planner.md says why).
-PEAK_GPU_MISSES = {"opt13b_int4_fetch_call5:streamed-overlap"}
-TOKENS_MISSES = {"opt67b_resident_call5:resident-overlap", "opt1-3b_kvcpu_b64_call6:tuned",
-                 "opt1-3b_largest_batch_8gib_call7:batch60"}
-HOST_MISSES = {"opt1-3b_kvcpu_b64_call6:tuned"}
+PEAK_GPU_MISSES = {"opt13b_int4_fetch_paths_2026-12-03:streamed-overlap"}
+TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
+                 "opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
+                 "opt1-3b_largest_batch_8gib_measured_2026-12-04:batch60"}
+HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned"}
 
 
 def test_the_committed_measurements_are_there():
@@ -167,7 +170,8 @@ def test_zi_plan_command(run_python, tmp_path):
     assert all(row["reason"] == "" for row in rows if row["fits"]) and "batch=192" in rows[-1]["reason"]
     best = max((row for row in rows if row["fits"]), key=lambda row: row["predicted_tokens_per_sec"])
     assert best["overrides"].split()[1:3] == ["batch=32", "pin=True"], rows
-    # the measured grid (docs/results/opt13b_sweep_24gib_jobs_call4): batch 32 pinned 49.9 tokens/s at gen_len 8
+    # the measured grid (docs/results/opt13b_sweep_24gib_batch_pin_jobs_2026-11-29): batch 32 pinned 49.9 tokens/s
+    # at gen_len 8
     table = run_python(["-m", "zi_app.zi_plan", "model=opt-13b", "batch=32,192", "memory.gpu_budget_gib=24",
                         "hardware=h200", "gen_len=8", "memory=reference"], tmp_path).expect_success().stdout
     [best_line] = [line for line in table.splitlines() if line.startswith("best")]

@@ -156,7 +156,7 @@ def _check_memory(memory: Any) -> None:
         raise ConfigError("memory.gpu_budget_gib", memory.gpu_budget_gib, "a positive number of GiB, or null")
     if memory.fetch not in FETCH_MODES:
         raise ConfigError("memory.fetch", memory.fetch,
-                          "'deepspeed' (ZeRO-3's parameter coordinator as shipped) or 'overlap' (zi_app/fetch.py)")
+                          "'deepspeed' (ZeRO-3's parameter coordinator as shipped) or 'overlap' (zi_app/run/fetch.py)")
     _positive_int("memory.max_inflight_fetches", memory.max_inflight_fetches)
 
 

@@ -141,7 +141,7 @@ def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_th
     """Keep as many weight bytes resident as the budget leaves room for after the workload's needs.
 
     When every weight fits, every parameter persists: nothing is fetched and, with ``memory.fetch=overlap``,
-    ZeRO-3's per-module hooks are removed (zi_app/fetch.py).
+    ZeRO-3's per-module hooks are removed (zi_app/run/fetch.py).
     Parameters up to ``base_threshold`` elements (biases, norms) always stay, as in the reference;
     beyond them every parameter smaller than the largest one (the embedding, which is streamed) may
     persist, in construction order, up to what the budget has left once KV cache, activations and

@@ -20,7 +20,7 @@ from zi_app.config.checks import ConfigError
 from zi_app.config.schema import JobSpec
 
 MIN_DEEPSPEED = Version("0.10.3")
-# memory.fetch=overlap (zi_app/fetch.py) subclasses DeepSpeed's parameter coordinator and reads its private
+# memory.fetch=overlap (zi_app/run/fetch.py) subclasses DeepSpeed's parameter coordinator and reads its private
 # state: allowed with the release it was written against and tested with only.
 OVERLAP_FETCH_DEEPSPEED = Version("0.19.8")
 _LIBAIO_HEADERS = ("/usr/include/libaio.h", "/usr/local/include/libaio.h")

@@ -157,7 +157,7 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
 
 def best_command(sweep: Sweep) -> str:
     """The best-run command for this sweep, pasteable into any shell in any directory."""
-    return f"{command('zi-best', 'zi_app.best')} --tracking-uri {sweep.uri} --parent {sweep.parent_run_id}"
+    return f"{command('zi-best', 'zi_app.zi_best')} --tracking-uri {sweep.uri} --parent {sweep.parent_run_id}"
 
 
 def headline(rows: List[results.JobRow], failed: List[results.JobRow], never_ran: Optional[List[str]],

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Issue 9 on one H200: memory.fetch=deepspeed against overlap, and the resident-weights hook tax against the
-# model run plainly on the GPU; every table with the reference configuration in the same compare.py call.
+# The fetch paths side by side on one H200 (issue 9): memory.fetch=deepspeed against overlap, and the
+# resident-weights hook tax against the model run plainly on the GPU; every table with the reference
+# configuration in the same compare.py call.
 # Priority order; each step is capped by `timeout` and writes its table as it goes, so a cut session keeps
 # what finished. About 20 minutes of GPU time, the int4 source checkpoint included. Run detached so that it
 # outlives one device call's 10-minute limit:
-#   bash benchmarks/detach.sh start /tmp/z9 bash benchmarks/on_device.sh bash benchmarks/issue9.sh /tmp/z9
+#   bash benchmarks/detach.sh start /tmp/z9 bash benchmarks/on_device.sh bash benchmarks/fetch_paths.sh /tmp/z9
 #   bash benchmarks/detach.sh wait /tmp/z9 540   # in each device call, until it prints an exit status
-# (results land in $OUT as results.tgz), or in a single call: bash benchmarks/on_device.sh bash benchmarks/issue9.sh
+# (results land in $OUT as results.tgz), or in a single call:
+#   bash benchmarks/on_device.sh bash benchmarks/fetch_paths.sh
 set -uo pipefail
-RESULTS=${1:-${OUT:?usage: issue9.sh RESULTS_DIR (default \$OUT/issue9)}/issue9}
+RESULTS=${1:-${OUT:?usage: fetch_paths.sh RESULTS_DIR (default \$OUT/fetch_paths)}/fetch_paths}
 mkdir -p "$RESULTS"
 step() { echo "=== $(date -u +%T) $1"; }
 FAST="pin=true prompt_len=512 gen_len=16 warmup=1 repeat=1"

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 10's last measurement on one H200: the adaptive sweep against the full grid (benchmarks/adaptive_vs_grid.sh)
-# for OPT-13B under 24 GiB and OPT-30B under 48 GiB, batch x pin, both sweeps in the same call. The planner's
+# The adaptive sweep against the full grid (benchmarks/adaptive_vs_grid.sh) on one H200, for both models of
+# issue 10: OPT-13B under 24 GiB and OPT-30B under 48 GiB, batch x pin, both sweeps in the same call. The planner's
 # accuracy points that this script ran before are recorded with their commands in docs/results/opt1-3b_*.json.
 # Every step writes its table as it goes and is capped by `timeout`, so a cut session keeps what finished. Run
 # detached:
-#   bash benchmarks/detach.sh start /tmp/z10 bash benchmarks/on_device.sh bash benchmarks/issue10.sh /tmp/z10
+#   bash benchmarks/detach.sh start /tmp/z10 bash benchmarks/on_device.sh bash benchmarks/adaptive_vs_grid_opt13b_opt30b.sh /tmp/z10
 #   bash benchmarks/detach.sh wait /tmp/z10 540   # in each device call, until it prints an exit status
 set -uo pipefail
-RESULTS=${1:?usage: issue10.sh RESULTS_DIR}
+RESULTS=${1:?usage: adaptive_vs_grid_opt13b_opt30b.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
 step() { echo "=== $(date -u +%T) $1"; }
 

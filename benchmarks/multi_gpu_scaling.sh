@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Issue 12 on a multi-GPU H200 machine (nvidia-h200-x2 or -x4): one job across 1, 2 and 4 GPUs at the same
-# per-GPU budget (48 GiB) and per-rank batch (24), reference against tuned, then OPT-66B fp16 on 4 GPUs and
-# Llama-2-70B int4 on 2. Steps that need more GPUs than the machine has are skipped, with a line saying so.
+# Multi-GPU scaling (issue 12) on a multi-GPU H200 machine (nvidia-h200-x2 or -x4): one job across 1, 2 and 4
+# GPUs at the same per-GPU budget (48 GiB) and per-rank batch (24), reference against tuned, then OPT-66B fp16
+# on 4 GPUs and Llama-2-70B int4 on 2. Steps that need more GPUs than the machine has are skipped, with a line saying so.
 # Each compare.py call runs its variants side by side in one call; benchmarks/scaling.py then prints tokens/s
 # against the 1-GPU run of the same setting beside the ideal N x. The planner's predictions for the same points
 # come first (no GPU work). Every step is capped by `timeout` and writes its table as it goes. Run detached:
-#   bash benchmarks/detach.sh start /tmp/z12 bash benchmarks/on_device.sh bash benchmarks/issue12.sh /tmp/z12
+#   bash benchmarks/detach.sh start /tmp/z12 bash benchmarks/on_device.sh bash benchmarks/multi_gpu_scaling.sh /tmp/z12
 #   bash benchmarks/detach.sh wait /tmp/z12 570   # in each device call, until it prints an exit status
 set -uo pipefail
-RESULTS=${1:?usage: issue12.sh RESULTS_DIR}
+RESULTS=${1:?usage: multi_gpu_scaling.sh RESULTS_DIR}
 mkdir -p "$RESULTS"
 step() { echo "=== $(date -u +%T) $1"; }
 GPUS=$(nvidia-smi --list-gpus | wc -l)
