@@ -21,7 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.zero_inference._launcher import outcome
+from hydra_plugins.zero_inference._sweep_plan import outcome
 
 REPORT_ARTIFACT = "adaptive_sweep.txt"  # the end-of-sweep report, on the sweep's parent run
 EXIT_INVALID_CONFIG = 2
