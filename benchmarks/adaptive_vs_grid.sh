@@ -39,24 +39,24 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from zi_app import callbacks, sweep, tracking
+from zi_app.record import results as sweep, runs, store, sweep_end
 
-store, model, budget, grid = sys.argv[1:]
-client = MlflowClient(store)
+uri, model, budget, grid = sys.argv[1:]
+client = MlflowClient(uri)
 
 
 def summary(experiment: str) -> dict:
-    """The sweep's jobs and best run, read from its parent run (zi_app.callbacks.SweepCallback's tags) and its
-    child runs: ``launched`` counts the jobs that started a process, not the ones the planner refused."""
+    """The sweep's jobs and best run, read from its parent run (the sweep callback's tags,
+    zi_app/record/sweep_end.py) and its child runs: ``launched`` counts the jobs that started a process, not the ones the planner refused."""
     found = client.get_experiment_by_name(experiment)
-    parents = [run for run in tracking.search_runs(client, [found.experiment_id], "")
-               if run.data.tags.get(tracking.ROLE_TAG) == "sweep"] if found else []
+    parents = [run for run in store.search_runs(client, [found.experiment_id], "")
+               if run.data.tags.get(runs.ROLE_TAG) == "sweep"] if found else []
     if not parents:
         return {"jobs": 0, "launched": 0, "failed": 0, "best": None, "point": "(no sweep ran)"}
     tags, metrics = parents[0].data.tags, parents[0].data.metrics
     rows = sweep.child_rows(client, parents[0].info.run_id)
     launched = [row for row in rows if row.failure_kind != "invalid-config"]
-    swept = [item for item in tags.get(callbacks.BEST_OVERRIDES_TAG, "").split() if item.split("=")[0] in ("batch", "pin")]
+    swept = [item for item in tags.get(sweep_end.BEST_OVERRIDES_TAG, "").split() if item.split("=")[0] in ("batch", "pin")]
     return {"jobs": len(rows), "launched": len(launched), "failed": sum(not row.completed for row in launched),
             "best": metrics.get(f"best_{sweep.METRIC}"), "point": " ".join(swept) or "(none)"}
 

@@ -22,7 +22,7 @@ done
 step "machine: $GPUS GPUs; OPT-30B on $COUNTS GPUs"
 
 step "planner: the same points, predicted (hardware=auto: this machine's GPUs, host memory and links)"
-python3 -m zi_app.plan model=opt-30b $PER_GPU memory=reference,tuned devices="${COUNTS// /,}" | tee "$RESULTS/plan_opt30b.txt"
+python3 -m zi_app.zi_plan model=opt-30b $PER_GPU memory=reference,tuned devices="${COUNTS// /,}" | tee "$RESULTS/plan_opt30b.txt"
 
 step "OPT-30B fp16, 48 GiB per GPU, batch 24 per rank: 1 to $GPUS GPUs, reference and tuned"
 timeout 1200 python3 benchmarks/compare.py --title "OPT-30B fp16, 48 GiB and batch 24 per GPU, pinned: 1 to ${COUNTS##* } GPUs" \

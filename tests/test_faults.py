@@ -151,7 +151,7 @@ def psutil_alive(pid: int) -> bool:
 
 def test_after_sigkill_the_next_command_closes_the_dead_runs_and_says_the_sweep_is_unfinished(tmp_path):
     """SIGKILL to the sweep's process group while its second job generates: nothing can close the runs
-    then; ``zi_app.best`` on the store finds the parent and the job RUNNING with their processes gone,
+    then; ``zi_app.zi_best`` on the store finds the parent and the job RUNNING with their processes gone,
     closes them, says so, and names the sweep unfinished when it ranks the job that completed."""
     sweep = spawn(tmp_path, "-m", "zi_app", "-m", f"gen_len=2,{LONG},3", *QUICK)
     run = wait_generating(tmp_path, sweep)

@@ -1,4 +1,4 @@
-"""``memory.fetch=overlap`` (zi_app/fetch.py) against DeepSpeed's coordinator as shipped (``memory.fetch=deepspeed``).
+"""``memory.fetch=overlap`` (zi_app/run/fetch.py) against DeepSpeed's coordinator as shipped (``memory.fetch=deepspeed``).
 
 Every job runs the app in its own process (ZeRO-3's state is per process) on a seeded random tiny checkpoint
 built plainly, with the tuned memory group (decoder layers as leaf modules, deep prefetch), so both fetch

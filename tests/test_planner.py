@@ -156,7 +156,7 @@ def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
 
 
 def test_zi_plan_command(run_python, tmp_path):
-    """``python -m zi_app.plan`` with comma lists: one JSON object per point in grid order, with the keys the
+    """``python -m zi_app.zi_plan`` with comma lists: one JSON object per point in grid order, with the keys the
     issue names; the table marks the best and gives the reasons; without a GPU, auto predicts no speed."""
     run = run_python(["-m", "zi_app.zi_plan", "--json", "model=opt-13b", "batch=8,32,192", "pin=true,false",
                       "memory=reference", "memory.gpu_budget_gib=24", "hardware=h200"], tmp_path).expect_success()

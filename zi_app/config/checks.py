@@ -106,7 +106,7 @@ def _check_offload(offload: Any) -> None:
         raise ConfigError("offload.device", offload.device, f"one of {', '.join(OFFLOAD_DEVICES)}")
     if offload.device != "nvme":
         return
-    # Whether the directory exists is a fact of the machine that runs the job (zi_app.preflight).
+    # Whether the directory exists is a fact of the machine that runs the job (zi_app.plan.preflight).
     if not offload.nvme_path:
         raise ConfigError("offload.nvme_path", offload.nvme_path, "a directory on a fast local disk")
     if offload.buffer_count is not None:

@@ -28,7 +28,7 @@ Everything here is scoped to one engine: :func:`install` replaces the coordinato
 that engine's parameter offload object; DeepSpeed's classes are never modified, so other engines in
 the same process keep DeepSpeed's own behaviour. It reads private state of DeepSpeed's coordinator
 (name-mangled attributes), so it is allowed only with the DeepSpeed version it was tested with
-(:func:`zi_app.preflight.check_fetch_supported`).
+(:func:`zi_app.plan.preflight.check_fetch_supported`).
 """
 
 from __future__ import annotations

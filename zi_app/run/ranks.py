@@ -141,7 +141,7 @@ def _elastic_signals() -> Iterator[str]:
     """Elastic's agent handles the signals it is given for as long as the ranks run (its handler raises
     SignalException, upon which it stops every rank with that signal) and does not restore ours afterwards.
     Yields the signals it is to handle: ours that are not ignored (``nohup`` ignores SIGHUP). Its stop becomes
-    :class:`zi_app.interrupt.Interrupted`, as a signal to a job of one device does, and our handlers come back."""
+    :class:`zi_app.run.interrupt.Interrupted`, as a signal to a job of one device does, and our handlers come back."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     handled = [signum for signum in interrupt.SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
@@ -172,7 +172,7 @@ def run_ranks(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, on_pr
     ``on_metrics`` receives every rank's measurements as ``<name>.rank<r>`` as they appear, from another
     thread, then the job's own; the job's peak host RSS also when a rank fails. A rank that fails stops its
     peers and raises :class:`RankFailed`; a signal to this process stops every rank and raises
-    :class:`zi_app.interrupt.Interrupted`.
+    :class:`zi_app.run.interrupt.Interrupted`.
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
