@@ -44,7 +44,7 @@ def main(argv=None) -> None:
                       run_id_file=args.run_dir / runs.RUN_ID_FILE):
         with measure.peak_memory() as peaks:
             with measure.stopwatch() as load, torch.device("cuda"):
-                model = load_model(cfg, cfg.model.path)
+                model = load_model(cfg)
             runs.log_metrics({"load_s": load.seconds})
             prompts = random_prompts(cfg.batch, cfg.prompt_len, model.config.vocab_size, cfg.seed, "cuda")
             speed, _, _ = timed_generates(cfg, model, prompts, print)

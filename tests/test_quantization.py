@@ -2,10 +2,10 @@
 quantized, and the model's outputs stay close to the unquantized model's.
 
 Each variant is built in its own process by helpers/quant_probe.py exactly as the app builds it
-(seeded random weights written to a checkpoint under cache_dir, ``from_pretrained`` under ZeRO-3 with
-``quantized_initialization``, ``deepspeed.initialize``), which reports the bytes of every parameter's
-ZeRO-3 partition and the logits of one forward pass. The reference is the same checkpoint loaded
-plainly, without DeepSpeed, in this process.
+(seeded random weights made as zero.Init takes each module, quantized by ``quantized_initialization``,
+``deepspeed.initialize``), which reports the bytes of every parameter's ZeRO-3 partition and the logits of
+one forward pass. The reference is a plain model of the same architecture given the same seeded weights
+(``seed_weights``), without DeepSpeed, in this process.
 
 Only float32 and bfloat16 run here: DeepSpeed's CPU accelerator refuses fp16 on a CPU without oneDNN
 fp16 kernels ("Type fp16 is not supported on your device" at deepspeed.initialize), and even where it
@@ -55,12 +55,18 @@ def probes(tmp_path_factory, run_python) -> dict:
     return reports
 
 
-def plain_model(checkpoint, dtype: str):
-    """The checkpoint loaded with plain transformers (no DeepSpeed)."""
+def plain_model(report, dtype: str):
+    """The probe's architecture with plain transformers (no DeepSpeed), given the seeded weights the app's
+    random-weight jobs have."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype)).eval()
+    from zi_app.plan.facts import auto_config
+    from zi_app.run.loading import seed_weights
+
+    model = AutoModelForCausalLM.from_config(auto_config(report["arch"]), dtype=getattr(torch, dtype)).eval()
+    seed_weights(model, report["seed"])
+    return model
 
 
 def quantizable(model) -> set:
@@ -78,7 +84,7 @@ def test_weights_are_held_quantized(variant, probes):
     one minimum (model dtype) per group of 64; every other parameter keeps its full size."""
     _, dtype, bits = variant
     report = probes[variant]
-    plain = plain_model(report["checkpoint"], dtype)
+    plain = plain_model(report, dtype)
     expected_quantized = quantizable(plain)
     held = report["held"]
     assert set(held) == {name for name, _ in plain.named_parameters()}
@@ -96,7 +102,7 @@ def test_weights_are_held_quantized(variant, probes):
 def test_unquantized_baseline_holds_full_size(probes):
     """quant=none under the same ZeRO-3 setup: nothing flagged, every partition the parameter's full size."""
     held = probes[UNQUANTIZED]["held"]
-    plain = plain_model(probes[("tiny-opt", "float32", 8)]["checkpoint"], "float32")
+    plain = plain_model(probes[UNQUANTIZED], "float32")
     assert not any(h["quantized"] for h in held.values())
     assert {name: h["bytes"] for name, h in held.items()} == {
         name: p.numel() * p.element_size() for name, p in plain.named_parameters()}
@@ -108,7 +114,7 @@ def relative_error(report, dtype: str) -> float:
 
     from zi_app.run.inference import random_prompts
 
-    plain = plain_model(report["checkpoint"], dtype)
+    plain = plain_model(report, dtype)
     prompts = random_prompts(2, 16, plain.config.vocab_size, 0, "cpu")
     with torch.no_grad():
         reference = plain(input_ids=prompts).logits.float()
@@ -131,17 +137,19 @@ def test_int4_costs_more_accuracy_than_int8(dtype, probes):
     assert 0 < int8 and int4 > 5 * int8
 
 
-def test_quantized_job_runs_in_the_app(run_app, mlflow_store, tmp_path):
-    """``python -m zi_app quant=int8``: the job finishes with its metrics and tokens, and the random
-    checkpoint it quantized from holds full tensors (written before ZeRO-3 was armed)."""
-    from safetensors import safe_open
+def test_random_weights_under_zero3_are_the_plain_models(probes):
+    """Unquantized, the ZeRO-3 model built from seeded random weights computes what the plain model given
+    ``seed_weights`` computes: the weights are made as zero.Init takes each module, in the same order."""
+    assert relative_error(probes[UNQUANTIZED], "float32") < 1e-5
 
+
+def test_quantized_job_runs_in_the_app(run_app, mlflow_store, tmp_path):
+    """``python -m zi_app quant=int8``: the job finishes with its metrics and tokens, quantizing random
+    weights made as ZeRO-3 took them: nothing is written to the cache (no full-width checkpoint)."""
     run_app("quant=int8", "prompt_len=16", "gen_len=4", "warmup=0", "repeat=1").expect_success()
     [job] = mlflow_store.job_runs()
     assert job.info.status == "FINISHED" and job.data.metrics["tokens_per_sec"] > 0
     quantization = mlflow_store.artifact_json(job, "ds_config.json")["weight_quantization"]
     assert quantization["quantized_initialization"]["num_bits"] == 8
     assert [len(row) for row in mlflow_store.artifact_json(job, "generation.json")["generated_token_ids"]] == [4]
-    [weights] = (tmp_path / "cache").glob("random-opt-*/model.safetensors")
-    with safe_open(str(weights), "pt") as checkpoint:
-        assert min(checkpoint.get_slice(k).get_shape()[0] for k in checkpoint.keys()) > 0
+    assert not list((tmp_path / "cache").glob("random-*"))

@@ -36,7 +36,7 @@ def main() -> None:
     cfg, ds_config = plan.spec, plan.ds_config
     engine.init_distributed()
     with zero3_construction(ds_config):
-        ours = engine.initialize(load_model(cfg, None), ds_config, overlap_fetches=cfg.memory.max_inflight_fetches)
+        ours = engine.initialize(load_model(cfg), ds_config, overlap_fetches=cfg.memory.max_inflight_fetches)
     prompts = random_prompts(1, 8, ours.config.vocab_size, 0, engine.device())
     with torch.no_grad():
         ours.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2, do_sample=False)

@@ -20,6 +20,7 @@ CACHE_IMPLEMENTATIONS = (None, "offloaded")
 WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
+PIN_BACKENDS = ("torch", "native")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -158,6 +159,10 @@ def _check_memory(memory: Any) -> None:
         raise ConfigError("memory.fetch", memory.fetch,
                           "'deepspeed' (ZeRO-3's parameter coordinator as shipped) or 'overlap' (zi_app/run/fetch.py)")
     _positive_int("memory.max_inflight_fetches", memory.max_inflight_fetches)
+    if memory.pin_backend not in PIN_BACKENDS:
+        raise ConfigError("memory.pin_backend", memory.pin_backend,
+                          "'torch' (torch's caching host allocator: each pinned partition rounded up to a power of "
+                          "two) or 'native' (DeepSpeed's page-locked allocations at their own size)")
 
 
 def _check_kvcache(kvcache: Any) -> None:

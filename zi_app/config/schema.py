@@ -136,6 +136,9 @@ class MemorySpec:
     gpu_budget_gib: Optional[float] = None  # GPU memory the job may use (persistence=auto plans against it)
     fetch: str = "deepspeed"  # deepspeed: ZeRO-3's coordinator as shipped; overlap: zi_app/run/fetch.py
     max_inflight_fetches: int = 8  # overlap: fetches in flight before the host waits on the oldest
+    # pinned partitions: torch (its caching host allocator: each rounded up to a power of two) or native
+    # (DeepSpeed's DS_PIN_MEMORY_BACKEND=native: page-locked at their own size and registered with CUDA)
+    pin_backend: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ class JobSpec:
     dry_run: bool = False
     profile_step: bool = False
     verbose: bool = False
-    cache_dir: str = MISSING  # random-weight checkpoints; conf/config.yaml sets it
+    cache_dir: str = MISSING  # the measured host-to-device rates (zi_app/plan/hardware.py); conf/config.yaml sets it
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
 

@@ -190,6 +190,22 @@ def pinned_bytes(nbytes: int) -> int:
     return 1 << max(0, math.ceil(math.log2(nbytes))) if nbytes > 0 else 0
 
 
+PAGE_BYTES = 4096
+
+
+def locked_bytes(nbytes: int) -> int:
+    """Host bytes a page-locked allocation of ``nbytes`` takes (memory.pin_backend=native): whole pages."""
+    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+
+
+def partition_host_bytes(work: Workload, nbytes: int) -> int:
+    """Host bytes an offloaded partition of ``nbytes`` takes: pageable as it is, pinned by torch's allocator
+    rounded up to a power of two, page-locked by DeepSpeed's native backend to whole pages."""
+    if not work.pin:
+        return nbytes
+    return locked_bytes(nbytes) if work.pin_exact else pinned_bytes(nbytes)
+
+
 def host_bytes(work: Workload, facts: ModelFacts) -> int:
     """Predicted peak host RSS of the whole job: per rank the process's base, NVMe staging buffers and an
     offloaded KV cache; the offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each
@@ -203,7 +219,7 @@ def host_bytes(work: Workload, facts: ModelFacts) -> int:
         sizes = [int(math.ceil(math.ceil(numel / work.ranks) * width)) for numel in facts.param_numels]
         sizes += [math.ceil(size / work.ranks)
                   for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
-        total += work.ranks * sum(pinned_bytes(size) if work.pin else size for size in sizes)
+        total += work.ranks * sum(partition_host_bytes(work, size) for size in sizes)
     elif work.offload == "nvme":
         size = work.nvme_buffer_elements * nbytes
         total += work.ranks * (pinned_bytes(size) if work.pin else size)

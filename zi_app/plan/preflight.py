@@ -9,7 +9,9 @@ real run refuses at the first (:func:`check_environment`).
 from __future__ import annotations
 
 import ctypes.util
+import importlib.util
 import os
+import resource
 from importlib import metadata
 from pathlib import Path
 from typing import List
@@ -64,11 +66,29 @@ def _nvme_problems(offload) -> List[ConfigError]:
     return problems
 
 
+def _pin_backend_problems(spec: JobSpec) -> List[ConfigError]:
+    """memory.pin_backend=native where this DeepSpeed has no native pinned-memory backend, or where this
+    process may not page-lock memory at all (RLIMIT_MEMLOCK, unless root)."""
+    if spec.memory.pin_backend != "native" or not spec.pin or spec.offload.device == "none":
+        return []
+    if importlib.util.find_spec("deepspeed.utils.pin_memory") is None:
+        return [ConfigError("memory.pin_backend", "native",
+                            "'torch' with the installed DeepSpeed, which has no native pinned-memory backend "
+                            "(DS_PIN_MEMORY_BACKEND=native, DeepSpeed 0.19.8)")]
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and hard < 2**30:
+        return [ConfigError("memory.pin_backend", "native",
+                            f"'torch' (or pin=false) here: this process may page-lock {hard / 2**20:.0f} MiB "
+                            f"(RLIMIT_MEMLOCK, `ulimit -l`); raise it to unlimited to use 'native'")]
+    return []
+
+
 def environment_problems(cfg: JobSpec, cuda: bool) -> List[ConfigError]:
     """What this machine lacks to run the validated ``cfg`` (``cuda``: whether a CUDA device is usable), one
     :class:`ConfigError` per problem naming the key; empty when it can run here."""
     check_deepspeed_version()
     problems = _nvme_problems(cfg.offload) if cfg.offload.device == "nvme" else []
+    problems += _pin_backend_problems(cfg)
     try:
         check_fetch_supported(cfg.memory.fetch)
     except ConfigError as refused:

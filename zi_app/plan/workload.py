@@ -36,6 +36,7 @@ class Workload:
     overlap_fetch: bool = False
     post_quant_modules: Tuple[str, ...] = ()  # weight_quantization.post_init_quant's keys (quant=int8-post/int4-post)
     ranks: int = 1  # processes (devices) one job spans; batch is per rank
+    pin_exact: bool = False  # pinned partitions at their own size (memory.pin_backend=native), not a power of two
 
 
 def persistence_threshold(word: str, h: int) -> int:
@@ -84,9 +85,9 @@ def workload(spec: JobSpec) -> Workload:
                     # measured: only the reference's small buckets release the embedding between its two uses
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules
                     and memory.max_reuse_distance != "model",
-                    reads_checkpoint=spec.model.weights == "pretrained" or spec.quant.mode == "init",
+                    reads_checkpoint=spec.model.weights == "pretrained",
                     nvme_buffer_elements=((offload.buffer_count or NVME_BUFFER_COUNT) * nvme_buffer_size(spec)
                                           if offload.device == "nvme" else 0),
                     overlap_fetch=memory.fetch == "overlap",
                     post_quant_modules=(spec.quant.modules or ()) if spec.quant.mode == "post" else (),
-                    ranks=spec.devices)
+                    ranks=spec.devices, pin_exact=spec.memory.pin_backend == "native")

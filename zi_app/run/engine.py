@@ -84,6 +84,13 @@ def init_distributed(verbose: bool = False) -> None:
         deepspeed.init_distributed(verbose=verbose)
 
 
+def select_pin_backend(backend: str) -> None:
+    """Where ZeRO-3 takes page-locked host memory for offloaded partitions (``memory.pin_backend``):
+    DeepSpeed reads ``DS_PIN_MEMORY_BACKEND`` at every pin and every pinned-or-not check, so it is set for the
+    job's process, which holds one job (and for the rank processes it starts)."""
+    os.environ["DS_PIN_MEMORY_BACKEND"] = backend
+
+
 def device() -> torch.device:
     """The device inputs must live on: this rank's GPU, or the CPU."""
     return torch.device(accelerator().current_device_name())

@@ -58,24 +58,24 @@ def run_inference(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, o
     fails), so a failed job keeps what it measured. Run one call per process: ZeRO-3's partitioning
     hook, the process group and the peak-memory counters are process-wide.
     """
+    engine.select_pin_backend(spec.memory.pin_backend)
     engine.init_distributed(spec.verbose)
     engine.cap_gpu_memory(spec.memory.gpu_budget_gib)
-    weights = loading.weights_path(spec)  # a random checkpoint must be written before ZeRO-3 is armed
     try:
         with measure.peak_memory() as peaks, loading.zero3_construction(ds_config):
-            metrics, repeats, output = _load_and_generate(spec, ds_config, weights, facts, on_progress, on_metrics)
+            metrics, repeats, output = _load_and_generate(spec, ds_config, facts, on_progress, on_metrics)
     finally:
         on_metrics(peaks.as_metrics())
     metrics.update(peaks.as_metrics())
     return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, spec.prompt_len:].tolist())
 
 
-def _load_and_generate(spec: JobSpec, ds_config, weights, facts, on_progress, on_metrics):
+def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics):
     on_progress(f"loading {spec.model.name} ({spec.model.weights} weights, {spec.model.dtype}) under ZeRO-3, "
                 f"offload={spec.offload.device}, quant={spec.quant.mode}")
     with measure.stopwatch() as load:
         with loading.loading_progress(spec, facts):
-            model = loading.load_model(spec, weights)
+            model = loading.load_model(spec)
         overlap = spec.memory.max_inflight_fetches if spec.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
     on_progress(f"loaded in {load.seconds:.1f} s")

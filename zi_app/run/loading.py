@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import logging
-import os
-import shutil
-from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator
 
 import torch
 
@@ -29,50 +24,25 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 INIT_STD = 0.02  # the initializer_range of OPT, LLaMA and BLOOM
 
 
-def _random_checkpoint_dir(arch: Mapping[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
-    # format 2: checkpoints written before it could hold empty or untied tensors; never reuse those.
-    key = json.dumps({"arch": arch, "dtype": dtype, "seed": seed, "format": 2}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(cache_dir).expanduser() / f"random-{arch['model_type']}-{digest}"
-
-
 @torch.no_grad()
-def materialize_random_checkpoint(arch: Mapping[str, Any], dtype: str, seed: int, cache_dir: str) -> Path:
-    """Write (once, cached) a checkpoint of seeded random weights and return its directory.
+def seeded_value(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
+    """Give one parameter its seeded random value: biases 0, other vectors (norm scales) 1, matrices
+    N(0, INIT_STD) drawn from ``generator`` in float32, then cast. Finite, and the scheme transformers uses."""
+    if name.endswith("bias"):
+        param.zero_()
+    elif param.ndim == 1:
+        param.fill_(1.0)
+    else:
+        param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * INIT_STD)
 
-    Needed where weights must exist *before* ZeRO-3 sees them: init-time quantization quantizes each
-    weight inside ``zero.Init``, so a random init that runs afterwards would write into packed storage.
-    Matrices ~ N(0, 0.02), norm scales 1, biases 0: finite, and the same scheme transformers uses.
-    """
-    from transformers import AutoModelForCausalLM
 
-    target = _random_checkpoint_dir(arch, dtype, seed, cache_dir)
-    if (target / "config.json").is_file():
-        return target
-    log.info("writing random %s weights to %s (once)", arch["model_type"], target)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(auto_config(arch), dtype=TORCH_DTYPES[dtype])
-    model.to_empty(device="cpu")
-    model.tie_weights()  # to_empty gives tied weights (embedding / LM head) separate storage again
+def seed_weights(model: torch.nn.Module, seed: int) -> None:
+    """A plain (unpartitioned) model's seeded random weights: what :func:`seeded_construction` gives the same
+    architecture under ZeRO-3, parameter by parameter in the same order (so that a checkpoint written from it
+    loads into the same model)."""
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
-        if name.endswith("bias"):
-            param.zero_()
-        elif param.ndim == 1:
-            param.fill_(1.0)
-        else:
-            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * INIT_STD)
-    # Jobs running at once (one per GPU, or parallel tests) may write the same checkpoint: each writes its
-    # own folder, the first rename wins and the others drop theirs.
-    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(tmp, max_shard_size="2GB")
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp)
-    return target
+        seeded_value(name, param, generator)
 
 
 @contextlib.contextmanager
@@ -89,16 +59,33 @@ def zero3_construction(ds_config: Dict[str, Any]) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def weights_path(spec: JobSpec) -> Optional[str]:
-    """The checkpoint :func:`load_model` reads: ``model.path``, the seeded random checkpoint that
-    init-time quantization needs (written now if not cached), or None for a random init.
+@contextlib.contextmanager
+def seeded_construction(seed: int) -> Iterator[None]:
+    """While open (inside :func:`zero3_construction`), random weights are made as ZeRO-3 takes each module:
+    its new parameters get their seeded values (:func:`seeded_value`, one generator across the model in
+    construction order) before zero.Init quantizes and partitions them, and transformers' own init then skips
+    the module. So init-time quantization packs real values (transformers' init would write into packed
+    storage), and no full-width copy of the model is ever built or written to disk.
 
-    Call it before :func:`zero3_construction`: a model built while ZeRO-3 is armed is partitioned, and
-    ``save_pretrained`` of it writes empty tensors.
+    Like :func:`loading_progress`, it wraps zero.Init's per-module step (``Init._post_init_method``,
+    DeepSpeed 0.19.8) and undoes that on exit.
     """
-    if spec.model.weights == "random" and spec.quant.mode == "init":
-        return str(materialize_random_checkpoint(spec.model.arch, spec.model.dtype, spec.seed, spec.cache_dir))
-    return spec.model.path
+    from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
+
+    original, generator = Init._post_init_method, torch.Generator().manual_seed(seed)
+
+    def seeded(init, module):
+        for name, param in module.named_parameters(recurse=False):
+            if not is_zero_param(param):
+                seeded_value(name, param, generator)
+        module._is_hf_initialized = True  # transformers' initialize_weights skips flagged modules
+        original(init, module)
+
+    Init._post_init_method = seeded
+    try:
+        yield
+    finally:
+        Init._post_init_method = original
 
 
 @contextlib.contextmanager
@@ -146,18 +133,16 @@ def loading_progress(spec: JobSpec, facts: ModelFacts) -> Iterator[None]:
         work.close(finished)
 
 
-def load_model(spec: JobSpec, path: Optional[str]):
-    """Build the model: real weights via ``from_pretrained`` of ``path`` (from :func:`weights_path`),
-    or a random init when it is None.
+def load_model(spec: JobSpec):
+    """Build the model: real weights via ``from_pretrained`` of ``model.path``, or seeded random weights
+    made as ZeRO-3 partitions them (:func:`seeded_construction`).
 
     Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = TORCH_DTYPES[spec.model.dtype]
-    if path:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
-        torch.manual_seed(spec.seed)
-        model = AutoModelForCausalLM.from_config(auto_config(spec.model.arch), dtype=dtype)
-    return model.eval()
+    if spec.model.weights == "pretrained":
+        return AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype).eval()
+    with seeded_construction(spec.seed):
+        return AutoModelForCausalLM.from_config(auto_config(spec.model.arch), dtype=dtype).eval()

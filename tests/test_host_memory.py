@@ -1,0 +1,64 @@
+"""Host memory of offloaded weights (issue 20): ``memory.pin_backend=native`` page-locks each ZeRO-3 partition
+at its own size through DeepSpeed's native pinned-memory backend instead of torch's caching host allocator,
+which rounds every pinned partition up to a power of two; the planner predicts both.
+
+The model is built in its own process by helpers/quant_probe.py exactly as the app builds it. On a CPU the
+native backend page-locks with mlock (no CUDA registration), which is what these tests can see: every
+partition flagged as DeepSpeed's, and the model computing the same logits as with torch's allocator.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zi_app import validate
+from zi_app.plan.job import plan_job
+from zi_app.plan.memory import HOST_BASE_BYTES, locked_bytes, pinned_bytes
+
+PROBE = Path(__file__).parent / "helpers" / "quant_probe.py"
+WORKLOAD = ["model=tiny-opt", "model.dtype=float32", "offload=cpu", "pin=true", "batch=2", "prompt_len=16"]
+
+
+@pytest.fixture(scope="module")
+def pinned(tmp_path_factory, run_python) -> dict:
+    """Backend -> the probe's report for the same model, pinned by that backend."""
+    import torch
+
+    workdir = tmp_path_factory.mktemp("pinned")
+    reports = {}
+    for backend in ("torch", "native"):
+        out = workdir / f"{backend}.pt"
+        run_python([PROBE, out, *WORKLOAD, f"memory.pin_backend={backend}"], workdir).expect_success()
+        reports[backend] = torch.load(out, weights_only=False)
+    return reports
+
+
+def test_native_backend_page_locks_every_partition(pinned):
+    assert all(held["native_pinned"] for held in pinned["native"]["held"].values())
+    assert not any(held["native_pinned"] for held in pinned["torch"]["held"].values())
+    assert {name: held["bytes"] for name, held in pinned["native"]["held"].items()} == \
+        {name: held["bytes"] for name, held in pinned["torch"]["held"].items()}
+
+
+def test_both_backends_compute_the_same(pinned):
+    assert pinned["native"]["logits"].equal(pinned["torch"]["logits"])
+
+
+def test_partition_sizes_as_each_backend_holds_them():
+    assert pinned_bytes(3 * 2**20) == 4 * 2**20 and locked_bytes(3 * 2**20) == 3 * 2**20
+    assert locked_bytes(1) == 4096 and pinned_bytes(2**30 + 1) == 2**31
+
+
+@pytest.mark.parametrize("model", ["opt-13b", "opt-30b"])
+def test_planned_host_memory_is_the_offloaded_bytes_with_native_pinning(model, compose):
+    """With every weight streamed, the native backend's predicted host RSS is the process's base plus the
+    weights at their width (pages rounded), where torch's allocator is predicted well above it."""
+    common = [f"model={model}", "hardware=h200", "batch=8", "memory.persistence=h", "offload=cpu", "pin=true"]
+    native, torch_pinned = (plan_job(validate(compose(*common, f"memory.pin_backend={backend}")), cuda=True,
+                                     here=False) for backend in ("native", "torch"))
+    weights = 2 * sum(native.facts.param_numels)
+    assert native.predicted_peak_host_bytes - HOST_BASE_BYTES == pytest.approx(weights, rel=0.001)
+    assert torch_pinned.predicted_peak_host_bytes > 1.15 * native.predicted_peak_host_bytes
+    assert native.predicted_peak_gpu_bytes == torch_pinned.predicted_peak_gpu_bytes
