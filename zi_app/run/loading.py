@@ -24,25 +24,37 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 INIT_STD = 0.02  # the initializer_range of OPT, LLaMA and BLOOM
 
 
-@torch.no_grad()
-def seeded_value(name: str, param: torch.Tensor, generator: torch.Generator) -> None:
-    """Give one parameter its seeded random value: biases 0, other vectors (norm scales) 1, matrices
-    N(0, INIT_STD) drawn from ``generator`` in float32, then cast. Finite, and the scheme transformers uses."""
-    if name.endswith("bias"):
-        param.zero_()
-    elif param.ndim == 1:
-        param.fill_(1.0)
-    else:
-        param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * INIT_STD)
+class SeededValues:
+    """Seeded random weights, parameter by parameter: biases 0, other vectors (norm scales) 1, matrices
+    N(0, INIT_STD) drawn in float32, then cast. Finite, and the scheme transformers uses. Matrices are drawn
+    where the parameter lives, from one generator per device seeded alike (a CPU draws a 30B model for
+    minutes, a GPU in seconds): the same seed gives the same weights on the same kind of device."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.generators: Dict[torch.device, torch.Generator] = {}
+
+    @torch.no_grad()
+    def fill(self, name: str, param: torch.Tensor) -> None:
+        """Give ``param`` (named ``name`` in its module) its value, the next draw of its device's generator."""
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.ndim == 1:
+            param.fill_(1.0)
+        else:
+            if param.device not in self.generators:
+                self.generators[param.device] = torch.Generator(device=param.device).manual_seed(self.seed)
+            generator = self.generators[param.device]
+            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32, device=param.device)
+                        * INIT_STD)
 
 
 def seed_weights(model: torch.nn.Module, seed: int) -> None:
     """A plain (unpartitioned) model's seeded random weights: what :func:`seeded_construction` gives the same
-    architecture under ZeRO-3, parameter by parameter in the same order (so that a checkpoint written from it
-    loads into the same model)."""
-    generator = torch.Generator().manual_seed(seed)
+    architecture under ZeRO-3 on the same device, parameter by parameter in the same order."""
+    values = SeededValues(seed)
     for name, param in model.named_parameters():
-        seeded_value(name, param, generator)
+        values.fill(name.rpartition(".")[2], param)
 
 
 @contextlib.contextmanager
@@ -62,7 +74,7 @@ def zero3_construction(ds_config: Dict[str, Any]) -> Iterator[None]:
 @contextlib.contextmanager
 def seeded_construction(seed: int) -> Iterator[None]:
     """While open (inside :func:`zero3_construction`), random weights are made as ZeRO-3 takes each module:
-    its new parameters get their seeded values (:func:`seeded_value`, one generator across the model in
+    its new parameters get their seeded values (:class:`SeededValues`, drawn across the model in
     construction order) before zero.Init quantizes and partitions them, and transformers' own init then skips
     the module. So init-time quantization packs real values (transformers' init would write into packed
     storage), and no full-width copy of the model is ever built or written to disk.
@@ -72,12 +84,12 @@ def seeded_construction(seed: int) -> Iterator[None]:
     """
     from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
 
-    original, generator = Init._post_init_method, torch.Generator().manual_seed(seed)
+    original, values = Init._post_init_method, SeededValues(seed)
 
     def seeded(init, module):
         for name, param in module.named_parameters(recurse=False):
             if not is_zero_param(param):
-                seeded_value(name, param, generator)
+                values.fill(name, param)
         module._is_hf_initialized = True  # transformers' initialize_weights skips flagged modules
         original(init, module)
 
