@@ -22,8 +22,8 @@ SHOWN_AS_COMMON = ("warmup=", "repeat=", "profile_step", "tracking.")
 
 def row(name: str, overrides: list, measured: dict) -> str:
     """One table row: peak GPU, peak host, streamed bytes, decode step and tokens/s, predicted / measured."""
-    plan, peak, streamed, step_s, speed = predicted_for_run(overrides, measured,
-                                                            lambda *chosen: compose("config", list(chosen)))
+    plan, peak, host, streamed, step_s, speed = predicted_for_run(name, overrides, measured,
+                                                                  lambda *chosen: compose("config", list(chosen)))
     def pair(pred: float, meas: float, scale: float = 1.0, fmt: str = "{:.2f}") -> str:
         error = f" ({pred / meas - 1:+.1%})" if meas else ""
         return f"{fmt.format(pred / scale)} / {fmt.format(meas / scale)}{error}"
@@ -31,7 +31,7 @@ def row(name: str, overrides: list, measured: dict) -> str:
     shown = " ".join(o for o in overrides if not o.startswith(SHOWN_AS_COMMON))
     cold = "" if warm(plan) else " (cold: warmup=0)"
     return (f"| {name} | {shown} | {pair(peak, measured['peak_gpu_allocated_bytes'], GIB)} "
-            f"| {pair(plan.predicted_peak_host_bytes, measured['peak_host_rss_bytes'], GIB)} "
+            f"| {pair(host, measured['peak_host_rss_bytes'], GIB)} "
             f"| {pair(streamed, measured['streamed_bytes_per_step'], 1e9)} "
             f"| {pair(step_s, measured['decode_step_s'], fmt='{:.3f}')} "
             f"| {pair(speed, measured['tokens_per_sec'], fmt='{:.1f}')}{cold} |")

@@ -53,7 +53,7 @@ def client(root: Path) -> MlflowClient:
 
 def all_runs(root: Path) -> list:
     store = client(root)
-    return zi_store.search_runs([e.experiment_id for e in store.search_experiments()], max_results=1000)
+    return store.search_runs([e.experiment_id for e in store.search_experiments()], max_results=1000)
 
 
 def wait_generating(root: Path, process: subprocess.Popen):
@@ -226,7 +226,7 @@ def test_settling_a_job_touches_only_the_run_it_recorded(tmp_path, compose, monk
     sweep_end.settle_job(job_dir, config, "batch=1", RuntimeError("the job's process died"))
     assert store.get_run(others).info.status == "FINISHED" and zi_runs.FAILURE_KIND_TAG not in \
         store.get_run(others).data.tags
-    mine = zi_store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{ours}'")
+    mine = store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{ours}'")
     assert len(mine) == 1 and mine[0].info.status == "FAILED"
     assert (job_dir / zi_runs.RUN_ID_FILE).read_text() == mine[0].info.run_id
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 from zi_app.config.checks import ConfigError
 from zi_app.record.redaction import redact, redact_text
 from zi_app.record.store import search_runs
+from zi_app.run.failure import out_of_memory
 
 FAILURE_KIND_TAG = "zi.failure_kind"
 FAILURE_MESSAGE_TAG = "zi.failure_message"
@@ -37,7 +38,6 @@ SLURM_JOB_TAG = "zi.slurm_job_id"  # the SLURM job that ran the run, when one di
 SIGNAL_TAG = "zi.signal"  # the signal that stopped a run's process (SIGINT, SIGTERM, SIGHUP), when one did
 FAILURE_KINDS = ("oom", "invalid-config", "killed", "timeout", "error")
 OFFLOAD_NEEDED_TAG = "zi.offload_needed"  # "false" when every weight fits the GPU budget with offload=none
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
 PARAM_SKIP = ("tracking", "dry_run", "cache_dir", "verbose")  # bookkeeping and display, not the job
 CONFIG_ARTIFACT = "config.yaml"  # a job's validated config (its spec's keys), secrets masked
 
@@ -84,11 +84,6 @@ def failure_kind(error: BaseException) -> str:
     if isinstance(error, MemoryError) or out_of_memory(str(error)):
         return "oom"
     return "error"
-
-
-def out_of_memory(message: str) -> bool:
-    """Whether an error's message says a GPU or host allocation failed."""
-    return any(m in message.lower() for m in _OOM_MESSAGES)
 
 
 def _scheduler_time_limit(error: BaseException) -> bool:

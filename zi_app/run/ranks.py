@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from zi_app.config.schema import JobSpec
 from zi_app.plan.facts import ModelFacts
 from zi_app.run import interrupt, measure
+from zi_app.run.failure import out_of_memory
 from zi_app.run.inference import InferenceResult, run_inference
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,12 @@ class RankFailed(Exception):
     """A rank of the job failed: names the rank, how its process ended (exit code or signal) and its error.
 
     ``failure_kind`` is ``killed`` for a rank a signal ended (the kernel's out-of-memory killer, a kill from
-    outside); otherwise None, and the recording stage classifies the rank's error by its message (``oom`` for
-    an allocation that failed inside it, else ``error``).
+    outside), ``oom`` for an allocation that failed inside it, else ``error``.
     """
 
     def __init__(self, rank: int, exitcode: int, signal_name: Optional[str], error: str):
         self.rank, self.exitcode, self.rank_signal, self.error = rank, exitcode, signal_name, error
-        self.failure_kind = "killed" if signal_name else None
+        self.failure_kind = "killed" if signal_name else "oom" if out_of_memory(error) else "error"
         ended = f"killed by {signal_name}" if signal_name else f"exit code {exitcode}"
         super().__init__(f"rank {rank} failed ({ended}): {error}")
 
