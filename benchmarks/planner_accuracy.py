@@ -1,5 +1,5 @@
 """Print docs/planner.md's accuracy table: every finished run committed under docs/results/ (the runs
-tests/test_planner.py holds the planner to, read with its own reader), planned for hardware=h200 at the link
+tests/plan/test_planner.py holds the planner to, read with its own reader), planned for hardware=h200 at the link
 rate it measured, predicted against measured.
 
     .venv/bin/python benchmarks/planner_accuracy.py
@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests" / "plan"), str(ROOT / "tests")]
 from test_planner import RUNS, predicted_for_run, warm  # noqa: E402  (the test's own reader and prediction)
 
 GIB = 2**30

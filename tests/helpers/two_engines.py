@@ -2,7 +2,7 @@
 own ZeRO-3 training engine. Prints each engine's coordinator class and the training loss; exits non-zero
 if the second engine's coordinator is not DeepSpeed's own or DeepSpeed's class was modified.
 
-Usage: ``python two_engines.py`` (run by tests/test_fetch_path.py in a fresh process).
+Usage: ``python two_engines.py`` (run by tests/run/test_fetch_path.py in a fresh process).
 """
 
 from __future__ import annotations

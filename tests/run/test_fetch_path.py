@@ -18,7 +18,7 @@ from conftest import MlflowStore
 BATCH, PROMPT_LEN, GEN_LEN = 2, 8, 4
 WORKLOAD = (f"batch={BATCH}", f"prompt_len={PROMPT_LEN}", f"gen_len={GEN_LEN}", "warmup=0", "repeat=1")
 AIO_MIN_BYTES = 2**20  # DeepSpeed swaps a partition to NVMe only from max(1 MiB, aio.block_size) bytes
-# A wider MLP (2048 x 128 fp32 = 1 MiB) so that NVMe offload really swaps the MLP weights (tests/test_nvme.py).
+# A wider MLP (2048 x 128 fp32 = 1 MiB) so that NVMe offload really swaps the MLP weights (tests/run/test_nvme.py).
 WIDE_MLP = {"tiny-opt": {"ffn_dim": 2048}, "tiny-llama": {"intermediate_size": 2048}}
 GRID = [(model, offload, quant) for model in ("tiny-opt", "tiny-llama") for offload in ("none", "cpu", "nvme")
         for quant in ("none", "int8")]
@@ -161,7 +161,7 @@ def test_a_second_engine_in_the_same_process_keeps_deepspeeds_coordinator(run_py
     second engine gets DeepSpeed's coordinator, unmodified, and trains (helpers/two_engines.py)."""
     from pathlib import Path
 
-    helper = Path(__file__).parent / "helpers" / "two_engines.py"
+    helper = Path(__file__).parents[1] / "helpers" / "two_engines.py"
     run = run_python([helper], tmp_path).expect_success()
     assert "ours: OverlapCoordinator" in run.stdout, run.tail()
     assert "theirs: PartitionedParameterCoordinator" in run.stdout, run.tail()

@@ -36,7 +36,7 @@ from omegaconf import OmegaConf
 
 import zi_app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "client_app"
 DISTRIBUTION = "hydra_zero_inference"
 SECTION = "## Use the groups in your own Hydra app"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-PROBE = Path(__file__).parent / "helpers" / "quant_probe.py"
+PROBE = Path(__file__).parents[1] / "helpers" / "quant_probe.py"
 WORKLOAD = ["batch=2", "prompt_len=16"]
 GROUP_SIZE = 64  # conf/quant/int4.yaml and int8.yaml
 # (model, dtype, bits); tiny-llama's LM head is untied, so it is a quantized matrix of its own.

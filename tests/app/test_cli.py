@@ -2,7 +2,7 @@
 start-up that imports nothing heavy for either, the config search path, and usage errors in one line.
 
 Everything runs ``python -m zi_app`` in a fresh process, as the ``zi`` console script does (same entry
-point, ``zi_app.app:cli``); tests/test_reuse_groups.py runs the installed console scripts themselves."""
+point, ``zi_app.app:cli``); tests/config/test_reuse_groups.py runs the installed console scripts themselves."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import zi_app
 from zi_app.config.paths import command
 from zi_app.config.schema import ZIConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory", "hardware")
 HEAVY_MODULES = ("torch", "mlflow", "matplotlib", "deepspeed", "transformers")
 

@@ -17,7 +17,7 @@ from zi_app import validate
 from zi_app.plan.job import plan_job
 from zi_app.plan.memory import HOST_BASE_BYTES, locked_bytes, pinned_bytes
 
-PROBE = Path(__file__).parent / "helpers" / "quant_probe.py"
+PROBE = Path(__file__).parents[1] / "helpers" / "quant_probe.py"
 WORKLOAD = ["model=tiny-opt", "model.dtype=float32", "offload=cpu", "pin=true", "batch=2", "prompt_len=16"]
 
 

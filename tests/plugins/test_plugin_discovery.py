@@ -20,7 +20,7 @@ from hydra.plugins.sweeper import Sweeper
 
 import zi_app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory")
 PLUGIN_PACKAGE = "hydra_plugins.zero_inference"
 SEARCH_PATH_PLUGIN = f"{PLUGIN_PACKAGE}.searchpath.ZeroInferenceSearchPathPlugin"
