@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from zi_app import best, tracking
 from zi_app.paths import command
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 GIB = 2**30
 
 

@@ -23,6 +23,8 @@ import zi_app
 from zi_app.paths import command
 from zi_app.schema import ZIConfig
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory", "hardware")
 HEAVY_MODULES = ("torch", "mlflow", "matplotlib", "deepspeed", "transformers")

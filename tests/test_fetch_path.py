@@ -110,6 +110,7 @@ def test_a_model_that_fits_is_told_offload_is_not_needed(job):
     assert fits.metrics["profile_zero3_fetches"] == 0
 
 
+@pytest.mark.quick
 def test_offload_needed_is_planned_against_the_budget(compose):
     """The planner's verdict: OPT-13B fp16 (26 GB of weights) needs offload under 24 GiB, not under 139 GiB;
     without a known budget (no GPU, no memory.gpu_budget_gib) there is no verdict."""
@@ -125,6 +126,7 @@ def test_offload_needed_is_planned_against_the_budget(compose):
     assert residency(cfg, facts).offload_needed is None
 
 
+@pytest.mark.quick
 def test_overlap_refused_on_an_untested_deepspeed():
     """Any DeepSpeed other than the tested release refuses ``overlap``, naming the key and both versions;
     ``deepspeed`` is accepted on any version."""
@@ -140,6 +142,7 @@ def test_overlap_refused_on_an_untested_deepspeed():
     preflight.check_fetch_supported("overlap", installed="0.19.8")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("override,key", [("memory.fetch=fast", "memory.fetch"),
                                           ("memory.max_inflight_fetches=0", "memory.max_inflight_fetches")])
 def test_bad_fetch_settings_are_refused(override, key, compose):
