@@ -35,9 +35,10 @@ class Job:
     output: str
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def job(tmp_path_factory, run_python):
-    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per module in a fresh directory."""
+    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per test in a fresh directory (no two
+    tests run the same job, so the tests spread over the workers: see tests/conftest.py)."""
     done: Dict[tuple, Job] = {}
 
     def run(*overrides: str) -> Job:
