@@ -107,7 +107,6 @@ def test_devices_beyond_the_visible_gpus_are_refused_on_cuda(compose):
     assert not [p for p in preflight.environment_problems(cfg, cuda=False) if p.key == "devices"]
 
 
-@pytest.mark.quick
 def test_zi_plan_over_devices(run_python, tmp_path):
     """zi-plan devices=1,2: the JSON rows carry devices and the peer bytes, the table shows both columns
     and marks two ranks best for the link-bound job; a third rank on a 2-GPU machine does not fit."""

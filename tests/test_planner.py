@@ -213,7 +213,6 @@ def test_sweep_refuses_in_its_parent(run_app, mlflow_store, tmp_path):
     assert len(list(tmp_path.rglob(".hydra"))) == 1
 
 
-@pytest.mark.quick
 def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_path):
     """A real MLflow store holding the committed H200 runs (their metrics, device tag and config.yaml, as
     the app logs them): ``--calibrate`` says from how many runs it fitted each constant and plans with
