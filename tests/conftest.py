@@ -7,8 +7,10 @@ peak-memory counters are process-wide, so the pytest process never creates a Dee
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -200,3 +202,63 @@ def plain_greedy() -> Callable[..., List[List[int]]]:
         return output[:, prompt_len:].tolist()
 
     return generate
+
+
+# How the suite spreads over pytest-xdist's workers (``--dist loadscope`` in pyproject.toml, scopes redrawn
+# here): every test is a unit of work of its own, so a module of many slow tests keeps every core busy, except
+# where tests share something expensive, which one worker then builds once:
+# - a module with a module-scoped fixture (a whole sweep, a wheel, the quantization probes) is one unit;
+# - the modules whose tests use the session's PostgreSQL, mlflow server or SLURM cluster are one unit
+#   (SERVER_GROUP), so that one worker starts them once.
+# Units run longest first where that is known (FIRST), so that no long one starts last on an idle machine.
+# (xdist's own ``--dist loadgroup`` would do the grouping, but its xdist_group marks do not reach pytest 9's
+# node ids.)
+SERVER_GROUP = "tracking-server"
+_SERVER_FIXTURE = re.compile(r"^def \w+\([^)]*\b(postgres|tracking_server|slurm)\b", re.M)
+_MODULE_FIXTURE = re.compile(r"^@pytest\.fixture\(scope=\"(module|class|package)\"", re.M)
+# Work units measured longest on 2 cores, longest first: (module, test name prefix; "" for every test). The
+# first NVMe job of a machine JIT-builds DeepSpeed's async_io op (minutes): one NVMe test starts early, alone.
+FIRST = [
+    ("test_cluster.py", ""), ("test_tracking_server.py", ""),
+    ("test_fetch_path.py", "test_greedy_tokens_identical_between_fetch_paths[tiny-opt-offload=nvme-quant=none]"),
+    ("test_quantization.py", ""), ("test_ui.py", ""), ("test_sweep.py", ""), ("test_faults.py", "test_two_sweeps"),
+    ("test_multirun.py", ""), ("test_adaptive_sweeper.py", ""), ("test_devices.py", "test_two_ranks"),
+    ("test_multi_gpu_plan.py", "test_sweep_refuses"), ("test_progress.py", "test_sweep_prints"),
+    ("test_fetch_path.py", "test_greedy"), ("test_faults.py", ""), ("test_planner.py", "test_sweep_refuses"),
+    ("test_planner.py", "test_calibrate"), ("test_devices.py", ""), ("test_progress.py", ""),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _module_unit(path: Path) -> str:
+    """SERVER_GROUP, the module's path (one unit), or '' (a unit per test), read from the module's source."""
+    source = path.read_text() if path.is_file() else ""
+    if _SERVER_FIXTURE.search(source):
+        return SERVER_GROUP
+    return str(path) if _MODULE_FIXTURE.search(source) else ""
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """loadscope with this suite's units (see above); other ``--dist`` modes are left to xdist."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _module_unit(config.rootpath / nodeid.split("::")[0]) or nodeid
+
+    return SharedFixtureScheduling(config, log)
+
+
+def _rank(item: pytest.Item) -> int:
+    for rank, (module, prefix) in enumerate(FIRST):
+        if item.path.name == module and item.name.startswith(prefix):
+            return rank
+    return len(FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest units first (a stable sort: the order within a module stays); xdist keeps this order
+    (``--no-loadscope-reorder``)."""
+    items.sort(key=_rank)

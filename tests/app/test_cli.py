@@ -23,6 +23,8 @@ import zi_app
 from zi_app.config.paths import command
 from zi_app.config.schema import ZIConfig
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory", "hardware")
 HEAVY_MODULES = ("torch", "mlflow", "matplotlib", "deepspeed", "transformers")

@@ -199,6 +199,7 @@ def test_two_sweeps_started_at_once_on_a_new_store_lose_nothing(tmp_path):
         assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.quick
 def test_the_default_sweep_folder_is_unique_to_the_microsecond(hydra_restore_singletons):
     """Two sweeps started in the same second must not share a folder (nor the run-id files in it)."""
     from hydra import compose, initialize_config_dir
@@ -208,6 +209,7 @@ def test_the_default_sweep_folder_is_unique_to_the_microsecond(hydra_restore_sin
     assert first != second and re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d\.\d{6}", first), (first, second)
 
 
+@pytest.mark.quick
 def test_settling_a_job_touches_only_the_run_it_recorded(tmp_path, compose, monkeypatch):
     """A job folder whose run-id file names another sweep's run (two sweeps sharing a folder): settling this
     sweep's dead job there creates its own FAILED run and leaves the other sweep's run as it was."""
@@ -332,6 +334,7 @@ def test_a_failing_end_of_sweep_hook_closes_the_parent_run(tmp_path):
     assert_nothing_running(tmp_path)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("override, message", [
     ("model.arch.hidden_size=-128", "model.arch.hidden_size=-128 is not allowed: a positive integer"),
     ("model.arch.num_attention_heads=3", "model.arch.num_attention_heads=3 is not allowed: a divisor of "
@@ -345,6 +348,7 @@ def test_architecture_values_are_validated(compose, override, message):
         validate(compose(override))
 
 
+@pytest.mark.quick
 def test_key_value_heads_must_divide_the_attention_heads(compose):
     with pytest.raises(ConfigError, match=re.escape("model.arch.num_key_value_heads=3 is not allowed: a divisor "
                                                     "of num_attention_heads 4")):

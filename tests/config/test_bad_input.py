@@ -14,6 +14,8 @@ import pytest
 from zi_app import ConfigError, validate
 from zi_app.plan import preflight
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 # (overrides, key, bad value as printed, what is allowed as printed); {tmp} is the test's directory.
 BAD_OVERRIDES = [
     (["batch=0"], "batch", "0", "a positive integer"),

@@ -244,6 +244,7 @@ def _section() -> str:
     raise AssertionError(f"no '{SECTION}' section in README.md or docs/reuse.md")
 
 
+@pytest.mark.quick
 def test_readme_snippet_writes_the_example_app():
     written = dict(re.findall(r"cat > (\S+) <<'EOF'\n(.*?\n)EOF\n", _section(), re.S))
     assert set(written) == {str(p.relative_to(EXAMPLE)) for p in EXAMPLE.rglob("*") if p.is_file()
@@ -304,6 +305,7 @@ def test_app_that_never_imports_zi_app_composes_typed_groups(tmp_path):
     assert proc.returncode != 0 and "zi.batch" in proc.stderr and "abc" in proc.stderr
 
 
+@pytest.mark.quick
 def test_typed_mount_validates_with_cache_dir_default(tmp_path, monkeypatch):
     """A typed node composed by another app lacks ``cache_dir`` (our config.yaml sets it): validation fills
     it from ZI_CACHE_DIR and keeps every composed value."""
@@ -325,6 +327,7 @@ def _compose(config_dir: Path, name: str, overrides: List[str]):
 CHOICES = ["model=opt-30b", "quant=int4", "offload=cpu", "memory=reference", "batch=24", "gen_len=16"]
 
 
+@pytest.mark.quick
 def test_client_keys_at_the_top_level_are_left_alone():
     """A client app composing our groups at the top level beside keys of its own (a note, a ``trainer``
     block, an interpolation into ours) gets the DeepSpeed config our app composes for the same choices."""
@@ -335,6 +338,7 @@ def test_client_keys_at_the_top_level_are_left_alone():
     assert client.experiment_note == "hello"  # untouched
 
 
+@pytest.mark.quick
 def test_client_keys_beside_a_mount_are_left_alone():
     """The same for our groups mounted under a key of the client's choosing, with its own keys at its root."""
     ours = zi_app.build_ds_config(_compose(zi_app.conf_dir(), "config", [
@@ -344,6 +348,7 @@ def test_client_keys_beside_a_mount_are_left_alone():
     assert zi_app.build_ds_config(client.zi) == ours
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("override,key,message", [
     ("offload.device=dsk", "offload.device", "offload.device='dsk' is not allowed: one of none, cpu, nvme"),
     ("batch=abc", "batch", "batch='abc' is not allowed: Value 'abc' of type 'str' could not be converted to Integer"),

@@ -43,7 +43,7 @@ def _run(cmd: List[str], **kwargs) -> str:
 
 def _need(path: str, package: str) -> str:
     if not shutil.which(path) and not Path(path).exists():
-        pytest.fail(f"{path} not found: install Debian's {package} (`.ci/run` does: apt-get install {package})")
+        pytest.fail(f"{path} not found: install Debian's {package} (`tests/run.sh` does: apt-get install {package})")
     return path
 
 

@@ -12,6 +12,8 @@ import pytest
 import zi_app
 from zi_app import app
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 PRESETS = sorted(p.stem for p in (zi_app.conf_dir() / "model").glob("*.yaml"))
 QUANTS = sorted(p.stem for p in (zi_app.conf_dir() / "quant").glob("*.yaml"))
 KVCACHES = sorted(p.stem for p in (zi_app.conf_dir() / "kvcache").glob("*.yaml"))

@@ -14,6 +14,8 @@ import pytest
 
 from zi_app import build_ds_config, validate
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 GiB = 2**30
 # What run_model.py reads from each real checkpoint: hidden size h and config.torch_dtype (float16 when
 # unset). opt-175b is opt-66b's config with h = 12288. The tiny presets are ours; a float32

@@ -24,6 +24,7 @@ def _plan(compose, *overrides):
     return plan_job(validate(compose(*overrides)), cuda=True, here=False)
 
 
+@pytest.mark.quick
 def test_offloaded_weights_are_partitioned_across_ranks(compose):
     """Two ranks: each streams half the offloaded bytes over its own link and all-gathers the other half; the
     GPU peak per rank is unchanged (resident weights whole on each); host memory holds the weights once,
@@ -43,6 +44,7 @@ def test_offloaded_weights_are_partitioned_across_ranks(compose):
     assert two.predicted_metrics()["predicted_peer_bytes_per_step"] == two.predicted_peer_bytes_per_step
 
 
+@pytest.mark.quick
 def test_a_slow_peer_link_bounds_the_step(compose):
     """The all-gather and the host copies overlap: at 1 GB/s between GPUs the peers' half, not the own
     link's, sets the step, and two ranks are slower per step than one."""
@@ -52,6 +54,7 @@ def test_a_slow_peer_link_bounds_the_step(compose):
     assert slow.predicted_decode_step_s > one.predicted_decode_step_s
 
 
+@pytest.mark.quick
 def test_resident_weights_are_not_gathered(compose):
     """With every weight on the GPU (offload=none) ranks stream and gather nothing: each holds the model."""
     two = _plan(compose, "model=opt-1.3b", "offload=none", "hardware=h200", "devices=2")
@@ -60,6 +63,7 @@ def test_resident_weights_are_not_gathered(compose):
     assert two.predicted_peak_gpu_bytes > 2.4 * GIB  # the whole fp16 model on each rank
 
 
+@pytest.mark.quick
 def test_an_offloaded_kv_cache_is_each_ranks_own(compose):
     """kvcache=cpu with resident weights: each rank copies its own batch's cache over its own link, whole,
     gathers nothing, and holds its own pinned cache blocks on the host."""
@@ -70,12 +74,14 @@ def test_an_offloaded_kv_cache_is_each_ranks_own(compose):
     assert two.predicted_peak_host_bytes == 2 * one.predicted_peak_host_bytes
 
 
+@pytest.mark.quick
 def test_ranks_need_the_peer_rate_for_a_speed(compose):
     """Without hardware.gpu_peer_gbps the speed of several ranks is unknown (None), one rank's is not."""
     assert _plan(compose, *STREAMING, "hardware.gpu_peer_gbps=null", "devices=2").predicted_tokens_per_sec is None
     assert _plan(compose, *STREAMING, "hardware.gpu_peer_gbps=null").predicted_tokens_per_sec is not None
 
 
+@pytest.mark.quick
 def test_devices_beyond_the_hardware_do_not_fit(compose):
     plan = _plan(compose, *STREAMING, "hardware.gpu_count=2", "devices=4")
     [problem] = [p for p in plan.problems if p.key == "devices"]
@@ -87,6 +93,7 @@ def test_devices_beyond_the_hardware_do_not_fit(compose):
         _plan(compose, "hardware.gpu_peer_gbps=-1")
 
 
+@pytest.mark.quick
 def test_devices_beyond_the_visible_gpus_are_refused_on_cuda(compose):
     """On CUDA a job asking more ranks than this process sees GPUs is refused before loading; on the CPU
     accelerator ranks are processes on the CPU and any number runs."""

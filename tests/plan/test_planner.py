@@ -99,10 +99,12 @@ TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
 HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned"}
 
 
+@pytest.mark.quick
 def test_the_committed_measurements_are_there():
     assert len(RUNS) >= 40
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name,overrides,measured", RUNS, ids=[run[0] for run in RUNS])
 def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, compose):
     """Planned for the H200 with the bandwidth the run measured: peak GPU allocated within 5%, tokens/s within
@@ -130,6 +132,7 @@ def test_prediction_holds_to_the_h200_measurement(name, overrides, measured, com
         assert abs(errors["peak host"]) <= 0.06, errors
 
 
+@pytest.mark.quick
 def test_short_dtype_names_are_accepted(compose):
     cfg = compose("model.dtype=bf16", "hardware.host_memory_gib=4096")
     ds = plan_job(validate(cfg), cuda=False).ds_config
@@ -138,6 +141,7 @@ def test_short_dtype_names_are_accepted(compose):
         plan_job(validate(compose("model.dtype=fp8")), cuda=False)
 
 
+@pytest.mark.quick
 def test_a_preset_plans_for_its_machine(compose):
     """hardware=a6000 plans persistence=auto against 48 GB (not this machine's memory) and, on this machine
     without its GPU, lists that as a problem naming the key; an invalid figure is refused with its key."""
@@ -150,6 +154,7 @@ def test_a_preset_plans_for_its_machine(compose):
         plan_job(validate(compose("hardware.stream_efficiency=1.5")), cuda=False)
 
 
+@pytest.mark.quick
 def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
     """OPT-175B offloaded to a 125 GiB host cannot hold its weights: refused naming the key and the ways
     out; the same weights swapped to NVMe need the disk space the directory has."""
@@ -163,6 +168,7 @@ def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
     assert "GiB free there" in str(disk)
 
 
+@pytest.mark.quick
 def test_zi_plan_command(run_python, tmp_path):
     """``python -m zi_app.zi_plan`` with comma lists: one JSON object per point in grid order, with the keys the
     issue names; the table marks the best and gives the reasons; without a GPU, auto predicts no speed."""
@@ -195,6 +201,7 @@ def planner_keys():
             "predicted_streamed_bytes_per_step", "predicted_decode_step_s", "predicted_tokens_per_sec")
 
 
+@pytest.mark.quick
 def test_a_real_run_with_another_machines_preset_is_refused(run_app, mlflow_store):
     run = run_app("hardware=h200", "prompt_len=8", "gen_len=2")
     assert run.returncode == 2 and "hardware='h200' is not allowed" in run.stderr, run.tail()

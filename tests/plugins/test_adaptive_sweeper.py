@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from hydra_plugins.zero_inference._adaptive import Grid, Point, next_round
@@ -65,6 +66,7 @@ def assert_parent_has_results(store, parent, jobs) -> None:
         assert store.artifact_path(parent, name).stat().st_size > 0, name
 
 
+@pytest.mark.quick
 def test_rounds_climb_to_a_better_neighbour_and_stop_once_the_best_is_confirmed():
     """The choice of each round on a 4 x 2 grid (batch x pin): the predicted fastest first, then the best's
     neighbours that fit (never a refused point), following a faster neighbour, until none is left."""
@@ -126,6 +128,7 @@ def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, ml
     assert f"Best: batch={best[0]} pin={best[1]}: " in report and "(confirmed: " in report
 
 
+@pytest.mark.quick
 def test_adaptive_sweep_refuses_bad_options_before_planning(run_app, mlflow_store):
     result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.jobs_per_round=0", "batch=1,2", multirun=True)
     assert result.returncode == 2, result.tail()

@@ -26,12 +26,14 @@ from zi_app.plan import hardware as machine
 LAUNCHER = "hydra/launcher=process_per_job"
 
 
+@pytest.mark.quick
 def test_discovered_by_hydra():
     # Hydra re-executes plugin modules while scanning: compare the classes by name.
     names = {f"{cls.__module__}.{cls.__name__}" for cls in Plugins.instance().discover(Launcher)}
     assert f"{ProcessPerJobLauncher.__module__}.{ProcessPerJobLauncher.__name__}" in names
 
 
+@pytest.mark.quick
 def test_discovery_imports_nothing_heavy():
     """Hydra imports the plugin module at every start of every app."""
     code = ("import sys, hydra_plugins.zero_inference.process_per_job_launcher; "
@@ -165,6 +167,7 @@ def test_one_job_per_gpu_at_a_time(tmp_path):
     assert any(len([o for o in records if o["start"] < r["end"] and r["start"] < o["end"]]) == 2 for r in records)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("env, expected", [("0,1", ["0", "1"]), ("", []), ("2,-1,3", ["2"]),
                                            ("GPU-9f2e, GPU-77aa", ["GPU-9f2e", "GPU-77aa"])])
 def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, env, expected):

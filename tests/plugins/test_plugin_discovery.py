@@ -20,6 +20,8 @@ from hydra.plugins.sweeper import Sweeper
 
 import zi_app
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("model", "offload", "quant", "kvcache", "memory")
 PLUGIN_PACKAGE = "hydra_plugins.zero_inference"

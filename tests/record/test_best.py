@@ -15,6 +15,8 @@ from zi_app import zi_best as best
 from zi_app.record import runs, store as zi_store
 from zi_app.config.paths import command
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 GIB = 2**30
 
 

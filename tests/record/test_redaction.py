@@ -10,6 +10,8 @@ import pytest
 from zi_app.record import runs, store
 from zi_app.record.redaction import public_url, redact, redact_overrides, redact_text
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 
 def test_passwords_in_urls_and_secret_keys_are_masked():
     assert redact_text("at postgresql+psycopg2://zi:s3cr3t@db:5432/mlflow now") == \

@@ -17,6 +17,8 @@ from omegaconf import OmegaConf
 from zi_app.record import orphans, results as sweep, runs as zi_runs, store, sweep_end
 from zi_app import ConfigError
 
+pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
+
 TOKENS = {("1", "true"): 10.0, ("8", "true"): 60.0, ("32", "true"): None, ("1", "false"): 2.0, ("8", "false"): 12.0,
           ("32", "false"): 30.0}  # None: failed (oom)
 

@@ -35,9 +35,10 @@ class Job:
     output: str
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def job(tmp_path_factory, run_python):
-    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per module in a fresh directory."""
+    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per test in a fresh directory (no two
+    tests run the same job, so the tests spread over the workers: see tests/conftest.py)."""
     done: Dict[tuple, Job] = {}
 
     def run(*overrides: str) -> Job:
@@ -110,6 +111,7 @@ def test_a_model_that_fits_is_told_offload_is_not_needed(job):
     assert fits.metrics["profile_zero3_fetches"] == 0
 
 
+@pytest.mark.quick
 def test_offload_needed_is_planned_against_the_budget(compose):
     """The planner's verdict: OPT-13B fp16 (26 GB of weights) needs offload under 24 GiB, not under 139 GiB;
     without a known budget (no GPU, no memory.gpu_budget_gib) there is no verdict."""
@@ -131,6 +133,7 @@ def test_offload_needed_is_planned_against_the_budget(compose):
     assert planned().offload_needed is None
 
 
+@pytest.mark.quick
 def test_overlap_refused_on_an_untested_deepspeed():
     """Any DeepSpeed other than the tested release refuses ``overlap``, naming the key and both versions;
     ``deepspeed`` is accepted on any version."""
@@ -146,6 +149,7 @@ def test_overlap_refused_on_an_untested_deepspeed():
     preflight.check_fetch_supported("overlap", installed="0.19.8")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("override,key", [("memory.fetch=fast", "memory.fetch"),
                                           ("memory.max_inflight_fetches=0", "memory.max_inflight_fetches")])
 def test_bad_fetch_settings_are_refused(override, key, compose):

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from conftest import SUBPROCESS_TIMEOUT_S, app_env
 
 from zi_app import validate
@@ -58,6 +59,7 @@ def test_piped_output_gets_rate_limited_plain_lines(run_app, tiny_checkpoint):
     assert "\r" not in result.output and "it/s" not in result.output, "a progress bar in piped output"
 
 
+@pytest.mark.quick
 def test_only_rank_0_shows_progress(monkeypatch, caplog):
     """A job spanning several processes (one rank each) shows its progress once, from rank 0."""
     caplog.set_level(logging.INFO, logger="zi_app.progress")
@@ -105,6 +107,7 @@ def test_a_terminal_gets_tqdm_bars(tmp_path):
     assert "[zi_app.progress]" not in output, "plain lines on a terminal"
 
 
+@pytest.mark.quick
 def test_a_jobs_planned_time_is_its_overhead_its_load_and_its_generates():
     """60 GB at 1.2 GB/s, 30 s of process start and engine, one warm-up of two tokens and three timed
     generates of 32 (each a prefill and a decode step per further token); no time without a speed."""

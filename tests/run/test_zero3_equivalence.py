@@ -14,7 +14,12 @@ CASES = [(model, offload, pin) for model in ("tiny-opt", "tiny-llama")
          for offload, pin in (("none", True), ("cpu", True), ("cpu", False))]
 
 
-@pytest.mark.parametrize("model,offload,pin", CASES, ids=[f"{m}-offload={o}-pin={p}" for m, o, p in CASES])
+QUICK_CASE = ("tiny-opt", "cpu", True)  # the quick tier's (pyproject.toml's markers) one real ZeRO-3 job
+
+
+@pytest.mark.parametrize("model,offload,pin",
+                         [pytest.param(*case, marks=pytest.mark.quick if case == QUICK_CASE else ()) for case in CASES],
+                         ids=[f"{m}-offload={o}-pin={p}" for m, o, p in CASES])
 def test_greedy_tokens_equal_plain_transformers(model, offload, pin, tiny_checkpoint, run_app, mlflow_store,
                                                 plain_greedy):
     """Bit-identical greedy tokens for offload none and cpu (pinned or not); tiny-llama has untied
