@@ -27,7 +27,7 @@ from zi_app.config.schema import JobSpec, as_config
 from zi_app.config.spec import validate
 from zi_app.plan.job import plan_job, ready
 from zi_app.record import orphans, runs, store
-from zi_app.record.redaction import redact, redact_overrides
+from zi_app.record.redaction import SecretError, find_secrets, redact, redact_overrides, refuse_secrets, scrub_files
 from zi_app.run import interrupt
 
 log = logging.getLogger("zi_app")
@@ -55,7 +55,7 @@ def _device_name(cuda: bool) -> str:
 def _overrides() -> str:
     """The job's overrides, secrets masked: they are stored as a tag and name the run."""
     try:
-        return redact_overrides(" ".join(HydraConfig.get().overrides.task))
+        return redact_overrides(HydraConfig.get().overrides.task)
     except ValueError:
         return ""
 
@@ -73,6 +73,21 @@ def _output_dir() -> Optional[Path]:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
         return None
+
+
+def refuse_secrets_in_job(cfg: DictConfig) -> None:
+    """Raise :class:`SecretError` for a secret in the job's config or overrides, first masking it in the files
+    Hydra already wrote in the job's folder. The sweep callback refuses it before Hydra writes anything; this
+    covers an app run without that callback (``hydra.callbacks`` overridden)."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    config = OmegaConf.to_container(cfg, resolve=True)
+    out_dir = _output_dir()
+    if out_dir is not None:
+        scrub_files(out_dir, [secret for _, secret in find_secrets(config, overrides)])
+    refuse_secrets(config, overrides)
 
 
 def run_job(cfg: DictConfig) -> float:
@@ -176,13 +191,14 @@ def main(cfg: DictConfig) -> Optional[float]:
     """
     interrupt.install()
     try:
+        refuse_secrets_in_job(cfg)
         if cfg.dry_run:
             return dry_run(cfg)
         return run_job(cfg)
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
-    except (ConfigError, store.StoreError) as error:
+    except (ConfigError, store.StoreError, SecretError) as error:
         if _multirun():  # the launcher reports it, and the sweep records it as a failed run
             raise
         invalid = isinstance(error, ConfigError)
