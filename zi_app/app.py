@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app.config.checks import ConfigError
+from zi_app.config.checks import ConfigError, check_tracking
 from zi_app.config.paths import conf_dir
 from zi_app.config.schema import JobSpec, as_config
 from zi_app.config.spec import validate
@@ -97,8 +97,10 @@ def run_job(cfg: DictConfig) -> float:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from mlflow.tracking import MlflowClient  # here, not at import: --help and tab completion load this module
 
+    check_tracking(cfg.tracking)
     uri = store.absolute_uri(cfg.tracking.uri, _launch_dir())
-    experiment_id = store.open_experiment(uri, cfg.tracking.experiment)  # a bad store: refused before loading
+    # A bad store is refused before loading; a server restarting is waited for.
+    experiment_id = store.open_experiment(uri, cfg.tracking.experiment, cfg.tracking.connect_timeout_s)
     orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a job started")
     import torch
 

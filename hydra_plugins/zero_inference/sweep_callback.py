@@ -25,6 +25,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from zi_app.config.checks import ConfigError, check_tracking
 from zi_app.record import orphans, results, runs, store
 from zi_app.record.redaction import SecretError, redact_overrides, redact_text, refuse_secrets
 from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, settle_job
@@ -56,7 +57,7 @@ def _stops_the_sweep(hook: Callable) -> Callable:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return hook(*args, **kwargs)
-        except (store.StoreError, SecretError) as error:
+        except (store.StoreError, SecretError, ConfigError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(store.EXIT_STORE_ERROR) from None
         except Exception:  # noqa: BLE001 - any failure of the sweep's bookkeeping
@@ -97,8 +98,9 @@ class SweepCallback(Callback):
         from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module
 
         interrupt.install()
+        check_tracking(config.tracking)
         uri = store.absolute_uri(config.tracking.uri)
-        experiment_id = store.open_experiment(uri, config.tracking.experiment)
+        experiment_id = store.open_experiment(uri, config.tracking.experiment, config.tracking.connect_timeout_s)
         orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a sweep started")
         overrides = redact_overrides(config.hydra.overrides.task)
         os.environ[runs.SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task))
@@ -122,9 +124,13 @@ class SweepCallback(Callback):
         """
         if job_return.status != JobStatus.FAILED or config.dry_run:
             return
-        settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), list(config.hydra.overrides.task),
-                   job_return._return_value,  # the public property raises for a failed job
-                   launch_dir=config.hydra.runtime.cwd)
+        try:
+            settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), list(config.hydra.overrides.task),
+                       job_return._return_value,  # the public property raises for a failed job
+                       launch_dir=config.hydra.runtime.cwd)
+        except store.StoreError as error:  # one job's record lost to a server still away: the sweep goes on
+            print(f"warning: job {config.hydra.job.num} failed and could not be recorded: {error}", file=sys.stderr,
+                  flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.finish():

@@ -58,7 +58,8 @@ def settle_job(output_dir: Path, job_config: dict, overrides: Sequence[str], err
     overrides = redact_overrides(overrides)
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
     uri = store.absolute_uri(job_config["tracking"]["uri"], launch_dir)
-    experiment_id = store.open_experiment(uri, job_config["tracking"]["experiment"])
+    experiment_id = store.open_experiment(uri, job_config["tracking"]["experiment"],
+                                          job_config["tracking"]["connect_timeout_s"])
     run_file = output_dir / runs.RUN_ID_FILE
     recorded = _recorded_run(run_file)
     if recorded is not None:
