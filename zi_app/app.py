@@ -21,13 +21,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app.config.checks import ConfigError
+from zi_app.config.checks import ConfigError, check_tracking
 from zi_app.config.paths import conf_dir
 from zi_app.config.schema import JobSpec, as_config
 from zi_app.config.spec import validate
 from zi_app.plan.job import plan_job, ready
 from zi_app.record import orphans, runs, store
-from zi_app.record.redaction import redact, redact_overrides
+from zi_app.record.redaction import SecretError, find_secrets, redact, redact_overrides, refuse_secrets, scrub_files
 from zi_app.run import interrupt
 
 log = logging.getLogger("zi_app")
@@ -55,7 +55,7 @@ def _device_name(cuda: bool) -> str:
 def _overrides() -> str:
     """The job's overrides, secrets masked: they are stored as a tag and name the run."""
     try:
-        return redact_overrides(" ".join(HydraConfig.get().overrides.task))
+        return redact_overrides(HydraConfig.get().overrides.task)
     except ValueError:
         return ""
 
@@ -75,6 +75,21 @@ def _output_dir() -> Optional[Path]:
         return None
 
 
+def refuse_secrets_in_job(cfg: DictConfig) -> None:
+    """Raise :class:`SecretError` for a secret in the job's config or overrides, first masking it in the files
+    Hydra already wrote in the job's folder. The sweep callback refuses it before Hydra writes anything; this
+    covers an app run without that callback (``hydra.callbacks`` overridden)."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    config = OmegaConf.to_container(cfg, resolve=True)
+    out_dir = _output_dir()
+    if out_dir is not None:
+        scrub_files(out_dir, [secret for _, secret in find_secrets(config, overrides)])
+    refuse_secrets(config, overrides)
+
+
 def run_job(cfg: DictConfig) -> float:
     """Run one job end to end and return its tokens/sec; failures are recorded in MLflow, then raised."""
     # ZeRO-3 gathers and frees parameter buffers of many sizes every step; expandable segments keep the
@@ -82,8 +97,10 @@ def run_job(cfg: DictConfig) -> float:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from mlflow.tracking import MlflowClient  # here, not at import: --help and tab completion load this module
 
+    check_tracking(cfg.tracking)
     uri = store.absolute_uri(cfg.tracking.uri, _launch_dir())
-    experiment_id = store.open_experiment(uri, cfg.tracking.experiment)  # a bad store: refused before loading
+    # A bad store is refused before loading; a server restarting is waited for.
+    experiment_id = store.open_experiment(uri, cfg.tracking.experiment, cfg.tracking.connect_timeout_s)
     orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a job started")
     import torch
 
@@ -176,13 +193,14 @@ def main(cfg: DictConfig) -> Optional[float]:
     """
     interrupt.install()
     try:
+        refuse_secrets_in_job(cfg)
         if cfg.dry_run:
             return dry_run(cfg)
         return run_job(cfg)
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
-    except (ConfigError, store.StoreError) as error:
+    except (ConfigError, store.StoreError, SecretError) as error:
         if _multirun():  # the launcher reports it, and the sweep records it as a failed run
             raise
         invalid = isinstance(error, ConfigError)

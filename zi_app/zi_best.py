@@ -1,6 +1,10 @@
 """The best run of the latest sweep, of a given sweep, or of an experiment (``zi-best``, or
 ``python -m zi_app.zi_best``).
 
+The latest sweep is the latest of one experiment (``--experiment``, default the app's ``zero-inference``)
+and, on a tracking server, the latest of this user's sweeps (MLflow's ``mlflow.user`` tag); the output says
+which sweep it picked.
+
 Prints the run's overrides, tokens/sec (or ``--metric``), peak GPU and host memory and where its
 ``ds_config.json`` is; ``--max-peak-gpu-gib`` / ``--max-peak-host-gib`` pick the best run that stays
 under a memory cap. Runs left RUNNING by a process that is gone are closed first (FAILED, kind
@@ -18,7 +22,7 @@ from typing import Optional, Sequence
 
 from zi_app.config.schema import TrackingSpec
 from zi_app.record import results
-from zi_app.record.best import InputError, as_text, close_dead_runs, open_store, report, select_rows
+from zi_app.record.best import InputError, as_text, close_dead_runs, open_store, report, select_rows, sweep_owner
 
 EXIT_NONE_QUALIFIES = 1
 EXIT_BAD_INPUT = 2
@@ -39,8 +43,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="MLflow store or server (default: %(default)s, relative to the current directory)")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--parent", metavar="RUN_ID",
-                       help="the parent run of a sweep, or a unique prefix of its id (default: the latest sweep)")
-    scope.add_argument("--experiment", metavar="NAME", help="rank every job run of this experiment, any sweep")
+                       help="the parent run of a sweep, or a unique prefix of its id (default: the latest sweep "
+                            "of --experiment; on a tracking server, the latest of this user's)")
+    scope.add_argument("--experiment", metavar="NAME",
+                       help=f"the experiment whose latest sweep to rank (default: {TrackingSpec.experiment})")
+    parser.add_argument("--every-sweep", action="store_true",
+                        help="rank every job run of --experiment, any sweep, anyone's")
     parser.add_argument("--metric", default=results.METRIC, help="metric to rank by (default: %(default)s)")
     parser.add_argument("--minimize", action="store_true", help="lower is better (e.g. --metric latency_s)")
     parser.add_argument("--max-peak-gpu-gib", type=_positive, metavar="GIB",
@@ -48,7 +56,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--max-peak-host-gib", type=_positive, metavar="GIB",
                         help="only runs whose peak host RSS is at most this")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.every_sweep and args.parent:
+        parser.error("argument --every-sweep: not allowed with argument --parent (one sweep)")
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -57,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         client = open_store(args.tracking_uri)
         close_dead_runs(client)
-        rows, scope = select_rows(client, args.experiment, args.parent)
+        rows, scope = select_rows(client, args.experiment or TrackingSpec.experiment, args.parent,
+                                  args.every_sweep, sweep_owner(args.tracking_uri))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

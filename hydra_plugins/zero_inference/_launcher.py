@@ -167,7 +167,7 @@ def failure_line(job: Job, ret: JobReturn) -> str:
     """One line for a failed job: its number, overrides and error, and where its traceback is."""
     logs = [] if isinstance(ret._return_value, JobProcessError) else log_files(job)
     where = f"traceback in {', '.join(logs)}" if logs else f"its files: {job.output_dir}"
-    what = " ".join(filter_overrides(job.overrides)) or "no overrides"
+    what = redact_overrides(filter_overrides(job.overrides)) or "no overrides"
     return f"job #{job.idx} ({what}) {outcome(ret, '')}; {where}"
 
 
@@ -192,7 +192,7 @@ class Progress:
     def job_ended(self, job: Job, ret: JobReturn, seconds: float, gpu: Optional[str]) -> None:
         with self.lock:
             self.done += 1
-            what = redact_overrides(" ".join(filter_overrides(job.overrides))) or "(no overrides)"
+            what = redact_overrides(filter_overrides(job.overrides)) or "(no overrides)"
             where = f", GPU {gpu}" if gpu is not None else ""
             logs = log_files(job) if ret.status == JobStatus.FAILED and not isinstance(ret._return_value,
                                                                                        JobProcessError) else []
@@ -294,7 +294,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         taken = pool.take(min(job_devices(job), len(gpus)))
         gpu = ",".join(taken) or None
         try:
-            log.info("\t#%d : %s", job.idx, redact_overrides(" ".join(filter_overrides(job.overrides))))
+            log.info("\t#%d : %s", job.idx, redact_overrides(filter_overrides(job.overrides)))
             start = time.monotonic()
             ret = run_in_process(launcher, job, gpu, state, Path(workdir), children)
             if isinstance(ret._return_value, JobProcessError):

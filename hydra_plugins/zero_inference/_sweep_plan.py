@@ -42,7 +42,7 @@ def plan_jobs(jobs: Sequence[Any], gpus: int) -> Tuple[dict, dict]:
               flush=True)
         for job in jobs:
             if job.idx in refused:
-                what = redact_overrides(" ".join(filter_overrides(job.overrides)))
+                what = redact_overrides(filter_overrides(job.overrides))
                 print(f"  #{job.idx} {what}: {refused[job.idx]}", flush=True)
     return refused, seconds
 

@@ -25,8 +25,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from zi_app.config.checks import ConfigError, check_tracking
 from zi_app.record import orphans, results, runs, store
-from zi_app.record.redaction import redact_overrides, redact_text
+from zi_app.record.redaction import SecretError, redact_overrides, redact_text, refuse_secrets
 from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, settle_job
 from zi_app.run import interrupt
 
@@ -43,7 +44,7 @@ def planned_jobs(config: DictConfig) -> Optional[List[str]]:
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     try:
         overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-        return [redact_overrides(" ".join(job)) for batch in BasicSweeper.split_arguments(overrides, None)
+        return [redact_overrides(job) for batch in BasicSweeper.split_arguments(overrides, None)
                 for job in batch]
     except Exception:  # noqa: BLE001 - Hydra reports a bad override itself; we only lose the count
         return None
@@ -56,7 +57,7 @@ def _stops_the_sweep(hook: Callable) -> Callable:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return hook(*args, **kwargs)
-        except store.StoreError as error:
+        except (store.StoreError, SecretError, ConfigError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(store.EXIT_STORE_ERROR) from None
         except Exception:  # noqa: BLE001 - any failure of the sweep's bookkeeping
@@ -79,19 +80,29 @@ class SweepCallback(Callback):
         self.sweep: Optional[Sweep] = None
 
     @_stops_the_sweep
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Refuse a secret in the config or the overrides (exit 2): Hydra calls this before it writes the
+        job's ``.hydra/`` files."""
+        refuse_secrets(_task_config(config), config.hydra.overrides.task)
+
+    @_stops_the_sweep
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check the store, create it, the experiment and the parent run before any job starts (parallel jobs
-        creating a fresh SQLite store race on its schema), close runs whose process is gone, pass the
-        parent's id to the jobs, and let SIGTERM/SIGHUP stop the sweep as Ctrl-C does."""
+        """Refuse a secret in the config or the overrides before Hydra writes ``multirun.yaml`` and any
+        launcher prints or pickles a job (exit 2). Check the store, create it, the experiment and the parent
+        run before any job starts (parallel jobs creating a fresh SQLite store race on its schema), close runs
+        whose process is gone, pass the parent's id to the jobs, and let SIGTERM/SIGHUP stop the sweep as
+        Ctrl-C does."""
+        refuse_secrets(_task_config(config), config.hydra.overrides.task)
         if config.dry_run:
             return
         from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module
 
         interrupt.install()
+        check_tracking(config.tracking)
         uri = store.absolute_uri(config.tracking.uri)
-        experiment_id = store.open_experiment(uri, config.tracking.experiment)
+        experiment_id = store.open_experiment(uri, config.tracking.experiment, config.tracking.connect_timeout_s)
         orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a sweep started")
-        overrides = redact_overrides(" ".join(config.hydra.overrides.task))
+        overrides = redact_overrides(config.hydra.overrides.task)
         os.environ[runs.SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task))
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         parent = runs.start_sweep_run(experiment_id, f"sweep {overrides}"[:200],
@@ -113,9 +124,13 @@ class SweepCallback(Callback):
         """
         if job_return.status != JobStatus.FAILED or config.dry_run:
             return
-        settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), " ".join(config.hydra.overrides.task),
-                   job_return._return_value,  # the public property raises for a failed job
-                   launch_dir=config.hydra.runtime.cwd)
+        try:
+            settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), list(config.hydra.overrides.task),
+                       job_return._return_value,  # the public property raises for a failed job
+                       launch_dir=config.hydra.runtime.cwd)
+        except store.StoreError as error:  # one job's record lost to a server still away: the sweep goes on
+            print(f"warning: job {config.hydra.job.num} failed and could not be recorded: {error}", file=sys.stderr,
+                  flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.finish():

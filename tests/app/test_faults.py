@@ -225,7 +225,7 @@ def test_settling_a_job_touches_only_the_run_it_recorded(tmp_path, compose, monk
     job_dir.mkdir(parents=True)
     (job_dir / zi_runs.RUN_ID_FILE).write_text(others)
     config = sweep_callback._task_config(compose(f"tracking.uri={uri}"))
-    sweep_end.settle_job(job_dir, config, "batch=1", RuntimeError("the job's process died"))
+    sweep_end.settle_job(job_dir, config, ["batch=1"], RuntimeError("the job's process died"))
     assert store.get_run(others).info.status == "FINISHED" and zi_runs.FAILURE_KIND_TAG not in \
         store.get_run(others).data.tags
     mine = store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{ours}'")

@@ -39,6 +39,7 @@ BAD_OVERRIDES = [
     (["model.dtype=float8"], "model.dtype", "float8", "one of float32, float16, bfloat16"),
     (["pin=maybe"], "pin", "maybe", "is not a valid bool"),
     (["memory.persistence=most"], "memory.persistence", "most", "'h' (h elements), 'hh' (h*h+1)"),
+    (["tracking.connect_timeout_s=-5"], "tracking.connect_timeout_s", "-5.0", "seconds >= 0 to keep retrying"),
 ]
 
 

@@ -103,12 +103,14 @@ def postgres() -> Iterator[Postgres]:
 
 @dataclass
 class TrackingServer:
-    """A running ``mlflow server``: its URL, its PostgreSQL database and the folder its artifacts land in."""
+    """A running ``mlflow server``: its URL, its PostgreSQL database, the folder its artifacts land in, and its
+    process group (the server and its workers), which a test may stop and continue to stage an outage."""
 
     url: str
     database: str
     artifacts: Path
     log: Path
+    process_group: int
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -156,7 +158,7 @@ def tracking_server(postgres, tmp_path_factory) -> Iterator[TrackingServer]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, log)
-        yield TrackingServer(url, database, root / "artifacts", log)
+        yield TrackingServer(url, database, root / "artifacts", log, process.pid)
     finally:
         _stop(process)
 

@@ -1,10 +1,13 @@
 """A sweep on a real one-node SLURM cluster (session fixture in helpers/services.py) through Hydra's submitit
 launcher and our ``hydra/launcher=zi_slurm`` preset, logging to the real tracking server: one job completes,
-one fails validation, one runs past its SLURM time limit; the parent run gets the table, plot and best run."""
+one fails validation, one runs past its SLURM time limit; the parent run gets the table, plot and best run. The
+tracking credentials travel in MLflow's environment variables and reach no file of the sweep and no output; a
+password in the tracking URI is refused before anything is written or submitted."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -43,7 +46,9 @@ def lower_time_limit_while_generating(client: MlflowClient, root: Path, job: int
 @pytest.fixture(scope="module")
 def slurm_sweep(slurm, tracking_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-sweep")
+    password = f"p@ss {secrets.token_hex(8)}"  # an '@' and a space: both once leaked a part of it
     env = {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+    env.update(MLFLOW_TRACKING_USERNAME="zi", MLFLOW_TRACKING_PASSWORD=password)
     # repeat=0 fails validation; repeat=100000 generates far longer than any time limit here.
     sweep = subprocess.Popen([sys.executable, "-m", "zi_app", "-m", "hydra/launcher=zi_slurm", *CPU_NODE,
                               "repeat=1,0,100000", "prompt_len=8", "gen_len=4", "warmup=0",
@@ -63,11 +68,18 @@ def slurm_sweep(slurm, tracking_server, tmp_path_factory):
     parent = next(run for run in runs if run.data.tags.get(zi_runs.ROLE_TAG) == "sweep")
     jobs = {run.data.tags[zi_runs.OVERRIDES_TAG].split()[0]: run for run in runs
             if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    return root, sweep.returncode, (root / "stdout.txt").read_text(), client, parent, jobs, slurm_job
+    return root, sweep.returncode, (root / "stdout.txt").read_text(), client, parent, jobs, slurm_job, password
+
+
+def files_holding(root: Path, secret: str) -> list:
+    """Every file under ``root`` (Hydra's files, submitit's pickles, scripts and logs, the outputs) holding
+    ``secret`` or its tail after the '@' or the space."""
+    parts = [secret.encode(), secret.split("@", 1)[1].encode(), secret.split()[-1].encode()]
+    return [path for path in root.rglob("*") if path.is_file() and any(p in path.read_bytes() for p in parts)]
 
 
 def test_every_job_ran_as_a_slurm_job_and_failures_have_their_kind(slurm_sweep):
-    root, returncode, stdout, _, _, jobs, slurm_job = slurm_sweep
+    root, returncode, stdout, _, _, jobs, slurm_job, _ = slurm_sweep
     assert returncode == 1, (root / "stderr.txt").read_text()[-3000:]  # a job failed, as with the grid sweep
     assert sorted(jobs) == ["repeat=0", "repeat=1", "repeat=100000"]
     assert all(run.data.tags.get(zi_runs.SLURM_JOB_TAG) for run in jobs.values())
@@ -81,10 +93,33 @@ def test_every_job_ran_as_a_slurm_job_and_failures_have_their_kind(slurm_sweep):
 
 
 def test_the_parent_run_gets_table_plot_and_best_run(slurm_sweep):
-    _, _, _, client, parent, jobs, _ = slurm_sweep
+    _, _, _, client, parent, jobs, _, _ = slurm_sweep
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[sweep_end.BEST_RUN_TAG] == jobs["repeat=1"].info.run_id
     assert (parent.data.tags[sweep_end.JOBS_TAG], parent.data.tags[sweep_end.FAILED_JOBS_TAG]) == ("3", "2")
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(sweep_end.ARTIFACTS.values())
     assert [run.info.run_name for run in jobs.values()].count("repeat=1") == 1  # named by what the sweep varies
+
+
+def test_the_credentials_in_the_environment_reach_no_file_and_no_output(slurm_sweep):
+    root, _, _, _, _, jobs, _, password = slurm_sweep
+    assert (root / "sweep" / "multirun.yaml").exists() and list((root / "sweep").rglob("*.pkl"))
+    assert files_holding(root, password) == []  # the sweep's folder, submitit's files, stdout and stderr
+
+
+def test_a_password_in_the_tracking_uri_is_refused_before_anything_is_written(slurm, tracking_server, tmp_path):
+    password = f"p@ss {secrets.token_hex(8)}"
+    uri = tracking_server.url.replace("http://", f"http://zi:{password.replace(' ', '%20')}@")
+    env = {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    for mode in (["-m", "hydra/launcher=zi_slurm", *CPU_NODE, "repeat=1,2"], []):
+        refused = subprocess.run([sys.executable, "-m", "zi_app", *mode, f"tracking.uri={uri}",
+                                  f"+db.password={password}", "hydra.sweep.dir=sweep", "hydra.run.dir=run"],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2, refused.stderr
+        line, = refused.stderr.splitlines()  # one line, no traceback
+        assert line.startswith("error: tracking.uri=http://zi:***@127.0.0.1") and "MLFLOW_TRACKING_PASSWORD" in line
+        assert password.split()[-1] not in refused.stdout + refused.stderr and "ss%20" not in line
+    assert list(tmp_path.iterdir()) == []  # Hydra wrote nothing: no multirun.yaml, no .hydra/, no pickles
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before

@@ -58,8 +58,13 @@ def best_json(capsys, uri: str, *args: str) -> dict:
 
 
 def test_latest_sweep_by_default(store, capsys):
-    uri, _, newer, _ = store
-    assert best_json(capsys, uri)["run_id"] == newer["batch=128 pin=true"]
+    uri, _, newer, other = store
+    found = best_json(capsys, uri)
+    assert found["run_id"] == newer["batch=128 pin=true"]
+    # It says which sweep it picked: the latest of the default experiment (a local store: anyone's)
+    assert found["ranked"] == f"the latest sweep of experiment 'zero-inference', sweep {newer['parent']}"
+    # The latest of another experiment, though a later sweep exists elsewhere
+    assert best_json(capsys, uri, "--experiment", "other")["ranked"].endswith(f"sweep {other['parent']}")
 
 
 def test_fastest_under_a_gpu_memory_cap(store, capsys):
@@ -80,9 +85,12 @@ def test_a_given_sweep_or_experiment(store, capsys):
     assert best_json(capsys, uri, "--parent", older["parent"])["run_id"] == older["batch=64 pin=true"]
     assert best_json(capsys, uri, "--experiment", "other")["run_id"] == other["batch=1 pin=false"]
     # The whole experiment: both sweeps, and the lowest reserved peak wins when asked.
-    lowest = best_json(capsys, uri, "--experiment", "zero-inference", "--metric", "peak_gpu_reserved_bytes",
-                       "--minimize")
+    lowest = best_json(capsys, uri, "--experiment", "zero-inference", "--every-sweep", "--metric",
+                       "peak_gpu_reserved_bytes", "--minimize")
     assert lowest["run_id"] == newer["batch=32 pin=true"]
+    assert lowest["ranked"] == "experiment 'zero-inference'"
+    highest = best_json(capsys, uri, "--experiment", "zero-inference", "--every-sweep")
+    assert highest["run_id"] == newer["batch=128 pin=true"]
 
 
 def test_bad_input_is_named(store, capsys, tmp_path):
@@ -129,4 +137,5 @@ def test_a_store_without_sweeps_says_how_to_run_one(capsys, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     zi_store.open_experiment(uri, "zero-inference")
     assert best.main(["--tracking-uri", uri]) == best.EXIT_BAD_INPUT
-    assert f"no sweep in this store (run one with `{command('zi', 'zi_app')} -m ...`)" in capsys.readouterr().err
+    assert f"no sweep in experiment 'zero-inference' (run one with `{command('zi', 'zi_app')} -m ...`)" in \
+        capsys.readouterr().err

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from zi_app.record import runs, store
-from zi_app.record.redaction import public_url, redact, redact_overrides, redact_text
+from zi_app.record.redaction import (SecretError, find_secrets, public_url, redact, redact_overrides, redact_text,
+                                     refuse_secrets, scrub_files)
 
 pytestmark = pytest.mark.quick  # the quick tier (pyproject.toml's markers)
 
@@ -22,9 +23,35 @@ def test_passwords_in_urls_and_secret_keys_are_masked():
     assert redact(config) == {"tracking": {"uri": "https://alice:***@mlflow.example"},
                               "db": {"password": "***", "api_key": None}, "batch": 8, "hosts": ["http://u:***@a"]}
     # Hydra escapes ':' in the overrides it hands a job
-    assert redact_overrides(r"batch=8 tracking.uri=http\://alice\:pw@host\:5000 +db.token=abc") == \
+    assert redact_overrides(["batch=8", r"tracking.uri=http\://alice\:pw@host\:5000", "+db.token=abc"]) == \
         r"batch=8 tracking.uri=http\://alice\:***@host\:5000 +db.token=***"
     assert public_url("http://alice:pw@host:5000/x") == "http://host:5000/x"
+
+
+def test_a_password_holding_an_at_sign_or_a_space_is_masked_whole():
+    assert redact_text("http://user:p@ssAT3@host:5000/x") == "http://user:***@host:5000/x"
+    # As Hydra escapes them in a job's overrides: ':' and ' ' behind a backslash, '@' as it is
+    assert redact_overrides([r"tracking.uri=http\://user\:p@ss\ AT3@host\:5000"]) == \
+        r"tracking.uri=http\://user\:***@host\:5000"
+    # A secret-named value is masked whole, the part after a space included (overrides come as a list)
+    assert redact_overrides(["+db.password=two words", "batch=1"]) == "+db.password=*** batch=1"
+    assert redact({"db": {"token": "two words"}}) == {"db": {"token": "***"}}
+
+
+def test_secrets_in_a_config_or_its_overrides_are_found_and_refused(tmp_path):
+    config = {"tracking": {"uri": "http://alice:p@ss@host:5000"}, "db": {"token": "t k"}, "batch": 1}
+    sweep = [r"tracking.uri=http\://bob\:q1@h,http\://bob\:q2@h", "batch=1,2"]
+    assert [secret for _, secret in find_secrets(config, sweep)] == ["q1", "q2", "p@ss", "t k"]
+    assert find_secrets({"tracking": {"uri": "http://alice@host:5000"}}, ["batch=1"]) == []
+    with pytest.raises(SecretError) as refused:
+        refuse_secrets(config, ["batch=1"])
+    message = str(refused.value)
+    assert message.startswith("tracking.uri=http://alice:***@host:5000: ") and "p@ss" not in message
+    assert "MLFLOW_TRACKING_USERNAME" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- tracking.uri=http\\://a\\:p@ss@h\n")
+    scrub_files(tmp_path, ["p@ss"])
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == "- tracking.uri=http\\://a\\:***@h\n"
 
 
 def test_server_credentials_move_to_mlflow_environment_variables(monkeypatch):

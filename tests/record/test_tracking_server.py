@@ -1,16 +1,19 @@
 """A shared tracking server: sweeps, the best-run command and artifacts against a real ``mlflow server`` on a
-real PostgreSQL (started by the session fixtures in helpers/services.py), a password in the tracking URI that
-reaches nothing the app writes or prints, and two sweeps racing on one server and on one SQLite file."""
+real PostgreSQL (started by the session fixtures in helpers/services.py), credentials in MLflow's environment
+variables that reach nothing the app writes or prints, and two sweeps racing on one server and on one SQLite file."""
 
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,16 +59,23 @@ def sweep_runs(client: MlflowClient, experiment: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def server_sweep(tracking_server, tmp_path_factory):
-    """A two-job sweep logging to the server through a URI with a password in it, then the best-run command."""
+    """A two-job sweep logging to the server with credentials in MLflow's environment variables (a password in
+    the URI is refused: test_cluster), then the best-run command."""
     root = tmp_path_factory.mktemp("server-sweep")
     password = secrets.token_hex(10)
-    uri = tracking_server.url.replace("http://", f"http://zi:{password}@")
+    env = {**app_env(), "MLFLOW_TRACKING_USERNAME": "zi", "MLFLOW_TRACKING_PASSWORD": password}
     run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=1,2", "pin=true", *QUICK,
-                          f"tracking.uri={uri}", "tracking.experiment=server-sweep"], cwd=root, env=app_env(),
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
+                          f"tracking.uri={tracking_server.url}", "tracking.experiment=server-sweep"], cwd=root,
+                         env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
-    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best", "--tracking-uri", tracking_server.url, "--json"],
-                          cwd=root, env=app_env(), capture_output=True, text=True, timeout=120)
+    client = MlflowClient(tracking_server.url)
+    # A later sweep of someone else on the shared server: zi-best without --parent picks this user's latest
+    someone_else = client.create_run(client.get_experiment_by_name("server-sweep").experiment_id, tags={
+        zi_runs.ROLE_TAG: "sweep", "mlflow.user": "someone-else"}).info.run_id
+    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best", "--tracking-uri", tracking_server.url, "--json",
+                           "--experiment", "server-sweep"], cwd=root, env=app_env(), capture_output=True, text=True,
+                          timeout=120)
+    client.delete_run(someone_else)
     assert best.returncode == 0, best.stderr
     parents, children = sweep_runs(MlflowClient(tracking_server.url), "server-sweep")
     assert len(parents) == 1
@@ -101,6 +111,9 @@ def test_the_best_run_command_reads_the_server(server_sweep):
     _, _, _, best, parent, jobs = server_sweep
     info = json.loads(best.stdout)
     top = max(jobs, key=lambda job: job.data.metrics["tokens_per_sec"])
+    # This user's latest sweep of the experiment, though someone else's started later; it says which it picked
+    assert info["ranked"] == f"the latest sweep of experiment 'server-sweep' by {getpass.getuser()}, " \
+                             f"sweep {parent.info.run_id}"
     assert info["run_id"] == top.info.run_id and info["tokens_per_sec"] == top.data.metrics["tokens_per_sec"]
     assert info["ds_config"] == f"{top.info.artifact_uri}/ds_config.json"
 
@@ -115,14 +128,14 @@ def test_the_password_reaches_no_param_tag_artifact_or_output(server_sweep, trac
         assert not [value for value in written if password in value], stored.info.run_id
     assert not [value for value in experiment.tags.values() if password in value]
     config = [path for path in tracking_server.artifacts.rglob("config.yaml") if jobs[0].info.run_id in str(path)]
-    assert f"uri: http://zi:***@{tracking_server.url[len('http://'):]}" in config[0].read_text()
+    assert f"uri: {tracking_server.url}" in config[0].read_text()
     leaks = [path for path in tracking_server.artifacts.rglob("*") if path.is_file() and
              password.encode() in path.read_bytes()]
     assert not leaks
     assert password not in postgres.dump(tracking_server.database)  # every param, tag and name the server stored
     for output in (run.stdout, run.stderr, best.stdout, best.stderr):
         assert password not in output
-    assert "***@127.0.0.1" in run.stdout  # where the URI is shown (the progress lines), it is redacted
+    assert not [path for path in root.rglob("*") if path.is_file() and password.encode() in path.read_bytes()]
 
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
@@ -155,3 +168,33 @@ def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_pat
         assert {a.path for a in client.list_artifacts(parent.info.run_id)} == set(sweep_end.ARTIFACTS.values())
         assert any(f"sweep parent run {parent.info.run_id}" in out for out in outputs)
     assert sorted(by_batches) == [("batch=1", "batch=2"), ("batch=3", "batch=4")]
+
+
+def test_a_job_starting_while_the_server_is_away_waits_for_it(tracking_server, tmp_path):
+    """The server stopped (SIGSTOP: it accepts connections and answers nothing) while a job starts: the job says
+    that it waits, and runs and records its run once the server is back, 12 s later. With a shorter
+    tracking.connect_timeout_s the job fails in one line, naming the key."""
+    common = [*QUICK, f"tracking.uri={tracking_server.url}", "tracking.experiment=blip"]
+    os.killpg(tracking_server.process_group, signal.SIGSTOP)
+    try:
+        job = subprocess.Popen([sys.executable, "-m", "zi_app", *common, "tracking.connect_timeout_s=90"],
+                               cwd=tmp_path, env=app_env(), stdout=open(tmp_path / "job.out", "w"),
+                               stderr=open(tmp_path / "job.err", "w"))
+        time.sleep(12)
+        short = subprocess.run([sys.executable, "-m", "zi_app", *common, "tracking.connect_timeout_s=3"],
+                               cwd=tmp_path, env=app_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        os.killpg(tracking_server.process_group, signal.SIGCONT)
+    job.wait(timeout=TIMEOUT_S)
+    err = (tmp_path / "job.err").read_text()
+    assert job.returncode == 0, err[-3000:]
+    assert f"MLflow tracking server {tracking_server.url} does not answer (" in err and "retrying for up to" in err
+    assert f"MLflow tracking server {tracking_server.url} answers again" in err
+    client = MlflowClient(tracking_server.url)
+    recorded = client.search_runs([client.get_experiment_by_name("blip").experiment_id])
+    assert [run.info.status for run in recorded] == ["FINISHED"]
+    assert recorded[0].data.metrics["tokens_per_sec"] > 0
+    assert short.returncode == 2, short.stderr
+    assert short.stderr.splitlines()[-1].startswith(f"error: MLflow tracking server {tracking_server.url} does not "
+                                                     f"answer for 3 s (tracking.connect_timeout_s=3")
+    assert "Traceback" not in short.stderr

@@ -187,6 +187,15 @@ def _check_hardware(hardware: Any) -> None:
             raise ConfigError(f"hardware.{key}", hardware[key], "seconds >= 0")
 
 
+def check_tracking(tracking: Any) -> None:
+    """Raise :class:`ConfigError` for a tracking key that cannot work; checked before the store is opened,
+    which comes before the rest of the config is validated."""
+    timeout = tracking.connect_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ConfigError("tracking.connect_timeout_s", timeout,
+                          "seconds >= 0 to keep retrying a tracking server that does not answer (0: fail at once)")
+
+
 def check(cfg: Any) -> None:
     """Raise :class:`ConfigError` for the first bad key of ``cfg`` (merged over the schema's defaults, dtype
     by its long name, the architecture known)."""
@@ -197,3 +206,4 @@ def check(cfg: Any) -> None:
     _check_memory(cfg.memory)
     _check_kvcache(cfg.kvcache)
     _check_hardware(cfg.hardware)
+    check_tracking(cfg.tracking)

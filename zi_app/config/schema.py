@@ -176,6 +176,9 @@ class HardwareSpec:
 class TrackingSpec:
     uri: str = "sqlite:///mlruns/mlflow.db"  # MLflow tracking URI: a SQLite store or a server URL
     experiment: str = "zero-inference"  # MLflow experiment name
+    # Seconds a job (or a sweep's driver) keeps retrying a tracking server that does not answer when it starts,
+    # before it fails: a server restarting, or busy for a moment, then loses no job. 0: fail after one probe.
+    connect_timeout_s: float = 120
 
 
 @dataclass(frozen=True)

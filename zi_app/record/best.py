@@ -62,30 +62,55 @@ def unfinished(client, parent_run_id: str) -> Optional[str]:
     return tags.get(runs.FAILURE_MESSAGE_TAG) or f"its parent run is {parent.info.status}"
 
 
-def latest_sweep(client) -> str:
-    """The parent run of the most recently started sweep in the store."""
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    sweeps = client.search_runs(experiment_ids, f"tags.`{runs.ROLE_TAG}` = 'sweep'",
-                                order_by=["attributes.start_time DESC"], max_results=1) if experiment_ids else []
+def sweep_owner(uri: str) -> Optional[str]:
+    """Whose sweeps ``zi-best`` picks the latest of: on a tracking server, shared by a team, this user's (as
+    MLflow names them in the ``mlflow.user`` tag); in a local store, anyone's."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.tracking.context.default_context import _get_user
+
+    return _get_user()
+
+
+def _experiment_id(client, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise InputError(f"--experiment {name!r}: no such experiment (there are: {names})")
+    return experiment.experiment_id
+
+
+def latest_sweep(client, experiment_name: str, user: Optional[str] = None) -> str:
+    """The parent run of the most recently started sweep of ``experiment_name`` (of ``user``, if given)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_USER
+
+    query = f"tags.`{runs.ROLE_TAG}` = 'sweep'"
+    if user is not None:
+        query += f" and tags.`{MLFLOW_USER}` = '{user.replace(chr(39), chr(92) + chr(39))}'"
+    sweeps = client.search_runs([_experiment_id(client, experiment_name)], query,
+                                order_by=["attributes.start_time DESC"], max_results=1)
     if not sweeps:
-        raise InputError(f"no sweep in this store (run one with `{command('zi', 'zi_app')} -m ...`), "
-                         f"or pass --experiment")
+        whose = f" by {user}" if user is not None else ""
+        raise InputError(f"no sweep{whose} in experiment '{experiment_name}' (run one with "
+                         f"`{command('zi', 'zi_app')} -m ...`), or pass --experiment NAME or --parent RUN_ID")
     return sweeps[0].info.run_id
 
 
-def select_rows(client, experiment_name: Optional[str], parent_prefix: Optional[str]) -> Tuple[List[JobRow], str]:
-    """The runs to rank (every job of ``experiment_name``, or of the sweep whose parent run id starts with
-    ``parent_prefix``, else of the latest sweep) and a description of where they come from (saying so when a
-    sweep is unfinished)."""
-    if experiment_name:
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            names = ", ".join(e.name for e in client.search_experiments()) or "none"
-            raise InputError(f"--experiment {experiment_name!r}: no such experiment (there are: {names})")
-        return results.experiment_rows(client, [experiment.experiment_id]), f"experiment '{experiment_name}'"
-    parent = resolve_parent(client, parent_prefix) if parent_prefix else latest_sweep(client)
+def select_rows(client, experiment_name: str, parent_prefix: Optional[str], every_sweep: bool = False,
+                user: Optional[str] = None) -> Tuple[List[JobRow], str]:
+    """The runs to rank (of the sweep whose parent run id starts with ``parent_prefix``, else every job of
+    ``experiment_name`` with ``every_sweep``, else the latest sweep of that experiment, of ``user`` if given)
+    and a description of where they come from: which sweep was picked, and whether it is unfinished."""
+    if every_sweep:
+        return (results.experiment_rows(client, [_experiment_id(client, experiment_name)]),
+                f"experiment '{experiment_name}'")
+    if parent_prefix:
+        parent, picked = resolve_parent(client, parent_prefix), ""
+    else:
+        parent = latest_sweep(client, experiment_name, user)
+        picked = f"the latest sweep of experiment '{experiment_name}'{f' by {user}' if user is not None else ''}, "
     why = unfinished(client, parent)
-    scope = f"sweep {parent}" if why is None else f"UNFINISHED sweep {parent} ({why})"
+    scope = f"{picked}sweep {parent}" if why is None else f"{picked}UNFINISHED sweep {parent} ({why})"
     return results.child_rows(client, parent), scope
 
 

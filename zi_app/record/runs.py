@@ -158,8 +158,12 @@ def start_sweep_run(experiment_id: str, run_name: str, tags: Dict[str, str]) -> 
     """Create a sweep's parent run (RUNNING, not made the active run) and return its id."""
     from mlflow.tracking import MlflowClient
 
+    from mlflow.tracking.context.default_context import _get_user
+    from mlflow.utils.mlflow_tags import MLFLOW_USER
+
+    # The client sets no mlflow.user (only mlflow.start_run does): zi-best picks this user's latest sweep by it.
     run = MlflowClient().create_run(experiment_id, run_name=run_name,
-                                    tags={**tags, ROLE_TAG: "sweep", **process_tags()})
+                                    tags={**tags, ROLE_TAG: "sweep", MLFLOW_USER: _get_user(), **process_tags()})
     return run.info.run_id
 
 

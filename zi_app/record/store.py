@@ -12,6 +12,8 @@ import http.client
 import logging
 import os
 import sqlite3
+import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,7 +24,9 @@ from zi_app.record.redaction import public_url, redact_text
 
 SQLITE_PREFIX = "sqlite:///"
 EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
-STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer the first request before we refuse it
+STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer one probe
+RETRY_EVERY_S = 2  # between two probes of a tracking server that did not answer
+PROGRESS_EVERY_S = 15  # between two lines saying that a job still waits for its tracking server
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -54,20 +58,45 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) -> None:
+def _no_answer(uri: str, timeout: float) -> Optional[str]:
+    """Why the tracking server at ``uri`` does not answer within ``timeout`` seconds, or None if it does."""
+    try:
+        # Without the URI's credentials: any HTTP answer, 401 included, shows a server is there.
+        urllib.request.urlopen(f"{public_url(uri).rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # it answered: a server (auth and paths are MLflow's business)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # InvalidURL: a bad port
+        return str(getattr(error, "reason", error))
+    return None
+
+
+def wait_for_server(uri: str, wait_s: float, timeout: float = STORE_TIMEOUT_S) -> None:
+    """Return once the tracking server at ``uri`` answers, probing it every few seconds for up to ``wait_s``
+    seconds (a line on stderr now and then says so); raise :class:`StoreError` if it never does."""
+    deadline = time.monotonic() + wait_s
+    reason, said = _no_answer(uri, timeout), None
+    while reason is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            waited = (f"within {timeout:g} s" if not wait_s else
+                      f"for {wait_s:g} s (tracking.connect_timeout_s={wait_s:g}: how long a job waits for it)")
+            raise StoreError(f"MLflow tracking server {redact_text(uri)} does not answer {waited} ({reason})")
+        if said is None or time.monotonic() - said >= PROGRESS_EVERY_S:
+            print(f"MLflow tracking server {redact_text(uri)} does not answer ({reason}); retrying for up to "
+                  f"{left:.0f} s more", file=sys.stderr, flush=True)
+            said = time.monotonic()
+        time.sleep(min(RETRY_EVERY_S, left))
+        reason = _no_answer(uri, timeout)
+    if said is not None:
+        print(f"MLflow tracking server {redact_text(uri)} answers again", file=sys.stderr, flush=True)
+
+
+def check_store(uri: str, write: bool = True, wait_s: float = 0.0) -> None:
     """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
-    answer within ``timeout`` seconds, a SQLite store whose folder cannot be made or written (``write``)
-    or whose file is not a SQLite database. Raises :class:`StoreError`."""
+    answer (retried for ``wait_s`` seconds, :func:`wait_for_server`), a SQLite store whose folder cannot be made
+    or written (``write``) or whose file is not a SQLite database. Raises :class:`StoreError`."""
     if uri.startswith(("http://", "https://")):
-        try:
-            # Without the URI's credentials: any HTTP answer, 401 included, shows a server is there.
-            urllib.request.urlopen(f"{public_url(uri).rstrip('/')}/health", timeout=timeout).close()
-        except urllib.error.HTTPError:
-            pass  # it answered: a server (auth and paths are MLflow's business)
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # InvalidURL: a bad port
-            reason = getattr(error, "reason", error)
-            raise StoreError(f"MLflow tracking server {redact_text(uri)} does not answer within {timeout:g} s "
-                             f"({reason})") from None
+        wait_for_server(uri, wait_s)
     if not uri.startswith(SQLITE_PREFIX):
         return
     db = Path(uri[len(SQLITE_PREFIX):])
@@ -119,9 +148,10 @@ def _credentials_to_env(uri: str) -> str:
     return public_url(uri)
 
 
-def open_experiment(uri: str, experiment: str) -> str:
-    """Check the store (:func:`check_store`), point MLflow at ``uri`` and return the experiment's id,
-    creating the store and the experiment if needed, safely when several processes start at once.
+def open_experiment(uri: str, experiment: str, wait_s: float = 0.0) -> str:
+    """Check the store (:func:`check_store`, waiting up to ``wait_s`` seconds for a tracking server), point
+    MLflow at ``uri`` and return the experiment's id, creating the store and the experiment if needed, safely
+    when several processes start at once.
 
     Raises :class:`StoreError` for a store that cannot be used.
     """
@@ -130,7 +160,7 @@ def open_experiment(uri: str, experiment: str) -> str:
     from mlflow.tracking import MlflowClient
     from sqlalchemy.exc import SQLAlchemyError
 
-    check_store(uri)
+    check_store(uri, wait_s=wait_s)
     # "Creating initial MLflow database tables..." on a new store: routine, not worth two lines per store.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:

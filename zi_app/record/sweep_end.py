@@ -9,7 +9,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -47,7 +47,7 @@ class _DiedStarting(RuntimeError):
     failure_kind = "killed"
 
 
-def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseException,
+def settle_job(output_dir: Path, job_config: dict, overrides: Sequence[str], error: BaseException,
                launch_dir: Optional[str] = None) -> None:
     """Record a failed job whose own process could not: mark its RUNNING run FAILED, or, when it died
     before opening one, create a FAILED run for it (and its run-id file, so it is recorded once).
@@ -58,7 +58,8 @@ def settle_job(output_dir: Path, job_config: dict, overrides: str, error: BaseEx
     overrides = redact_overrides(overrides)
     # Also points MLflow at the job's store, which record_failure and failed_run write to.
     uri = store.absolute_uri(job_config["tracking"]["uri"], launch_dir)
-    experiment_id = store.open_experiment(uri, job_config["tracking"]["experiment"])
+    experiment_id = store.open_experiment(uri, job_config["tracking"]["experiment"],
+                                          job_config["tracking"]["connect_timeout_s"])
     run_file = output_dir / runs.RUN_ID_FILE
     recorded = _recorded_run(run_file)
     if recorded is not None:
@@ -149,7 +150,7 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
         job_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
         if job_config.get("dry_run"):
             continue
-        overrides = " ".join(OmegaConf.load(overrides_file))
+        overrides = list(OmegaConf.load(overrides_file))
         settle_job(job_dir, job_config, overrides, _DiedStarting(f"the job's process ended before it opened its "
                                                                  f"MLflow run (killed, or crashed while starting); "
                                                                  f"see {job_dir}"))
