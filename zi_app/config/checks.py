@@ -9,7 +9,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 DTYPES = ("float32", "float16", "bfloat16")
 # The short names users type (as in torch's and DeepSpeed's configs) for the long ones the app uses.
@@ -40,6 +40,15 @@ class ConfigError(ValueError):
         # Launchers that run jobs elsewhere (submitit, joblib, ray) pickle a failed job's exception
         # back to the driver; the default would call __init__ with the message alone.
         return type(self), (self.key, self.value, self.allowed)
+
+
+def every_problem(problems: Sequence[ConfigError]) -> ConfigError:
+    """One :class:`ConfigError` whose one line carries every problem (``; `` between them), keyed by the
+    first: the user fixes them all at once instead of meeting them one run at a time."""
+    first, *rest = problems
+    if not rest:
+        return first
+    return ConfigError(first.key, first.value, "; ".join([first.allowed, *map(str, rest)]))
 
 
 def _positive_int(key: str, value: Any) -> None:
