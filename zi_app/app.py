@@ -123,6 +123,7 @@ def run_job(cfg: DictConfig) -> float:
 
             result = run_inference(spec, plan.ds_config, plan.facts, on_metrics=runs.log_metrics)
         runs.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
+        interrupt.check()  # a signal whose raise was swallowed: the run is closed FAILED (killed), not FINISHED
     log.info("result: %s", result_line(spec, {**predicted, **result.metrics}, plan.residency.offload_needed))
     return result.metrics["tokens_per_sec"]
 
@@ -186,7 +187,9 @@ def main(cfg: DictConfig) -> Optional[float]:
         check_task(cfg, _task_overrides())
         if cfg.dry_run:
             return dry_run(cfg)
-        return run_job(cfg)
+        tokens_per_sec = run_job(cfg)
+        interrupt.check()  # a signal that came after the run was recorded, its raise swallowed: not exit 0
+        return tokens_per_sec
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
