@@ -96,9 +96,9 @@ def check_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         raise ConfigError(key, value, f"a value that resolves ({str(error).splitlines()[0]})") from None
     schema = OmegaConf.structured(ZIConfig)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        value = override.value()
-        if isinstance(OmegaConf.select(schema, key, default=None), bool) and not isinstance(value, (bool, list)):
+        key, value = override.key_or_group, override.value()
+        boolean = isinstance(OmegaConf.select(schema, key, default=None), bool)
+        if boolean and not isinstance(value, (bool, list, type(None))):  # a sweep's list, a deletion: not a value
             raise ConfigError(key, value, "true or false")
 
 
