@@ -76,8 +76,8 @@ def _check_workload(cfg: Any) -> None:
         _positive_int("model.max_positions", cfg.model.max_positions)
         if arch_limit and cfg.model.max_positions > arch_limit:
             raise ConfigError("model.max_positions", cfg.model.max_positions,
-                              f"at most the architecture's {arch_limit} positions (model.arch.max_position_embeddings): "
-                              f"lower it, or null for the architecture's own")
+                              f"at most the architecture's {arch_limit} positions "
+                              f"(model.arch.max_position_embeddings): lower it, or null for the architecture's own")
     limit = cfg.model.max_positions or arch_limit
     if limit and cfg.prompt_len + cfg.gen_len > limit:
         raise ConfigError(

@@ -85,14 +85,19 @@ def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) 
         if not os.access(db, os.R_OK | (os.W_OK if write else 0)):
             raise StoreError(f"MLflow store {uri}: cannot {'write' if write else 'read'} {db}")
         try:
-            with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+            with _read_only(db) as connection:
                 connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise StoreError(f"MLflow store {uri}: {db} is not a usable SQLite database ({error})") from None
 
 
+def _read_only(db: Path):
+    """A read-only connection to the SQLite file ``db``, closed at the end of a ``with`` block."""
+    return contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True))
+
+
 def _tables(db: Path) -> List[str]:
-    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+    with _read_only(db) as connection:
         return [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
 
 
@@ -106,7 +111,7 @@ def _half_created(db: Path) -> Optional[str]:
         return "a schema migration's work table is left in it"
     if "alembic_version" not in tables:
         return "it has tables but no schema version"
-    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+    with _read_only(db) as connection:
         if not connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
             return "its schema version is empty"
     return None
@@ -117,7 +122,7 @@ def _check_complete(uri: str, db: Path) -> None:
     why = _half_created(db)
     if why is None:
         return
-    with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+    with _read_only(db) as connection:
         has_runs = "runs" in _tables(db) and connection.execute("SELECT count(*) FROM runs").fetchone()[0]
     todo = (f"run `mlflow db upgrade {uri}` (it holds runs)" if has_runs else
             f"it holds no runs: move it away (mv {db} {db}.broken) and run the command again")
