@@ -105,17 +105,6 @@ def _check_model(model: Any) -> None:
     elif "hidden_size" not in model.arch:
         raise ConfigError("model.arch.hidden_size", None, "the architecture's hidden size (random weights need `arch`)")
     _check_arch(model.arch)
-    if model.weights == "random":
-        _check_model_type(model.arch.get("model_type"))
-
-
-def _check_model_type(model_type: Any) -> None:
-    """Random weights are built from ``model.arch`` by transformers' config class of its ``model_type``."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # lazily: 2 s to import
-
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise ConfigError("model.arch.model_type", model_type,
-                          "a model type of the installed transformers, such as opt, llama or bloom")
 
 
 # Size keys of transformers configs, under each family's names (BLOOM: n_head, n_layer).

@@ -143,6 +143,16 @@ def model_shape(arch: Any) -> ModelShape:
                       tied_embeddings=bool(arch.get("tie_word_embeddings", True)))
 
 
+def _check_model_type(model_type: Any) -> None:
+    """Random weights are built from ``model.arch`` by transformers' config class of its ``model_type``: one
+    it does not know would fail while loading, after the plan."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # lazily: 2 s to import
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError("model.arch.model_type", model_type,
+                          "a model type of the installed transformers, such as opt, llama or bloom")
+
+
 HUB_TIMEOUT_S = 3  # how long the hub's host may take to accept a connection before we call this machine offline
 
 
@@ -207,4 +217,6 @@ def validate(cfg: Any) -> JobSpec:
             merged.model.arch = arch
             merged.model.max_positions = merged.model.max_positions or arch.get("max_position_embeddings")
     check(merged)
+    if merged.model.weights == "random":
+        _check_model_type(merged.model.arch.get("model_type"))
     return _freeze(merged)

@@ -244,12 +244,14 @@ def hardware(spec: JobSpec, cuda: bool = False) -> Hardware:
     the preset matching its name. Without a GPU the GPU figures stay None (any number of ranks: they run on
     the CPU) and no speed is predicted."""
     hw = dataclasses.asdict(spec.hardware)
-    host_limit = "" if hw["host_memory_gib"] is None else "of hardware.host_memory_gib"
+    host_limit = ""  # a preset's: named by the plan
     if hw["name"] == "auto":
         device = gpu() or (torch_gpu() if cuda else None)
         if hw["host_memory_gib"] is None:
             host, host_limit = host_memory_limit()
             hw["host_memory_gib"] = host / GIB
+        else:
+            host_limit = "given"
         if device is not None:
             preset = matching_preset(device) or {}
             measured = (cached_h2d_bandwidth(spec.cache_dir) or {}
