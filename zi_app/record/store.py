@@ -59,8 +59,8 @@ def _first_line(error: BaseException) -> str:
 
 def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) -> None:
     """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
-    answer within ``timeout`` seconds, a SQLite store whose folder cannot be made or written (``write``)
-    or whose file is not a SQLite database. Raises :class:`StoreError`."""
+    answer within ``timeout`` seconds, a SQLite store whose folder cannot be made or written (``write``),
+    whose file is not a SQLite database or was left half-created. Raises :class:`StoreError`."""
     if uri.startswith(("http://", "https://")):
         try:
             # Without the URI's credentials: any HTTP answer, 401 included, shows a server is there.
@@ -89,6 +89,7 @@ def check_store(uri: str, write: bool = True, timeout: float = STORE_TIMEOUT_S) 
                 connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise StoreError(f"MLflow store {uri}: {db} is not a usable SQLite database ({error})") from None
+        _check_complete(uri, db)
 
 
 def _read_only(db: Path):
@@ -209,7 +210,6 @@ def open_experiment(uri: str, experiment: str) -> str:
                 db = Path(uri[len(SQLITE_PREFIX):])
                 if not db.is_file() or not _tables(db):
                     _create(uri, db)
-                _check_complete(uri, db)
             mlflow.set_tracking_uri(uri)
             client = MlflowClient()
             found = client.get_experiment_by_name(experiment)
