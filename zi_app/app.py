@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app.config.checks import ConfigError, check_tracking
+from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError, check_tracking
 from zi_app.config.paths import conf_dir
 from zi_app.config.schema import JobSpec, as_config
 from zi_app.config.spec import check_task, composition_error, validate
@@ -32,7 +32,6 @@ from zi_app.record.redaction import redact, redact_overrides, redact_text
 from zi_app.run import interrupt
 
 log = logging.getLogger("zi_app")
-EXIT_INVALID_CONFIG = 2
 
 
 def _versions() -> dict:

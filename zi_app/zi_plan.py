@@ -22,12 +22,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from zi_app.config.checks import ConfigError
+from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError
 from zi_app.config.paths import conf_dir
 from zi_app.config.schema import JobSpec
 from zi_app.config.spec import check_task, composition_error, validate
 
-EXIT_INVALID_CONFIG = 2
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
         "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",

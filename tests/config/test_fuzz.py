@@ -39,6 +39,7 @@ FUZZ = [
     ("zi", ["batch=abc"], "batch"),
     ("zi", ["model=nope"], "model"),
     ("zi -m", ["batch=abc"], "batch"),
+    ("zi -m", ["+bacth=8", "batch=1,2"], "bacth"),
     ("zi-plan", ["batch=abc"], "batch"),
     ("zi-plan", ["model=nope"], "model"),
     ("zi-plan", ["foo=1"], "foo"),

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+EXIT_INVALID_CONFIG = 2  # the exit status of every command that refuses its configuration
 DTYPES = ("float32", "float16", "bfloat16")
 # The short names users type (as in torch's and DeepSpeed's configs) for the long ones the app uses.
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
