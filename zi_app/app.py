@@ -18,20 +18,20 @@ from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app.config.checks import ConfigError, check_tracking
+from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError, check_tracking
 from zi_app.config.paths import conf_dir
 from zi_app.config.schema import JobSpec, as_config
-from zi_app.config.spec import validate
+from zi_app.config.spec import check_task, composition_error, validate
 from zi_app.plan.job import plan_job, ready
 from zi_app.record import orphans, runs, store
-from zi_app.record.redaction import SecretError, find_secrets, redact, redact_overrides, refuse_secrets, scrub_files
+from zi_app.record.redaction import SecretError, find_secrets, redact, redact_overrides, redact_text, refuse_secrets, scrub_files
 from zi_app.run import interrupt
 
 log = logging.getLogger("zi_app")
-EXIT_INVALID_CONFIG = 2
 
 
 def _versions() -> dict:
@@ -52,12 +52,17 @@ def _device_name(cuda: bool) -> str:
     return f"cpu ({platform.processor() or platform.machine()})"
 
 
+def _task_overrides() -> list:
+    """The job's overrides as given on the command line (or by the sweep)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def _overrides() -> str:
     """The job's overrides, secrets masked: they are stored as a tag and name the run."""
-    try:
-        return redact_overrides(HydraConfig.get().overrides.task)
-    except ValueError:
-        return ""
+    return redact_overrides(_task_overrides())
 
 
 def _launch_dir() -> Optional[str]:
@@ -97,7 +102,7 @@ def run_job(cfg: DictConfig) -> float:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from mlflow.tracking import MlflowClient  # here, not at import: --help and tab completion load this module
 
-    check_tracking(cfg.tracking)
+    check_tracking(cfg.tracking)  # the store comes first, so its keys are checked before the rest
     uri = store.absolute_uri(cfg.tracking.uri, _launch_dir())
     # A bad store is refused before loading; a server restarting is waited for.
     experiment_id = store.open_experiment(uri, cfg.tracking.experiment, cfg.tracking.connect_timeout_s)
@@ -133,6 +138,7 @@ def run_job(cfg: DictConfig) -> float:
 
             result = run_inference(spec, plan.ds_config, plan.facts, on_metrics=runs.log_metrics)
         runs.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
+        interrupt.check()  # a signal whose raise was swallowed: the run is closed FAILED (killed), not FINISHED
     log.info("result: %s", result_line(spec, {**predicted, **result.metrics}, plan.residency.offload_needed))
     return result.metrics["tokens_per_sec"]
 
@@ -194,9 +200,12 @@ def main(cfg: DictConfig) -> Optional[float]:
     interrupt.install()
     try:
         refuse_secrets_in_job(cfg)
+        check_task(cfg, _task_overrides())
         if cfg.dry_run:
             return dry_run(cfg)
-        return run_job(cfg)
+        tokens_per_sec = run_job(cfg)
+        interrupt.check()  # a signal that came after the run was recorded, its raise swallowed: not exit 0
+        return tokens_per_sec
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
@@ -204,15 +213,48 @@ def main(cfg: DictConfig) -> Optional[float]:
         if _multirun():  # the launcher reports it, and the sweep records it as a failed run
             raise
         invalid = isinstance(error, ConfigError)
-        print(f"error: {'invalid config: ' if invalid else ''}{error}", file=sys.stderr)
+        print(redact_text(f"error: {'invalid config: ' if invalid else ''}{error}"), file=sys.stderr)
         sys.exit(EXIT_INVALID_CONFIG if invalid else store.EXIT_STORE_ERROR)
+
+
+@contextlib.contextmanager
+def _composition_errors_in_one_line():
+    """While Hydra runs the app: an override it cannot compose (``batch=abc``, ``model=nope``) is reported
+    as our one line with exit status 2, like a bad value, instead of Hydra's message, its "Set
+    HYDRA_FULL_ERROR=1" hint and exit status 1. Hydra offers no hook for this: its ``run_and_report``, which
+    prints what composing raised and exits, is wrapped while ``main`` runs."""
+    import hydra._internal.utils as hydra_utils
+
+    original = hydra_utils.run_and_report
+    overrides = [arg for arg in sys.argv[1:] if "=" in arg and not arg.startswith("-")]
+
+    def run_and_report(func):
+        def ours():
+            try:
+                return func()
+            except HydraException as error:
+                refused = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else composition_error(error, overrides)
+                if refused is None:
+                    raise
+                print(redact_text(f"error: invalid config: {refused}"), file=sys.stderr)
+                sys.exit(EXIT_INVALID_CONFIG)
+
+        return original(ours)
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        yield
+    finally:
+        hydra_utils.run_and_report = original
 
 
 def cli() -> None:
     """``zi`` and ``python -m zi_app``: the Hydra app, with a usage error of Hydra's command line (``-m``
-    with ``--info``, say) reported in one line and exit status 2 instead of a traceback."""
+    with ``--info``, say) or an override it cannot compose reported in one line and exit status 2 instead
+    of a traceback."""
     try:
-        main()
+        with _composition_errors_in_one_line():
+            main()
     except ValueError as error:  # a job's errors never get here: Hydra reports them and exits
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

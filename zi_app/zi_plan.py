@@ -22,12 +22,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from zi_app.config.checks import ConfigError
+from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError
 from zi_app.config.paths import conf_dir
 from zi_app.config.schema import JobSpec
-from zi_app.config.spec import validate
+from zi_app.config.spec import check_task, composition_error, validate
 
-EXIT_INVALID_CONFIG = 2
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
         "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",
@@ -41,20 +40,36 @@ def points(overrides: Sequence[str]) -> List[List[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def plan_point(point: Sequence[str], cuda: bool) -> Dict[str, Any]:
+def composed(point: Sequence[str]) -> Any:
+    """The point's config as ``zi`` would compose it, or :class:`ConfigError` for a bad override: one Hydra
+    cannot compose (``batch=abc``, ``model=nope``, ``foo=1``) or one ``zi`` refuses before validating
+    (:func:`zi_app.config.spec.check_task`: ``+bacth=8``, ``profile_step=2``)."""
+    try:
+        cfg = compose("config", overrides=list(point))
+    except HydraException as error:
+        refused = composition_error(error, point)
+        if refused is None:
+            raise
+        raise refused from None
+    check_task(cfg, point)
+    return cfg
+
+
+def plan_point(point: Sequence[str], cfg: Any, cuda: bool) -> Dict[str, Any]:
     """One point's row: its overrides, whether it fits and why not, and its predictions (None: unknown).
 
     A preset (``hardware=h200``) is planned for that machine; ``hardware=auto`` for this one, with what it
-    lacks included. A config invalid as configuration does not fit, with the error as its reason.
+    lacks included. A config (``cfg``, the point composed) invalid as configuration does not fit, with the
+    error as its reason.
     """
     from zi_app.plan.job import plan_job
 
     row: Dict[str, Any] = {key: None for key in KEYS}
     row["overrides"] = " ".join(point)
     try:
-        spec = validate(compose("config", overrides=list(point)))
+        spec = validate(cfg)
         plan = plan_job(spec, cuda, here=spec.hardware.name == "auto")
-    except (ConfigError, HydraException, OmegaConfBaseException) as error:
+    except (ConfigError, OmegaConfBaseException) as error:
         row.update(fits=False, reason=f"invalid config: {error}".splitlines()[0])
         return row
     row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name, devices=plan.spec.devices,
@@ -139,7 +154,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return EXIT_INVALID_CONFIG
             print(fitted.describe(), file=sys.stderr)
             grid = [point + fitted.overrides() for point in grid]
-        rows = [plan_point(point, cuda) for point in grid]
+        try:
+            configs = [composed(point) for point in grid]
+        except ConfigError as error:
+            print(f"error: invalid override: {error}", file=sys.stderr)
+            return EXIT_INVALID_CONFIG
+        rows = [plan_point(point, cfg, cuda) for point, cfg in zip(grid, configs)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -22,9 +22,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.zero_inference._sweep_plan import outcome
+from zi_app.config.checks import EXIT_INVALID_CONFIG
 
 REPORT_ARTIFACT = "adaptive_sweep.txt"  # the end-of-sweep report, on the sweep's parent run
-EXIT_INVALID_CONFIG = 2
 
 
 @dataclass

@@ -25,7 +25,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from zi_app.config.checks import ConfigError, check_tracking
+from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError, check_tracking
+from zi_app.config.spec import check_task
 from zi_app.record import orphans, results, runs, store
 from zi_app.record.redaction import SecretError, redact_overrides, redact_text, refuse_secrets
 from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, settle_job
@@ -57,9 +58,12 @@ def _stops_the_sweep(hook: Callable) -> Callable:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return hook(*args, **kwargs)
-        except (store.StoreError, SecretError, ConfigError) as error:
+        except (store.StoreError, SecretError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(store.EXIT_STORE_ERROR) from None
+        except ConfigError as error:
+            print(redact_text(f"error: invalid config: {error}"), file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INVALID_CONFIG) from None
         except Exception:  # noqa: BLE001 - any failure of the sweep's bookkeeping
             traceback.print_exc()
             print(f"error: the sweep's {hook.__name__} hook failed (above); the sweep stops", file=sys.stderr,
@@ -88,11 +92,12 @@ class SweepCallback(Callback):
     @_stops_the_sweep
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Refuse a secret in the config or the overrides before Hydra writes ``multirun.yaml`` and any
-        launcher prints or pickles a job (exit 2). Check the store, create it, the experiment and the parent
-        run before any job starts (parallel jobs creating a fresh SQLite store race on its schema), close runs
-        whose process is gone, pass the parent's id to the jobs, and let SIGTERM/SIGHUP stop the sweep as
-        Ctrl-C does."""
+        launcher prints or pickles a job (exit 2), and a key the schema lacks (``+bacth=8``), as ``zi`` does.
+        Check the store, create it, the experiment and the parent run before any job starts (parallel jobs
+        creating a fresh SQLite store race on its schema), close runs whose process is gone, pass the parent's
+        id to the jobs, and let SIGTERM/SIGHUP stop the sweep as Ctrl-C does."""
         refuse_secrets(_task_config(config), config.hydra.overrides.task)
+        check_task(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), config.hydra.overrides.task)
         if config.dry_run:
             return
         from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module

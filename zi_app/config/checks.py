@@ -5,11 +5,13 @@ stage's (:mod:`zi_app.plan.preflight`). Cheap to import.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+EXIT_INVALID_CONFIG = 2  # the exit status of every command that refuses its configuration
 DTYPES = ("float32", "float16", "bfloat16")
 # The short names users type (as in torch's and DeepSpeed's configs) for the long ones the app uses.
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -21,6 +23,10 @@ WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
 PIN_BACKENDS = ("torch", "native")
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (and fails with an OverflowError past it)
+# The lowest token id random prompts draw (zi_app/run/inference.py): ids below are special tokens.
+FIRST_PROMPT_TOKEN = 4
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -37,9 +43,26 @@ class ConfigError(ValueError):
         return type(self), (self.key, self.value, self.allowed)
 
 
+def every_problem(problems: Sequence[ConfigError]) -> ConfigError:
+    """One :class:`ConfigError` whose one line carries every problem (``; `` between them), keyed by the
+    first: the user fixes them all at once instead of meeting them one run at a time."""
+    first, *rest = problems
+    if not rest:
+        return first
+    return ConfigError(first.key, first.value, "; ".join([first.allowed, *map(str, rest)]))
+
+
 def _positive_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(key, value, "a positive integer")
+
+
+def _number(key: str, value: Any, allowed: str, positive: bool = True) -> None:
+    """A finite number, > 0 (``positive``) or >= 0: NaN passes every comparison that is false, so the test is
+    written to fail for it; inf would pass a lower bound and poison every prediction."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not (value > 0 if positive else value >= 0):
+        raise ConfigError(key, value, allowed)
 
 
 def _check_workload(cfg: Any) -> None:
@@ -47,7 +70,16 @@ def _check_workload(cfg: Any) -> None:
         _positive_int(key, cfg[key])
     if cfg.warmup < 0:
         raise ConfigError("warmup", cfg.warmup, "an integer >= 0")
-    limit = cfg.model.max_positions or cfg.model.arch.get("max_position_embeddings")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError("seed", cfg.seed, "an integer from 0 to 2**64 - 1 (what torch's generator takes)")
+    arch_limit = cfg.model.arch.get("max_position_embeddings")
+    if cfg.model.max_positions is not None:
+        _positive_int("model.max_positions", cfg.model.max_positions)
+        if arch_limit and cfg.model.max_positions > arch_limit:
+            raise ConfigError("model.max_positions", cfg.model.max_positions,
+                              f"at most the architecture's {arch_limit} positions "
+                              f"(model.arch.max_position_embeddings): lower it, or null for the architecture's own")
+    limit = cfg.model.max_positions or arch_limit
     if limit and cfg.prompt_len + cfg.gen_len > limit:
         raise ConfigError(
             "prompt_len", cfg.prompt_len,
@@ -88,6 +120,10 @@ def _check_arch(arch: Any) -> None:
     for key in (*_ARCH_SIZES, *_ARCH_HEADS, "num_key_value_heads"):
         if arch.get(key) is not None:
             _positive_int(f"model.arch.{key}", arch[key])
+    if arch.get("vocab_size") is not None and arch["vocab_size"] <= FIRST_PROMPT_TOKEN:
+        raise ConfigError("model.arch.vocab_size", arch["vocab_size"],
+                          f"more than {FIRST_PROMPT_TOKEN} tokens (random prompts draw ids from {FIRST_PROMPT_TOKEN} "
+                          f"up to the vocabulary's size)")
     hidden = arch.get("hidden_size")
     heads_key = next((key for key in _ARCH_HEADS if arch.get(key) is not None), None)
     if heads_key is None:
@@ -143,8 +179,7 @@ def _check_quant(quant: Any, model: Any) -> None:
 
 def _check_memory(memory: Any) -> None:
     for key in ("prefetch_bucket_hh", "max_live_hh"):
-        if memory[key] <= 0:
-            raise ConfigError(f"memory.{key}", memory[key], "a positive multiple of h*h")
+        _number(f"memory.{key}", memory[key], "a positive, finite multiple of h*h")
     if memory.persistence not in PERSISTENCE_WORDS and not str(memory.persistence).isdigit():
         raise ConfigError("memory.persistence", memory.persistence,
                           "'h' (h elements), 'hh' (h*h+1), 'auto' (planned against the GPU budget) "
@@ -153,8 +188,8 @@ def _check_memory(memory: Any) -> None:
     if reuse is not None and reuse != "model" and not str(reuse).isdigit():
         raise ConfigError("memory.max_reuse_distance", reuse,
                           "null (DeepSpeed's default), 'model' (keep weights reused within a forward) or an integer")
-    if memory.gpu_budget_gib is not None and memory.gpu_budget_gib <= 0:
-        raise ConfigError("memory.gpu_budget_gib", memory.gpu_budget_gib, "a positive number of GiB, or null")
+    if memory.gpu_budget_gib is not None:
+        _number("memory.gpu_budget_gib", memory.gpu_budget_gib, "a positive, finite number of GiB, or null")
     if memory.fetch not in FETCH_MODES:
         raise ConfigError("memory.fetch", memory.fetch,
                           "'deepspeed' (ZeRO-3's parameter coordinator as shipped) or 'overlap' (zi_app/run/fetch.py)")
@@ -174,8 +209,8 @@ def _check_kvcache(kvcache: Any) -> None:
 def _check_hardware(hardware: Any) -> None:
     for key in ("gpu_memory_gib", "host_memory_gib", "h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
                 "gpu_tflops", "gpu_peer_gbps"):
-        if hardware[key] is not None and hardware[key] <= 0:
-            raise ConfigError(f"hardware.{key}", hardware[key], "a positive number, or null (measured here)")
+        if hardware[key] is not None:
+            _number(f"hardware.{key}", hardware[key], "a positive, finite number, or null (measured here)")
     if hardware.gpu_count is not None:
         _positive_int("hardware.gpu_count", hardware.gpu_count)
     for key in ("stream_efficiency", "pageable_efficiency", "compute_efficiency", "memory_efficiency"):
@@ -183,15 +218,22 @@ def _check_hardware(hardware: Any) -> None:
             raise ConfigError(f"hardware.{key}", hardware[key], "a fraction in (0, 1]")
     for key in ("fetch_overhead_s", "param_overhead_s", "dequant_overhead_s", "post_quant_overhead_s",
                 "step_overhead_s"):
-        if hardware[key] < 0:
-            raise ConfigError(f"hardware.{key}", hardware[key], "seconds >= 0")
+        _number(f"hardware.{key}", hardware[key], "finite seconds >= 0", positive=False)
 
 
 def check_tracking(tracking: Any) -> None:
-    """Raise :class:`ConfigError` for a tracking key that cannot work; checked before the store is opened,
-    which comes before the rest of the config is validated."""
+    """The MLflow store's keys: a SQLite file or a tracking server (MLflow's own database URIs would need
+    their drivers and a schema migration in every job; a server over such a database is the way), a named
+    experiment, and how long to wait for a server. Cheap: the entry point checks these before it opens the
+    store, which comes before the rest of the config is validated."""
+    if not str(tracking.uri).startswith(TRACKING_SCHEMES):
+        raise ConfigError("tracking.uri", tracking.uri,
+                          "sqlite:///<path> (a local store) or http(s)://<host>:<port> (an MLflow tracking server; "
+                          "run `mlflow server --backend-store-uri postgresql://...` for a database)")
+    if not str(tracking.experiment).strip():
+        raise ConfigError("tracking.experiment", tracking.experiment, "a non-empty experiment name")
     timeout = tracking.connect_timeout_s
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
         raise ConfigError("tracking.connect_timeout_s", timeout,
                           "seconds >= 0 to keep retrying a tracking server that does not answer (0: fail at once)")
 

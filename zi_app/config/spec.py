@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import urllib.parse
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from zi_app.config.checks import DTYPE_ALIASES, ConfigError, check
 from zi_app.config.schema import (AioSpec, HardwareSpec, JobSpec, KVCacheSpec, MemorySpec, ModelShape, ModelSpec,
@@ -45,12 +47,59 @@ def _config_error(error: OmegaConfBaseException, own: Any) -> ConfigError:
     value of the wrong type."""
     key = error.full_key or str(error.key)
     value = error.value if error.value is not None else OmegaConf.select(OmegaConf.create(own), key)
-    if isinstance(error, ConfigKeyError):
+    if isinstance(error, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rpartition(".")[0]
         node = OmegaConf.select(OmegaConf.structured(ZIConfig), parent) if parent else OmegaConf.structured(ZIConfig)
         known = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
         return ConfigError(key, value, f"a key of {parent or 'the zero-inference schema'}: {known}")
     return ConfigError(key, value, str(error.msg).splitlines()[0])
+
+
+def composition_error(error: BaseException, overrides: Sequence[str] = ()) -> Optional[ConfigError]:
+    """Our :class:`ConfigError` for Hydra's refusal to compose the command line's ``overrides``: a group
+    option that does not exist (``model=nope``), a key the schema lacks (``foo=1``) or a value of the wrong
+    type (``batch=abc``); None for any other error."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return ConfigError(group.replace("/", "."), option, f"one of {', '.join(error.options)}")
+    if not isinstance(error.__cause__, OmegaConfBaseException):
+        return None
+    try:  # the values as typed, so that the message shows the one refused
+        given = OmegaConf.from_dotlist([override.lstrip("+~") for override in overrides if "=" in override])
+    except OmegaConfBaseException:
+        given = {}
+    return _config_error(error.__cause__, given)
+
+
+def check_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Raise :class:`ConfigError` for what an app whose whole task config is ours (``zi``) must not take,
+    though composition lets it through: a top-level key the schema lacks (``+bacth=8``: a typo that would
+    run batch 1), a value that does not resolve (``batch=${oc.env:UNSET}``), and a number given on the
+    command line (``overrides``) for a true/false key (``profile_step=2``, which OmegaConf takes as true).
+    :func:`validate` leaves a client app's own keys alone instead."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    known = schema_keys()
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(key, value, f"a key of the zero-inference schema: {', '.join(known)}")
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = error.full_key or str(error.key)
+        value: Any = raw
+        for part in key.split("."):  # the value as written: selecting it through OmegaConf would resolve it
+            value = value.get(part) if isinstance(value, dict) else None
+        raise ConfigError(key, value, f"a value that resolves ({str(error).splitlines()[0]})") from None
+    schema = OmegaConf.structured(ZIConfig)
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key, value = override.key_or_group, override.value()
+        boolean = isinstance(OmegaConf.select(schema, key, default=None), bool)
+        if boolean and not isinstance(value, (bool, list, type(None))):  # a sweep's list, a deletion: not a value
+            raise ConfigError(key, value, "true or false")
 
 
 def _merged(cfg: Any) -> DictConfig:
@@ -94,6 +143,50 @@ def model_shape(arch: Any) -> ModelShape:
                       tied_embeddings=bool(arch.get("tie_word_embeddings", True)))
 
 
+def _check_model_type(model_type: Any) -> None:
+    """Random weights are built from ``model.arch`` by transformers' config class of its ``model_type``: one
+    it does not know would fail while loading, after the plan."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES  # lazily: 2 s to import
+
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError("model.arch.model_type", model_type,
+                          "a model type of the installed transformers, such as opt, llama or bloom")
+
+
+HUB_TIMEOUT_S = 3  # how long the hub's host may take to accept a connection before we call this machine offline
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) accepts a connection: offline, transformers retries
+    for about 25 s before failing with a message about the internet."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _checkpoint_architecture(path: str) -> Dict[str, Any]:
+    """:func:`architecture_from_checkpoint`, or :class:`ConfigError` naming ``model.path`` for a checkpoint
+    that is not here and cannot be fetched, or that transformers cannot read."""
+    if not Path(os.path.expanduser(path)).is_dir():
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(path, "config.json"), str) and not _hub_reachable():
+            raise ConfigError("model.path", path,
+                              f"a local directory holding config.json, or a hub id in the local hub cache "
+                              f"({constants.HF_HUB_CACHE}): it is neither, and the hub cannot be reached from "
+                              f"here (offline)")
+    try:
+        return architecture_from_checkpoint(path)
+    except (OSError, ValueError) as error:  # no such repository, no config.json, a config it cannot parse
+        raise ConfigError("model.path", path,
+                          f"a checkpoint transformers can read ({str(error).strip().splitlines()[0]})") from None
+
+
 _SPECS = {"model": ModelSpec, "offload": OffloadSpec, "quant": QuantSpec, "kvcache": KVCacheSpec,
           "memory": MemorySpec, "hardware": HardwareSpec, "tracking": TrackingSpec}
 
@@ -119,9 +212,11 @@ def validate(cfg: Any) -> JobSpec:
     merged = _merged(cfg)
     if merged.model.weights == "pretrained" and merged.model.path:
         check(merged)  # the path is checked before anything reads it
-        arch = architecture_from_checkpoint(merged.model.path)
+        arch = _checkpoint_architecture(merged.model.path)
         with open_dict(merged):
             merged.model.arch = arch
             merged.model.max_positions = merged.model.max_positions or arch.get("max_position_embeddings")
     check(merged)
+    if merged.model.weights == "random":
+        _check_model_type(merged.model.arch.get("model_type"))
     return _freeze(merged)

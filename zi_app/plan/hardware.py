@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import statistics
 import time
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from zi_app.config.schema import JobSpec
 
@@ -52,6 +53,8 @@ class Hardware:
     memory_efficiency: float
     gpu_count: Optional[int] = None  # GPUs a job may span; None: any number
     gpu_peer_gbps: Optional[float] = None  # GPU-to-GPU GB/s per GPU, one direction
+    # what limits host_memory_bytes, for messages: "available on this machine", "RLIMIT_AS ...", a preset's
+    host_limit: str = ""
 
     @property
     def has_gpu_rates(self) -> bool:
@@ -119,11 +122,45 @@ def torch_gpu() -> Gpu:
     return Gpu(name=torch.cuda.get_device_name(), memory_bytes=torch.cuda.mem_get_info()[1])
 
 
-def available_host_bytes() -> int:
-    """Host memory a new job can use now (psutil's ``available``: free plus reclaimable cache)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_memory_left(root: Path = CGROUP_ROOT) -> Optional[int]:
+    """Memory this process's cgroup (v2) and its ancestors still allow: the least ``memory.max`` minus
+    ``memory.current`` on the way up; None without a limit (or without cgroup v2)."""
+    try:
+        line = next(line for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    group, left = root / line[3:].strip().lstrip("/"), None
+    while True:
+        try:
+            limit = (group / "memory.max").read_text().strip()
+            if limit != "max":
+                room = int(limit) - int((group / "memory.current").read_text())
+                left = room if left is None else min(left, room)
+        except (OSError, ValueError):
+            pass  # no memory controller at this level (the root has none)
+        if group == root or root not in group.parents:
+            return left
+        group = group.parent
+
+
+def host_memory_limit() -> Tuple[int, str]:
+    """Host memory a new job can use now, and what sets it: the machine's available memory (psutil: free
+    plus reclaimable cache) or, where lower, what this process's cgroup still allows (a container's or
+    systemd unit's memory.max) or its address-space limit (RLIMIT_AS: ``prlimit --as``, ``ulimit -v``): past
+    either the job dies loading, as an out-of-memory kill or a failed allocation."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    limits = [(int(psutil.virtual_memory().available), "available on this machine")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft, "this process may map (RLIMIT_AS: prlimit --as, ulimit -v)"))
+    left = cgroup_memory_left()
+    if left is not None:
+        limits.append((max(0, left), "left under this process's cgroup limit (memory.max)"))
+    return min(limits)
 
 
 def free_disk_bytes(path: str) -> Optional[int]:
@@ -207,10 +244,14 @@ def hardware(spec: JobSpec, cuda: bool = False) -> Hardware:
     the preset matching its name. Without a GPU the GPU figures stay None (any number of ranks: they run on
     the CPU) and no speed is predicted."""
     hw = dataclasses.asdict(spec.hardware)
+    host_limit = ""  # a preset's: named by the plan
     if hw["name"] == "auto":
         device = gpu() or (torch_gpu() if cuda else None)
         if hw["host_memory_gib"] is None:
-            hw["host_memory_gib"] = available_host_bytes() / GIB
+            host, host_limit = host_memory_limit()
+            hw["host_memory_gib"] = host / GIB
+        else:
+            host_limit = "given"
         if device is not None:
             preset = matching_preset(device) or {}
             measured = (cached_h2d_bandwidth(spec.cache_dir) or {}
@@ -229,7 +270,8 @@ def hardware(spec: JobSpec, cuda: bool = False) -> Hardware:
                                                 "fetch_overhead_s", "param_overhead_s",
                                                 "dequant_overhead_s", "post_quant_overhead_s", "step_overhead_s",
                                                 "compute_efficiency",
-                                                "memory_efficiency")})
+                                                "memory_efficiency")},
+                    host_limit=host_limit)
 
 
 def hardware_problem(hw: Hardware, cuda: bool) -> Optional[str]:

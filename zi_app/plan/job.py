@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-from zi_app.config.checks import ConfigError
+from zi_app.config.checks import ConfigError, every_problem
 from zi_app.config.schema import JobSpec
 from zi_app.plan import dsconfig, hardware as machine, preflight
 from zi_app.plan.facts import ModelFacts, model_facts
@@ -41,9 +41,9 @@ class JobPlan:
     facts: ModelFacts  # the model's parameter sizes and hooked modules, read once for every use of the plan
 
     def check_runnable(self) -> None:
-        """Raise the first problem: a real run refuses before anything loads."""
+        """Raise every problem, in one error: a real run refuses before anything loads."""
         if self.problems:
-            raise self.problems[0]
+            raise every_problem(self.problems)
 
     @property
     def fits(self) -> bool:
@@ -126,11 +126,21 @@ def _over_budget(spec: JobSpec, residency: Residency, budget: Optional[int]) -> 
         f"or raise memory.gpu_budget_gib"),)
 
 
-def _host_problems(spec: JobSpec, hardware: Hardware, prediction: Prediction,
+def _host_problems(spec: JobSpec, hardware: Hardware, work: Workload, residency: Residency, prediction: Prediction,
                    here: bool) -> Tuple[ConfigError, ...]:
     problems = []
     host = hardware.host_memory_bytes
-    if host is not None and prediction.peak_host_bytes > host:
+    limit = hardware.host_limit or f"of hardware={hardware.name}"
+    # On the CPU accelerator the KV cache and activations are host memory: past the host alone, the batch
+    # (or the sequence) is what to change, not where the weights live.
+    transient = work.ranks * (residency.predicted_peak_bytes - residency.resident_bytes) if work.on_cpu else 0
+    if host is not None and transient > host:
+        problems.append(ConfigError(
+            "batch", spec.batch,
+            f"a batch that fits: on the CPU the KV cache, activations and gathered weights are host memory, "
+            f"predicted {transient / GIB:.1f} GiB, more than the {host / GIB:.1f} GiB {limit}; lower batch or "
+            f"prompt_len + gen_len"))
+    elif host is not None and prediction.peak_host_bytes > host:
         ways = [way for way, applies in (("offload=nvme", spec.offload.device == "cpu"),
                                          ("quant=int4", spec.quant.mode == "none"),
                                          ("pin=false", bool(spec.pin) and spec.offload.device == "cpu"),
@@ -139,9 +149,9 @@ def _host_problems(spec: JobSpec, hardware: Hardware, prediction: Prediction,
         problems.append(ConfigError(
             "offload", spec.offload.device,
             f"a setting whose host memory fits: predicted peak host RSS {prediction.peak_host_bytes / GIB:.1f} GiB "
-            f"(offloaded weights{', pinned: rounded up to powers of two' if spec.pin else ''}) exceeds the "
-            f"{host / GIB:.1f} GiB {'available on this machine' if hardware.name == 'auto' else 'of hardware=' + hardware.name}"
-            f" (hardware.host_memory_gib); try {', '.join(ways) or 'a smaller model'}"))
+            f"(offloaded weights{', pinned: rounded up to powers of two' if spec.pin else ''}"
+            f"{', and on the CPU the KV cache and activations' if work.on_cpu else ''}) exceeds the "
+            f"{host / GIB:.1f} GiB {limit} (hardware.host_memory_gib); try {', '.join(ways) or 'a smaller model'}"))
     if spec.offload.device == "nvme" and here:
         free = machine.free_disk_bytes(spec.offload.nvme_path)
         if free is not None and prediction.nvme_bytes > free:
@@ -176,21 +186,25 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     facts = model_facts(spec.model.arch)
     hw = machine.hardware(spec, cuda)
     device_bytes = hw.gpu_memory_bytes if (cuda or hw.name != "auto") else None
-    work = workload(spec)
+    # Planned for this machine without CUDA, DeepSpeed's CPU accelerator runs the job in host memory.
+    work = dataclasses.replace(workload(spec), on_cpu=not cuda and hw.name == "auto")
     budget = budget_bytes(spec, device_bytes)
     planned = residency(spec, work, facts, budget)
     prediction = predict_job(work, facts, planned, hw)
     mismatch = machine.hardware_problem(hw, cuda) if here else None
     environment = tuple(preflight.environment_problems(spec, cuda)) if here else ()
-    problems = (*environment, *_device_problems(spec, hw, environment), *_over_budget(spec, planned, budget),
-                *_host_problems(spec, hw, prediction, here),
+    devices = (*environment, *_device_problems(spec, hw, environment))
+    # Memory predicted for more ranks than can run says nothing more: the one problem is ``devices``.
+    memory = () if any(p.key == "devices" for p in devices) else (
+        *_over_budget(spec, planned, budget), *_host_problems(spec, hw, work, planned, prediction, here))
+    problems = (*devices, *memory,
                 *((ConfigError("hardware", hw.name, mismatch),) if mismatch else ()))
     ds_config = dsconfig.build_ds_config(spec, facts, planned)
     return JobPlan(spec, ds_config, planned, budget, problems, hw, prediction, facts)
 
 
 def ready(spec: JobSpec, cuda: bool) -> JobPlan:
-    """The plan of a job about to run here: :func:`plan_job`, refused at its first problem, and the dtype
+    """The plan of a job about to run here: :func:`plan_job`, refused naming every problem, and the dtype
     checked with DeepSpeed's accelerator (which a dry run need not import) first: a GPU model on a CPU
     machine is told to use a small model, before what its size would need of this host."""
     plan = plan_job(spec, cuda)
@@ -202,7 +216,7 @@ def ready(spec: JobSpec, cuda: bool) -> JobPlan:
 def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None) -> Tuple[Optional[ConfigError], Optional[float]]:
     """What a sweep's parent knows of a job before starting it: (why it would be refused before loading,
     its :attr:`JobPlan.predicted_job_s`). The refusal is ``devices`` beyond the ``gpus`` the sweep hands out
-    (None: no GPUs to hand out, ranks run on the CPU), or the first problem of its plan, made the way the job
+    (None: no GPUs to hand out, ranks run on the CPU), or the problems of its plan (one error), made the way the job
     itself makes it; None when it would run. Lets a sweep's parent refuse jobs without starting their
     processes and plan the sweep's time (None where unknown)."""
     plan = plan_job(spec, cuda)
@@ -210,4 +224,4 @@ def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None) -> Tuple[O
         return ConfigError("devices", spec.devices,
                            f"at most {gpus}: this sweep has {gpus} GPU(s) (hydra.launcher.gpus, else "
                            f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank"), None
-    return (plan.problems[0], None) if plan.problems else (None, plan.predicted_job_s)
+    return (every_problem(plan.problems), None) if plan.problems else (None, plan.predicted_job_s)

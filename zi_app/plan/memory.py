@@ -206,12 +206,14 @@ def partition_host_bytes(work: Workload, nbytes: int) -> int:
     return locked_bytes(nbytes) if work.pin_exact else pinned_bytes(nbytes)
 
 
-def host_bytes(work: Workload, facts: ModelFacts) -> int:
+def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
     """Predicted peak host RSS of the whole job: per rank the process's base, NVMe staging buffers and an
     offloaded KV cache; the offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each
     pins its own partition, rounded up alone); and a checkpoint read from files. Post-init quantization
     offloads the weights at their dtype's width while loading and their quantized replacements after; the
-    host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned)."""
+    host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``)
+    each rank's "device" is host memory too: the ``residency``'s peak (resident and gathered weights, KV
+    cache, activations) is added per rank."""
     nbytes = DTYPE_BYTES[work.dtype]
     total = HOST_BASE_BYTES * work.ranks
     if work.offload == "cpu":
@@ -227,6 +229,8 @@ def host_bytes(work: Workload, facts: ModelFacts) -> int:
         total += work.ranks * offloaded_kv_host_bytes(work)
     if work.reads_checkpoint:
         total += sum(facts.param_numels) * nbytes
+    if work.on_cpu:
+        total += work.ranks * residency.predicted_peak_bytes
     return total
 
 

@@ -3,7 +3,7 @@
 A config can be valid as configuration and still not run here (fp16 quantized weights without CUDA, NVMe
 offload without libaio or without the directory it names): :func:`environment_problems` lists those as
 :class:`ConfigError` values, so a dry run can print the DeepSpeed config with one warning each while a
-real run refuses at the first (:func:`check_environment`).
+real run refuses naming them all (:func:`check_environment`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import List
 
 from packaging.version import Version
 
-from zi_app.config.checks import ConfigError
+from zi_app.config.checks import ConfigError, every_problem
 from zi_app.config.schema import JobSpec
 
 MIN_DEEPSPEED = Version("0.10.3")
@@ -102,6 +102,11 @@ def environment_problems(cfg: JobSpec, cuda: bool) -> List[ConfigError]:
                 "devices", cfg.devices, f"at most {visible}: one rank per GPU and {visible} GPU(s) are visible to "
                                         f"this process (CUDA_VISIBLE_DEVICES)"))
     else:
+        cores = len(os.sched_getaffinity(0))
+        if cfg.devices > cores:
+            problems.append(ConfigError(
+                "devices", cfg.devices, f"at most {cores}: without CUDA each rank is a process computing on this "
+                                        f"machine's {cores} CPU core(s)"))
         if cfg.kvcache.cache_implementation == "offloaded":
             problems.append(ConfigError(
                 "kvcache", "cpu", "gpu on a machine without CUDA (transformers' offloaded cache streams over CUDA "
@@ -114,10 +119,10 @@ def environment_problems(cfg: JobSpec, cuda: bool) -> List[ConfigError]:
 
 
 def check_environment(cfg: JobSpec, cuda: bool) -> None:
-    """Raise the first of :func:`environment_problems`: the machine cannot run ``cfg``."""
+    """Raise :func:`environment_problems`, all of them in one error: the machine cannot run ``cfg``."""
     problems = environment_problems(cfg, cuda)
     if problems:
-        raise problems[0]
+        raise every_problem(problems)
 
 
 def prefer_cpu_accelerator(cuda: bool) -> None:

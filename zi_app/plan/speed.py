@@ -131,7 +131,7 @@ def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Har
     if hw.has_gpu_rates and (not peer or hw.gpu_peer_gbps is not None):
         prefill_s, decode_s = predict_times(work, facts, streamed, hw, peer_bytes=peer)
         speed = tokens_per_sec(work.batch * work.ranks, work.gen_len, prefill_s, decode_s)
-    return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts),
+    return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts, residency),
                       streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
                       prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer)
 

@@ -37,6 +37,8 @@ class Workload:
     post_quant_modules: Tuple[str, ...] = ()  # weight_quantization.post_init_quant's keys (quant=int8-post/int4-post)
     ranks: int = 1  # processes (devices) one job spans; batch is per rank
     pin_exact: bool = False  # pinned partitions at their own size (memory.pin_backend=native), not a power of two
+    # DeepSpeed's CPU accelerator: what a GPU would hold (KV cache, activations, gathered weights) is host memory
+    on_cpu: bool = False
 
 
 def persistence_threshold(word: str, h: int) -> int:

@@ -1,5 +1,6 @@
 """The MLflow store: its URI made absolute, checked quickly before anything loads, created with its
-experiment safely when several processes start at once, and searched. MLflow itself (about 1.5 s) is imported
+experiment safely when several processes start at once (a new SQLite store's tables made in a file of their
+own and renamed into place, so that a signal never leaves it half-made), and searched. MLflow itself (about 1.5 s) is imported
 when a function first needs it, so that composing the app's config, ``--help`` and tab completion never pay
 for it.
 """
@@ -11,8 +12,10 @@ import fcntl
 import http.client
 import logging
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -94,7 +97,8 @@ def wait_for_server(uri: str, wait_s: float, timeout: float = STORE_TIMEOUT_S) -
 def check_store(uri: str, write: bool = True, wait_s: float = 0.0) -> None:
     """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
     answer (retried for ``wait_s`` seconds, :func:`wait_for_server`), a SQLite store whose folder cannot be made
-    or written (``write``) or whose file is not a SQLite database. Raises :class:`StoreError`."""
+    or written (``write``), whose file is not a SQLite database or was left half-created. Raises
+    :class:`StoreError`."""
     if uri.startswith(("http://", "https://")):
         wait_for_server(uri, wait_s)
     if not uri.startswith(SQLITE_PREFIX):
@@ -111,10 +115,78 @@ def check_store(uri: str, write: bool = True, wait_s: float = 0.0) -> None:
         if not os.access(db, os.R_OK | (os.W_OK if write else 0)):
             raise StoreError(f"MLflow store {uri}: cannot {'write' if write else 'read'} {db}")
         try:
-            with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as connection:
+            with _read_only(db) as connection:
                 connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.Error as error:
             raise StoreError(f"MLflow store {uri}: {db} is not a usable SQLite database ({error})") from None
+        _check_complete(uri, db)
+
+
+def _read_only(db: Path):
+    """A read-only connection to the SQLite file ``db``, closed at the end of a ``with`` block."""
+    return contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True))
+
+
+def _tables(db: Path) -> List[str]:
+    with _read_only(db) as connection:
+        return [name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+
+
+def _half_created(db: Path) -> Optional[str]:
+    """Why the SQLite store ``db`` was left half-created (its tables made by an older version that a signal
+    stopped part way: some tables, an alembic work table, no schema version), or None."""
+    tables = _tables(db)
+    if not tables:
+        return None  # no tables at all: created afresh
+    if any(name.startswith("_alembic_tmp_") for name in tables):
+        return "a schema migration's work table is left in it"
+    if "alembic_version" not in tables:
+        return "it has tables but no schema version"
+    with _read_only(db) as connection:
+        if not connection.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
+            return "its schema version is empty"
+    return None
+
+
+def _check_complete(uri: str, db: Path) -> None:
+    """Refuse, in one line with what to do, a store an older version left half-created."""
+    why = _half_created(db)
+    if why is None:
+        return
+    with _read_only(db) as connection:
+        has_runs = "runs" in _tables(db) and connection.execute("SELECT count(*) FROM runs").fetchone()[0]
+    todo = (f"run `mlflow db upgrade {uri}` (it holds runs)" if has_runs else
+            f"it holds no runs: move it away (mv {db} {db}.broken) and run the command again")
+    raise StoreError(f"MLflow store {uri}: {db} was left half-created by a command stopped while it made the "
+                     f"tables ({why}); {todo}")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back from this thread until the block ends, then delivered."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only: nothing to defer here
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _create(uri: str, db: Path) -> None:
+    """Make a new SQLite store's tables (MLflow's schema and its migrations: seconds) in a file of their own
+    beside ``db``, then rename it into place: a stop at any moment leaves no store or a whole one. Signals
+    are deferred meanwhile; one that reaches another thread still only loses the temporary file."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    temporary = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    try:
+        with _signals_deferred():
+            SqlAlchemyStore(SQLITE_PREFIX + str(temporary), artifact_root(uri)).engine.dispose()
+            os.replace(temporary, db)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _lock_path(db: Path) -> Path:
@@ -165,6 +237,10 @@ def open_experiment(uri: str, experiment: str, wait_s: float = 0.0) -> str:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         with _store_lock(uri):
+            if uri.startswith(SQLITE_PREFIX):
+                db = Path(uri[len(SQLITE_PREFIX):])
+                if not db.is_file() or not _tables(db):
+                    _create(uri, db)
             mlflow.set_tracking_uri(uri)
             client = MlflowClient()
             found = client.get_experiment_by_name(experiment)
@@ -177,7 +253,7 @@ def open_experiment(uri: str, experiment: str, wait_s: float = 0.0) -> str:
                 # Another process (through a tracking server, which our lock does not cover) created it
                 # between our lookup and create.
                 return client.get_experiment_by_name(experiment).experiment_id
-    except (MlflowException, SQLAlchemyError, OSError) as error:
+    except (MlflowException, SQLAlchemyError, OSError, sqlite3.Error) as error:
         raise StoreError(redact_text(f"MLflow store {uri}: {_first_line(error)}")) from None
 
 

@@ -2,16 +2,27 @@
 raise :class:`Interrupted` in the main thread, so that whoever holds an MLflow run closes it FAILED, kind
 ``killed``, with the signal named, before the process exits with 128 + the signal's number (what a shell
 reports for a process that a signal ended). SIGKILL cannot be caught: a later command closes those runs.
+
+Python runs a handler between bytecodes, wherever the main thread is, and an exception raised inside a
+``__del__`` or a weakref callback (SQLAlchemy's garbage-collection hooks run there) is printed as "Exception
+ignored" and lost. So the signal is also recorded, and the job calls :func:`check` at its safe points (each
+decode step, before recording success): a lost raise still stops it there. A later signal raises again.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Optional
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A repeat of the first signal this soon after it is the same stop delivered twice (Ctrl-C reaches a sweep's
+# job through the terminal's process group and again from the sweep's driver): raising again would cut the
+# closing of the job's run short. Any other signal, or the same one later, raises.
+DUPLICATE_S = 1.0
 _received: Optional[int] = None
+_received_at = 0.0
 
 
 class Interrupted(SystemExit):
@@ -41,13 +52,20 @@ def signal_name(signum: int) -> str:
 
 
 def _stop(signum: int, frame) -> None:
-    global _received
-    if _received is not None:
-        # Already stopping (a launcher forwards the signal its job also got from the terminal): let the
-        # runs be closed. SIGKILL still ends the process at once.
+    global _received, _received_at
+    now = time.monotonic()
+    if _received is None:
+        _received, _received_at = signum, now
+    elif signum == _received and now - _received_at < DUPLICATE_S:
         return
-    _received = signum
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal came: a safe point of the job, where a stop whose raise was
+    swallowed (it landed in a ``__del__`` or weakref callback) takes effect."""
+    if _received is not None:
+        raise Interrupted(_received)
 
 
 def install() -> None:

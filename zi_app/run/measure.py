@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from transformers import StoppingCriteria
 
+from zi_app.run import interrupt
 from zi_app.run.progress import progress
 
 
@@ -82,7 +83,8 @@ def stopwatch() -> Iterator[Stopwatch]:
 class TokenClock(StoppingCriteria):
     """Stamps the time each new token is ready; generate calls it once per forward step.
 
-    Never stops generation. The stamp follows a device sync, so step times are real device times.
+    Never stops generation, but raises at a signal (:func:`zi_app.run.interrupt.check`): each step is a safe
+    point. The stamp follows a device sync, so step times are real device times.
     ``on_token`` is called after each stamp (a progress bar's tick: its microseconds fall into the next
     step's time, never into the one just stamped).
     """
@@ -96,6 +98,7 @@ class TokenClock(StoppingCriteria):
         self.stamps.append(time.perf_counter())
         if self.on_token is not None:
             self.on_token()
+        interrupt.check()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
