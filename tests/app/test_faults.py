@@ -168,7 +168,8 @@ def test_after_sigkill_the_next_command_closes_the_dead_runs_and_says_the_sweep_
     closed = re.search(r"MLflow: closed 2 run\(s\) left RUNNING by a process that is gone \(now FAILED, kind "
                        r"killed\): (\w+), (\w+)", best.stderr)
     assert closed and set(closed.groups()) == {run.info.run_id, parent.info.run_id}, best.stderr
-    assert f"Best run of UNFINISHED sweep {parent.info.run_id} (found RUNNING with its process gone" in best.stdout
+    assert (f"Best run of the latest sweep of experiment 'zero-inference', UNFINISHED sweep {parent.info.run_id} "
+            f"(found RUNNING with its process gone") in best.stdout
     assert "(2 runs, 1 failed)" in best.stdout
     for run_id in closed.groups():
         tags = client(tmp_path).get_run(run_id).data.tags

@@ -190,7 +190,8 @@ def test_best_run_command_names_the_best_run(failing_sweep, best_command):
     text = subprocess.run([sys.executable, "-m", "zi_app.zi_best"], cwd=root, env=app_env(), capture_output=True,
                           text=True, timeout=120)
     assert text.returncode == 0, text.stderr
-    assert f"Best run of sweep {parent.info.run_id} (4 runs, 2 failed)" in text.stdout
+    assert (f"Best run of the latest sweep of experiment 'zero-inference', sweep {parent.info.run_id} "
+            f"(4 runs, 2 failed)") in text.stdout
     assert best.info.run_id in text.stdout and best.data.tags[zi_runs.OVERRIDES_TAG] in text.stdout
     info = json.loads(best_command(root, "--json").stdout)
     assert info["run_id"] == best.info.run_id
