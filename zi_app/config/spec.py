@@ -80,6 +80,7 @@ def check_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     command line (``overrides``) for a true/false key (``profile_step=2``, which OmegaConf takes as true).
     :func:`validate` leaves a client app's own keys alone instead."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
 
     known = schema_keys()
     raw = OmegaConf.to_container(cfg, resolve=False)
@@ -96,10 +97,18 @@ def check_task(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         raise ConfigError(key, value, f"a value that resolves ({str(error).splitlines()[0]})") from None
     schema = OmegaConf.structured(ZIConfig)
     for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key, value = override.key_or_group, override.value()
-        boolean = isinstance(OmegaConf.select(schema, key, default=None), bool)
-        if boolean and not isinstance(value, (bool, list, type(None))):  # a sweep's list, a deletion: not a value
-            raise ConfigError(key, value, "true or false")
+        key = override.key_or_group
+        if not isinstance(OmegaConf.select(schema, key, default=None), bool):
+            continue
+        if override.is_sweep_override():
+            if override.value_type == ValueType.INTERVAL_SWEEP:
+                continue  # an optimizer's range of numbers: no value of its own to check
+            values = list(override.sweep_iterator())  # each point a sweep would run: pin=true,false
+        else:
+            values = [override.value()]
+        for value in values:
+            if not isinstance(value, (bool, list, type(None))):  # a list, a deletion: not a value
+                raise ConfigError(key, value, "true or false")
 
 
 def _merged(cfg: Any) -> DictConfig:
