@@ -55,7 +55,8 @@ def _device_name(cuda: bool) -> str:
 def _task_overrides() -> list:
     """The job's overrides as given on the command line (or by the sweep)."""
     try:
-        return list(HydraConfig.get().overrides.task)
+        # As written: an override's text may look like an interpolation (batch=${batch}).
+        return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
     except ValueError:
         return []
 
@@ -84,11 +85,8 @@ def refuse_secrets_in_job(cfg: DictConfig) -> None:
     """Raise :class:`SecretError` for a secret in the job's config or overrides, first masking it in the files
     Hydra already wrote in the job's folder. The sweep callback refuses it before Hydra writes anything; this
     covers an app run without that callback (``hydra.callbacks`` overridden)."""
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    config = OmegaConf.to_container(cfg, resolve=True)
+    overrides = _task_overrides()
+    config = OmegaConf.to_container(cfg, resolve=False)  # as Hydra wrote it; check_task refuses what cannot resolve
     out_dir = _output_dir()
     if out_dir is not None:
         scrub_files(out_dir, [secret for _, secret in find_secrets(config, overrides)])

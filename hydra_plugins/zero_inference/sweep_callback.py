@@ -44,7 +44,7 @@ def planned_jobs(config: DictConfig) -> Optional[List[str]]:
         return None
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     try:
-        overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+        overrides = OverridesParser.create().parse_overrides(params + _task_overrides(config))
         return [redact_overrides(job) for batch in BasicSweeper.split_arguments(overrides, None)
                 for job in batch]
     except Exception:  # noqa: BLE001 - Hydra reports a bad override itself; we only lose the count
@@ -72,9 +72,17 @@ def _stops_the_sweep(hook: Callable) -> Callable:
     return run
 
 
-def _task_config(config: DictConfig) -> dict:
-    """The job's own keys (Hydra's node left out), resolved."""
-    return OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
+def _task_overrides(config: DictConfig) -> List[str]:
+    """The overrides as the user wrote them: an override's own text may look like an interpolation
+    (``batch=${batch}``), which reading the list through OmegaConf would try to resolve."""
+    return OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+
+
+def _task_config(config: DictConfig, resolve: bool = True) -> dict:
+    """The job's own keys (Hydra's node left out), resolved unless ``resolve`` is false: what Hydra writes in
+    its files is the config as written, and an interpolation that does not resolve is the job's to refuse."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),
+                                  resolve=resolve)
 
 
 class SweepCallback(Callback):
@@ -87,7 +95,7 @@ class SweepCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Refuse a secret in the config or the overrides (exit 2): Hydra calls this before it writes the
         job's ``.hydra/`` files."""
-        refuse_secrets(_task_config(config), config.hydra.overrides.task)
+        refuse_secrets(_task_config(config, resolve=False), _task_overrides(config))
 
     @_stops_the_sweep
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -96,8 +104,8 @@ class SweepCallback(Callback):
         Check the store, create it, the experiment and the parent run before any job starts (parallel jobs
         creating a fresh SQLite store race on its schema), close runs whose process is gone, pass the parent's
         id to the jobs, and let SIGTERM/SIGHUP stop the sweep as Ctrl-C does."""
-        refuse_secrets(_task_config(config), config.hydra.overrides.task)
-        check_task(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), config.hydra.overrides.task)
+        refuse_secrets(_task_config(config, resolve=False), _task_overrides(config))
+        check_task(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), _task_overrides(config))
         if config.dry_run:
             return
         from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module
@@ -107,8 +115,8 @@ class SweepCallback(Callback):
         uri = store.absolute_uri(config.tracking.uri)
         experiment_id = store.open_experiment(uri, config.tracking.experiment, config.tracking.connect_timeout_s)
         orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a sweep started")
-        overrides = redact_overrides(config.hydra.overrides.task)
-        os.environ[runs.SWEPT_KEYS_ENV] = ",".join(swept_keys(config.hydra.overrides.task))
+        overrides = redact_overrides(_task_overrides(config))
+        os.environ[runs.SWEPT_KEYS_ENV] = ",".join(swept_keys(_task_overrides(config)))
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         parent = runs.start_sweep_run(experiment_id, f"sweep {overrides}"[:200],
                                           {runs.OVERRIDES_TAG: overrides, SWEEP_DIR_TAG: str(sweep_dir)})
@@ -130,7 +138,7 @@ class SweepCallback(Callback):
         if job_return.status != JobStatus.FAILED or config.dry_run:
             return
         try:
-            settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), list(config.hydra.overrides.task),
+            settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), _task_overrides(config),
                        job_return._return_value,  # the public property raises for a failed job
                        launch_dir=config.hydra.runtime.cwd)
         except store.StoreError as error:  # one job's record lost to a server still away: the sweep goes on
