@@ -265,8 +265,10 @@ def test_an_unreachable_tracking_server_is_refused_in_one_line(tmp_path, silent_
     the job, the sweep and the best-run command exit 2 naming the URI (its password masked), in seconds,
     with no traceback."""
     closed, silent = f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{silent_port}"
-    commands = [(closed, ["-m", "zi_app", f"tracking.uri={closed}"]),
-                (closed, ["-m", "zi_app", "-m", f"tracking.uri={closed}", "batch=1,2"]),
+    # tracking.connect_timeout_s=0: refused at the first failed probe (waiting for a server is tested with a real
+    # one, tests/record/test_tracking_server.py)
+    commands = [(closed, ["-m", "zi_app", f"tracking.uri={closed}", "tracking.connect_timeout_s=0"]),
+                (closed, ["-m", "zi_app", "-m", f"tracking.uri={closed}", "tracking.connect_timeout_s=0", "batch=1,2"]),
                 (closed, ["-m", "zi_app.zi_best", "--tracking-uri", closed]),
                 (silent, ["-m", "zi_app.zi_best", "--tracking-uri", silent]),
                 (closed, ["-m", "zi_app.zi_best", "--tracking-uri", closed.replace("//", "//bob:s3cret@")])]

@@ -253,8 +253,8 @@ def test_failures_and_parent_run_under_submitit_local(tmp_path):
 def test_a_sweep_that_stops_before_its_jobs_leaves_a_failed_parent(tmp_path):
     run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=abc,1"], cwd=tmp_path, env=app_env(),
                          capture_output=True, text=True, timeout=SWEEP_TIMEOUT_S)
-    assert run.returncode == 1
-    assert "Error merging override batch=abc" in run.stderr
+    assert run.returncode == 2
+    assert "error: invalid config: batch='abc' is not allowed" in run.stderr
     parent = re.search(r"Sweep ended before any job ran; its parent run (\w+) is marked FAILED", run.stdout).group(1)
     assert store(tmp_path).get_run(parent).info.status == "FAILED"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_launcher import _records, _run_app
+from plugins.test_launcher import _records, _run_app  # tests/ is on sys.path (conftest)
 
 import zi_app
 from zi_app.plan import memory as planner, preflight

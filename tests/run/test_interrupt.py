@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+from helpers.signals import terminal_signals
+
 PRELUDE = """
 import os, signal, sys, time, weakref
 from zi_app.run import interrupt
@@ -31,7 +33,7 @@ print("swallowed", flush=True)
 
 def start(body: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", PRELUDE + body], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=terminal_signals)
 
 
 def test_a_swallowed_signal_stops_the_job_at_its_next_safe_point():

@@ -62,7 +62,7 @@ def test_piped_output_gets_rate_limited_plain_lines(run_app, tiny_checkpoint):
 @pytest.mark.quick
 def test_only_rank_0_shows_progress(monkeypatch, caplog):
     """A job spanning several processes (one rank each) shows its progress once, from rank 0."""
-    caplog.set_level(logging.INFO, logger="zi_app.progress")
+    caplog.set_level(logging.INFO, logger="zi_app.run.progress")
     for rank in ("1", "0"):
         monkeypatch.setenv("RANK", rank)
         with progress("repeat 1/1", 4, unit="step") as steps:
