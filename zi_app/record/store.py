@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import http.client
 import logging
 import os
 import signal
 import sqlite3
-import sys
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from zi_app.record import server
 from zi_app.record.redaction import public_url, redact_text
 
 SQLITE_PREFIX = "sqlite:///"
 EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
-STORE_TIMEOUT_S = 5  # how long a tracking server may take to answer one probe
-RETRY_EVERY_S = 2  # between two probes of a tracking server that did not answer
-PROGRESS_EVERY_S = 15  # between two lines saying that a job still waits for its tracking server
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -45,6 +38,7 @@ def absolute_uri(uri: str, base: Optional[str] = None) -> str:
     """The URI to hand MLflow: a local SQLite store's path made absolute (relative paths start at ``base``,
     else the cwd), a tracking server's ``user:password@`` moved to MLflow's own environment variables."""
     if uri.startswith(("http://", "https://")):
+        server.bound_mlflow_requests()
         return _credentials_to_env(uri)
     if not uri.startswith(SQLITE_PREFIX):
         return uri
@@ -61,46 +55,15 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _no_answer(uri: str, timeout: float) -> Optional[str]:
-    """Why the tracking server at ``uri`` does not answer within ``timeout`` seconds, or None if it does."""
-    try:
-        # Without the URI's credentials: any HTTP answer, 401 included, shows a server is there.
-        urllib.request.urlopen(f"{public_url(uri).rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        pass  # it answered: a server (auth and paths are MLflow's business)
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # InvalidURL: a bad port
-        return str(getattr(error, "reason", error))
-    return None
-
-
-def wait_for_server(uri: str, wait_s: float, timeout: float = STORE_TIMEOUT_S) -> None:
-    """Return once the tracking server at ``uri`` answers, probing it every few seconds for up to ``wait_s``
-    seconds (a line on stderr now and then says so); raise :class:`StoreError` if it never does."""
-    deadline = time.monotonic() + wait_s
-    reason, said = _no_answer(uri, timeout), None
-    while reason is not None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            waited = (f"within {timeout:g} s" if not wait_s else
-                      f"for {wait_s:g} s (tracking.connect_timeout_s={wait_s:g}: how long a job waits for it)")
-            raise StoreError(f"MLflow tracking server {redact_text(uri)} does not answer {waited} ({reason})")
-        if said is None or time.monotonic() - said >= PROGRESS_EVERY_S:
-            print(f"MLflow tracking server {redact_text(uri)} does not answer ({reason}); retrying for up to "
-                  f"{left:.0f} s more", file=sys.stderr, flush=True)
-            said = time.monotonic()
-        time.sleep(min(RETRY_EVERY_S, left))
-        reason = _no_answer(uri, timeout)
-    if said is not None:
-        print(f"MLflow tracking server {redact_text(uri)} answers again", file=sys.stderr, flush=True)
-
-
 def check_store(uri: str, write: bool = True, wait_s: float = 0.0) -> None:
     """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
-    answer (retried for ``wait_s`` seconds, :func:`wait_for_server`), a SQLite store whose folder cannot be made
+    answer or whose API fails (retried for up to ``wait_s`` seconds, :func:`server.wait`), a SQLite store whose folder cannot be made
     or written (``write``), whose file is not a SQLite database or was left half-created. Raises
     :class:`StoreError`."""
     if uri.startswith(("http://", "https://")):
-        wait_for_server(uri, wait_s)
+        refused = server.wait(uri, wait_s)
+        if refused is not None:
+            raise StoreError(refused)
     if not uri.startswith(SQLITE_PREFIX):
         return
     db = Path(uri[len(SQLITE_PREFIX):])
