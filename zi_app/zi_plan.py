@@ -110,7 +110,7 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     lines += [f"  {row['overrides'] or '(none)'}: {row['reason']}" for row in rows if not row["fits"]]
     if any(row["predicted_peak_gpu_bytes"] is not None and row["predicted_tokens_per_sec"] is None for row in rows):
         lines.append("no speed predicted: hardware=auto on a machine without a GPU (or a GPU no preset knows); "
-                     "plan for a preset (hardware=h200, a6000, a100-80gb, a100-40gb, rtx4090) or set "
+                     "plan for a preset (hardware=h200, h100-80gb, a100-80gb, l40s, ...: conf/hardware) or set "
                      "hardware.gpu_tflops, hardware.gpu_memory_gbps and the hardware.h2d_* figures")
     return "\n".join(lines)
 

@@ -5,6 +5,10 @@ that fit were measured and none was faster.
 A point's neighbours differ from it in one swept key, by one step in the order the values were listed
 (``batch=1,8,32,64``: 8's neighbours are 1 and 32). Points the planner refuses are never launched. Jobs
 return tokens/s (``zi_app.app.main``); a failed job counts as measured and not faster.
+
+Without a speed prediction (``hardware=auto`` on a CPU, or a GPU no preset knows) the largest batch that fits
+runs first, a point's neighbours along ``batch`` are found by bisection (the middle of the batch sizes between it
+and the nearest measured one), and at most half the grid is measured.
 """
 
 from __future__ import annotations
@@ -44,19 +48,41 @@ class Point:
 
 @dataclass
 class Grid:
-    """The sweep's points, planned."""
+    """The sweep's points, planned. ``bisect_axis``: the swept ``batch``'s axis when no speed is predicted, along
+    which a point's neighbours are the middles of the stretches not measured yet (:meth:`neighbours`)."""
 
     points: Dict[Tuple[int, ...], Point]
+    bisect_axis: Optional[int] = None
 
     def neighbours(self, point: Point) -> List[Point]:
-        """The points one step away from ``point`` along one swept key (a fixed one has no other value)."""
+        """The points one step away from ``point`` along one swept key (a fixed one has no other value); along
+        ``bisect_axis``, the middle fitting point between ``point`` and the nearest launched one (or the end)."""
         found = []
         for axis in range(len(point.position)):
+            if axis == self.bisect_axis:
+                found += self._bisected(point, axis)
+                continue
             for step in (-1, 1):
                 position = list(point.position)
                 position[axis] += step
                 if tuple(position) in self.points:
                     found.append(self.points[tuple(position)])
+        return found
+
+    def _bisected(self, point: Point, axis: int) -> List[Point]:
+        """Along ``axis``, on each side of ``point``: the middle of the fitting points up to the nearest
+        launched one, so that a climb over n batch sizes measures about log2(n) of them."""
+        line = [p for p in self.points.values() if p.fits and
+                all(p.position[a] == point.position[a] for a in range(len(point.position)) if a != axis)]
+        line.sort(key=lambda p: p.position[axis])
+        here = line.index(point) if point in line else None
+        if here is None:
+            return []
+        found = []
+        for side in (line[:here][::-1], line[here + 1:]):  # nearest first
+            stretch = list(itertools.takewhile(lambda p: not p.launched, side))
+            if stretch:
+                found.append(stretch[len(stretch) // 2])
         return found
 
     def by_prediction(self) -> List[Point]:
@@ -73,9 +99,20 @@ class Grid:
         return order(p for p in self.neighbours(point) if p.fits and not p.launched)
 
 
+def batch_of(point: Point) -> int:
+    """The job's ``batch`` (0 when not given)."""
+    for item in reversed(point.overrides):
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") == "batch" and value.isdigit():
+            return int(value)
+    return 0
+
+
 def order(points: Iterable[Point]) -> List[Point]:
-    """``points`` predicted fastest first, those without a prediction last; grid order among equals."""
-    return sorted(points, key=lambda p: (p.predicted is None, -(p.predicted or 0.0)))
+    """``points`` predicted fastest first; those without a prediction last, the largest batch first (a decode
+    step streams the same weights for any batch, so tokens/s grows with the batch while it fits); grid order
+    among equals."""
+    return sorted(points, key=lambda p: (p.predicted is None, -(p.predicted or 0.0), -batch_of(p)))
 
 
 def parse_grid(sweeper: Any, arguments: Sequence[str]) -> List[Tuple[str, List[str]]]:
@@ -123,7 +160,9 @@ def plan_grid(sweeper: Any, arguments: Sequence[str]) -> Grid:
         point = Point(position, chosen, label or " ".join(chosen) or "(no overrides)")
         plan_point(sweeper, point, cuda)
         points[position] = point
-    return Grid(points)
+    guessed = any(p.predicted is not None for p in points.values())
+    batch_axis = [i for i, (key, values) in enumerate(axes) if key.lstrip("+~") == "batch" and len(values) > 2]
+    return Grid(points, bisect_axis=None if guessed or not batch_axis else batch_axis[0])
 
 
 def next_round(grid: Grid, size: int) -> List[Point]:
@@ -150,8 +189,9 @@ def predicted(point: Point) -> str:
     return f" (predicted {point.predicted:.2f} tokens/s)" if point.predicted is not None else ""
 
 
-def report(grid: Grid, stopped_early: bool) -> str:
-    """Which points were measured, which were skipped and why, and the best."""
+def report(grid: Grid, stopped_early: Optional[str]) -> str:
+    """Which points were measured, which were skipped and why (``stopped_early``: why the sweep stopped
+    before the best was confirmed, if it did), and the best."""
     best = grid.best()
     measured = [p for p in grid.points.values() if p.launched]
     unfit = [p for p in grid.points.values() if not p.fits]
@@ -164,12 +204,12 @@ def report(grid: Grid, stopped_early: bool) -> str:
     if unfit:
         lines += ["Skipped, the planner refuses them:"] + [f"  {p.label}: {p.reason}" for p in unfit]
     if unneeded:
-        why = "max_jobs reached" if stopped_early else "not a neighbour of the confirmed best"
+        why = stopped_early or "not a neighbour of the confirmed best"
         lines += [f"Skipped, {why}:"] + [f"  {p.label}{predicted(p)}" for p in unneeded]
     if best is None:
         lines.append("Best: none, no job completed")
     else:
-        state = ("not confirmed: max_jobs reached before all its neighbours ran" if stopped_early
+        state = (f"not confirmed: {stopped_early} before all its neighbours ran" if stopped_early
                  else "confirmed: no neighbour in the grid is faster")
         lines.append(f"Best: {best.label}: {best.measured:.2f} tokens/s ({state})")
     return "\n".join(lines)
@@ -207,13 +247,17 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
     grid = plan_grid(sweeper, arguments)
     fit = grid.by_prediction()
     guessed = any(p.predicted is not None for p in fit)
-    first = "predicted fastest" if guessed else "first in grid order"
+    first = "predicted fastest" if guessed else "largest batch first"
     print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; {first}: "
           + ", ".join(p.label + predicted(p) for p in fit[:4]) + (", ..." if len(fit) > 4 else ""), flush=True)
-    if fit and not guessed:
-        print("Adaptive sweep: no speed predicted (hardware=auto without a GPU, or a GPU no preset knows: set the "
-              "hardware.* rates), so the points are taken in grid order", flush=True)
     limit = sweeper.max_jobs if sweeper.max_jobs is not None else len(grid.points)
+    if fit and not guessed:
+        # Without a prediction the climb has nothing to skip by: at most half the grid is measured.
+        limit = min(limit, max(1, len(grid.points) // 2))
+        along = ", then bisecting the batch sizes" if grid.bisect_axis is not None else ""
+        print(f"Adaptive sweep: no speed predicted (hardware=auto without a GPU, or a GPU no preset knows: set the "
+              f"hardware.* rates), so it starts from the largest batch{along}, and measures at most {limit} of "
+              f"{len(grid.points)} points", flush=True)
     returns: List[Sequence[JobReturn]] = []
     launched = 0
     while True:
@@ -233,7 +277,10 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
         launched += len(batch)
         returns.append(results)
     best = grid.best()
-    stopped_early = bool(next_round(grid, 1))  # the loop ended at max_jobs with work left
+    stopped_early = None
+    if next_round(grid, 1):  # the loop ended at its limit with work left
+        stopped_early = ("max_jobs reached" if limit == sweeper.max_jobs else
+                         "half the grid measured, no speed predicted")
     text = report(grid, stopped_early)
     print(text, flush=True)
     _log_report(config, text)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hydra_plugins.zero_inference._adaptive import Grid, Point, next_round
+from hydra_plugins.zero_inference._adaptive import Grid, Point, batch_of, next_round
 from zi_app.record import runs as zi_runs, sweep_end
 from zi_app import validate
 from zi_app.plan.job import plan_job
@@ -93,6 +93,49 @@ def test_rounds_climb_to_a_better_neighbour_and_stop_once_the_best_is_confirmed(
     assert not any(p.launched for p in grid.points.values() if not p.fits)
 
 
+def climb(grid: Grid, speed, limit: int, per_round: int = 2) -> list:
+    """The adaptive sweep's rounds against ``speed(point)`` as measured tokens/s, at most ``limit`` jobs (the
+    sweeper's cap): the labels measured, in order."""
+    measured = []
+    while len(measured) < limit:
+        batch = next_round(grid, min(per_round, limit - len(measured)))
+        if not batch:
+            break
+        for p in batch:
+            p.launched, p.measured = True, speed(p)
+            measured.append(p.label)
+    return measured
+
+
+def unpredicted_grid(batches, pins) -> Grid:
+    """A grid of batch x pin, every point fits, no speed predicted (hardware=auto on a CPU)."""
+    points = {(b, p): Point((b, p), [f"batch={batch}"] + ([f"pin={pin}"] if len(pins) > 1 else []),
+                            f"batch={batch}" + (f" pin={pin}" if len(pins) > 1 else ""), fits=True)
+              for b, batch in enumerate(batches) for p, pin in enumerate(pins)}
+    return Grid(points, bisect_axis=0)
+
+
+@pytest.mark.quick
+def test_without_a_prediction_the_largest_batch_comes_first_and_half_the_grid_at_most():
+    """The README's CPU grid (batch=1,8,32,64 pin=true,false), tokens/s growing with the batch as on a CPU:
+    batch 64 first, then bisection down the batch sizes; 4 of 8 points, the best found."""
+    grid = unpredicted_grid([1, 8, 32, 64], PINS)
+    measured = climb(grid, lambda p: batch_of(p) * (1.1 if "True" in p.label else 1.0), limit=8 // 2)
+    assert measured[:2] == ["batch=64 pin=True", "batch=64 pin=False"]
+    assert measured[2] == "batch=8 pin=True"  # the middle of 1, 8, 32 below the best
+    assert len(measured) <= 4 and grid.best().label == "batch=64 pin=True"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("peak", [1.3, 5.3, 11.3, 14.3])
+def test_bisection_finds_a_peak_inside_a_long_batch_axis_within_half_the_grid(peak):
+    """16 batch sizes, tokens/s peaking inside the axis (past the peak the host swaps): 8 jobs at most, the best
+    measured within one batch size of the peak."""
+    grid = unpredicted_grid(list(range(1, 17)), ["True"])
+    measured = climb(grid, lambda p: -abs(batch_of(p) - peak), limit=16 // 2)
+    assert len(measured) <= 8 and abs(batch_of(grid.best()) - peak) < 1, measured
+
+
 def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, mlflow_store, compose, tmp_path):
     budget = budget_gib_between(compose, fits=4, refused=8)
     result = run_app("hydra/sweeper=adaptive", *QUICK, *RATES, f"memory.gpu_budget_gib={budget}",
@@ -126,6 +169,19 @@ def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, ml
     for pin_value in PINS:
         assert re.search(rf"^  batch=8 pin={pin_value}: batch=8 is not allowed: .*exceeds the budget", report, re.M)
     assert f"Best: batch={best[0]} pin={best[1]}: " in report and "(confirmed: " in report
+
+
+def test_on_a_cpu_without_a_prediction_half_the_grid_is_measured_from_the_largest_batch(run_app, mlflow_store):
+    """hardware=auto on this CPU predicts no speed: of batch=1,2,4,8 the sweep measures at most 2, batch 8 first."""
+    result = run_app("hydra/sweeper=adaptive", *QUICK, "batch=1,2,4,8", multirun=True).expect_success()
+    _, jobs = sweep_runs(mlflow_store)
+    assert 1 <= len(jobs) <= 2 and point_batch(jobs[0]) == 8, result.tail()
+    assert "so it starts from the largest batch, then bisecting the batch sizes, and measures at most 2 of 4 points" \
+        in result.stdout
+
+
+def point_batch(run) -> int:
+    return int(dict(item.split("=", 1) for item in run.data.tags[zi_runs.OVERRIDES_TAG].split())["batch"])
 
 
 @pytest.mark.quick
