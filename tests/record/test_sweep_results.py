@@ -163,8 +163,8 @@ def test_ui_address_of_a_sweep():
     assert sweep.view_state("abc") == {"searchFilter": "tags.mlflow.parentRunId = 'abc'",
                                        "orderByKey": "metrics.`tokens_per_sec`", "orderByAsc": False,
                                        "selectedColumns": ["metrics.`tokens_per_sec`", "metrics.`decode_step_s`",
-                                                           "metrics.`peak_gpu_reserved_bytes`",
-                                                           "metrics.`peak_host_rss_bytes`"]}
+                                                           "metrics.`peak_gpu_reserved_gib`",
+                                                           "metrics.`peak_host_rss_gib`", "tags.`zi.failure_kind`"]}
     mlflow = Path(sys.executable).parent / "mlflow"  # this environment's, by absolute path: works in any shell
     assert sweep.ui_command("sqlite:///mlruns/mlflow.db") == \
         f"{mlflow} ui --backend-store-uri sqlite:///{Path('mlruns/mlflow.db').resolve()} --host 127.0.0.1"

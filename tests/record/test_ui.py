@@ -123,7 +123,8 @@ def test_the_sweep_link_shows_its_runs_by_name_best_first_with_their_figures(swe
             context.close()
     assert names == sorted(tokens, key=tokens.get, reverse=True) and sorted(names) == ["batch=1", "batch=2"]
     assert [float(value) for value in shown] == sorted(tokens.values(), reverse=True)
-    assert {TOKENS_COLUMN, "metrics.`decode_step_s`", "metrics.`peak_host_rss_bytes`"} <= set(headers)
+    # Memory in GiB (the failure kind's column shows only where a job failed: none did here).
+    assert {TOKENS_COLUMN, "metrics.`decode_step_s`", "metrics.`peak_host_rss_gib`"} <= set(headers)
     assert (tmp_path / "mlflow-ui.png").stat().st_size > 10_000
 
 

@@ -27,7 +27,9 @@ UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 # opened by ?viewStateShareKey=<rest of the tag's key>. The URL's query can set the filter and the order
 # (searchFilter, orderByKey, orderByAsc) but not the columns; a saved view sets all three.
 VIEW_STATE_TAG = "mlflow.sharedViewState."
-VIEW_COLUMNS = (METRIC, "decode_step_s", GPU_RESERVED, HOST_RSS)  # what a person compares jobs by
+# What a person compares jobs by: memory in GiB (runs.in_gib), and why a job failed (zi.failure_kind).
+VIEW_COLUMNS = (f"metrics.`{METRIC}`", "metrics.`decode_step_s`", "metrics.`peak_gpu_reserved_gib`",
+                "metrics.`peak_host_rss_gib`", f"tags.`{runs.FAILURE_KIND_TAG}`")
 # Metrics shown in tables, in this order, when any run has them: (header, divisor, format).
 COLUMNS = {
     METRIC: ("tokens/s", 1, "{:.2f}"),
@@ -279,7 +281,7 @@ def view_state(parent_run_id: str, metric: str = METRIC) -> Dict[str, object]:
     """A saved view of the MLflow UI's runs table (stored as the experiment tag ``VIEW_STATE_TAG + key``): the
     sweep's jobs, best first, with the headline figures as columns."""
     return {"searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'", "orderByKey": f"metrics.`{metric}`",
-            "orderByAsc": False, "selectedColumns": [f"metrics.`{key}`" for key in VIEW_COLUMNS]}
+            "orderByAsc": False, "selectedColumns": list(VIEW_COLUMNS)}
 
 
 def view_url(uri: str, experiment_id: str, key: str) -> str:

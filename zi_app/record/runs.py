@@ -201,12 +201,20 @@ def log_tags(tags: Dict[str, str]) -> None:
     mlflow.set_tags(tags)
 
 
+def in_gib(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Each ``*_bytes`` metric again as ``*_gib``, rounded to 0.01 GiB: what the MLflow UI's columns show a
+    person (``peak_host_rss_bytes`` 2147483648 is ``peak_host_rss_gib`` 2.0); the bytes stay for tools."""
+    return {f"{key[:-len('_bytes')]}_gib": round(value / 2**30, 2) for key, value in metrics.items()
+            if key.endswith("_bytes")}
+
+
 def log_metrics(metrics: Dict[str, float], run_id: Optional[str] = None) -> None:
     """Log the job's headline metrics on the active run, or on run ``run_id``: MLflow's active run belongs
     to the thread that started it, and a job of several devices logs its ranks' metrics from another."""
     import mlflow
 
     values = {k: float(v) for k, v in metrics.items()}
+    values.update(in_gib(values))
     if run_id is None:
         mlflow.log_metrics(values)
         return
