@@ -6,6 +6,7 @@ recorded too). docs/architecture.md draws it."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -14,7 +15,7 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError, check_tracking
 from zi_app.config.paths import conf_dir
-from zi_app.config.schema import JobSpec, as_config
+from zi_app.config.schema import as_config
 from zi_app.config.spec import check_task, composition_error, validate
 from zi_app.plan.job import plan_job, ready
-from zi_app.record import orphans, runs, store
+from zi_app.record import best, orphans, runs, store, unrecorded
 from zi_app.record.redaction import SecretError, find_secrets, redact, redact_overrides, redact_text, refuse_secrets, scrub_files
-from zi_app.run import interrupt
+from zi_app.run import interrupt, progress
 
 log = logging.getLogger("zi_app")
 
@@ -113,52 +114,56 @@ def run_job(cfg: DictConfig) -> float:
     overrides = _overrides()
     tags = {**_versions(), "device": _device_name(cuda), runs.OVERRIDES_TAG: overrides}
     run_name = runs.run_name(overrides, fallback=cfg.model.name)
-    with runs.job_run(experiment_id, run_name, runs.job_params(raw), tags,
-                      run_id_file=out_dir / runs.RUN_ID_FILE if out_dir else None) as run:
-        spec = validate(cfg)
-        plan = ready(spec, cuda)
-        # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
-        predicted = plan.predicted_metrics() if cuda else {}
-        runs.log_metrics(predicted)
-        if plan.residency.offload_needed is not None:
-            runs.log_tags({runs.OFFLOAD_NEEDED_TAG: str(plan.residency.offload_needed).lower()})
-        runs.log_json(plan.ds_config, "ds_config.json")
-        runs.log_text(OmegaConf.to_yaml(redact(as_config(spec))), runs.CONFIG_ARTIFACT)
-
-        if spec.devices > 1:
-            from zi_app.run import ranks
-
-            # Its ranks' metrics reach the run from a thread of their own: name the run, not the thread's.
-            result = ranks.run_ranks(spec, plan.ds_config, plan.facts,
-                                     on_metrics=functools.partial(runs.log_metrics, run_id=run.info.run_id))
-        else:
-            from zi_app.run.inference import run_inference
-
-            result = run_inference(spec, plan.ds_config, plan.facts, on_metrics=runs.log_metrics)
-        runs.log_json({"repeats": result.repeats, "generated_token_ids": result.output_ids}, "generation.json")
-        interrupt.check()  # a signal whose raise was swallowed: the run is closed FAILED (killed), not FINISHED
-    log.info("result: %s", result_line(spec, {**predicted, **result.metrics}, plan.residency.offload_needed))
+    recorder, job_error = unrecorded.Recorder(runs.log_metrics), None
+    try:
+        with runs.job_run(experiment_id, run_name, runs.job_params(raw), tags,
+                          run_id_file=out_dir / runs.RUN_ID_FILE if out_dir else None) as run:
+            try:
+                spec, plan, result = _measure(cfg, cuda, run.info.run_id, recorder)
+            except BaseException as error:
+                job_error = error
+                raise
+    except Exception as error:  # noqa: BLE001 - filtered: the store refusing a write, at any moment
+        # The job's own fault (a checkpoint that cannot be read is an OSError too) is reported as it is.
+        if (error is job_error and error is not recorder.lost) or not unrecorded.recording_error(error):
+            raise
+        saved = unrecorded.save_result(out_dir, recorder.measured, {"overrides": overrides, **recorder.outputs})
+        raise unrecorded.not_recorded(uri, error, saved, bool(recorder.measured)) from None
+    predicted = plan.predicted_metrics() if cuda else {}
+    log.info("result: %s", progress.result_line(spec, {**predicted, **result.metrics}, plan.residency.offload_needed))
+    if not _multirun():  # a sweep's summary says this once for all its jobs
+        for line in best.next_steps(uri, cfg.tracking.experiment, experiment_id, run.info.run_id):
+            log.info("%s", line)
     return result.metrics["tokens_per_sec"]
 
 
-def result_line(spec: JobSpec, m: dict, offload_needed: Optional[bool] = None) -> str:
-    """One line with a job's headline numbers (a job of several devices: its ranks' count, the whole job's
-    tokens/s, the largest rank's GPU peak); the GPU and roofline figures where they were measured, and
-    whether the model would fit the GPU budget without offloading where that is known."""
-    predicted = f" (predicted {m['predicted_tokens_per_sec']:.2f})" if "predicted_tokens_per_sec" in m else ""
-    ranks = f" x {spec.devices} devices" if spec.devices > 1 else ""
-    parts = [f"{spec.model.name} batch={spec.batch}{ranks} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
-             f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
-             f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
-    if "peak_gpu_allocated_bytes" in m:
-        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB{' (largest rank)' if ranks else ''} "
-                     f"(predicted {m['predicted_peak_gpu_bytes'] / 2**30:.2f})")
-    if "roofline_ratio" in m:
-        parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "
-                     f"at {m['h2d_gbps']:.1f} GB/s)")
-    if offload_needed is False:
-        parts.append("offload not needed: every weight fits the GPU budget with offload=none")
-    return ", ".join(parts)
+def _measure(cfg: DictConfig, cuda: bool, run_id: str, recorder: "unrecorded.Recorder"):
+    """The job inside its open run: validated, planned, run; returns (spec, plan, result). Each measurement
+    goes to ``recorder`` as it is taken; the first write the store refuses is raised once the job is done."""
+    spec = validate(cfg)
+    plan = ready(spec, cuda)
+    # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
+    recorder(plan.predicted_metrics() if cuda else {})
+    if plan.residency.offload_needed is not None:
+        recorder.attempt(runs.log_tags, {runs.OFFLOAD_NEEDED_TAG: str(plan.residency.offload_needed).lower()})
+    recorder.attempt(runs.log_json, plan.ds_config, "ds_config.json")
+    recorder.attempt(runs.log_text, OmegaConf.to_yaml(redact(as_config(spec))), runs.CONFIG_ARTIFACT)
+
+    if spec.devices > 1:
+        from zi_app.run import ranks
+
+        # Its ranks' metrics reach the run from a thread of their own: name the run, not the thread's.
+        result = ranks.run_ranks(spec, plan.ds_config, plan.facts, on_metrics=functools.partial(recorder, run_id=run_id))
+    else:
+        from zi_app.run.inference import run_inference
+
+        result = run_inference(spec, plan.ds_config, plan.facts, on_metrics=recorder)
+    recorder.outputs = {"repeats": result.repeats, "generated_token_ids": result.output_ids}
+    recorder.attempt(runs.log_json, recorder.outputs, "generation.json")
+    interrupt.check()  # a signal whose raise was swallowed: the run is closed FAILED (killed), not FINISHED
+    if recorder.lost is not None:
+        raise recorder.lost
+    return spec, plan, result
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -207,20 +212,44 @@ def main(cfg: DictConfig) -> Optional[float]:
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
-    except (ConfigError, store.StoreError, SecretError) as error:
+    except (ConfigError, store.StoreError, SecretError, unrecorded.NotRecorded) as error:
         if _multirun():  # the launcher reports it, and the sweep records it as a failed run
             raise
         invalid = isinstance(error, ConfigError)
         print(redact_text(f"error: {'invalid config: ' if invalid else ''}{error}"), file=sys.stderr)
-        sys.exit(EXIT_INVALID_CONFIG if invalid else store.EXIT_STORE_ERROR)
+        # A job that ran and could not be recorded failed (1); one refused before it ran was bad input (2).
+        sys.exit(1 if isinstance(error, unrecorded.NotRecorded) else
+                 EXIT_INVALID_CONFIG if invalid else store.EXIT_STORE_ERROR)
+
+
+# A folder Hydra (or the job) cannot write: a read-only or immutable working directory, a full disk.
+_WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def _one_line(error: Exception, overrides: List[str]) -> Optional[Tuple[str, int]]:
+    """Our one line and exit status for what Hydra would report with its own message, traceback or "Set
+    HYDRA_FULL_ERROR=1" hint, or None to leave it to Hydra: an override it cannot compose (2), a folder it
+    cannot write its run's files in (2), a sweep's failed job whose line the launcher already printed (its
+    ``exit_status``)."""
+    if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+        where = os.path.abspath(error.filename) if error.filename else "the run's output folder"
+        return (f"cannot write {where} ({error.strerror}): Hydra keeps each run's config and log in its output "
+                f"folder; run where you can write, or set hydra.run.dir (hydra.sweep.dir with -m) to a writable "
+                f"folder", EXIT_INVALID_CONFIG)
+    if not isinstance(error, HydraException):
+        return None
+    if isinstance(getattr(error, "exit_status", None), int):
+        return str(error), error.exit_status
+    refused = composition_error(error, overrides)
+    return None if refused is None else (f"invalid config: {refused}", EXIT_INVALID_CONFIG)
 
 
 @contextlib.contextmanager
-def _composition_errors_in_one_line():
-    """While Hydra runs the app: an override it cannot compose (``batch=abc``, ``model=nope``) is reported
-    as our one line with exit status 2, like a bad value, instead of Hydra's message, its "Set
-    HYDRA_FULL_ERROR=1" hint and exit status 1. Hydra offers no hook for this: its ``run_and_report``, which
-    prints what composing raised and exits, is wrapped while ``main`` runs."""
+def _hydra_errors_in_one_line():
+    """While Hydra runs the app, what it would report with a traceback or its "Set HYDRA_FULL_ERROR=1" hint
+    and exit status 1 is our one line (:func:`_one_line`): ``batch=abc`` and ``model=nope`` with exit status 2,
+    like a bad value. Hydra offers no hook for this: its ``run_and_report``, which prints what composing or
+    the run raised and exits, is wrapped while ``main`` runs. ``HYDRA_FULL_ERROR=1`` shows Hydra's report."""
     import hydra._internal.utils as hydra_utils
 
     original = hydra_utils.run_and_report
@@ -230,12 +259,12 @@ def _composition_errors_in_one_line():
         def ours():
             try:
                 return func()
-            except HydraException as error:
-                refused = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else composition_error(error, overrides)
-                if refused is None:
+            except Exception as error:  # noqa: BLE001 - filtered by _one_line; the rest is Hydra's to report
+                said = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else _one_line(error, overrides)
+                if said is None:
                     raise
-                print(redact_text(f"error: invalid config: {refused}"), file=sys.stderr)
-                sys.exit(EXIT_INVALID_CONFIG)
+                print(redact_text(f"error: {said[0]}"), file=sys.stderr, flush=True)
+                sys.exit(said[1])
 
         return original(ours)
 
@@ -251,7 +280,7 @@ def cli() -> None:
     with ``--info``, say) or an override it cannot compose reported in one line and exit status 2 instead
     of a traceback."""
     try:
-        with _composition_errors_in_one_line():
+        with _hydra_errors_in_one_line():
             main()
     except ValueError as error:  # a job's errors never get here: Hydra reports them and exits
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -29,17 +30,19 @@ from typing import Any, List, Optional, Sequence, Set
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from hydra_plugins.zero_inference._sweep_plan import TimePlan, outcome, plan_jobs
-from zi_app.record.redaction import redact_overrides
-from zi_app.run.progress import human_seconds
+from hydra_plugins.zero_inference._progress import OUTPUT_LOG, JobProcessError, Progress, failure_line
+from hydra_plugins.zero_inference._sweep_plan import TimePlan, label, plan_jobs
 
 log = logging.getLogger(__name__)
 
 JOB_MODULE = "hydra_plugins.zero_inference._job"
+# The overrides of every job this process launched (a process started, or refused by its plan), for the sweep's
+# end (sweep_callback.py): a job here with no run in the store ran and could not be recorded.
+LAUNCHED: List[List[str]] = []
 JOB_DIR_KEY = "hydra.sweep.dir"
 JOB_SUBDIR_KEY = "hydra.sweep.subdir"
 
@@ -55,18 +58,26 @@ class JobFailed(CompactHydraException):
     frames for the job's error; the job's traceback is in its log file. ``error`` is the job's own error.
     """
 
+    exit_status = 1  # the app's entry point prints the message as one ``error:`` line and exits with this
+
     def __init__(self, message: str, error: BaseException) -> None:
         super().__init__(message)
         self.error = error
 
 
-class JobProcessError(RuntimeError):
-    """A job's process ended without sending back a result.
+class QuietJobReturn(JobReturn):
+    """A failed job's JobReturn whose ``return_value`` raises without first writing Hydra's "Error executing
+    job with overrides" line: the launcher's line for the job already named it and its error."""
 
-    ``failure_kind`` is ``killed`` when a signal ended it, ``error`` when it exited on its own.
-    """
+    @property
+    def return_value(self) -> Any:
+        if self.status == JobStatus.COMPLETED:
+            return self._return_value
+        raise self._return_value
 
-    failure_kind = "error"
+    @return_value.setter
+    def return_value(self, value: Any) -> None:
+        self._return_value = value
 
 
 @dataclass
@@ -158,19 +169,6 @@ def dead_job_return(job: Job, returncode: int) -> JobReturn:
     return ret
 
 
-def log_files(job: Job) -> List[str]:
-    """The job's log files (Hydra's job logging writes ``<job name>.log`` in its output dir)."""
-    return sorted(str(path) for path in Path(job.output_dir).glob("*.log"))
-
-
-def failure_line(job: Job, ret: JobReturn) -> str:
-    """One line for a failed job: its number, overrides and error, and where its traceback is."""
-    logs = [] if isinstance(ret._return_value, JobProcessError) else log_files(job)
-    where = f"traceback in {', '.join(logs)}" if logs else f"its files: {job.output_dir}"
-    what = redact_overrides(filter_overrides(job.overrides)) or "no overrides"
-    return f"job #{job.idx} ({what}) {outcome(ret, '')}; {where}"
-
-
 def refused_job_return(job: Job, error: BaseException) -> JobReturn:
     """A FAILED JobReturn for a job refused by the plan made before launching (no process started)."""
     task_cfg = OmegaConf.masked_copy(job.config, [k for k in job.config if k != "hydra"])
@@ -178,31 +176,6 @@ def refused_job_return(job: Job, error: BaseException) -> JobReturn:
                     task_name=str(job.config.hydra.job.name), status=JobStatus.FAILED)
     ret.return_value = error
     return ret
-
-
-class Progress:
-    """Prints one line per finished job: ``[k/N] #idx overrides: outcome (seconds, GPU) · about T left``,
-    the time left from the plan of the jobs not finished yet."""
-
-    def __init__(self, done: int, total: int, label: str, plan: TimePlan) -> None:
-        self.done, self.total, self.label, self.plan = done, total, label, plan
-        self.finished: Set[int] = set()
-        self.lock = threading.Lock()
-
-    def job_ended(self, job: Job, ret: JobReturn, seconds: float, gpu: Optional[str]) -> None:
-        with self.lock:
-            self.done += 1
-            what = redact_overrides(filter_overrides(job.overrides)) or "(no overrides)"
-            where = f", GPU {gpu}" if gpu is not None else ""
-            logs = log_files(job) if ret.status == JobStatus.FAILED and not isinstance(ret._return_value,
-                                                                                       JobProcessError) else []
-            where += f"; traceback in {', '.join(logs)}" if logs else ""
-            self.finished.add(job.idx)
-            left = self.plan.left(self.finished)
-            scope = "" if self.plan.name == "sweep" else f" in {self.plan.name}"
-            eta = f" · about {human_seconds(left)} left{scope}" if left is not None else ""
-            print(f"[{self.done}/{self.total}] #{job.idx} {what}: {outcome(ret, self.label)} ({seconds:.1f} s{where})"
-                  + eta, flush=True)
 
 
 @dataclass
@@ -214,12 +187,16 @@ class Children:
     running: Set[subprocess.Popen] = field(default_factory=set)
     stopping: bool = False
 
-    def run(self, args: List[str], env: dict) -> Optional[int]:
-        """Run a job process to its end and return its exit status; None, and no process, once stopping."""
+    def run(self, args: List[str], env: dict, output: Optional[Path] = None) -> Optional[int]:
+        """Run a job process to its end and return its exit status; None, and no process, once stopping. Its
+        stdout and stderr go to the file ``output`` when given, else to the sweep's own."""
         with self.lock:
             if self.stopping:
                 return None
-            process = subprocess.Popen(args, env=env)
+            if output is not None:
+                output.parent.mkdir(parents=True, exist_ok=True)
+            with open(output, "w") if output is not None else contextlib.nullcontext() as sink:
+                process = subprocess.Popen(args, env=env, stdout=sink, stderr=subprocess.STDOUT if sink else None)
             self.running.add(process)
         try:
             return process.wait()
@@ -250,7 +227,10 @@ def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, work
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
-    returncode = children.run([sys.executable, "-m", JOB_MODULE, str(payload), str(result)], env)
+    # One line per job on the sweep's terminal: the job's own output goes to its folder, unless verbose=true or
+    # it is a dry run's, whose output (the DeepSpeed config) is the point.
+    output = None if job.config.get("verbose") or job.config.get("dry_run") else Path(job.output_dir) / OUTPUT_LOG
+    returncode = children.run([sys.executable, "-m", JOB_MODULE, str(payload), str(result)], env, output)
     if returncode is None:
         raise SweepStopped(f"job #{job.idx} not started: the sweep is stopping")
     if result.exists():
@@ -272,7 +252,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     gpus = visible_gpus() if launcher.gpus is None else launcher.gpus
     pool = GpuPool(gpus)
     jobs = [compose(launcher, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
-    log.info("Launching %d jobs, each in a new process, %s", len(jobs),
+    # Hydra's launch lines: details, shown with verbose=true.
+    detail = logging.INFO if config.get("verbose") else logging.DEBUG
+    log.log(detail, "Launching %d jobs, each in a new process, %s", len(jobs),
              f"each on its devices' count of GPUs {','.join(gpus)}" if gpus else "one at a time")
     refused, seconds = plan_jobs(jobs, len(gpus))
     plan = TimePlan(seconds, max(1, len(gpus)), launcher.batch_name)
@@ -284,6 +266,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     children = Children()
 
     def run_one(job: Job) -> JobReturn:
+        LAUNCHED.append(list(job.overrides))
         if job.idx in refused:
             ret = refused_job_return(job, refused[job.idx])
             with callback_lock:  # recorded as its process would have: a FAILED run, kind invalid-config
@@ -294,7 +277,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         taken = pool.take(min(job_devices(job), len(gpus)))
         gpu = ",".join(taken) or None
         try:
-            log.info("\t#%d : %s", job.idx, redact_overrides(filter_overrides(job.overrides)))
+            log.log(detail, "\t#%d : %s", job.idx, label(job.overrides))
             start = time.monotonic()
             ret = run_in_process(launcher, job, gpu, state, Path(workdir), children)
             if isinstance(ret._return_value, JobProcessError):
@@ -317,7 +300,9 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             raise
         finally:
             threads.shutdown(cancel_futures=True)  # waits for the running jobs, which the signal ends
-    for job, ret in zip(jobs, returns):
+    for i, (job, ret) in enumerate(zip(jobs, returns)):
         if ret.status == JobStatus.FAILED:
-            ret.return_value = JobFailed(failure_line(job, ret), ret._return_value)
+            returns[i] = QuietJobReturn(**{f.name: getattr(ret, f.name) for f in dataclasses.fields(JobReturn)})
+            returns[i].return_value = JobFailed(failure_line(job.idx, job.overrides, job.output_dir, ret),
+                                                ret._return_value)
     return returns

@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Sequence, Set, Tuple
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 
 from zi_app.record.redaction import redact_overrides
+from zi_app.record.runs import run_name
 from zi_app.run.progress import human_seconds
 
 
@@ -42,9 +43,14 @@ def plan_jobs(jobs: Sequence[Any], gpus: int) -> Tuple[dict, dict]:
               flush=True)
         for job in jobs:
             if job.idx in refused:
-                what = redact_overrides(filter_overrides(job.overrides))
-                print(f"  #{job.idx} {what}: {refused[job.idx]}", flush=True)
+                print(f"  #{job.idx} {label(job.overrides)}: {refused[job.idx]}", flush=True)
     return refused, seconds
+
+
+def label(overrides: Sequence[str]) -> str:
+    """A job as its lines name it: the values of the keys the sweep varies (``batch=8 pin=true``), else all
+    its overrides; secrets masked."""
+    return run_name(redact_overrides(filter_overrides(list(overrides))), fallback="(no overrides)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ instead (exit 2 for a store that cannot be used, else 1).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import os
@@ -105,7 +106,11 @@ class SweepCallback(Callback):
         creating a fresh SQLite store race on its schema), close runs whose process is gone, pass the parent's
         id to the jobs, and let SIGTERM/SIGHUP stop the sweep as Ctrl-C does."""
         refuse_secrets(_task_config(config, resolve=False), _task_overrides(config))
-        check_task(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), _task_overrides(config))
+        try:
+            check_task(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), _task_overrides(config))
+        except ConfigError as error:
+            record_refused_sweep(config, error)
+            raise
         if config.dry_run:
             return
         from mlflow.tracking import MlflowClient  # here, not at import: every run of the app loads this module
@@ -125,6 +130,9 @@ class SweepCallback(Callback):
                                           json.dumps(results.view_state(parent)))
         self.sweep = Sweep(uri, experiment_id, parent, sweep_dir, config.hydra.output_subdir, time.time(),
                            planned_jobs(config))
+        from hydra_plugins.zero_inference import _launcher
+
+        _launcher.LAUNCHED.clear()
         atexit.register(self.finish)
         print(f"MLflow: sweep parent run {parent} in experiment '{config.tracking.experiment}' ({redact_text(uri)})",
               flush=True)
@@ -141,9 +149,11 @@ class SweepCallback(Callback):
             settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), _task_overrides(config),
                        job_return._return_value,  # the public property raises for a failed job
                        launch_dir=config.hydra.runtime.cwd)
-        except store.StoreError as error:  # one job's record lost to a server still away: the sweep goes on
-            print(f"warning: job {config.hydra.job.num} failed and could not be recorded: {error}", file=sys.stderr,
-                  flush=True)
+        except Exception as error:  # noqa: BLE001 - one job's record lost (a server still away, a full or
+            # read-only disk, a damaged store): said in one line, and the sweep goes on with its other jobs
+            print(redact_text(f"warning: job {config.hydra.job.num} failed and could not be recorded: "
+                              f"{error if isinstance(error, store.StoreError) else store.first_line(error)}"),
+                  file=sys.stderr, flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.finish():
@@ -160,24 +170,43 @@ class SweepCallback(Callback):
         if sweep is None:
             return True
         atexit.unregister(self.finish)
+        from hydra_plugins.zero_inference import _launcher
+
+        # The jobs our launcher started (none under another launcher: then unknown), to tell a job that ran
+        # and could not be recorded from one that never ran.
+        sweep.launched = [redact_overrides(job) for job in _launcher.LAUNCHED] or None
         try:
             close_sweep(sweep, interrupt.received())
             return True
         except Exception as error:  # noqa: BLE001 - a full disk, a store gone away: close what we can
-            parent = sweep.parent_run_id
-            print(f"error: the end of the sweep failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            parent, why = sweep.parent_run_id, f"the end of the sweep failed: {store.first_line(error)}"
+            print(redact_text(f"error: {why}"), file=sys.stderr, flush=True)
             try:
                 from mlflow.tracking import MlflowClient
 
                 client = MlflowClient(sweep.uri)
                 if client.get_run(parent).info.status == "RUNNING":
-                    runs.record_failure(parent, "error", f"the end of the sweep failed: {type(error).__name__}: "
-                                            f"{error}", client=client)
+                    runs.record_failure(parent, "error", why, client=client)
                 print(f"Its parent run {parent} is marked FAILED.", file=sys.stderr, flush=True)
             except Exception as second:  # noqa: BLE001
                 print(f"Its parent run {parent} could not be closed either ({type(second).__name__}); the next "
                       f"command on this store closes it.", file=sys.stderr, flush=True)
             return False
+
+
+def record_refused_sweep(config: DictConfig, error: ConfigError) -> None:
+    """A FAILED parent run (kind ``invalid-config``, the refusal as its message) for a sweep refused before any
+    job, so that the store shows it was tried; nothing when its store cannot be used (the refusal is what to
+    say) or for a dry run."""
+    if config.get("dry_run") is True:
+        return
+    with contextlib.suppress(Exception):  # noqa: BLE001 - the refusal is the error to report, not this record
+        check_tracking(config.tracking)
+        uri = store.absolute_uri(config.tracking.uri)
+        experiment_id = store.open_experiment(uri, config.tracking.experiment)
+        overrides = redact_overrides(_task_overrides(config))
+        parent = runs.start_sweep_run(experiment_id, f"sweep {overrides}"[:200], {runs.OVERRIDES_TAG: overrides})
+        runs.record_failure(parent, "invalid-config", f"the sweep was refused before any job: {error}")
 
 
 def swept_keys(overrides: List[str]) -> List[str]:

@@ -147,6 +147,26 @@ def test_a_job_that_died_before_opening_its_run_gets_a_failed_run(client, tmp_pa
     assert runs[0].data.tags[zi_runs.OVERRIDES_TAG] == "batch=4" and runs[0].data.params["batch"] == "4"
 
 
+def test_jobs_that_ran_but_left_no_run_keep_the_sweep_from_finishing(client, tmp_path, capsys):
+    """Three jobs launched, one recorded (the store refused the others' writes, a full disk): the sweep says so,
+    counts none of them as "never ran", and its parent is FAILED, not FINISHED with "0 failed"."""
+    client, experiment_id = client
+    parent = zi_runs.start_sweep_run(experiment_id, "sweep", {})
+    job = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, zi_runs.OVERRIDES_TAG: "batch=1",
+                                                 zi_runs.ROLE_TAG: "job"}).info.run_id
+    client.log_metric(job, "tokens_per_sec", 5.0)
+    client.set_terminated(job, "FINISHED")
+    jobs = ["batch=1", "batch=2", "batch=3"]
+    state = sweep_end.Sweep(uri=client.tracking_uri, experiment_id=experiment_id, parent_run_id=parent,
+                            sweep_dir=tmp_path / "sweep", output_subdir=None, started=0.0, planned=jobs, launched=jobs)
+    sweep_end.close_sweep(state, None)
+    said = "Sweep finished: 3 jobs, 0 failed, 2 ran but could not be recorded (see their folders)"
+    assert said in capsys.readouterr().out
+    closed = client.get_run(parent)
+    assert closed.info.status == "FAILED" and closed.data.tags[zi_runs.FAILURE_MESSAGE_TAG] == said
+    assert closed.data.tags[sweep_end.UNRECORDED_TAG] == "2" and sweep_end.NEVER_RAN_TAG not in closed.data.tags
+
+
 def test_failure_kinds():
     import torch
 

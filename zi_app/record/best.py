@@ -5,6 +5,7 @@ The ``zi-best`` command (:mod:`zi_app.zi_best`) ranks and prints them.
 
 from __future__ import annotations
 
+import shlex
 import sys
 import urllib.parse
 import urllib.request
@@ -13,6 +14,7 @@ from typing import List, Optional, Tuple
 
 from zi_app.config.paths import command
 from zi_app.record import orphans, results, runs, store
+from zi_app.record.redaction import redact_text
 from zi_app.record.results import JobRow
 
 DS_CONFIG = "ds_config.json"
@@ -168,3 +170,17 @@ def as_text(info: dict, metric: str, header: str) -> str:
     lines += [f"  peak GPU:        {gpu}", f"  peak host RSS:   {number(info['peak_host_gib'], ' GiB')}",
               f"  ds_config.json:  {info['ds_config']}"]
     return "\n".join(lines)
+
+
+def next_steps(uri: str, experiment: str, experiment_id: str, run_id: str) -> List[str]:
+    """What a single job says at its end: its run and store, and the commands to compare it with the other
+    jobs of its experiment (``zi-best``) and to browse it (the MLflow UI), pasteable into any shell."""
+    from zi_app.config.schema import TrackingSpec
+
+    named = "" if experiment == TrackingSpec.experiment else f" --experiment {shlex.quote(experiment)}"
+    ui = results.ui_command(uri)
+    return [f"run {run_id} recorded in {redact_text(uri)}, experiment '{experiment}'",
+            f"next: {command('zi-best', 'zi_app.zi_best')} --tracking-uri {redact_text(uri)}{named} --every-sweep "
+            f"(the best job of the experiment)",
+            "      " + (f"{ui} (the MLflow UI), then " if ui else "")
+            + f"{results.run_url(uri, experiment_id, run_id)} (this run)"]

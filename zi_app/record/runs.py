@@ -142,16 +142,22 @@ def job_run(experiment_id: str, run_name: str, params: Dict[str, Any], tags: Dic
     import mlflow
 
     tags = {**tags, ROLE_TAG: "job", **process_tags(), **sweep_parent_tags()}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    try:
         if run_id_file is not None:
             run_id_file.write_text(run.info.run_id)
         mlflow.log_params(params)
-        try:
-            yield run
-        except BaseException as error:
+        yield run
+    except BaseException as error:
+        # A store that refuses this write too (a full disk) keeps the run RUNNING, for the next command on the
+        # store to close (its process is gone); the job's own error is the one to report.
+        with contextlib.suppress(Exception):
             record_failure(run.info.run_id, failure_kind(error), f"{type(error).__name__}: {error}",
                            failure_tags(error))
-            raise
+        with contextlib.suppress(Exception):
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
 
 
 def start_sweep_run(experiment_id: str, run_name: str, tags: Dict[str, str]) -> str:

@@ -11,8 +11,11 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
+import shutil
 import signal
 import sqlite3
+import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
@@ -23,6 +26,7 @@ from zi_app.record.redaction import public_url, redact_text
 
 SQLITE_PREFIX = "sqlite:///"
 EXIT_STORE_ERROR = 2  # a store that cannot be used is bad input, like a bad config value
+MIN_FREE_BYTES = 16 * 2**20  # free disk a store needs to record a job: its rows, journal and small artifacts
 # Non-GenAI experiment: the UI then opens on the runs table rather than the traces view.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -50,16 +54,20 @@ class StoreError(Exception):
     store and what is wrong, in one line."""
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+def first_line(error: BaseException) -> str:
+    """``ErrorType: the first line of its message``: an error of MLflow or SQLAlchemy in one line; where the
+    message quotes the database driver's own words (``(sqlite3.OperationalError) unable to open database
+    file``), that line, which says what happened, not SQLAlchemy's preamble."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    driver = next((line for line in lines if re.match(r"\(\w+(\.\w+)*\) ", line)), None)
+    return f"{type(error).__name__}: {driver or (lines[0] if lines else '')}"
 
 
 def check_store(uri: str, write: bool = True, wait_s: float = 0.0) -> None:
     """Refuse a store that cannot work, quickly and before anything loads: a tracking server that does not
-    answer or whose API fails (retried for up to ``wait_s`` seconds, :func:`server.wait`), a SQLite store whose folder cannot be made
-    or written (``write``), whose file is not a SQLite database or was left half-created. Raises
-    :class:`StoreError`."""
+    answer or whose API fails (retried for up to ``wait_s`` seconds, :func:`server.wait`), a SQLite store
+    whose folder cannot be made or written or whose disk is full (``write``), whose file is not a SQLite
+    database, is damaged or was left half-created. Raises :class:`StoreError`."""
     if uri.startswith(("http://", "https://")):
         refused = server.wait(uri, wait_s)
         if refused is not None:
@@ -68,21 +76,41 @@ def check_store(uri: str, write: bool = True, wait_s: float = 0.0) -> None:
         return
     db = Path(uri[len(SQLITE_PREFIX):])
     if write:
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-            with open(_lock_path(db), "a"):
-                pass
-        except OSError as error:
-            raise StoreError(f"MLflow store {uri}: cannot write in {db.parent} ({error.strerror})") from None
+        _check_writable(uri, db)
     if db.is_file() and db.stat().st_size:
         if not os.access(db, os.R_OK | (os.W_OK if write else 0)):
             raise StoreError(f"MLflow store {uri}: cannot {'write' if write else 'read'} {db}")
         try:
             with _read_only(db) as connection:
                 connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                # A damaged page is otherwise met by whichever query reads it first, as a traceback.
+                damage = connection.execute("PRAGMA quick_check(1)").fetchone()[0]
         except sqlite3.Error as error:
             raise StoreError(f"MLflow store {uri}: {db} is not a usable SQLite database ({error})") from None
+        if damage != "ok":
+            damage = " ".join(line for line in damage.splitlines() if not line.startswith("***"))  # one line
+            raise StoreError(f"MLflow store {uri}: {db} is damaged (sqlite's quick_check: {damage}); restore it "
+                             f"from a backup, or keep what can be read: sqlite3 {db} .recover | sqlite3 "
+                             f"{db.with_name('recovered.db')}")
         _check_complete(uri, db)
+
+
+def _check_writable(uri: str, db: Path) -> None:
+    """Refuse a store whose folder cannot be made or written in, or whose disk is full: SQLite writes a
+    journal beside the database (an immutable or read-only folder with a database in it fails there, at
+    the first run's insert), and a full disk fails the first insert too."""
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(_lock_path(db), "a"):
+            pass
+        with tempfile.TemporaryFile(dir=db.parent):
+            pass
+    except OSError as error:
+        raise StoreError(f"MLflow store {uri}: cannot write in {db.parent} ({error.strerror})") from None
+    free = shutil.disk_usage(db.parent).free
+    if free < MIN_FREE_BYTES:
+        raise StoreError(f"MLflow store {uri}: the disk holding {db.parent} is full ({free / 2**20:.1f} MiB free; "
+                         f"a job's run and artifacts need about {MIN_FREE_BYTES // 2**20} MiB)")
 
 
 def _read_only(db: Path):
@@ -196,8 +224,9 @@ def open_experiment(uri: str, experiment: str, wait_s: float = 0.0) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     check_store(uri, wait_s=wait_s)
-    # "Creating initial MLflow database tables..." on a new store: routine, not worth two lines per store.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # "Creating initial MLflow database tables..." on a new store: routine, not worth two lines per store. Its
+    # ERROR lines repeat, with a traceback, a database error that reaches us anyway and is said in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         with _store_lock(uri):
             if uri.startswith(SQLITE_PREFIX):
@@ -217,7 +246,7 @@ def open_experiment(uri: str, experiment: str, wait_s: float = 0.0) -> str:
                 # between our lookup and create.
                 return client.get_experiment_by_name(experiment).experiment_id
     except (MlflowException, SQLAlchemyError, OSError, sqlite3.Error) as error:
-        raise StoreError(redact_text(f"MLflow store {uri}: {_first_line(error)}")) from None
+        raise StoreError(redact_text(f"MLflow store {uri}: {first_line(error)}")) from None
 
 
 def search_runs(client, experiment_ids: List[str], filter_string: str) -> list:

@@ -24,6 +24,7 @@ BEST_OVERRIDES_TAG = "zi.best_overrides"
 JOBS_TAG = "zi.jobs"
 FAILED_JOBS_TAG = "zi.failed_jobs"
 NEVER_RAN_TAG = "zi.never_ran"  # how many planned jobs never started (the sweep was stopped first)
+UNRECORDED_TAG = "zi.unrecorded_jobs"  # how many jobs ran but left no run (the store refused their writes)
 ARTIFACTS = {"csv": "jobs.csv", "markdown": "jobs.md", "plot": "throughput.png"}
 NEVER_RAN_ARTIFACT = "never_ran.txt"  # the overrides of each job that never started, one per line
 
@@ -39,6 +40,7 @@ class Sweep:
     output_subdir: Optional[str]
     started: float
     planned: Optional[List[str]] = None  # every job's overrides, when the sweeper says up front
+    launched: Optional[List[str]] = None  # the overrides of every job started, when the launcher says (ours)
 
 
 class _DiedStarting(RuntimeError):
@@ -102,7 +104,11 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
                                                parent_run_id=parent)
     rows = results.child_rows(client, parent)
     ran = {row.overrides for row in rows}
-    never_ran = None if sweep.planned is None else [job for job in sweep.planned if job not in ran]
+    # Jobs that ran and left no run (their store refused the writes: a full disk) are neither fine nor "never ran".
+    lost = [] if sweep.launched is None else [job for job in sweep.launched if job not in ran]
+    never_ran = None if sweep.planned is None else [job for job in sweep.planned if job not in ran and job not in lost]
+    if lost:
+        client.set_tag(parent, UNRECORDED_TAG, str(len(lost)))
     if never_ran:
         client.set_tag(parent, NEVER_RAN_TAG, str(len(never_ran)))
         client.log_text(parent, "".join(f"{job}\n" for job in never_ran), NEVER_RAN_ARTIFACT)
@@ -113,9 +119,11 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
             print(f"\nSweep interrupted by {signal_name} before any job ran; its parent run {parent} is marked "
                   f"FAILED.", flush=True)
         else:
-            runs.record_failure(parent, "error", "the sweep ended before any job ran (see its error output)",
-                                    client=client)
-            print(f"\nSweep ended before any job ran; its parent run {parent} is marked FAILED.", flush=True)
+            what = (f"none of the sweep's {len(lost)} jobs could be recorded" if lost else
+                    "the sweep ended before any job ran")
+            runs.record_failure(parent, "error", f"{what} (see its error output)", client=client)
+            said = f"None of its {len(lost)} jobs could be recorded" if lost else "Sweep ended before any job ran"
+            print(f"\n{said}; its parent run {parent} is marked FAILED.", flush=True)
         return
     top = results.best(rows)
     client.log_text(parent, results.csv_table(rows, top), ARTIFACTS["csv"])
@@ -128,12 +136,14 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
         client.set_tag(parent, BEST_RUN_TAG, top.run_id)
         client.set_tag(parent, BEST_OVERRIDES_TAG, top.overrides)
         client.log_metric(parent, f"best_{results.METRIC}", top.metrics[results.METRIC])
+    said = headline(rows, failed, never_ran, signal_name, len(lost))
     if signal_name:
-        runs.record_failure(parent, "killed", headline(rows, failed, never_ran, signal_name), signal_tags,
-                                client=client)
+        runs.record_failure(parent, "killed", said, signal_tags, client=client)
+    elif lost:  # not FINISHED: part of what it measured is not in the store (each job's folder has it)
+        runs.record_failure(parent, "error", said, client=client)
     else:
         client.set_terminated(parent, "FINISHED" if top is not None else "FAILED")
-    print(summary(sweep, rows, top, failed, never_ran, signal_name), flush=True)
+    print(summary(sweep, rows, top, failed, never_ran, signal_name, len(lost)), flush=True)
 
 
 def settle_unrecorded_jobs(sweep: Sweep) -> None:
@@ -151,9 +161,12 @@ def settle_unrecorded_jobs(sweep: Sweep) -> None:
         if job_config.get("dry_run"):
             continue
         overrides = list(OmegaConf.load(overrides_file))
-        settle_job(job_dir, job_config, overrides, _DiedStarting(f"the job's process ended before it opened its "
-                                                                 f"MLflow run (killed, or crashed while starting); "
-                                                                 f"see {job_dir}"))
+        try:
+            settle_job(job_dir, job_config, overrides, _DiedStarting(f"the job's process ended before it opened "
+                                                                     f"its MLflow run (killed, or crashed while "
+                                                                     f"starting); see {job_dir}"))
+        except Exception:  # noqa: BLE001 - the store refuses writes (a full disk): counted as not recorded
+            continue
 
 
 def best_command(sweep: Sweep) -> str:
@@ -162,27 +175,29 @@ def best_command(sweep: Sweep) -> str:
 
 
 def headline(rows: List[results.JobRow], failed: List[results.JobRow], never_ran: Optional[List[str]],
-             signal_name: Optional[str]) -> str:
+             signal_name: Optional[str], lost: int = 0) -> str:
     """``Sweep finished: 4 jobs, 1 failed (oom: 1)`` or ``Sweep interrupted by SIGINT: 2 of 5 jobs ran, 3
-    never ran``, with the failures by kind."""
+    never ran``, with the failures by kind, and the jobs that ran but could not be recorded (``lost``)."""
     kinds = Counter(row.failure_kind or row.status for row in failed)
     counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
     failures = f"{len(failed)} failed" + (f" ({counts})" if counts else "")
+    failures += f", {lost} ran but could not be recorded (see their folders)" if lost else ""
+    ran = len(rows) + lost
     if signal_name is None:
-        return f"Sweep finished: {len(rows)} jobs, {failures}" + (f", {len(never_ran)} never ran" if never_ran else "")
+        return f"Sweep finished: {ran} jobs, {failures}" + (f", {len(never_ran)} never ran" if never_ran else "")
     if never_ran is None:
-        return f"Sweep interrupted by {signal_name}: {len(rows)} jobs ran, {failures}"
-    return (f"Sweep interrupted by {signal_name}: {len(rows)} of {len(rows) + len(never_ran)} jobs ran, "
+        return f"Sweep interrupted by {signal_name}: {ran} jobs ran, {failures}"
+    return (f"Sweep interrupted by {signal_name}: {ran} of {ran + len(never_ran)} jobs ran, "
             f"{len(never_ran)} never ran; {failures}")
 
 
 def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobRow],
             failed: List[results.JobRow], never_ran: Optional[List[str]] = None,
-            signal_name: Optional[str] = None) -> str:
+            signal_name: Optional[str] = None, lost: int = 0) -> str:
     """The end-of-sweep report: job table, failure count, jobs that never ran, best run, and where to browse
     the runs."""
     common = results.common_overrides(rows)
-    lines = ["", headline(rows, failed, never_ran, signal_name)]
+    lines = ["", headline(rows, failed, never_ran, signal_name, lost)]
     lines += [f"Every job: {common}"] if common else []
     lines += [results.console_table(rows, top), ""]
     if top is not None:

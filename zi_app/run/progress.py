@@ -1,6 +1,7 @@
 """Progress of long work (loading a model, the decode steps of a generate): a tqdm bar when stderr is a
 terminal; otherwise a plain log line at most every ``INTERVAL_S`` seconds and a final one, so that CI logs
 and a sweep job's log file stay readable. Only rank 0 of a job spanning several processes shows progress.
+And the job's last word, its result line (:func:`result_line`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from zi_app.config.schema import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +102,23 @@ def progress(label: str, total: float, unit: str = "it", in_bytes: bool = False)
         work.close(finished=False)
         raise
     work.close()
+
+
+def result_line(spec: JobSpec, m: dict, offload_needed: Optional[bool] = None) -> str:
+    """One line with a job's headline numbers (a job of several devices: its ranks' count, the whole job's
+    tokens/s, the largest rank's GPU peak); the GPU and roofline figures where they were measured, and
+    whether the model would fit the GPU budget without offloading where that is known."""
+    predicted = f" (predicted {m['predicted_tokens_per_sec']:.2f})" if "predicted_tokens_per_sec" in m else ""
+    ranks = f" x {spec.devices} devices" if spec.devices > 1 else ""
+    parts = [f"{spec.model.name} batch={spec.batch}{ranks} {m['tokens_per_sec']:.2f} tokens/s{predicted}",
+             f"decode step {m.get('decode_step_s', float('nan')):.4f} s", f"prefill {m['prefill_s']:.3f} s",
+             f"peak host {m['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
+    if "peak_gpu_allocated_bytes" in m:
+        parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB{' (largest rank)' if ranks else ''} "
+                     f"(predicted {m['predicted_peak_gpu_bytes'] / 2**30:.2f})")
+    if "roofline_ratio" in m:
+        parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "
+                     f"at {m['h2d_gbps']:.1f} GB/s)")
+    if offload_needed is False:
+        parts.append("offload not needed: every weight fits the GPU budget with offload=none")
+    return ", ".join(parts)
