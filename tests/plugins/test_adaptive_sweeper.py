@@ -181,6 +181,7 @@ def test_on_a_cpu_without_a_prediction_half_the_grid_is_measured_from_the_larges
 
 
 def point_batch(run) -> int:
+    """The batch of a job run, from its overrides."""
     return int(dict(item.split("=", 1) for item in run.data.tags[zi_runs.OVERRIDES_TAG].split())["batch"])
 
 
