@@ -266,8 +266,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     children = Children()
 
     def run_one(job: Job) -> JobReturn:
-        LAUNCHED.append(list(job.overrides))
         if job.idx in refused:
+            LAUNCHED.append(list(job.overrides))
             ret = refused_job_return(job, refused[job.idx])
             with callback_lock:  # recorded as its process would have: a FAILED run, kind invalid-config
                 launcher.hydra_context.callbacks.on_job_end(config=job.config, job_return=ret)
@@ -280,6 +280,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             log.log(detail, "\t#%d : %s", job.idx, label(job.overrides))
             start = time.monotonic()
             ret = run_in_process(launcher, job, gpu, state, Path(workdir), children)
+            LAUNCHED.append(list(job.overrides))  # it ran (one the stopping sweep never started raised above)
             if isinstance(ret._return_value, JobProcessError):
                 with callback_lock:  # the job's own on_job_end never ran: tell the callbacks here
                     launcher.hydra_context.callbacks.on_job_end(config=job.config, job_return=ret)
