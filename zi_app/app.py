@@ -244,6 +244,22 @@ def _one_line(error: Exception, overrides: List[str]) -> Optional[Tuple[str, int
     return None if refused is None else (f"invalid config: {refused}", EXIT_INVALID_CONFIG)
 
 
+def _record_refused_sweep(overrides: List[str], refusal: str) -> None:
+    """A sweep that Hydra could not compose (``zi -m batch=abc``), refused before the sweep callback opened its
+    parent run, still leaves a FAILED parent run in its store: the one its tracking overrides name, else the
+    default. Nothing for a single job, a dry run, or where the callback already opened the parent."""
+    if not {"-m", "--multirun"} & set(sys.argv[1:]) or os.environ.get(runs.PARENT_RUN_ENV):
+        return
+    values = dict(arg.lstrip("+~").split("=", 1) for arg in overrides)
+    if values.get("dry_run", "").lower() == "true":
+        return
+    from zi_app.config.schema import TrackingSpec
+    from zi_app.record import sweep_end
+
+    sweep_end.record_refused(values.get("tracking.uri", TrackingSpec.uri),
+                             values.get("tracking.experiment", TrackingSpec.experiment), overrides, refusal)
+
+
 @contextlib.contextmanager
 def _hydra_errors_in_one_line():
     """While Hydra runs the app, what it would report with a traceback or its "Set HYDRA_FULL_ERROR=1" hint
@@ -264,6 +280,8 @@ def _hydra_errors_in_one_line():
                 if said is None:
                     raise
                 print(redact_text(f"error: {said[0]}"), file=sys.stderr, flush=True)
+                if said[0].startswith("invalid config: "):
+                    _record_refused_sweep(overrides, said[0])
                 sys.exit(said[1])
 
         return original(ours)

@@ -30,7 +30,7 @@ from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError, check_trackin
 from zi_app.config.spec import check_task
 from zi_app.record import orphans, results, runs, store
 from zi_app.record.redaction import SecretError, redact_overrides, redact_text, refuse_secrets
-from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, settle_job
+from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, record_refused, settle_job
 from zi_app.run import interrupt
 
 
@@ -200,13 +200,9 @@ def record_refused_sweep(config: DictConfig, error: ConfigError) -> None:
     say) or for a dry run."""
     if config.get("dry_run") is True:
         return
-    with contextlib.suppress(Exception):  # noqa: BLE001 - the refusal is the error to report, not this record
+    with contextlib.suppress(ConfigError):  # a bad tracking key: no store to record in
         check_tracking(config.tracking)
-        uri = store.absolute_uri(config.tracking.uri)
-        experiment_id = store.open_experiment(uri, config.tracking.experiment)
-        overrides = redact_overrides(_task_overrides(config))
-        parent = runs.start_sweep_run(experiment_id, f"sweep {overrides}"[:200], {runs.OVERRIDES_TAG: overrides})
-        runs.record_failure(parent, "invalid-config", f"the sweep was refused before any job: {error}")
+        record_refused(config.tracking.uri, config.tracking.experiment, _task_overrides(config), str(error))
 
 
 def swept_keys(overrides: List[str]) -> List[str]:

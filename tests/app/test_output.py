@@ -60,11 +60,15 @@ def test_a_sweep_prints_a_line_per_job_and_a_refused_job_in_one_line(tmp_path):
 
 
 def test_a_sweep_refused_before_any_job_leaves_a_failed_parent_run(tmp_path):
-    result = zi(tmp_path, "-m", "+bacth=8", "batch=1,2")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: invalid config: bacth=" in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+    """Refused by our check at the sweep's start (an unknown key) and by Hydra while composing it (a value of
+    the wrong type): each leaves one FAILED invalid-config parent run naming the key."""
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
-    [parent] = client.search_runs([client.get_experiment_by_name("zero-inference").experiment_id])
-    assert parent.info.status == "FAILED" and parent.data.tags[zi_runs.ROLE_TAG] == "sweep"
-    assert parent.data.tags[zi_runs.FAILURE_KIND_TAG] == "invalid-config"
-    assert "bacth" in parent.data.tags[zi_runs.FAILURE_MESSAGE_TAG]
+    for args, key in ((["+bacth=8", "batch=1,2"], "bacth"), (["batch=abc", "pin=true,false"], "batch='abc'")):
+        result = zi(tmp_path, "-m", *args)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert f"error: invalid config: {key}" in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
+        [parent] = client.search_runs([client.get_experiment_by_name("zero-inference").experiment_id],
+                                      f"tags.`{zi_runs.OVERRIDES_TAG}` = '{' '.join(args)}'")
+        assert parent.info.status == "FAILED" and parent.data.tags[zi_runs.ROLE_TAG] == "sweep"
+        assert parent.data.tags[zi_runs.FAILURE_KIND_TAG] == "invalid-config"
+        assert key in parent.data.tags[zi_runs.FAILURE_MESSAGE_TAG]

@@ -5,6 +5,7 @@ Hydra callback (hydra_plugins/zero_inference/sweep_callback.py) under any launch
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -215,3 +216,14 @@ def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobR
     if failed:
         lines.append(f"{len(failed)} of {len(rows)} jobs failed.")
     return "\n".join(lines)
+
+
+def record_refused(uri: str, experiment: str, overrides: Sequence[str], refusal: str) -> None:
+    """A FAILED parent run (kind ``invalid-config``, the refusal as its message) for a sweep refused before any
+    job, so that the store shows it was tried; nothing where the store cannot be used: the refusal is what to
+    say, not this record's failure."""
+    with contextlib.suppress(Exception):  # noqa: BLE001 - see above
+        experiment_id = store.open_experiment(store.absolute_uri(uri), experiment)
+        shown = redact_overrides(overrides)
+        parent = runs.start_sweep_run(experiment_id, f"sweep {shown}"[:200], {runs.OVERRIDES_TAG: shown})
+        runs.record_failure(parent, "invalid-config", f"the sweep was refused before any job: {refusal}")
