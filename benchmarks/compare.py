@@ -38,6 +38,7 @@ COLUMNS = [  # (metric, header, scale, format)
     ("peak_gpu_allocated_bytes", "peak GPU GiB", 2**-30, "{:.1f}"),
     ("predicted_peak_gpu_bytes", "predicted GPU GiB", 2**-30, "{:.1f}"),
     ("peak_host_rss_bytes", "peak host GiB", 2**-30, "{:.1f}"),
+    ("predicted_peak_host_bytes", "predicted host GiB", 2**-30, "{:.1f}"),
     ("load_s", "load s", 1, "{:.0f}"),
 ]
 PROFILE_COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md

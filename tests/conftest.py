@@ -262,3 +262,34 @@ def pytest_collection_modifyitems(config, items):
     """The longest units first (a stable sort: the order within a module stays); xdist keeps this order
     (``--no-loadscope-reorder``)."""
     items.sort(key=_rank)
+
+
+@dataclass
+class Job:
+    """A finished job's metrics, tags and generated token ids."""
+
+    metrics: Dict[str, float]
+    tags: Dict[str, str]
+    tokens: List[List[int]]
+    output: str
+
+
+@pytest.fixture
+def job(tmp_path_factory, run_python):
+    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per test in a fresh directory (no two
+    tests run the same job, so the tests spread over the workers: see the scheduling below); the job must
+    finish."""
+    done: Dict[tuple, Job] = {}
+
+    def run(*overrides: str) -> Job:
+        if overrides not in done:
+            cwd = tmp_path_factory.mktemp("job")
+            proc = run_python(["-m", "zi_app", *overrides], cwd).expect_success()
+            store = MlflowStore(cwd)
+            [record] = store.job_runs()
+            assert record.info.status == "FINISHED"
+            tokens = store.artifact_json(record, "generation.json")["generated_token_ids"]
+            done[overrides] = Job(record.data.metrics, record.data.tags, tokens, proc.output)
+        return done[overrides]
+
+    return run

@@ -27,9 +27,12 @@ def as_run_then(stem: str, overrides: list) -> list:
     """The overrides that reproduce a committed run with today's defaults (by the date in a results file's
     name): the runs measured before 2026-12-03 predate ``memory.fetch`` (issue 9), so their tuned runs used
     DeepSpeed's own fetch path, today's ``memory.fetch=deepspeed``; those before 2026-12-05 predate
-    ``memory.pin_backend`` (issue 20) and pinned with torch's allocator, today's ``memory.pin_backend=torch``."""
+    ``memory.pin_backend`` (issue 20) and pinned with torch's allocator, today's ``memory.pin_backend=torch``,
+    and their ``kvcache=cpu`` was transformers' offloaded cache, today's ``kvcache=cpu_transformers``."""
     measured_on = re.search(r"\d{4}-\d{2}-\d{2}", stem).group(0)
     then = [("2026-12-03", "memory.fetch=deepspeed"), ("2026-12-05", "memory.pin_backend=torch")]
+    if measured_on < "2026-12-05":
+        overrides = ["kvcache=cpu_transformers" if o == "kvcache=cpu" else o for o in overrides]
     return [*overrides, *(default for until, default in then if measured_on < until
                           and not any(o.startswith(default.split("=")[0] + "=") for o in overrides))]
 

@@ -122,7 +122,9 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    cache_implementation: Optional[str] = None  # generate's cache_implementation: null (GPU) or offloaded (host)
+    # null: transformers' dynamic cache on the GPU; host: ours in host memory, allocated once at its final length
+    # (zi_app/run/kvcache.py); offloaded: transformers' generate(cache_implementation="offloaded")
+    cache_implementation: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,7 @@ def _host_problems(spec: JobSpec, hardware: Hardware, work: Workload, residency:
         ways = [way for way, applies in (("offload=nvme", spec.offload.device == "cpu"),
                                          ("quant=int4", spec.quant.mode == "none"),
                                          ("pin=false", bool(spec.pin) and spec.offload.device == "cpu"),
-                                         ("a smaller batch", spec.kvcache.cache_implementation == "offloaded"))
+                                         ("a smaller batch", work.kv_offloaded))
                 if applies]
         problems.append(ConfigError(
             "offload", spec.offload.device,

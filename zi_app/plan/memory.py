@@ -93,8 +93,9 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     The peak is the larger of the prefill's (KV cache of the prompt + a layer's activations for every
     prompt token) and the last decode step's (KV cache of the whole sequence), each with the resident
     weights, the gathered (live) parameters of a layer when any weight is streamed, and a fixed workspace.
-    An offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
-    prefetched) and one in the prefill (the one computing: nothing is prefetched yet). Post-init quantization replaces its weights by new parameters ZeRO-3
+    transformers' offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
+    prefetched) and one in the prefill (the one computing: nothing is prefetched yet); ours (kvcache=cpu) two
+    slots of one layer at the final length throughout. Post-init quantization replaces its weights by new parameters ZeRO-3
     never persists: they are streamed at their quantized width and dequantized one matrix at a time.
     """
     nbytes = DTYPE_BYTES[work.dtype]
@@ -113,12 +114,16 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
         live = (int(gathered * work.weight_bytes) + layer_params * nbytes if work.post_quant_modules
                 else gathered * nbytes)
 
+    final = work.prompt_len + work.gen_len
+
     def kv(tokens: int, half_layers_held: int) -> int:
+        if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update
+            tokens, half_layers_held = final, 4
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         return min(full, half_layers_held * full // max(1, 2 * work.shape.layers)) if work.kv_offloaded else full
 
     prefill = kv(work.prompt_len, 2) + activation_bytes(work.shape, work.batch, work.prompt_len, nbytes)
-    decode = kv(work.prompt_len + work.gen_len, 4)
+    decode = kv(final, 4)
     peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
 
@@ -179,10 +184,14 @@ def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Reside
 
 
 def offloaded_kv_bytes(work: Workload) -> int:
-    """Bytes of an offloaded KV cache a decode step brings back to the GPU (its mean length); 0 on the GPU."""
+    """Bytes of an offloaded KV cache a decode step brings back to the GPU, on average; 0 on the GPU. Decode step
+    ``t`` (1 to gen_len - 1: the prefill makes the first token) reads every layer's ``prompt_len + t - 1`` cached
+    tokens; the new tokens' keys and values are made on the GPU."""
     if not work.kv_offloaded:
         return 0
-    return kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len // 2, DTYPE_BYTES[work.dtype])
+    steps = max(1, work.gen_len - 1)
+    per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype])
+    return per_token * (work.prompt_len + (steps - 1) // 2) + per_token * ((steps - 1) % 2) // 2
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -235,10 +244,15 @@ def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
 
 
 def offloaded_kv_host_bytes(work: Workload) -> int:
-    """Host memory an offloaded KV cache holds: each layer's keys and values go to pinned memory after every
-    update, in blocks the CUDA host allocator rounds up to powers of two and caches by size, so every size
-    class the sequence passes through stays allocated (OPT-6.7B batch 64, 512 + 8 tokens: 256 MiB blocks
-    from the prefill and 512 MiB ones from the decode, 48 GiB for a 17 GB cache)."""
+    """Host memory an offloaded KV cache holds. Ours (kvcache=cpu, ``kv_preallocated``): the cache at its final
+    length, once, page-locked to whole pages when pinned. transformers' (kvcache=cpu_transformers): each layer's
+    keys and values go to pinned memory after every update, in blocks the CUDA host allocator rounds up to
+    powers of two and caches by size, so every size class the sequence passes through stays allocated
+    (OPT-6.7B batch 64, 512 + 8 tokens: 256 MiB blocks from the prefill and 512 MiB ones from the decode,
+    48 GiB for a 17 GB cache)."""
+    if work.kv_preallocated:
+        final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, DTYPE_BYTES[work.dtype])
+        return locked_bytes(final) if work.pin else final
     per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, work.shape.layers))
     classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}
     return 2 * work.shape.layers * sum(classes)

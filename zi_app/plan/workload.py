@@ -26,7 +26,8 @@ class Workload:
     live_elements: int  # stage3_max_live_parameters
     offload: str = "cpu"  # offload_param.device: none, cpu or nvme
     pin: bool = True
-    kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu)
+    kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu or cpu_transformers)
+    kv_preallocated: bool = False  # ... in one buffer of its final length (kvcache=cpu: zi_app/run/kvcache.py)
     leaf_modules: bool = False
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
@@ -82,7 +83,8 @@ def workload(spec: JobSpec) -> Workload:
     return Workload(shape=shape, dtype=spec.model.dtype, weight_bytes=weight_bytes(spec),
                     batch=spec.batch, prompt_len=spec.prompt_len, gen_len=spec.gen_len,
                     live_elements=int(memory.max_live_hh * h * h), offload=offload.device, pin=spec.pin,
-                    kv_offloaded=spec.kvcache.cache_implementation == "offloaded",
+                    kv_offloaded=spec.kvcache.cache_implementation in ("host", "offloaded"),
+                    kv_preallocated=spec.kvcache.cache_implementation == "host",
                     leaf_modules=memory.leaf_modules,
                     # measured: only the reference's small buckets release the embedding between its two uses
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules
