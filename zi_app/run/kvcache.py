@@ -32,8 +32,10 @@ class HostKV:
 
     def __init__(self, layers: int, max_len: int, pin: bool = True) -> None:
         self.layers, self.max_len, self.pin = layers, max_len, pin
-        self.host: Optional[torch.Tensor] = None  # [layers, 2 (keys, values), batch, heads, max_len, head_dim]
-        self.slots: Optional[torch.Tensor] = None  # [2 slots, 2, batch, heads, max_len, head_dim] on the device
+        # Token-major, so that any run of tokens is one contiguous block: a strided copy between host and device
+        # would stage through pageable memory and block the host thread until the stream reached it.
+        self.host: Optional[torch.Tensor] = None  # [layers, max_len, 2 (keys, values), batch, heads, head_dim]
+        self.slots: Optional[torch.Tensor] = None  # [2 slots, max_len, 2, batch, heads, head_dim] on the device
         self.stream = None  # the side stream of the copies (CUDA), else None: copies run in order
         self.h2d_bytes = 0  # bytes copied host -> device (cached prefixes)
         self.d2h_bytes = 0  # bytes copied device -> host (new tokens' keys and values)
@@ -42,7 +44,7 @@ class HostKV:
     def allocate(self, key_states: torch.Tensor) -> None:
         """Make the host buffer and the device slots for keys shaped like ``key_states`` (batch, heads, *, head_dim)."""
         batch, heads, _, head_dim = key_states.shape
-        shape = (2, batch, heads, self.max_len, head_dim)
+        shape = (self.max_len, 2, batch, heads, head_dim)
         self.host = torch.empty((self.layers,) + shape, dtype=key_states.dtype)
         self.slots = torch.empty((2,) + shape, dtype=key_states.dtype, device=key_states.device)
         if key_states.is_cuda:
@@ -114,7 +116,7 @@ class HostKVCache(Cache):
             memory.allocate(key_states)
         start = layer.length
         end = start + key_states.shape[-2]
-        held = (memory.host.shape[2], memory.host.shape[3], memory.host.shape[5])
+        held = tuple(memory.host.shape[3:])
         if end > memory.max_len or held != (key_states.shape[0], key_states.shape[1], key_states.shape[3]):
             raise ValueError(f"the KV cache holds batch, heads, head size {held} and {memory.max_len} tokens; "
                              f"got {tuple(key_states.shape[:2]) + (key_states.shape[3],)} and {end}")
@@ -128,16 +130,17 @@ class HostKVCache(Cache):
             self._copy_up(layer_idx, start, slot)
             if side is not None:
                 compute.wait_stream(side)
-        slot[0, ..., start:end, :].copy_(key_states)
-        slot[1, ..., start:end, :].copy_(value_states)
+        slot[start:end, 0].copy_(key_states.permute(2, 0, 1, 3))
+        slot[start:end, 1].copy_(value_states.permute(2, 0, 1, 3))
         layer.length, layer.is_initialized = end, True
-        layer.keys, layer.values = slot[0, ..., :end, :], slot[1, ..., :end, :]
+        # (batch, heads, tokens, head_dim) views of the token-major slot
+        layer.keys, layer.values = slot[:end, 0].permute(1, 2, 0, 3), slot[:end, 1].permute(1, 2, 0, 3)
         following = (layer_idx + 1) % memory.layers
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
                 side.wait_stream(compute)
-            down = memory.host[layer_idx, :, ..., start:end, :]
-            down.copy_(slot[:, ..., start:end, :], non_blocking=True)
+            down = memory.host[layer_idx, start:end]
+            down.copy_(slot[start:end], non_blocking=True)
             memory.d2h_bytes += down.numel() * down.element_size()
             tokens = self.layers[following].length
             self._copy_up(following, tokens, memory.slots[(self.updates + 1) % 2])
@@ -152,6 +155,6 @@ class HostKVCache(Cache):
             return
         memory = self.memory
         with torch.cuda.stream(memory.stream) if memory.stream is not None else contextlib.nullcontext():
-            up = memory.host[layer_idx, :, ..., :tokens, :]
-            slot[:, ..., :tokens, :].copy_(up, non_blocking=True)
+            up = memory.host[layer_idx, :tokens]
+            slot[:tokens].copy_(up, non_blocking=True)
             memory.h2d_bytes += up.numel() * up.element_size()
