@@ -95,8 +95,9 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     weights, the gathered (live) parameters of a layer when any weight is streamed, and a fixed workspace.
     transformers' offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
     prefetched) and one in the prefill (the one computing: nothing is prefetched yet); ours (kvcache=cpu) two
-    slots of one layer at the final length throughout. Post-init quantization replaces its weights by new parameters ZeRO-3
-    never persists: they are streamed at their quantized width and dequantized one matrix at a time.
+    slots of one layer at the final length throughout, and a copy of the computing layer's in attention's
+    layout. Post-init quantization replaces its weights by new parameters ZeRO-3 never persists: they are
+    streamed at their quantized width and dequantized one matrix at a time.
     """
     nbytes = DTYPE_BYTES[work.dtype]
     sizes = stored_bytes(work, facts)
@@ -117,8 +118,8 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     final = work.prompt_len + work.gen_len
 
     def kv(tokens: int, half_layers_held: int) -> int:
-        if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update
-            tokens, half_layers_held = final, 4
+        if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
+            tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         return min(full, half_layers_held * full // max(1, 2 * work.shape.layers)) if work.kv_offloaded else full
 

@@ -133,8 +133,11 @@ class HostKVCache(Cache):
         slot[start:end, 0].copy_(key_states.permute(2, 0, 1, 3))
         slot[start:end, 1].copy_(value_states.permute(2, 0, 1, 3))
         layer.length, layer.is_initialized = end, True
-        # (batch, heads, tokens, head_dim) views of the token-major slot
-        layer.keys, layer.values = slot[:end, 0].permute(1, 2, 0, 3), slot[:end, 1].permute(1, 2, 0, 3)
+        # (batch, heads, tokens, head_dim) and contiguous, as transformers' GPU cache hands them to attention: the
+        # same layout picks the same attention kernel, hence the same greedy tokens (a strided view of the
+        # token-major slot changed 3 of 64 rows of OPT-6.7B fp16 on an H100)
+        layer.keys = slot[:end, 0].permute(1, 2, 0, 3).contiguous()
+        layer.values = slot[:end, 1].permute(1, 2, 0, 3).contiguous()
         following = (layer_idx + 1) % memory.layers
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
