@@ -5,7 +5,7 @@
 # once at its final length), and memory=reference (DeepSpeed's own settings and pinning) at the first point; a
 # point the plan refuses (host memory) is recorded as refused before loading. The plan is hardware=auto's.
 # One part per device call (each fits its 10-minute limit), chained on one warm machine:
-#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|opt175b|bloom|opt66b
+#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|opt66b
 set -uo pipefail
 OUT=${1:?usage: int4_175b_class.sh OUT PART}
 PART=${2:?usage: int4_175b_class.sh OUT PART}
@@ -32,6 +32,9 @@ llama)
   compare 200 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
     --variant tuned memory=tuned --variant streamed memory=tuned memory.persistence=h \
     --variant kv_cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference ;;
+llama_kv)  # the short form: every weight streamed, our host KV cache first, then the GPU cache (same tokens?)
+  compare 200 llama2_70b_int4_48gib_kv "Llama-2-70B int4 under 48 GiB, batch 16, every weight streamed: the KV cache in our host cache and on the GPU" \
+    --common model=llama-2-70b batch=16 $BIG memory=tuned memory.persistence=h --variant kv_cpu kvcache=cpu --variant kv_gpu kvcache=gpu ;;
 opt175b)
   compare 290 opt175b_int4_48gib "OPT-175B int4 under 48 GiB" --common model=opt-175b $BIG memory=tuned \
     --variant gpu_kv_b12 batch=12 --variant cpu_kv_b8 batch=8 kvcache=cpu --variant reference_b12 batch=12 memory=reference ;;
@@ -42,6 +45,6 @@ opt66b)
   compare 200 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU, in our host cache, in transformers'" \
     --common model=opt-66b batch=16 $BIG memory=tuned memory.persistence=h \
     --variant gpu kvcache=gpu --variant cpu kvcache=cpu --variant cpu_transformers kvcache=cpu_transformers ;;
-*) echo "unknown part $PART: kv, kv_tokens, llama, opt175b, bloom or opt66b" >&2; exit 2 ;;
+*) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom or opt66b" >&2; exit 2 ;;
 esac
 cp /tmp/int4_175b_class/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
