@@ -172,6 +172,39 @@ def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
     assert "GiB free there" in str(disk)
 
 
+HEADLINE = ("model=opt-175b", "quant=int4", "hardware=a6000", "prompt_len=512", "gen_len=32", "batch=24")
+
+
+@pytest.mark.quick
+def test_a_refused_point_says_which_of_our_costs_it_pays(compose):
+    """The seed's headline with DeepSpeed's pinning and transformers' offloaded cache does not fit the A6000's
+    host: the refusal lists what holds the host memory, the pinning round-up and the KV cache's size classes
+    among it, and the switch that removes each; with ours (the defaults) the same point fits."""
+    refused = plan_job(validate(compose(*HEADLINE, "memory=reference", "kvcache=cpu_transformers")), cuda=True,
+                       here=False)
+    [problem] = [p for p in refused.problems if p.key == "offload"]
+    text = str(problem)
+    held = dict(re.findall(r"(offloaded weights|pinning round-up|KV cache|KV size classes) ([\d.]+)", text))
+    assert set(held) == {"offloaded weights", "pinning round-up", "KV cache", "KV size classes"}, text
+    assert 85 < float(held["offloaded weights"]) < 100 and float(held["pinning round-up"]) > 10, text
+    assert "try memory.pin_backend=native, kvcache=cpu" in text
+    ours = plan_job(validate(compose(*HEADLINE, "kvcache=cpu")), cuda=True, here=False)
+    assert ours.fits, ours.reason
+    assert ours.predicted_peak_host_bytes < 0.7 * refused.predicted_peak_host_bytes
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("model", ["opt-66b", "llama-2-70b", "opt-175b", "bloom-176b"])
+def test_the_175b_class_in_int4_fits_the_lent_machine(model, compose):
+    """On hardware=h200 (125 GiB host) under an A6000-sized GPU budget, int4 weights fit with the KV cache on
+    the GPU and in host memory, at a batch whose cache fits."""
+    for kvcache in ("gpu", "cpu"):
+        plan = plan_job(validate(compose(f"model={model}", "quant=int4", "hardware=h200", "memory.gpu_budget_gib=48",
+                                         "prompt_len=512", "gen_len=32", "batch=8", f"kvcache={kvcache}")),
+                        cuda=True, here=False)
+        assert plan.fits, (kvcache, plan.reason)
+
+
 @pytest.mark.quick
 def test_zi_plan_command(run_python, tmp_path):
     """``python -m zi_app.zi_plan`` with comma lists: one JSON object per point in grid order, with the keys the

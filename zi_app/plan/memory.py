@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from zi_app.config.schema import ModelShape
 from zi_app.plan.facts import ModelFacts
@@ -216,32 +216,41 @@ def partition_host_bytes(work: Workload, nbytes: int) -> int:
     return locked_bytes(nbytes) if work.pin_exact else pinned_bytes(nbytes)
 
 
-def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
-    """Predicted peak host RSS of the whole job: per rank the process's base, NVMe staging buffers and an
-    offloaded KV cache; the offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each
-    pins its own partition, rounded up alone); and a checkpoint read from files. Post-init quantization
-    offloads the weights at their dtype's width while loading and their quantized replacements after; the
-    host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``)
-    each rank's "device" is host memory too: the ``residency``'s peak (resident and gathered weights, KV
-    cache, activations) is added per rank."""
+def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[str, int]:
+    """Predicted peak host RSS of the whole job, by what holds it (names as ``zi-plan`` and refusals show them):
+    per rank the process's base, NVMe staging buffers and an offloaded KV cache (its bytes at the final length,
+    and what transformers' cache keeps beyond them in size classes); the offloaded weights once (ZeRO-3
+    partitions each parameter across the ranks and each pins its own partition, rounded up alone: the pinning
+    round-up); and a checkpoint read from files. Post-init quantization offloads the weights at their dtype's
+    width while loading and their quantized replacements after; the host keeps both (measured: OPT-13B
+    int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's "device" is host memory
+    too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is added per rank."""
     nbytes = DTYPE_BYTES[work.dtype]
-    total = HOST_BASE_BYTES * work.ranks
+    parts = {"process base": HOST_BASE_BYTES * work.ranks}
     if work.offload == "cpu":
         width = nbytes if work.post_quant_modules else work.weight_bytes
         sizes = [int(math.ceil(math.ceil(numel / work.ranks) * width)) for numel in facts.param_numels]
         sizes += [math.ceil(size / work.ranks)
                   for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
-        total += work.ranks * sum(partition_host_bytes(work, size) for size in sizes)
+        parts["offloaded weights"] = work.ranks * sum(sizes)
+        parts["pinning round-up"] = work.ranks * sum(partition_host_bytes(work, size) - size for size in sizes)
     elif work.offload == "nvme":
         size = work.nvme_buffer_elements * nbytes
-        total += work.ranks * (pinned_bytes(size) if work.pin else size)
+        parts["NVMe staging buffers"] = work.ranks * (pinned_bytes(size) if work.pin else size)
     if work.kv_offloaded:
-        total += work.ranks * offloaded_kv_host_bytes(work)
+        final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes)
+        parts["KV cache"] = work.ranks * final
+        parts["KV size classes"] = work.ranks * (offloaded_kv_host_bytes(work) - final)
     if work.reads_checkpoint:
-        total += sum(facts.param_numels) * nbytes
+        parts["checkpoint read"] = sum(facts.param_numels) * nbytes
     if work.on_cpu:
-        total += work.ranks * residency.predicted_peak_bytes
-    return total
+        parts["CPU device memory"] = work.ranks * residency.predicted_peak_bytes
+    return parts
+
+
+def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
+    """Predicted peak host RSS of the whole job: the sum of :func:`host_parts`."""
+    return sum(host_parts(work, facts, residency).values())
 
 
 def offloaded_kv_host_bytes(work: Workload) -> int:
