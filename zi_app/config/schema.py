@@ -89,6 +89,8 @@ class ModelSpec:
     max_positions: Optional[int] = None  # prompt_len + gen_len limit; the architecture's own when null
     arch: Mapping[str, Any] = field(default_factory=FrozenDict)  # the transformers config dict (model_type, sizes)
     shape: Optional[ModelShape] = field(default=None, metadata={DERIVED: True})  # sizes read from arch
+    # the largest weight file of a local checkpoint (pretrained); None: random weights, or files not local
+    largest_file_bytes: Optional[int] = field(default=None, metadata={DERIVED: True})
 
 
 @dataclass(frozen=True)
