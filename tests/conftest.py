@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 # Session fixtures that start real servers (PostgreSQL, mlflow server, SLURM) and stop them at the end.
-from helpers.services import postgres, slurm, tracking_server  # noqa: F401
+from helpers.services import postgres, tracking_server  # noqa: F401
+from helpers.slurm_cluster import slurm  # noqa: F401
 
 # A tiny job takes 10-40 s on 2 cores; the first NVMe job on a machine also JIT-builds DeepSpeed's async_io
 # op (2-10 min, depending on the load).
@@ -219,7 +220,7 @@ _MODULE_FIXTURE = re.compile(r"^@pytest\.fixture\(scope=\"(module|class|package)
 # Work units measured longest on 2 cores, longest first: (module, test name prefix; "" for every test). The
 # first NVMe job of a machine JIT-builds DeepSpeed's async_io op (minutes): one NVMe test starts early, alone.
 FIRST = [
-    ("test_cluster.py", ""), ("test_tracking_server.py", ""),
+    ("test_cluster.py", ""), ("test_cluster_stop.py", ""), ("test_tracking_server.py", ""),
     ("test_fetch_path.py", "test_greedy_tokens_identical_between_fetch_paths[tiny-opt-offload=nvme-quant=none]"),
     ("test_quantization.py", ""), ("test_ui.py", ""), ("test_sweep.py", ""), ("test_faults.py", "test_two_sweeps"),
     ("test_multirun.py", ""), ("test_adaptive_sweeper.py", ""), ("test_devices.py", "test_two_ranks"),
