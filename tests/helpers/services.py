@@ -1,6 +1,6 @@
 """Real servers for the tests, started and stopped by session fixtures: a private PostgreSQL cluster (Debian's
-``postgresql`` binaries), an ``mlflow server`` on it with served artifacts (the one-node SLURM cluster is in
-slurm_cluster.py). Each is started on first use and stopped at the end of
+``postgresql`` binaries), an ``mlflow server`` on it with served artifacts, and the same with MLflow's basic-auth
+app (the one-node SLURM cluster is in slurm_cluster.py). Each is started on first use and stopped at the end of
 the session; nothing is left running. Imported by conftest.py.
 """
 
@@ -173,5 +173,61 @@ def tracking_server(postgres, tmp_path_factory) -> Iterator[TrackingServer]:
     process, url, log = _mlflow_server(postgres, root, "mlflow")
     try:
         yield TrackingServer(url, "mlflow", root / "artifacts", log, process.pid)
+    finally:
+        _stop(process)
+
+
+@dataclass
+class AuthServer:
+    """A running ``mlflow server --app-name basic-auth``: its URL, its admin's and its users' passwords (alice and
+    bob, both with MLflow's default READ permission)."""
+
+    url: str
+    admin_password: str
+    passwords: Dict[str, str]
+
+    def as_user(self, name: str, password: Optional[str] = None) -> Dict[str, str]:
+        """MLflow's credential variables for ``name`` (with ``password``, default the right one)."""
+        secret = password if password is not None else self.admin_password if name == "admin" else self.passwords[name]
+        return {"MLFLOW_TRACKING_USERNAME": name, "MLFLOW_TRACKING_PASSWORD": secret}
+
+
+AUTH_CONFIG = """\
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///{root}/basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
+def allowed_hosts(port: int) -> str:
+    """The ``--allowed-hosts`` list docs/cluster.md builds (its lines ``PORT=``, ``HOSTS=`` and ``for ip in``, run
+    as written), for ``port``."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cluster.md").read_text()
+    lines = [line for line in doc.splitlines() if line.startswith(("HOSTS=", "for ip in "))]
+    assert len(lines) == 2, "docs/cluster.md no longer builds HOSTS for --allowed-hosts"
+    return run_ok(["bash", "-c", "\n".join([f"PORT={port}", *lines, 'echo "$HOSTS"'])]).strip()
+
+
+@pytest.fixture(scope="session")
+def auth_server(postgres, tmp_path_factory) -> Iterator[AuthServer]:
+    """``mlflow server --app-name basic-auth`` on PostgreSQL as docs/cluster.md starts it (its users in a SQLite
+    file, its admin's password and Flask's secret key from the environment, every address of this machine and the
+    docs' ``--allowed-hosts``), with two users made by the admin."""
+    root = tmp_path_factory.mktemp("mlflow-auth-server")
+    (root / "basic_auth.ini").write_text(AUTH_CONFIG.format(root=root))
+    admin_password, port = secrets.token_hex(12), free_port()
+    process, url, _ = _mlflow_server(postgres, root, "mlflow_auth", [
+        "--app-name", "basic-auth", "--allowed-hosts", allowed_hosts(port)], {
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}, host="0.0.0.0", port=port)
+    try:
+        server = AuthServer(url, admin_password, {"alice": secrets.token_hex(10), "bob": secrets.token_hex(10)})
+        for name in server.passwords:  # as an admin adds users (docs/cluster.md), in a process of its own
+            run_ok([sys.executable, "-c", "import sys; from mlflow.server import get_app_client; "
+                  "get_app_client('basic-auth', tracking_uri=sys.argv[1]).create_user(sys.argv[2], sys.argv[3])",
+                  url, name, server.passwords[name]], env={**os.environ, **server.as_user("admin")})
+        yield server
     finally:
         _stop(process)
