@@ -2,7 +2,7 @@
 the real tracking server: a job killed with SIGKILL is settled by the driver, which goes on; Ctrl-C on the driver
 cancels its SLURM jobs, whose runs end ``killed``, and the summary counts them; a driver killed with SIGKILL leaves
 its job running, and the next ``zi-best`` settles the sweep once the job has ended. Requests no partition can run
-are refused before anything is submitted."""
+and bad launcher values are refused before anything is submitted."""
 
 from __future__ import annotations
 
@@ -150,3 +150,12 @@ def test_a_request_no_partition_can_run_is_refused_before_submission(slurm, trac
     assert "warning: hydra.launcher.signal_delay_s=120 is not below half the time limit (timeout_min=1: 60 s)" in text
     assert not (tmp_path / "sweep" / ".submitit").exists()
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_a_bad_launcher_value_is_refused_in_one_line(slurm, tracking_server, tmp_path):
+    sweep = start(tmp_path, "slurm-bad", tracking_server.url, "gen_len=4", "repeat=1,2", "hydra.launcher.mem_gb=lots")
+    assert sweep.wait(timeout=TIMEOUT_S) == 2, output(tmp_path)[-3000:]
+    refusal = [line for line in output(tmp_path).splitlines() if line.startswith("error:")]
+    assert refusal == ["error: invalid config: hydra.launcher.mem_gb='lots' is not allowed: auto (the plan's host "
+                       "peak x mem_margin), GiB, or null (the node's default)"], output(tmp_path)[-3000:]
+    assert "Traceback" not in output(tmp_path) and not (tmp_path / "sweep" / ".submitit").exists()
