@@ -105,7 +105,8 @@ def test_a_job_refused_by_its_plan_takes_no_slurm_allocation(slurm_sweep):
 
 def submission_scripts(root: Path) -> dict:
     """{SLURM job id: its sbatch script} of the sweep under ``root``."""
-    return {path.name.split("_")[0]: path.read_text() for path in (root / "sweep" / ".submitit").rglob("*_submission.sh")}
+    scripts = (root / "sweep" / ".submitit").rglob("*_submission.sh")
+    return {path.name.split("_")[0]: path.read_text() for path in scripts}
 
 
 def test_each_job_is_sized_by_its_plan_and_named_by_what_it_runs(slurm_sweep, compose):

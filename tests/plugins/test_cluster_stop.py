@@ -1,8 +1,8 @@
-"""Stopping a ``hydra/launcher=zi_slurm`` sweep on the real one-node SLURM cluster (helpers/slurm_cluster.py), logging to
-the real tracking server: a job killed with SIGKILL is settled by the driver, which goes on; Ctrl-C on the driver
-cancels its SLURM jobs, whose runs end ``killed``, and the summary counts them; a driver killed with SIGKILL leaves
-its job running, and the next ``zi-best`` settles the sweep once the job has ended. Requests no partition can run
-and bad launcher values are refused before anything is submitted."""
+"""Stopping a ``hydra/launcher=zi_slurm`` sweep on the real one-node SLURM cluster (helpers/slurm_cluster.py),
+logging to the real tracking server: a job killed with SIGKILL is settled by the driver, which goes on; Ctrl-C on
+the driver cancels its SLURM jobs, whose runs end ``killed``, and the summary counts them; a driver killed with
+SIGKILL leaves its job running, and the next ``zi-best`` settles the sweep once the job has ended. Requests no
+partition can run and bad launcher values are refused before anything is submitted."""
 
 from __future__ import annotations
 
