@@ -36,6 +36,7 @@ def start(root: Path, experiment: str, uri: str, *overrides: str) -> subprocess.
 
 
 def output(root: Path) -> str:
+    """The sweep's output (stdout and stderr) so far."""
     return (root / "out.txt").read_text()
 
 
@@ -60,6 +61,7 @@ def our_slurm_jobs(root: Path) -> list:
 
 
 def queued(ids: list) -> list:
+    """Those of the SLURM jobs ``ids`` still queued or running."""
     listed = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60).stdout.split()
     return [job for job in ids if job in listed]
 

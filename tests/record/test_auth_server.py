@@ -34,6 +34,7 @@ def user_env(server, name: str, password=None) -> dict:
 
 
 def zi(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """``python -m <args>`` in ``root`` with ``env``, to its end."""
     return subprocess.run([sys.executable, "-m", *args], cwd=root, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
 
