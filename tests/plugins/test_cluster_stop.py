@@ -1,5 +1,5 @@
 """Stopping a ``hydra/launcher=zi_slurm`` sweep on the real one-node SLURM cluster (helpers/slurm_cluster.py),
-logging to the real tracking server: a job killed with SIGKILL is settled by the driver, which goes on; Ctrl-C on
+logging to the real tracking server: a job killed with SIGKILL is settled by the driver, which goes on; Ctrl-C or SIGTERM on
 the driver cancels its SLURM jobs, whose runs end ``killed``, and the summary counts them; a driver killed with
 SIGKILL leaves its job running, and the next ``zi-best`` settles the sweep once the job has ended. Requests no
 partition can run and bad launcher values are refused before anything is submitted."""
@@ -25,11 +25,11 @@ CPU_NODE = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", 
 QUICK = ["prompt_len=8", "warmup=0"]
 
 
-def start(root: Path, experiment: str, uri: str, *overrides: str) -> subprocess.Popen:
+def start(root: Path, experiment: str, uri: str, *overrides: str, node=tuple(CPU_NODE)) -> subprocess.Popen:
     """A zi_slurm sweep in its own session, as a shell starts it; output to root/out.txt."""
     root.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
-    return subprocess.Popen([sys.executable, "-m", "zi_app", "-m", "hydra/launcher=zi_slurm", *CPU_NODE, *QUICK,
+    return subprocess.Popen([sys.executable, "-m", "zi_app", "-m", "hydra/launcher=zi_slurm", *node, *QUICK,
                              *overrides, f"tracking.uri={uri}", f"tracking.experiment={experiment}",
                              "hydra.sweep.dir=sweep"], cwd=root, env=env, start_new_session=True,
                             preexec_fn=terminal_signals, stdout=open(root / "out.txt", "w"), stderr=subprocess.STDOUT)
@@ -98,6 +98,28 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs_and_counts_them_killed(slurm, trac
     assert (f"Sweep interrupted by SIGINT: {len(jobs)} of 3 jobs ran, {never_ran} never ran; {len(jobs)} failed "
             f"(killed: {len(jobs)})") in text
     assert (parent.info.status, parent.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "killed")
+
+
+def test_sigterm_to_the_driver_cancels_a_running_and_a_pending_job(slurm, tracking_server, tmp_path):
+    """``kill PID`` of the driver while its first job generates and its second waits for the node (each job asks
+    both CPUs): the first job's run ends killed by SLURM's SIGTERM, the second never ran, nothing stays queued."""
+    client = MlflowClient(tracking_server.url)
+    node = [option.replace("cpus_per_task=1", "cpus_per_task=2") for option in CPU_NODE]
+    sweep = start(tmp_path, "slurm-term", tracking_server.url, "gen_len=4", "repeat=100000", "seed=0,1", node=node)
+    try:
+        job = job_runs(client, "slurm-term", sweep, tmp_path, 1)[0]
+        os.kill(sweep.pid, signal.SIGTERM)
+        assert sweep.wait(timeout=TIMEOUT_S) == 128 + signal.SIGTERM, output(tmp_path)[-3000:]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    text = output(tmp_path)
+    assert "Sweep interrupted by SIGTERM: 1 of 2 jobs ran, 1 never ran; 1 failed (killed: 1)" in text, text[-3000:]
+    assert queued(our_slurm_jobs(tmp_path)) == [] and len(our_slurm_jobs(tmp_path)) == 2
+    job = client.get_run(job.info.run_id)
+    assert (job.info.status, job.data.tags[zi_runs.FAILURE_KIND_TAG], job.data.tags[zi_runs.SIGNAL_TAG]) == (
+        "FAILED", "killed", "SIGTERM")
 
 
 def test_a_sweep_whose_driver_died_is_settled_by_the_next_zi_best(slurm, tracking_server, tmp_path):
