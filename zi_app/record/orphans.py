@@ -7,7 +7,6 @@ run once its jobs have ended.
 
 from __future__ import annotations
 
-import getpass
 import socket
 import subprocess
 import sys
@@ -20,11 +19,10 @@ SETTLE_TAG = "zi.settle"  # on a sweep's parent closed after its driver died: "p
 
 
 def queued_slurm_jobs() -> Optional[Set[str]]:
-    """The ids of this user's SLURM jobs still queued or running, as ``squeue`` names them; None without SLURM
-    (or when squeue does not answer)."""
+    """The ids of the SLURM jobs still queued or running, everyone's (on a shared server the run may be a
+    teammate's), as ``squeue`` names them; None without SLURM (or when squeue does not answer)."""
     try:
-        out = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i"], capture_output=True,
-                             text=True, timeout=30)
+        out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return set(out.stdout.split()) if out.returncode == 0 else None
