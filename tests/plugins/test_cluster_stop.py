@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -55,6 +56,19 @@ def job_runs(client: MlflowClient, experiment: str, process: subprocess.Popen, r
     pytest.fail(f"{count} job(s) never ran (exit {process.poll()}):\n{output(root)[-3000:]}")
 
 
+def stopped(sweep: subprocess.Popen, root: Path, stop: Callable[[], None], signum: int) -> str:
+    """Call ``stop`` (which ends in a signal to the driver), assert that the driver exits 128 + ``signum`` and
+    return its output; a driver still running when the test fails is killed."""
+    try:
+        stop()
+        assert sweep.wait(timeout=TIMEOUT_S) == 128 + signum, output(root)[-3000:]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    return output(root)
+
+
 def our_slurm_jobs(root: Path) -> list:
     """The ids of the SLURM jobs the sweep under ``root`` submitted (its sbatch scripts)."""
     return [path.name.split("_")[0] for path in (root / "sweep" / ".submitit").rglob("*_submission.sh")]
@@ -72,7 +86,8 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs_and_counts_them_killed(slurm, trac
     FAILED/killed, the ones that never started count as never run, and nothing stays RUNNING or queued."""
     client = MlflowClient(tracking_server.url)
     sweep = start(tmp_path, "slurm-stop", tracking_server.url, "gen_len=4", "repeat=100000", "seed=0,1,2")
-    try:
+
+    def kill_a_job_then_ctrl_c() -> None:
         first = job_runs(client, "slurm-stop", sweep, tmp_path, 1)[0]
         os.kill(int(first.data.tags[zi_runs.PID_TAG]), signal.SIGKILL)
         deadline = time.monotonic() + TIMEOUT_S
@@ -80,12 +95,8 @@ def test_ctrl_c_cancels_the_sweeps_slurm_jobs_and_counts_them_killed(slurm, trac
             time.sleep(0.5)
         job_runs(client, "slurm-stop", sweep, tmp_path, 1)  # another job generates: the sweep went on
         os.killpg(sweep.pid, signal.SIGINT)
-        assert sweep.wait(timeout=TIMEOUT_S) == 128 + signal.SIGINT, output(tmp_path)[-3000:]
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
-    text = output(tmp_path)
+
+    text = stopped(sweep, tmp_path, kill_a_job_then_ctrl_c, signal.SIGINT)
     assert re.search(r"#\d .*seed=\d.*: FAILED JobProcessError: SLURM job \d+ ended without a result", text), text
     assert "Cancelling " in text and queued(our_slurm_jobs(tmp_path)) == []
     experiment = client.get_experiment_by_name("slurm-stop").experiment_id
@@ -106,18 +117,16 @@ def test_sigterm_to_the_driver_cancels_a_running_and_a_pending_job(slurm, tracki
     client = MlflowClient(tracking_server.url)
     node = [option.replace("cpus_per_task=1", "cpus_per_task=2") for option in CPU_NODE]
     sweep = start(tmp_path, "slurm-term", tracking_server.url, "gen_len=4", "repeat=100000", "seed=0,1", node=node)
-    try:
-        job = job_runs(client, "slurm-term", sweep, tmp_path, 1)[0]
+    generating = []
+
+    def sigterm_once_a_job_generates() -> None:
+        generating.extend(job_runs(client, "slurm-term", sweep, tmp_path, 1))
         os.kill(sweep.pid, signal.SIGTERM)
-        assert sweep.wait(timeout=TIMEOUT_S) == 128 + signal.SIGTERM, output(tmp_path)[-3000:]
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.wait()
-    text = output(tmp_path)
+
+    text = stopped(sweep, tmp_path, sigterm_once_a_job_generates, signal.SIGTERM)
     assert "Sweep interrupted by SIGTERM: 1 of 2 jobs ran, 1 never ran; 1 failed (killed: 1)" in text, text[-3000:]
     assert queued(our_slurm_jobs(tmp_path)) == [] and len(our_slurm_jobs(tmp_path)) == 2
-    job = client.get_run(job.info.run_id)
+    job = client.get_run(generating[0].info.run_id)
     assert (job.info.status, job.data.tags[zi_runs.FAILURE_KIND_TAG], job.data.tags[zi_runs.SIGNAL_TAG]) == (
         "FAILED", "killed", "SIGTERM")
 
