@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 # Session fixtures that start real servers (PostgreSQL, mlflow server, SLURM) and stop them at the end.
-from helpers.services import postgres, slurm, tracking_server  # noqa: F401
+from helpers.services import auth_server, postgres, tracking_server  # noqa: F401
+from helpers.slurm_cluster import slurm  # noqa: F401
 
 # A tiny job takes 10-40 s on 2 cores; the first NVMe job on a machine also JIT-builds DeepSpeed's async_io
 # op (2-10 min, depending on the load).
@@ -214,12 +215,12 @@ def plain_greedy() -> Callable[..., List[List[int]]]:
 # (xdist's own ``--dist loadgroup`` would do the grouping, but its xdist_group marks do not reach pytest 9's
 # node ids.)
 SERVER_GROUP = "tracking-server"
-_SERVER_FIXTURE = re.compile(r"^def \w+\([^)]*\b(postgres|tracking_server|slurm)\b", re.M)
+_SERVER_FIXTURE = re.compile(r"^def \w+\([^)]*\b(postgres|tracking_server|auth_server|slurm)\b", re.M)
 _MODULE_FIXTURE = re.compile(r"^@pytest\.fixture\(scope=\"(module|class|package)\"", re.M)
 # Work units measured longest on 2 cores, longest first: (module, test name prefix; "" for every test). The
 # first NVMe job of a machine JIT-builds DeepSpeed's async_io op (minutes): one NVMe test starts early, alone.
 FIRST = [
-    ("test_cluster.py", ""), ("test_tracking_server.py", ""),
+    ("test_cluster.py", ""), ("test_cluster_stop.py", ""), ("test_tracking_server.py", ""),
     ("test_fetch_path.py", "test_greedy_tokens_identical_between_fetch_paths[tiny-opt-offload=nvme-quant=none]"),
     ("test_quantization.py", ""), ("test_ui.py", ""), ("test_sweep.py", ""), ("test_faults.py", "test_two_sweeps"),
     ("test_multirun.py", ""), ("test_adaptive_sweeper.py", ""), ("test_devices.py", "test_two_ranks"),

@@ -207,9 +207,13 @@ def main(cfg: DictConfig) -> Optional[float]:
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
-    except (ConfigError, store.StoreError, SecretError) as error:
-        if _multirun():  # the launcher reports it, and the sweep records it as a failed run
+    except Exception as error:  # noqa: BLE001 - the ones refused in one line below; any other is raised as is
+        refused = store.access_refused(error)  # the tracking server refused this user (401/403)
+        if refused is None and not isinstance(error, (ConfigError, store.StoreError, SecretError)):
             raise
+        error = refused or error
+        if _multirun():  # the launcher reports it, and the sweep records it as a failed run
+            raise error from None
         invalid = isinstance(error, ConfigError)
         print(redact_text(f"error: {'invalid config: ' if invalid else ''}{error}"), file=sys.stderr)
         sys.exit(EXIT_INVALID_CONFIG if invalid else store.EXIT_STORE_ERROR)

@@ -274,7 +274,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     jobs = [compose(launcher, overrides, initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
     log.info("Launching %d jobs, each in a new process, %s", len(jobs),
              f"each on its devices' count of GPUs {','.join(gpus)}" if gpus else "one at a time")
-    refused, seconds = plan_jobs(jobs, len(gpus))
+    refused, plans = plan_jobs(jobs, len(gpus))
+    seconds = {idx: plan.predicted_job_s for idx, plan in plans.items()}
     plan = TimePlan(seconds, max(1, len(gpus)), launcher.batch_name)
     if seconds:
         print(plan.start_line(), flush=True)

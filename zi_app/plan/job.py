@@ -218,15 +218,17 @@ def ready(spec: JobSpec, cuda: bool) -> JobPlan:
     return plan
 
 
-def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None) -> Tuple[Optional[ConfigError], Optional[float]]:
-    """What a sweep's parent knows of a job before starting it: (why it would be refused before loading,
-    its :attr:`JobPlan.predicted_job_s`). The refusal is ``devices`` beyond the ``gpus`` the sweep hands out
-    (None: no GPUs to hand out, ranks run on the CPU), or the problems of its plan (one error), made the way the job
-    itself makes it; None when it would run. Lets a sweep's parent refuse jobs without starting their
-    processes and plan the sweep's time (None where unknown)."""
-    plan = plan_job(spec, cuda)
+def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None,
+               here: bool = True) -> Tuple[Optional[ConfigError], Optional[JobPlan]]:
+    """What a sweep's parent knows of a job before starting it: (why it would be refused before loading, its
+    plan). The refusal is ``devices`` beyond the ``gpus`` the sweep hands out (None: no GPUs to hand out, ranks
+    run on the CPU), or the problems of its plan (one error), made the way the job itself makes it; the plan is
+    None when refused. ``here=False`` plans for the hardware the job names without this machine's checks (a
+    SLURM sweep's driver, whose jobs run on other nodes). Lets a sweep's parent refuse jobs without starting
+    their processes, plan the sweep's time (:attr:`JobPlan.predicted_job_s`) and size their requests."""
+    plan = plan_job(spec, cuda, here)
     if gpus is not None and spec.devices > gpus:
         return ConfigError("devices", spec.devices,
                            f"at most {gpus}: this sweep has {gpus} GPU(s) (hydra.launcher.gpus, else "
                            f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank"), None
-    return (every_problem(plan.problems), None) if plan.problems else (None, plan.predicted_job_s)
+    return (every_problem(plan.problems), None) if plan.problems else (None, plan)
