@@ -38,6 +38,7 @@ COLUMNS = [  # (metric, header, scale, format)
     ("peak_gpu_allocated_bytes", "peak GPU GiB", 2**-30, "{:.1f}"),
     ("predicted_peak_gpu_bytes", "predicted GPU GiB", 2**-30, "{:.1f}"),
     ("peak_host_rss_bytes", "peak host GiB", 2**-30, "{:.1f}"),
+    ("predicted_peak_host_bytes", "predicted host GiB", 2**-30, "{:.1f}"),
     ("load_s", "load s", 1, "{:.0f}"),
 ]
 PROFILE_COLUMNS = [  # one decode step under the Python tracer (profile_step=true); docs/metrics.md
@@ -94,15 +95,18 @@ def run_variant(name: str, overrides: list, store: str, experiment: str, timeout
         code = proc.returncode
     except subprocess.TimeoutExpired:
         code = "timeout"
-    metrics, status, reason = {}, f"exit {code}", ""
+    metrics, status, reason, tokens = {}, f"exit {code}", "", None
     run_id_file = run_dir / runs.RUN_ID_FILE
     if run_id_file.is_file():
         mlflow.set_tracking_uri(store)
         run = mlflow.get_run(run_id_file.read_text().strip())
         metrics, status = dict(run.data.metrics), run.info.status
         reason = run.data.tags.get(runs.FAILURE_KIND_TAG, "")
+        if status == "FINISHED" and not plain:
+            tokens = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/generation.json")["generated_token_ids"]
     print(f"== {name}: {status} {reason} in {time.time() - started:.0f} s", flush=True)
-    return {"name": name, "overrides": overrides, "status": status, "failure": reason, "metrics": metrics}
+    return {"name": name, "overrides": overrides, "status": status, "failure": reason, "metrics": metrics,
+            "tokens": tokens}
 
 
 def machine() -> str:
@@ -114,8 +118,9 @@ def machine() -> str:
 
 
 def table(results: list, columns: list = COLUMNS) -> str:
-    """Markdown table of every variant, with tokens/s relative to the first variant."""
-    header = ["variant", "status", *[c[1] for c in columns], "x first"]
+    """Markdown table of every variant, with tokens/s relative to the first variant and whether its greedy tokens
+    are the first variant's (generation.json; a prompt or batch that differs makes them differ too)."""
+    header = ["variant", "status", *[c[1] for c in columns], "x first", "tokens = first"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = results[0]["metrics"].get("tokens_per_sec")
     for row in results:
@@ -124,6 +129,8 @@ def table(results: list, columns: list = COLUMNS) -> str:
         cells += [fmt.format(m[key] * scale) if key in m else "" for key, _, scale, fmt in columns]
         ratio = m.get("tokens_per_sec")
         cells.append(f"{ratio / base:.2f}" if ratio and base else "")
+        same = row.get("tokens") is not None and row["tokens"] == results[0].get("tokens")
+        cells.append("" if row.get("tokens") is None or results[0].get("tokens") is None else "yes" if same else "NO")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 # Session fixtures that start real servers (PostgreSQL, mlflow server, SLURM) and stop them at the end.
-from helpers.services import postgres, slurm, tracking_server  # noqa: F401
+from helpers.services import auth_server, postgres, tracking_server  # noqa: F401
+from helpers.slurm_cluster import slurm  # noqa: F401
 
 # A tiny job takes 10-40 s on 2 cores; the first NVMe job on a machine also JIT-builds DeepSpeed's async_io
 # op (2-10 min, depending on the load).
@@ -214,12 +215,12 @@ def plain_greedy() -> Callable[..., List[List[int]]]:
 # (xdist's own ``--dist loadgroup`` would do the grouping, but its xdist_group marks do not reach pytest 9's
 # node ids.)
 SERVER_GROUP = "tracking-server"
-_SERVER_FIXTURE = re.compile(r"^def \w+\([^)]*\b(postgres|tracking_server|slurm)\b", re.M)
+_SERVER_FIXTURE = re.compile(r"^def \w+\([^)]*\b(postgres|tracking_server|auth_server|slurm)\b", re.M)
 _MODULE_FIXTURE = re.compile(r"^@pytest\.fixture\(scope=\"(module|class|package)\"", re.M)
 # Work units measured longest on 2 cores, longest first: (module, test name prefix; "" for every test). The
 # first NVMe job of a machine JIT-builds DeepSpeed's async_io op (minutes): one NVMe test starts early, alone.
 FIRST = [
-    ("test_cluster.py", ""), ("test_tracking_server.py", ""),
+    ("test_cluster.py", ""), ("test_cluster_stop.py", ""), ("test_tracking_server.py", ""),
     ("test_fetch_path.py", "test_greedy_tokens_identical_between_fetch_paths[tiny-opt-offload=nvme-quant=none]"),
     ("test_quantization.py", ""), ("test_ui.py", ""), ("test_sweep.py", ""), ("test_faults.py", "test_two_sweeps"),
     ("test_multirun.py", ""), ("test_adaptive_sweeper.py", ""), ("test_devices.py", "test_two_ranks"),
@@ -262,3 +263,34 @@ def pytest_collection_modifyitems(config, items):
     """The longest units first (a stable sort: the order within a module stays); xdist keeps this order
     (``--no-loadscope-reorder``)."""
     items.sort(key=_rank)
+
+
+@dataclass
+class Job:
+    """A finished job's metrics, tags and generated token ids."""
+
+    metrics: Dict[str, float]
+    tags: Dict[str, str]
+    tokens: List[List[int]]
+    output: str
+
+
+@pytest.fixture
+def job(tmp_path_factory, run_python):
+    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per test in a fresh directory (no two
+    tests run the same job, so the tests spread over the workers: see the scheduling below); the job must
+    finish."""
+    done: Dict[tuple, Job] = {}
+
+    def run(*overrides: str) -> Job:
+        if overrides not in done:
+            cwd = tmp_path_factory.mktemp("job")
+            proc = run_python(["-m", "zi_app", *overrides], cwd).expect_success()
+            store = MlflowStore(cwd)
+            [record] = store.job_runs()
+            assert record.info.status == "FINISHED"
+            tokens = store.artifact_json(record, "generation.json")["generated_token_ids"]
+            done[overrides] = Job(record.data.metrics, record.data.tags, tokens, proc.output)
+        return done[overrides]
+
+    return run

@@ -212,13 +212,18 @@ def main(cfg: DictConfig) -> Optional[float]:
     except interrupt.Interrupted as stop:
         print(f"zi_app: {stop}; exit status {stop.code}", file=sys.stderr, flush=True)
         raise
-    except (ConfigError, store.StoreError, SecretError, unrecorded.NotRecorded) as error:
-        if _multirun():  # the launcher reports it, and the sweep records it as a failed run
+    except Exception as error:  # noqa: BLE001 - the ones refused in one line below; any other is raised as is
+        refused = store.access_refused(error)  # the tracking server refused this user (401/403)
+        if refused is None and not isinstance(error, (ConfigError, store.StoreError, SecretError,
+                                                      unrecorded.ResultNotRecorded)):
             raise
+        error = refused or error
+        if _multirun():  # the launcher reports it, and the sweep records it as a failed run
+            raise error from None
         invalid = isinstance(error, ConfigError)
         print(redact_text(f"error: {'invalid config: ' if invalid else ''}{error}"), file=sys.stderr)
         # A job that ran and could not be recorded failed (1); one refused before it ran was bad input (2).
-        sys.exit(1 if isinstance(error, unrecorded.NotRecorded) else
+        sys.exit(1 if isinstance(error, unrecorded.ResultNotRecorded) else
                  EXIT_INVALID_CONFIG if invalid else store.EXIT_STORE_ERROR)
 
 

@@ -9,13 +9,15 @@ Prints the run's overrides, tokens/sec (or ``--metric``), peak GPU and host memo
 ``ds_config.json`` is; ``--max-peak-gpu-gib`` / ``--max-peak-host-gib`` pick the best run that stays
 under a memory cap. Runs left RUNNING by a process that is gone are closed first (FAILED, kind
 ``killed``), and a sweep that did not finish is said to be unfinished. Exit status: 0 found, 1 no run
-qualifies, 2 bad input (unknown, unreachable or broken store, unknown run or experiment).
+qualifies, 2 bad input (unknown, unreachable or broken store, unknown run or experiment, credentials the tracking
+server refuses).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 from zi_app.config.schema import TrackingSpec
 from zi_app.record import results
 from zi_app.record.best import InputError, as_text, close_dead_runs, open_store, report, select_rows, sweep_owner
+from zi_app.record.store import access_refused
 
 EXIT_NONE_QUALIFIES = 1
 EXIT_BAD_INPUT = 2
@@ -65,6 +68,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns its exit status."""
     args = parse_args(argv)
+    # Settling a dead run on a server makes MLflow print its "View run" links on stdout, which is this
+    # command's answer (JSON with --json).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         client = open_store(args.tracking_uri)
         close_dead_runs(client)
@@ -72,6 +78,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   args.every_sweep, sweep_owner(args.tracking_uri))
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as error:  # noqa: BLE001 - a server refusing this user: one line; anything else as is
+        refused = access_refused(error, args.tracking_uri)
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return EXIT_BAD_INPUT
     ranked = results.rank(rows, args.metric, args.minimize, args.max_peak_gpu_gib, args.max_peak_host_gib)
     caps = [f"{name} <= {cap:g} GiB" for name, cap in (("peak reserved GPU", args.max_peak_gpu_gib),

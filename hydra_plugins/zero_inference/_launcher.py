@@ -256,7 +256,8 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     detail = logging.INFO if config.get("verbose") else logging.DEBUG
     log.log(detail, "Launching %d jobs, each in a new process, %s", len(jobs),
              f"each on its devices' count of GPUs {','.join(gpus)}" if gpus else "one at a time")
-    refused, seconds = plan_jobs(jobs, len(gpus))
+    refused, plans = plan_jobs(jobs, len(gpus))
+    seconds = {idx: plan.predicted_job_s for idx, plan in plans.items()}
     plan = TimePlan(seconds, max(1, len(gpus)), launcher.batch_name)
     if seconds:
         print(plan.start_line(), flush=True)
@@ -301,9 +302,14 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
             raise
         finally:
             threads.shutdown(cancel_futures=True)  # waits for the running jobs, which the signal ends
-    for i, (job, ret) in enumerate(zip(jobs, returns)):
-        if ret.status == JobStatus.FAILED:
-            returns[i] = QuietJobReturn(**{f.name: getattr(ret, f.name) for f in dataclasses.fields(JobReturn)})
-            returns[i].return_value = JobFailed(failure_line(job.idx, job.overrides, job.output_dir, ret),
-                                                ret._return_value)
-    return returns
+    return [reported(job, ret) for job, ret in zip(jobs, returns)]
+
+
+def reported(job: Job, ret: JobReturn) -> JobReturn:
+    """``ret`` as the sweeper gets it: a failed job's error becomes its one line (:class:`JobFailed`), raised
+    without Hydra's "Error executing job" line (:class:`QuietJobReturn`)."""
+    if ret.status != JobStatus.FAILED:
+        return ret
+    quiet = QuietJobReturn(**{f.name: getattr(ret, f.name) for f in dataclasses.fields(JobReturn)})
+    quiet.return_value = JobFailed(failure_line(job.idx, job.overrides, job.output_dir, ret), ret._return_value)
+    return quiet

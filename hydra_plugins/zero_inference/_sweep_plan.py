@@ -14,37 +14,38 @@ from zi_app.record.runs import run_name
 from zi_app.run.progress import human_seconds
 
 
-def plan_jobs(jobs: Sequence[Any], gpus: int) -> Tuple[dict, dict]:
-    """Plan every job in the driver first: ({job idx: why it will be refused}, {job idx: its planned seconds,
-    or None}) for the zero-inference app's jobs: refused are those it would refuse before loading, or whose
-    ``devices`` exceed the ``gpus`` the sweep has (when it has any), printed with their reasons and without
-    a planned time. Other apps' jobs are never refused and have no plan."""
+def plan_jobs(jobs: Sequence[Any], gpus: int, here: bool = True) -> Tuple[dict, dict]:
+    """Plan every job in the driver first: ({job idx: why it will be refused}, {job idx: its JobPlan}) for the
+    zero-inference app's jobs: refused are those it would refuse before loading, or whose ``devices`` exceed
+    the ``gpus`` the sweep has (when it has any), printed with their reasons. Other apps' jobs are never
+    refused and have no plan. ``here=False``: the jobs run elsewhere (SLURM nodes), planned for the hardware
+    they name without this machine's checks."""
     import torch
 
     from zi_app.config.checks import ConfigError
     from zi_app.config.spec import validate
     from zi_app.plan.job import sweep_plan
 
-    refused, seconds = {}, {}
+    refused, plans = {}, {}
     cuda = torch.cuda.is_available()
     for job in jobs:
         if not all(key in job.config for key in ("model", "offload", "quant", "memory")) or job.config.get("dry_run"):
             continue  # another app's job, or a dry run (which only warns): neither refused nor planned
         try:
-            error, planned = sweep_plan(validate(job.config), cuda, gpus or None)
+            error, planned = sweep_plan(validate(job.config), cuda, gpus or None, here)
         except ConfigError as invalid:
             error, planned = invalid, None
         if error is not None:
             refused[job.idx] = error
         else:
-            seconds[job.idx] = planned
+            plans[job.idx] = planned
     if refused:
         print(f"Planned {len(jobs)} jobs: {len(refused)} will be refused, without starting their processes:",
               flush=True)
         for job in jobs:
             if job.idx in refused:
                 print(f"  #{job.idx} {label(job.overrides)}: {refused[job.idx]}", flush=True)
-    return refused, seconds
+    return refused, plans
 
 
 def label(overrides: Sequence[str]) -> str:

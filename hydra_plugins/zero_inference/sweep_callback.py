@@ -28,9 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from zi_app.config.checks import EXIT_INVALID_CONFIG, ConfigError, check_tracking
 from zi_app.config.spec import check_task
-from zi_app.record import orphans, results, runs, store
+from zi_app.record import results, runs, store, sweep_end
 from zi_app.record.redaction import SecretError, redact_overrides, redact_text, refuse_secrets
-from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, record_refused, settle_job
+from zi_app.record.settle import note_unrecorded, settle_job
+from zi_app.record.sweep_end import SWEEP_DIR_TAG, Sweep, close_sweep, record_refused
 from zi_app.run import interrupt
 
 
@@ -65,7 +66,11 @@ def _stops_the_sweep(hook: Callable) -> Callable:
         except ConfigError as error:
             print(redact_text(f"error: invalid config: {error}"), file=sys.stderr, flush=True)
             raise SystemExit(EXIT_INVALID_CONFIG) from None
-        except Exception:  # noqa: BLE001 - any failure of the sweep's bookkeeping
+        except Exception as error:  # noqa: BLE001 - any failure of the sweep's bookkeeping
+            refused = store.access_refused(error)  # the server refused this user: one line, as a bad store
+            if refused is not None:
+                print(f"error: {refused}", file=sys.stderr, flush=True)
+                raise SystemExit(store.EXIT_STORE_ERROR) from None
             traceback.print_exc()
             print(f"error: the sweep's {hook.__name__} hook failed (above); the sweep stops", file=sys.stderr,
                   flush=True)
@@ -119,7 +124,7 @@ class SweepCallback(Callback):
         check_tracking(config.tracking)
         uri = store.absolute_uri(config.tracking.uri)
         experiment_id = store.open_experiment(uri, config.tracking.experiment, config.tracking.connect_timeout_s)
-        orphans.close_dead_runs(MlflowClient(uri), [experiment_id], "when a sweep started")
+        sweep_end.close_dead(MlflowClient(uri), [experiment_id], "when a sweep started")
         overrides = redact_overrides(_task_overrides(config))
         os.environ[runs.SWEPT_KEYS_ENV] = ",".join(swept_keys(_task_overrides(config)))
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
@@ -145,13 +150,17 @@ class SweepCallback(Callback):
         """
         if job_return.status != JobStatus.FAILED or config.dry_run:
             return
+        output_dir = Path(config.hydra.runtime.output_dir)
         try:
-            settle_job(Path(config.hydra.runtime.output_dir), _task_config(config), _task_overrides(config),
+            settle_job(output_dir, _task_config(config), _task_overrides(config),
                        job_return._return_value,  # the public property raises for a failed job
                        launch_dir=config.hydra.runtime.cwd)
         except Exception as error:  # noqa: BLE001 - one job's record lost (a server still away, a full or
             # read-only disk, a damaged store): said in one line, and the sweep goes on with its other jobs
-            print(redact_text(f"warning: job {config.hydra.job.num} failed and could not be recorded: "
+            with contextlib.suppress(OSError):  # the end of the sweep records it, or lists it as never recorded
+                note_unrecorded(output_dir, error)
+            print(redact_text(f"warning: job {config.hydra.job.num} failed and could not be recorded now (the "
+                              f"sweep's end tries again): "
                               f"{error if isinstance(error, store.StoreError) else store.first_line(error)}"),
                   file=sys.stderr, flush=True)
 

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 import zi_app
 from hydra_plugins.zero_inference import sweep_callback
-from zi_app.record import runs as zi_runs, store as zi_store, sweep_end
+from zi_app.record import runs as zi_runs, settle, store as zi_store, sweep_end
 from zi_app import ConfigError, validate
 
 QUICK = ["prompt_len=8", "warmup=0", "repeat=1"]
@@ -226,7 +226,7 @@ def test_settling_a_job_touches_only_the_run_it_recorded(tmp_path, compose, monk
     job_dir.mkdir(parents=True)
     (job_dir / zi_runs.RUN_ID_FILE).write_text(others)
     config = sweep_callback._task_config(compose(f"tracking.uri={uri}"))
-    sweep_end.settle_job(job_dir, config, ["batch=1"], RuntimeError("the job's process died"))
+    settle.settle_job(job_dir, config, ["batch=1"], RuntimeError("the job's process died"))
     assert store.get_run(others).info.status == "FINISHED" and zi_runs.FAILURE_KIND_TAG not in \
         store.get_run(others).data.tags
     mine = store.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{ours}'")

@@ -106,11 +106,13 @@ def test_nvme_without_libaio_is_refused(compose, tmp_path, monkeypatch):
     assert "libaio is missing (apt-get install libaio-dev)" in str(error)
 
 
-def test_offloaded_kv_cache_without_cuda_is_refused(compose):
-    """kvcache=cpu is transformers' offloaded cache, which streams over CUDA streams."""
-    error = refusal(preflight.check_environment, validate(compose("kvcache=cpu")), False)
-    assert (error.key, error.value) == ("kvcache", "cpu")
-    assert "gpu on a machine without CUDA" in str(error)
+def test_transformers_offloaded_kv_cache_without_cuda_is_refused(compose):
+    """kvcache=cpu_transformers is transformers' offloaded cache, which streams over CUDA streams; ours
+    (kvcache=cpu) runs its copies in order on DeepSpeed's CPU accelerator."""
+    error = refusal(preflight.check_environment, validate(compose("kvcache=cpu_transformers")), False)
+    assert (error.key, error.value) == ("kvcache", "cpu_transformers")
+    assert "gpu or cpu on a machine without CUDA" in str(error)
+    preflight.check_environment(validate(compose("kvcache=cpu")), False)
 
 
 def test_fp16_quantization_without_cuda_is_refused(compose):

@@ -1,14 +1,13 @@
 """Real servers for the tests, started and stopped by session fixtures: a private PostgreSQL cluster (Debian's
-``postgresql`` binaries), an ``mlflow server`` on it with served artifacts, and a one-node SLURM cluster
-(Debian's ``slurm-wlm`` and ``munge``). Each is started on first use and stopped at the end of the session;
-nothing is left running. Imported by conftest.py.
+``postgresql`` binaries), an ``mlflow server`` on it with served artifacts, and the same with MLflow's basic-auth
+app (the one-node SLURM cluster is in slurm_cluster.py). Each is started on first use and stopped at the end of
+the session; nothing is left running. Imported by conftest.py.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -20,7 +19,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -35,13 +34,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(cmd: List[str], **kwargs) -> str:
+def run_ok(cmd: List[str], **kwargs) -> str:
+    """Run ``cmd`` (two minutes at most) and return its stdout; fail with its output unless it exits 0."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120, **kwargs)
     assert proc.returncode == 0, f"$ {' '.join(map(str, cmd))}\nexit {proc.returncode}\n{proc.stdout}{proc.stderr}"
     return proc.stdout
 
 
-def _need(path: str, package: str) -> str:
+def need(path: str, package: str) -> str:
+    """``path`` (a command or a file), or fail naming the Debian package that has it."""
     if not shutil.which(path) and not Path(path).exists():
         pytest.fail(f"{path} not found: install Debian's {package} (`tests/run.sh` does: apt-get install {package})")
     return path
@@ -63,7 +64,7 @@ class Postgres:
 
     def sql(self, statement: str, database: str = "postgres") -> str:
         """Run one SQL statement as the superuser over the cluster's Unix socket."""
-        return _run(self.as_owner([self.bindir / "psql", "-h", self.root, "-p", self.port, "-U", "postgres", "-d",
+        return run_ok(self.as_owner([self.bindir / "psql", "-h", self.root, "-p", self.port, "-U", "postgres", "-d",
                                    database, "-v", "ON_ERROR_STOP=1", "-Atc", statement]), cwd=self.root)
 
     def create_database(self, name: str) -> str:
@@ -73,7 +74,7 @@ class Postgres:
 
     def dump(self, database: str) -> str:
         """Everything stored in ``database``, as SQL text."""
-        return _run(self.as_owner([self.bindir / "pg_dump", "-h", self.root, "-p", self.port, "-U", "postgres",
+        return run_ok(self.as_owner([self.bindir / "pg_dump", "-h", self.root, "-p", self.port, "-U", "postgres",
                                    database]), cwd=self.root)
 
 
@@ -82,22 +83,22 @@ def postgres() -> Iterator[Postgres]:
     """A private PostgreSQL cluster (initdb in a scratch folder, its own port and socket), stopped and deleted
     at the end: a system cluster, if any, is left alone."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    bindir = Path(_need(found[-1] if found else "/usr/lib/postgresql/15/bin/initdb", "postgresql")).parent
+    bindir = Path(need(found[-1] if found else "/usr/lib/postgresql/15/bin/initdb", "postgresql")).parent
     root = Path(tempfile.mkdtemp(prefix="zi-postgres-"))
     server = Postgres(root, bindir, free_port(), "zi", secrets.token_hex(12))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data = root / "data"
     try:
-        _run(server.as_owner([bindir / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
+        run_ok(server.as_owner([bindir / "initdb", "-D", data, "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
                               "--auth-host=scram-sha-256"]), cwd=root)
-        _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
+        run_ok(server.as_owner([bindir / "pg_ctl", "-D", data, "-l", root / "server.log", "-w", "-o",
                               f"-p {server.port} -k {root} -c listen_addresses=127.0.0.1", "start"]), cwd=root)
         server.sql(f"CREATE ROLE {server.user} LOGIN PASSWORD '{server.password}'")
         yield server
     finally:
         if (data / "postmaster.pid").exists():
-            _run(server.as_owner([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), cwd=root)
+            run_ok(server.as_owner([bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]), cwd=root)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -139,141 +140,94 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
         time.sleep(0.5)
 
 
+def _mlflow_server(postgres: Postgres, root: Path, database: str, args: List[str] = (),
+                   env: Optional[Dict[str, str]] = None, host: str = "127.0.0.1",
+                   port: Optional[int] = None) -> Tuple[subprocess.Popen, str, Path]:
+    """Start ``mlflow server`` on ``host`` on a new PostgreSQL ``database``, serving artifacts from a folder of
+    its own, and wait until it answers on 127.0.0.1: (its process, its URL there, its log)."""
+    port = port or free_port()
+    backend = postgres.create_database(database)
+    log = root / "server.log"
+    full_env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RUN_ENV}
+    full_env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **(env or {}))
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                                    "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+                                    "--host", host, "--port", str(port), "--workers", "1", *args],
+                                   cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+    except BaseException:
+        _stop(process)
+        raise
+    return process, url, log
+
+
 @pytest.fixture(scope="session")
 def tracking_server(postgres, tmp_path_factory) -> Iterator[TrackingServer]:
     """``mlflow server`` on 127.0.0.1 backed by PostgreSQL, serving artifacts from a folder of its own, started as
     README.md says; stopped (with its workers) at the end of the session."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    database = "mlflow"
-    backend = postgres.create_database(database)
-    log = root / "server.log"
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RUN_ENV}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                                    "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
-                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    process, url, log = _mlflow_server(postgres, root, "mlflow")
     try:
-        wait_healthy(url, process, log)
-        yield TrackingServer(url, database, root / "artifacts", log, process.pid)
+        yield TrackingServer(url, "mlflow", root / "artifacts", log, process.pid)
     finally:
         _stop(process)
 
 
 @dataclass
-class SlurmCluster:
-    """A running one-node SLURM cluster; ``SLURM_CONF`` points this process and its children at it."""
+class AuthServer:
+    """A running ``mlflow server --app-name basic-auth``: its URL, its admin's and its users' passwords (alice and
+    bob, both with MLflow's default READ permission)."""
 
-    root: Path
-    conf: Path
+    url: str
+    admin_password: str
+    passwords: Dict[str, str]
 
-    def scontrol(self, *args: str) -> str:
-        return _run(["scontrol", *args])
+    def as_user(self, name: str, password: Optional[str] = None) -> Dict[str, str]:
+        """MLflow's credential variables for ``name`` (with ``password``, default the right one)."""
+        secret = password if password is not None else self.admin_password if name == "admin" else self.passwords[name]
+        return {"MLFLOW_TRACKING_USERNAME": name, "MLFLOW_TRACKING_PASSWORD": secret}
 
 
-SLURM_CONF = """\
-# A one-node SLURM cluster for the tests, everything under {root}; no cgroups, no accounting.
-ClusterName=zi-test
-SlurmctldHost={host}
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-MpiDefault=none
-ReturnToService=2
-KillWait=10
-NodeName={host} CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+AUTH_CONFIG = """\
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///{root}/basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 """
 
 
-def _pid(path: Path) -> int:
-    return int(path.read_text().split()[0]) if path.exists() else 0
-
-
-def _wait_gone(pid: int, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-
-
-def _cancel_jobs(seconds: float = 60) -> None:
-    """Cancel every job of the test cluster and wait until none is left (slurmstepd outlives slurmd)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=60).stdout.split()
-        if not jobs:
-            return
-        subprocess.run(["scancel", *jobs], capture_output=True, timeout=60)
-        time.sleep(1)
+def allowed_hosts(port: int) -> str:
+    """The ``--allowed-hosts`` list docs/cluster.md builds (its lines ``PORT=``, ``HOSTS=`` and ``for ip in``, run
+    as written), for ``port``."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cluster.md").read_text()
+    lines = [line for line in doc.splitlines() if line.startswith(("HOSTS=", "for ip in "))]
+    assert len(lines) == 2, "docs/cluster.md no longer builds HOSTS for --allowed-hosts"
+    return run_ok(["bash", "-c", "\n".join([f"PORT={port}", *lines, 'echo "$HOSTS"'])]).strip()
 
 
 @pytest.fixture(scope="session")
-def slurm() -> Iterator[SlurmCluster]:
-    """A one-node SLURM cluster (Debian's slurm-wlm): its own munged (as user munge, own socket), slurmctld and
-    slurmd (as root) with a scratch slurm.conf; ``SLURM_CONF`` set for the session. Shut down at the end."""
-    for daemon in ("munged", "slurmctld", "slurmd"):
-        _need(shutil.which(daemon) or f"/usr/sbin/{daemon}", "slurm-wlm munge")
-    if os.geteuid() != 0:
-        pytest.fail("the SLURM test cluster runs slurmd as root: run the tests as root (CI does)")
-    root = Path(tempfile.mkdtemp(prefix="zi-slurm-"))
-    root.chmod(0o755)  # munged, as user munge, reaches its folder through it
-    for sub in ("munge", "state", "spool"):
-        (root / sub).mkdir()
-    shutil.chown(root / "munge", "munge", "munge")
-    host = socket.gethostname().split(".")[0]
-    memory = int(re.search(r"RealMemory=(\d+)", _run(["slurmd", "-C"])).group(1)) - 1024
-    conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(root=root, host=host, ctld_port=free_port(), d_port=free_port(),
-                                      cpus=os.cpu_count(), memory=memory))
-    munge_pid = root / "munge" / "munged.pid"
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(conf)
+def auth_server(postgres, tmp_path_factory) -> Iterator[AuthServer]:
+    """``mlflow server --app-name basic-auth`` on PostgreSQL as docs/cluster.md starts it (its users in a SQLite
+    file, its admin's password and Flask's secret key from the environment, every address of this machine and the
+    docs' ``--allowed-hosts``), with two users made by the admin."""
+    root = tmp_path_factory.mktemp("mlflow-auth-server")
+    (root / "basic_auth.ini").write_text(AUTH_CONFIG.format(root=root))
+    admin_password, port = secrets.token_hex(12), free_port()
+    process, url, _ = _mlflow_server(postgres, root, "mlflow_auth", [
+        "--app-name", "basic-auth", "--allowed-hosts", allowed_hosts(port)], {
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}, host="0.0.0.0", port=port)
     try:
-        _run(["runuser", "-u", "munge", "--", "munged", f"--socket={root}/munge/munge.socket",
-              f"--pid-file={munge_pid}", f"--log-file={root}/munge/munged.log", f"--seed-file={root}/munge/seed"])
-        _run(["slurmctld"])
-        _run(["slurmd"])
-        deadline = time.monotonic() + 60
-        while "idle" not in _run(["sinfo", "-h", "-o", "%T"]):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the SLURM node never became idle:\n{(root / 'slurmctld.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield SlurmCluster(root, conf)
+        server = AuthServer(url, admin_password, {"alice": secrets.token_hex(10), "bob": secrets.token_hex(10)})
+        for name in server.passwords:  # as an admin adds users (docs/cluster.md), in a process of its own
+            run_ok([sys.executable, "-c", "import sys; from mlflow.server import get_app_client; "
+                  "get_app_client('basic-auth', tracking_uri=sys.argv[1]).create_user(sys.argv[2], sys.argv[3])",
+                  url, name, server.passwords[name]], env={**os.environ, **server.as_user("admin")})
+        yield server
     finally:
-        _cancel_jobs()
-        daemons = [_pid(root / "slurmctld.pid"), _pid(root / "slurmd.pid")]
-        subprocess.run(["scontrol", "shutdown"], capture_output=True, timeout=60)
-        for pid in daemons:
-            _wait_gone(pid)
-        munged = _pid(munge_pid)
-        if munged:
-            os.kill(munged, signal.SIGTERM)
-            _wait_gone(munged)
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
-        shutil.rmtree(root, ignore_errors=True)
+        _stop(process)

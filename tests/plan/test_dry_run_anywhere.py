@@ -22,14 +22,14 @@ KVCACHES = sorted(p.stem for p in (zi_app.conf_dir() / "kvcache").glob("*.yaml")
 BIG_HOST = "hardware.host_memory_gib=4096"
 # The CPU-only warnings, by the key each names: (condition on the composed config, key).
 CPU_WARNINGS = (
-    (lambda cfg: cfg.kvcache.cache_implementation == "offloaded", "kvcache='cpu'"),
+    (lambda cfg: cfg.kvcache.cache_implementation == "offloaded", "kvcache='cpu_transformers'"),
     (lambda cfg: cfg.quant.mode != "none" and cfg.model.dtype == "float16", "model.dtype='float16'"),
 )
 
 
 def test_grid_covers_every_option():
     assert len(PRESETS) >= 11 and {"int4", "int8", "int4-post", "int8-post", "none"} <= set(QUANTS)
-    assert set(KVCACHES) == {"gpu", "cpu"}
+    assert set(KVCACHES) == {"gpu", "cpu", "cpu_transformers"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -60,7 +60,7 @@ def test_every_preset_quant_kvcache_dry_runs_on_a_cpu_machine(preset, compose, t
 @pytest.mark.parametrize("overrides,warned", [
     (["model=opt-30b", "quant=int4", "batch=24"], ["model.dtype='float16'"]),
     (["model=llama-2-70b", "quant=int4"], ["model.dtype='float16'"]),
-    (["model=opt-13b", "quant=int8", "kvcache=cpu"], ["kvcache='cpu'", "model.dtype='float16'"]),
+    (["model=opt-13b", "quant=int8", "kvcache=cpu_transformers"], ["kvcache='cpu_transformers'", "model.dtype='float16'"]),
     (["model=opt-66b", "offload=nvme", "offload.nvme_path={tmp}/no-such-dir"], ["offload.nvme_path='{tmp}/no-such-dir'"]),
 ])
 def test_dry_run_command_prints_json_and_warns(overrides, warned, run_app, tmp_path):

@@ -66,7 +66,7 @@ def test_resident_weights_are_not_gathered(compose):
 @pytest.mark.quick
 def test_an_offloaded_kv_cache_is_each_ranks_own(compose):
     """kvcache=cpu with resident weights: each rank copies its own batch's cache over its own link, whole,
-    gathers nothing, and holds its own pinned cache blocks on the host."""
+    gathers nothing, and holds its own host buffer."""
     overrides = ("model=opt-1.3b", "offload=none", "kvcache=cpu", "batch=8", "hardware=h200")
     one, two = _plan(compose, *overrides), _plan(compose, *overrides, "devices=2")
     assert one.predicted_streamed_bytes_per_step > 0 and two.predicted_peer_bytes_per_step == 0

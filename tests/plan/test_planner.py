@@ -27,9 +27,12 @@ def as_run_then(stem: str, overrides: list) -> list:
     """The overrides that reproduce a committed run with today's defaults (by the date in a results file's
     name): the runs measured before 2026-12-03 predate ``memory.fetch`` (issue 9), so their tuned runs used
     DeepSpeed's own fetch path, today's ``memory.fetch=deepspeed``; those before 2026-12-05 predate
-    ``memory.pin_backend`` (issue 20) and pinned with torch's allocator, today's ``memory.pin_backend=torch``."""
+    ``memory.pin_backend`` (issue 20) and pinned with torch's allocator, today's ``memory.pin_backend=torch``,
+    and their ``kvcache=cpu`` was transformers' offloaded cache, today's ``kvcache=cpu_transformers``."""
     measured_on = re.search(r"\d{4}-\d{2}-\d{2}", stem).group(0)
     then = [("2026-12-03", "memory.fetch=deepspeed"), ("2026-12-05", "memory.pin_backend=torch")]
+    if measured_on < "2026-12-05":
+        overrides = ["kvcache=cpu_transformers" if o == "kvcache=cpu" else o for o in overrides]
     return [*overrides, *(default for until, default in then if measured_on < until
                           and not any(o.startswith(default.split("=")[0] + "=") for o in overrides))]
 
@@ -96,7 +99,8 @@ PEAK_GPU_MISSES = {"opt13b_int4_fetch_paths_2026-12-03:streamed-overlap"}
 TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
                  "opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
                  "opt1-3b_largest_batch_8gib_measured_2026-12-04:batch60"}
-HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned"}
+HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
+               "opt67b_b64_kv_paths_2026-12-05:cpu_transformers"}
 
 
 @pytest.mark.quick
@@ -166,6 +170,39 @@ def test_host_memory_and_disk_are_checked_before_loading(compose, tmp_path):
     assert nvme.prediction.nvme_bytes > 300 * GIB
     [disk] = [p for p in nvme.problems if p.key == "offload.nvme_path"]
     assert "GiB free there" in str(disk)
+
+
+HEADLINE = ("model=opt-175b", "quant=int4", "hardware=a6000", "prompt_len=512", "gen_len=32", "batch=24")
+
+
+@pytest.mark.quick
+def test_a_refused_point_says_which_of_our_costs_it_pays(compose):
+    """The seed's headline with DeepSpeed's pinning and transformers' offloaded cache does not fit the A6000's
+    host: the refusal lists what holds the host memory, the pinning round-up and the KV cache's size classes
+    among it, and the switch that removes each; with ours (the defaults) the same point fits."""
+    refused = plan_job(validate(compose(*HEADLINE, "memory=reference", "kvcache=cpu_transformers")), cuda=True,
+                       here=False)
+    [problem] = [p for p in refused.problems if p.key == "offload"]
+    text = str(problem)
+    held = dict(re.findall(r"(offloaded weights|pinning round-up|KV cache|KV size classes) ([\d.]+)", text))
+    assert set(held) == {"offloaded weights", "pinning round-up", "KV cache", "KV size classes"}, text
+    assert 85 < float(held["offloaded weights"]) < 100 and float(held["pinning round-up"]) > 10, text
+    assert "try memory.pin_backend=native, kvcache=cpu" in text
+    ours = plan_job(validate(compose(*HEADLINE, "kvcache=cpu")), cuda=True, here=False)
+    assert ours.fits, ours.reason
+    assert ours.predicted_peak_host_bytes < 0.7 * refused.predicted_peak_host_bytes
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("model", ["opt-66b", "llama-2-70b", "opt-175b", "bloom-176b"])
+def test_the_175b_class_in_int4_fits_the_lent_machine(model, compose):
+    """On hardware=h200 (125 GiB host) under an A6000-sized GPU budget, int4 weights fit with the KV cache on
+    the GPU and in host memory, at a batch whose cache fits."""
+    for kvcache in ("gpu", "cpu"):
+        plan = plan_job(validate(compose(f"model={model}", "quant=int4", "hardware=h200", "memory.gpu_budget_gib=48",
+                                         "prompt_len=512", "gen_len=32", "batch=8", f"kvcache={kvcache}")),
+                        cuda=True, here=False)
+        assert plan.fits, (kvcache, plan.reason)
 
 
 @pytest.mark.quick

@@ -1,12 +1,16 @@
-"""A sweep on a real one-node SLURM cluster (session fixture in helpers/services.py) through Hydra's submitit
-launcher and our ``hydra/launcher=zi_slurm`` preset, logging to the real tracking server: one job completes,
-one fails validation, one runs past its SLURM time limit; the parent run gets the table, plot and best run. The
-tracking credentials travel in MLflow's environment variables and reach no file of the sweep and no output; a
-password in the tracking URI is refused before anything is written or submitted."""
+"""A sweep on a real one-node SLURM cluster (session fixture in helpers/slurm_cluster.py) through our
+``hydra/launcher=zi_slurm`` launcher (submitit), logging to the real tracking server: one job completes, one is
+refused by its plan in the driver and takes no SLURM allocation, one runs past its SLURM time limit; the parent
+run gets the table, plot and best run; each job is its own SLURM job, named by what it runs, with the memory its
+plan predicts, and a failed job ends FAILED with exit code 1 for SLURM. The tracking credentials travel in MLflow's
+environment variables and reach no file of the sweep and no output; a password in the tracking URI is refused
+before anything is written or submitted. tests/plugins/test_cluster_stop.py stops sweeps and their jobs."""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -20,9 +24,9 @@ from zi_app.record import runs as zi_runs, sweep_end
 
 TIMEOUT_S = 900
 EXPERIMENT = "slurm-sweep"
-# The test node has no GPU and a few GiB to spare: the preset's resources, scaled down.
-CPU_NODE = ["hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3",
-            "hydra.launcher.timeout_min=10"]
+# The test node has no GPU and two CPUs: no GPU asked, one CPU per job; memory sized by the plan (auto).
+CPU_NODE = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
+QUICK = ["prompt_len=8", "gen_len=4", "warmup=0"]
 
 
 def lower_time_limit_while_generating(client: MlflowClient, root: Path, job: int, sweep: subprocess.Popen,
@@ -51,7 +55,7 @@ def slurm_sweep(slurm, tracking_server, tmp_path_factory):
     env.update(MLFLOW_TRACKING_USERNAME="zi", MLFLOW_TRACKING_PASSWORD=password)
     # repeat=0 fails validation; repeat=100000 generates far longer than any time limit here.
     sweep = subprocess.Popen([sys.executable, "-m", "zi_app", "-m", "hydra/launcher=zi_slurm", *CPU_NODE,
-                              "repeat=1,0,100000", "prompt_len=8", "gen_len=4", "warmup=0",
+                              "repeat=1,0,100000", *QUICK,
                               f"tracking.uri={tracking_server.url}", f"tracking.experiment={EXPERIMENT}",
                               "hydra.sweep.dir=sweep"], cwd=root, env=env, stdout=open(root / "stdout.txt", "w"),
                              stderr=open(root / "stderr.txt", "w"))
@@ -82,7 +86,6 @@ def test_every_job_ran_as_a_slurm_job_and_failures_have_their_kind(slurm_sweep):
     root, returncode, stdout, _, _, jobs, slurm_job, _ = slurm_sweep
     assert returncode == 1, (root / "stderr.txt").read_text()[-3000:]  # a job failed, as with the grid sweep
     assert sorted(jobs) == ["repeat=0", "repeat=1", "repeat=100000"]
-    assert all(run.data.tags.get(zi_runs.SLURM_JOB_TAG) for run in jobs.values())
     assert jobs["repeat=1"].info.status == "FINISHED" and jobs["repeat=1"].data.metrics["tokens_per_sec"] > 0
     invalid, timed_out = jobs["repeat=0"], jobs["repeat=100000"]
     assert (invalid.info.status, invalid.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "invalid-config")
@@ -90,6 +93,46 @@ def test_every_job_ran_as_a_slurm_job_and_failures_have_their_kind(slurm_sweep):
     assert timed_out.data.tags[zi_runs.SLURM_JOB_TAG] == slurm_job
     assert "load_s" in timed_out.data.metrics  # what it measured before its time ran out stays
     assert "Sweep finished: 3 jobs, 2 failed (invalid-config: 1, timeout: 1)" in stdout
+
+
+def test_a_job_refused_by_its_plan_takes_no_slurm_allocation(slurm_sweep):
+    root, _, stdout, _, _, jobs, _, _ = slurm_sweep
+    assert "Planned 3 jobs: 1 will be refused, without starting their processes:" in stdout
+    assert zi_runs.SLURM_JOB_TAG not in jobs["repeat=0"].data.tags
+    assert [run.data.tags.get(zi_runs.SLURM_JOB_TAG) is not None for run in jobs.values()].count(True) == 2
+    assert len(submission_scripts(root)) == 2  # one sbatch per job that runs; none for the refused one
+
+
+def submission_scripts(root: Path) -> dict:
+    """{SLURM job id: its sbatch script} of the sweep under ``root``."""
+    scripts = (root / "sweep" / ".submitit").rglob("*_submission.sh")
+    return {path.name.split("_")[0]: path.read_text() for path in scripts}
+
+
+def test_each_job_is_sized_by_its_plan_and_named_by_what_it_runs(slurm_sweep, compose):
+    from zi_app.config.spec import validate
+    from zi_app.plan.job import plan_job
+
+    root, _, _, _, _, jobs, _, _ = slurm_sweep
+    scripts = submission_scripts(root)
+    for repeat in ("1", "100000"):
+        plan = plan_job(validate(compose(f"repeat={repeat}", *QUICK)), False, here=False)
+        script = scripts[jobs[f"repeat={repeat}"].data.tags[zi_runs.SLURM_JOB_TAG]]
+        assert "#SBATCH --job-name=zi:tiny-opt:b1\n" in script
+        assert f"#SBATCH --mem={math.ceil(plan.predicted_peak_host_bytes * 1.25 / 2**30)}GB\n" in script
+        assert "#SBATCH --cpus-per-task=1\n" in script and "--gpus-per-node" not in script
+        assert "#SBATCH --time=10\n" in script and "#SBATCH --signal=USR2@120\n" in script
+        assert "-m hydra_plugins.zero_inference._slurm_job" in script
+
+
+def test_slurm_says_failed_for_a_failed_job(slurm_sweep, slurm):
+    """What ``sacct`` reads: the job's state and exit code (the test cluster keeps them in scontrol instead)."""
+    _, _, _, _, _, jobs, _, _ = slurm_sweep
+    states = {}
+    for repeat in ("1", "100000"):
+        shown = slurm.scontrol("show", "job", jobs[f"repeat={repeat}"].data.tags[zi_runs.SLURM_JOB_TAG])
+        states[repeat] = re.search(r"JobState=(\w+)", shown).group(1), re.search(r"ExitCode=(\S+)", shown).group(1)
+    assert states == {"1": ("COMPLETED", "0:0"), "100000": ("FAILED", "1:0")}
 
 
 def test_the_parent_run_gets_table_plot_and_best_run(slurm_sweep):

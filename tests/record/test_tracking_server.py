@@ -198,3 +198,47 @@ def test_a_job_starting_while_the_server_is_away_waits_for_it(tracking_server, t
     assert short.stderr.splitlines()[-1].startswith(f"error: MLflow tracking server {tracking_server.url} does not "
                                                      f"answer for 3 s (tracking.connect_timeout_s=3")
     assert "Traceback" not in short.stderr
+
+
+def test_a_job_that_could_not_be_recorded_is_listed_and_recorded_at_the_sweeps_end(tracking_server, tmp_path):
+    """The server stopped (SIGSTOP) once the sweep's parent run exists, so that its first job fails without a
+    run and cannot be recorded by its own process either (tracking.connect_timeout_s=3); the server continues
+    before the second job. The end of the sweep records the first job FAILED with the reason, the summary lists
+    it, and the parent run counts it: not a sweep that finished with everything fine."""
+    common = [f"tracking.uri={tracking_server.url}", "tracking.experiment=unrecorded", "tracking.connect_timeout_s=3",
+              "hydra.sweep.dir=sweep"]
+    sweep = start_sweep(tmp_path, "sweep", "batch=1,2", *common)
+    note = tmp_path / "sweep" / "0" / "mlflow_unrecorded"
+    deadline = time.monotonic() + TIMEOUT_S
+    stopped = False
+    try:
+        while time.monotonic() < deadline and sweep.poll() is None:
+            if not stopped and "MLflow: sweep parent run" in (tmp_path / "sweep.out").read_text():
+                os.killpg(tracking_server.process_group, signal.SIGSTOP)  # the driver needs it no more until the end
+                stopped = True
+            if note.exists():
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(tracking_server.process_group, signal.SIGCONT)
+    sweep.wait(timeout=TIMEOUT_S)
+    out, err = (tmp_path / "sweep.out").read_text(), (tmp_path / "sweep.err").read_text()
+    assert note.exists() and sweep.returncode == 1, err[-3000:]
+    assert "warning: job 0 failed and could not be recorded now (the sweep's end tries again)" in err
+    assert "Sweep finished: 2 jobs, 1 failed (error: 1)" in out
+    assert "Not recorded while they ran (the store did not take them: a tracking server away, a full disk): " \
+           "batch=1 (recorded FAILED at the " \
+           "sweep's end)\n" in out
+    client = MlflowClient(tracking_server.url)
+    parents, children = sweep_runs(client, "unrecorded")
+    parent = client.get_run(parents[0].info.run_id)
+    jobs = {run.data.tags[zi_runs.OVERRIDES_TAG].split()[0]: run for run in children[parent.info.run_id]}
+    first, second = jobs["batch=1"], jobs["batch=2"]  # the first recorded last, at the sweep's end
+    assert second.info.status == "FINISHED"
+    assert (first.info.status, first.data.tags[zi_runs.FAILURE_KIND_TAG]) == ("FAILED", "error")
+    assert first.data.tags["zi.recorded_late"] == "true"
+    assert "its run could not be recorded while it ran" in first.data.tags[zi_runs.FAILURE_MESSAGE_TAG]
+    tags = parent.data.tags
+    assert (tags[sweep_end.UNRECORDED_TAG], tags[sweep_end.FAILED_JOBS_TAG]) == ("1", "1")
+    listed = client.download_artifacts(parent.info.run_id, sweep_end.UNRECORDED_ARTIFACT, str(tmp_path))
+    assert Path(listed).read_text().startswith("recorded late: batch=1 ")

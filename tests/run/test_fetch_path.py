@@ -8,12 +8,7 @@ synchronous: the overlap path runs its own ordering and bookkeeping, without str
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
-
 import pytest
-
-from conftest import MlflowStore
 
 BATCH, PROMPT_LEN, GEN_LEN = 2, 8, 4
 WORKLOAD = (f"batch={BATCH}", f"prompt_len={PROMPT_LEN}", f"gen_len={GEN_LEN}", "warmup=0", "repeat=1")
@@ -23,36 +18,6 @@ WIDE_MLP = {"tiny-opt": {"ffn_dim": 2048}, "tiny-llama": {"intermediate_size": 2
 GRID = [(model, offload, quant) for model in ("tiny-opt", "tiny-llama") for offload in ("none", "cpu", "nvme")
         for quant in ("none", "int8")]
 EVERY_WEIGHT_RESIDENT = "memory.persistence=1000000000"  # every parameter under ZeRO-3's persistence threshold
-
-
-@dataclass
-class Job:
-    """A finished job's metrics, tags and generated token ids."""
-
-    metrics: Dict[str, float]
-    tags: Dict[str, str]
-    tokens: List[List[int]]
-    output: str
-
-
-@pytest.fixture
-def job(tmp_path_factory, run_python):
-    """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per test in a fresh directory (no two
-    tests run the same job, so the tests spread over the workers: see tests/conftest.py)."""
-    done: Dict[tuple, Job] = {}
-
-    def run(*overrides: str) -> Job:
-        if overrides not in done:
-            cwd = tmp_path_factory.mktemp("job")
-            proc = run_python(["-m", "zi_app", *overrides], cwd).expect_success()
-            store = MlflowStore(cwd)
-            [record] = store.job_runs()
-            assert record.info.status == "FINISHED"
-            tokens = store.artifact_json(record, "generation.json")["generated_token_ids"]
-            done[overrides] = Job(record.data.metrics, record.data.tags, tokens, proc.output)
-        return done[overrides]
-
-    return run
 
 
 def _grid_id(case) -> str:

@@ -18,7 +18,7 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16"
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 QUANT_MODES = ("none", "init", "post")
 QUANT_BITS = (4, 8)
-CACHE_IMPLEMENTATIONS = (None, "offloaded")
+CACHE_IMPLEMENTATIONS = (None, "host", "offloaded")
 WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
@@ -203,7 +203,8 @@ def _check_memory(memory: Any) -> None:
 def _check_kvcache(kvcache: Any) -> None:
     if kvcache.cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ConfigError("kvcache.cache_implementation", kvcache.cache_implementation,
-                          "null (default GPU cache) or 'offloaded' (host-memory cache)")
+                          "null (transformers' GPU cache), 'host' (host memory allocated once, zi_app/run/kvcache.py) or "
+                          "'offloaded' (transformers' offloaded cache)")
 
 
 def _check_hardware(hardware: Any) -> None:

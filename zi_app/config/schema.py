@@ -89,6 +89,8 @@ class ModelSpec:
     max_positions: Optional[int] = None  # prompt_len + gen_len limit; the architecture's own when null
     arch: Mapping[str, Any] = field(default_factory=FrozenDict)  # the transformers config dict (model_type, sizes)
     shape: Optional[ModelShape] = field(default=None, metadata={DERIVED: True})  # sizes read from arch
+    # the largest weight file of a local checkpoint (pretrained); None: random weights, or files not local
+    largest_file_bytes: Optional[int] = field(default=None, metadata={DERIVED: True})
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,9 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    cache_implementation: Optional[str] = None  # generate's cache_implementation: null (GPU) or offloaded (host)
+    # null: transformers' dynamic cache on the GPU; host: ours in host memory, allocated once at its final length
+    # (zi_app/run/kvcache.py); offloaded: transformers' generate(cache_implementation="offloaded")
+    cache_implementation: Optional[str] = None
 
 
 @dataclass(frozen=True)

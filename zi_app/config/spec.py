@@ -138,6 +138,18 @@ def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
     return {k: v for k, v in arch.items() if v is not None and not k.startswith("_") and k != "transformers_version"}
 
 
+WEIGHT_FILES = ("*.safetensors", "*.bin")
+
+
+def largest_weight_file(model: ModelSpec) -> Optional[int]:
+    """Bytes of the largest weight file of a local checkpoint (transformers loads a sharded one file by file
+    under ZeRO-3), or None for random weights or a hub id."""
+    if model.weights != "pretrained" or not model.path or not os.path.isdir(model.path):
+        return None
+    sizes = [path.stat().st_size for pattern in WEIGHT_FILES for path in Path(model.path).glob(pattern)]
+    return max(sizes, default=None)
+
+
 def model_shape(arch: Any) -> ModelShape:
     """The sizes of a checked architecture (a transformers config dict), under each family's key names."""
     hidden = next(int(arch[key]) for key in ("hidden_size", "n_embed", "d_model", "n_embd") if arch.get(key))
@@ -205,7 +217,9 @@ def _freeze(checked: DictConfig) -> JobSpec:
     groups = {name: spec_class(**freeze(tree.pop(name))) for name, spec_class in _SPECS.items()}
     if groups["offload"].aio is not None:
         groups["offload"] = dataclasses.replace(groups["offload"], aio=AioSpec(**groups["offload"].aio))
-    groups["model"] = dataclasses.replace(groups["model"], shape=model_shape(groups["model"].arch))
+    model = groups["model"]
+    groups["model"] = dataclasses.replace(model, shape=model_shape(model.arch),
+                                          largest_file_bytes=largest_weight_file(model))
     return JobSpec(**groups, **tree)
 
 

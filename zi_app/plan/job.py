@@ -19,7 +19,7 @@ from zi_app.config.schema import JobSpec
 from zi_app.plan import dsconfig, hardware as machine, preflight
 from zi_app.plan.facts import ModelFacts, model_facts
 from zi_app.plan.hardware import Hardware
-from zi_app.plan.memory import Residency, offload_needed, plan_residency, predict
+from zi_app.plan.memory import Residency, host_parts, offload_needed, plan_residency, predict
 from zi_app.plan.speed import Prediction, predict_job, predicted_job_s
 from zi_app.plan.workload import DTYPE_BYTES, Workload, budget_bytes, persistence_threshold, workload
 
@@ -126,7 +126,8 @@ def _over_budget(spec: JobSpec, residency: Residency, budget: Optional[int]) -> 
         f"or raise memory.gpu_budget_gib"),)
 
 
-def _host_problems(spec: JobSpec, hardware: Hardware, work: Workload, residency: Residency, prediction: Prediction,
+def _host_problems(spec: JobSpec, hardware: Hardware, work: Workload, facts: ModelFacts, residency: Residency,
+                   prediction: Prediction,
                    here: bool) -> Tuple[ConfigError, ...]:
     problems = []
     host = hardware.host_memory_bytes
@@ -141,17 +142,21 @@ def _host_problems(spec: JobSpec, hardware: Hardware, work: Workload, residency:
             f"predicted {transient / GIB:.1f} GiB, more than the {host / GIB:.1f} GiB {limit}; lower batch or "
             f"prompt_len + gen_len"))
     elif host is not None and prediction.peak_host_bytes > host:
-        ways = [way for way, applies in (("offload=nvme", spec.offload.device == "cpu"),
-                                         ("quant=int4", spec.quant.mode == "none"),
-                                         ("pin=false", bool(spec.pin) and spec.offload.device == "cpu"),
-                                         ("a smaller batch", spec.kvcache.cache_implementation == "offloaded"))
-                if applies]
+        parts = host_parts(work, facts, residency)
+        # The costs of our own path a user can switch off, each with the switch (issue 20's three costs).
+        ways = [way for way, applies in (
+            ("memory.pin_backend=native", parts.get("pinning round-up", 0) > 0 and not work.pin_exact),
+            ("kvcache=cpu", parts.get("KV size classes", 0) > 0 and not work.kv_preallocated),
+            ("offload=nvme", spec.offload.device == "cpu"),
+            ("quant=int4", spec.quant.mode == "none"),
+            ("pin=false", bool(spec.pin) and spec.offload.device == "cpu"),
+            ("a smaller batch", work.kv_offloaded)) if applies]
+        held = ", ".join(f"{name} {nbytes / GIB:.1f}" for name, nbytes in parts.items() if nbytes >= GIB / 20)
         problems.append(ConfigError(
             "offload", spec.offload.device,
             f"a setting whose host memory fits: predicted peak host RSS {prediction.peak_host_bytes / GIB:.1f} GiB "
-            f"(offloaded weights{', pinned: rounded up to powers of two' if spec.pin else ''}"
-            f"{', and on the CPU the KV cache and activations' if work.on_cpu else ''}) exceeds the "
-            f"{host / GIB:.1f} GiB {limit} (hardware.host_memory_gib); try {', '.join(ways) or 'a smaller model'}"))
+            f"({held} GiB) exceeds the {host / GIB:.1f} GiB {limit} (hardware.host_memory_gib); "
+            f"try {', '.join(ways) or 'a smaller model'}"))
     if spec.offload.device == "nvme" and here:
         free = machine.free_disk_bytes(spec.offload.nvme_path)
         if free is not None and prediction.nvme_bytes > free:
@@ -196,7 +201,7 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     devices = (*environment, *_device_problems(spec, hw, environment))
     # Memory predicted for more ranks than can run says nothing more: the one problem is ``devices``.
     memory = () if any(p.key == "devices" for p in devices) else (
-        *_over_budget(spec, planned, budget), *_host_problems(spec, hw, work, planned, prediction, here))
+        *_over_budget(spec, planned, budget), *_host_problems(spec, hw, work, facts, planned, prediction, here))
     problems = (*devices, *memory,
                 *((ConfigError("hardware", hw.name, mismatch),) if mismatch else ()))
     ds_config = dsconfig.build_ds_config(spec, facts, planned)
@@ -213,15 +218,17 @@ def ready(spec: JobSpec, cuda: bool) -> JobPlan:
     return plan
 
 
-def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None) -> Tuple[Optional[ConfigError], Optional[float]]:
-    """What a sweep's parent knows of a job before starting it: (why it would be refused before loading,
-    its :attr:`JobPlan.predicted_job_s`). The refusal is ``devices`` beyond the ``gpus`` the sweep hands out
-    (None: no GPUs to hand out, ranks run on the CPU), or the problems of its plan (one error), made the way the job
-    itself makes it; None when it would run. Lets a sweep's parent refuse jobs without starting their
-    processes and plan the sweep's time (None where unknown)."""
-    plan = plan_job(spec, cuda)
+def sweep_plan(spec: JobSpec, cuda: bool, gpus: Optional[int] = None,
+               here: bool = True) -> Tuple[Optional[ConfigError], Optional[JobPlan]]:
+    """What a sweep's parent knows of a job before starting it: (why it would be refused before loading, its
+    plan). The refusal is ``devices`` beyond the ``gpus`` the sweep hands out (None: no GPUs to hand out, ranks
+    run on the CPU), or the problems of its plan (one error), made the way the job itself makes it; the plan is
+    None when refused. ``here=False`` plans for the hardware the job names without this machine's checks (a
+    SLURM sweep's driver, whose jobs run on other nodes). Lets a sweep's parent refuse jobs without starting
+    their processes, plan the sweep's time (:attr:`JobPlan.predicted_job_s`) and size their requests."""
+    plan = plan_job(spec, cuda, here)
     if gpus is not None and spec.devices > gpus:
         return ConfigError("devices", spec.devices,
                            f"at most {gpus}: this sweep has {gpus} GPU(s) (hydra.launcher.gpus, else "
                            f"CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), one per rank"), None
-    return (every_problem(plan.problems), None) if plan.problems else (None, plan.predicted_job_s)
+    return (every_problem(plan.problems), None) if plan.problems else (None, plan)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from zi_app.config.schema import ModelShape
 from zi_app.plan.facts import ModelFacts
@@ -93,9 +93,11 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     The peak is the larger of the prefill's (KV cache of the prompt + a layer's activations for every
     prompt token) and the last decode step's (KV cache of the whole sequence), each with the resident
     weights, the gathered (live) parameters of a layer when any weight is streamed, and a fixed workspace.
-    An offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
-    prefetched) and one in the prefill (the one computing: nothing is prefetched yet). Post-init quantization replaces its weights by new parameters ZeRO-3
-    never persists: they are streamed at their quantized width and dequantized one matrix at a time.
+    transformers' offloaded KV cache holds two layers on the GPU in a decode step (the one computing and the one
+    prefetched) and one in the prefill (the one computing: nothing is prefetched yet); ours (kvcache=cpu) two
+    slots of one layer at the final length throughout, and a copy of the computing layer's in attention's
+    layout. Post-init quantization replaces its weights by new parameters ZeRO-3 never persists: they are
+    streamed at their quantized width and dequantized one matrix at a time.
     """
     nbytes = DTYPE_BYTES[work.dtype]
     sizes = stored_bytes(work, facts)
@@ -113,12 +115,16 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
         live = (int(gathered * work.weight_bytes) + layer_params * nbytes if work.post_quant_modules
                 else gathered * nbytes)
 
+    final = work.prompt_len + work.gen_len
+
     def kv(tokens: int, half_layers_held: int) -> int:
+        if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
+            tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         return min(full, half_layers_held * full // max(1, 2 * work.shape.layers)) if work.kv_offloaded else full
 
     prefill = kv(work.prompt_len, 2) + activation_bytes(work.shape, work.batch, work.prompt_len, nbytes)
-    decode = kv(work.prompt_len + work.gen_len, 4)
+    decode = kv(final, 4)
     peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
 
@@ -179,10 +185,14 @@ def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Reside
 
 
 def offloaded_kv_bytes(work: Workload) -> int:
-    """Bytes of an offloaded KV cache a decode step brings back to the GPU (its mean length); 0 on the GPU."""
+    """Bytes of an offloaded KV cache a decode step brings back to the GPU, on average; 0 on the GPU. Decode step
+    ``t`` (1 to gen_len - 1: the prefill makes the first token) reads every layer's ``prompt_len + t - 1`` cached
+    tokens; the new tokens' keys and values are made on the GPU."""
     if not work.kv_offloaded:
         return 0
-    return kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len // 2, DTYPE_BYTES[work.dtype])
+    steps = max(1, work.gen_len - 1)
+    per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype])
+    return per_token * (work.prompt_len + (steps - 1) // 2) + per_token * ((steps - 1) % 2) // 2
 
 
 def pinned_bytes(nbytes: int) -> int:
@@ -206,39 +216,54 @@ def partition_host_bytes(work: Workload, nbytes: int) -> int:
     return locked_bytes(nbytes) if work.pin_exact else pinned_bytes(nbytes)
 
 
-def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
-    """Predicted peak host RSS of the whole job: per rank the process's base, NVMe staging buffers and an
-    offloaded KV cache; the offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each
-    pins its own partition, rounded up alone); and a checkpoint read from files. Post-init quantization
-    offloads the weights at their dtype's width while loading and their quantized replacements after; the
-    host keeps both (measured: OPT-13B int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``)
-    each rank's "device" is host memory too: the ``residency``'s peak (resident and gathered weights, KV
-    cache, activations) is added per rank."""
+def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[str, int]:
+    """Predicted peak host RSS of the whole job, by what holds it (names as ``zi-plan`` and refusals show them):
+    per rank the process's base, NVMe staging buffers and an offloaded KV cache (its bytes at the final length,
+    and what transformers' cache keeps beyond them in size classes); the offloaded weights once (ZeRO-3
+    partitions each parameter across the ranks and each pins its own partition, rounded up alone: the pinning
+    round-up); and a checkpoint read from files (its largest file: transformers loads one file at a time
+    under ZeRO-3). Post-init quantization offloads the weights at their dtype's
+    width while loading and their quantized replacements after; the host keeps both (measured: OPT-13B
+    int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's "device" is host memory
+    too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is added per rank."""
     nbytes = DTYPE_BYTES[work.dtype]
-    total = HOST_BASE_BYTES * work.ranks
+    parts = {"process base": HOST_BASE_BYTES * work.ranks}
     if work.offload == "cpu":
         width = nbytes if work.post_quant_modules else work.weight_bytes
         sizes = [int(math.ceil(math.ceil(numel / work.ranks) * width)) for numel in facts.param_numels]
         sizes += [math.ceil(size / work.ranks)
                   for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
-        total += work.ranks * sum(partition_host_bytes(work, size) for size in sizes)
+        parts["offloaded weights"] = work.ranks * sum(sizes)
+        parts["pinning round-up"] = work.ranks * sum(partition_host_bytes(work, size) - size for size in sizes)
     elif work.offload == "nvme":
         size = work.nvme_buffer_elements * nbytes
-        total += work.ranks * (pinned_bytes(size) if work.pin else size)
+        parts["NVMe staging buffers"] = work.ranks * (pinned_bytes(size) if work.pin else size)
     if work.kv_offloaded:
-        total += work.ranks * offloaded_kv_host_bytes(work)
-    if work.reads_checkpoint:
-        total += sum(facts.param_numels) * nbytes
+        final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes)
+        parts["KV cache"] = work.ranks * final
+        parts["KV size classes"] = work.ranks * (offloaded_kv_host_bytes(work) - final)
+    if work.reads_checkpoint:  # one file at a time where its files are known, else the whole checkpoint
+        parts["checkpoint read"] = work.checkpoint_file_bytes or sum(facts.param_numels) * nbytes
     if work.on_cpu:
-        total += work.ranks * residency.predicted_peak_bytes
-    return total
+        parts["CPU device memory"] = work.ranks * residency.predicted_peak_bytes
+    return parts
+
+
+def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
+    """Predicted peak host RSS of the whole job: the sum of :func:`host_parts`."""
+    return sum(host_parts(work, facts, residency).values())
 
 
 def offloaded_kv_host_bytes(work: Workload) -> int:
-    """Host memory an offloaded KV cache holds: each layer's keys and values go to pinned memory after every
-    update, in blocks the CUDA host allocator rounds up to powers of two and caches by size, so every size
-    class the sequence passes through stays allocated (OPT-6.7B batch 64, 512 + 8 tokens: 256 MiB blocks
-    from the prefill and 512 MiB ones from the decode, 48 GiB for a 17 GB cache)."""
+    """Host memory an offloaded KV cache holds. Ours (kvcache=cpu, ``kv_preallocated``): the cache at its final
+    length, once, page-locked to whole pages when pinned. transformers' (kvcache=cpu_transformers): each layer's
+    keys and values go to pinned memory after every update, in blocks the CUDA host allocator rounds up to
+    powers of two and caches by size, so every size class the sequence passes through stays allocated
+    (OPT-6.7B batch 64, 512 + 8 tokens: 256 MiB blocks from the prefill and 512 MiB ones from the decode,
+    48 GiB for a 17 GB cache)."""
+    if work.kv_preallocated:
+        final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, DTYPE_BYTES[work.dtype])
+        return locked_bytes(final) if work.pin else final
     per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, work.shape.layers))
     classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}
     return 2 * work.shape.layers * sum(classes)

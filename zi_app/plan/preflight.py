@@ -109,8 +109,8 @@ def environment_problems(cfg: JobSpec, cuda: bool) -> List[ConfigError]:
                                         f"machine's {cores} CPU core(s)"))
         if cfg.kvcache.cache_implementation == "offloaded":
             problems.append(ConfigError(
-                "kvcache", "cpu", "gpu on a machine without CUDA (transformers' offloaded cache streams over CUDA "
-                                  "streams)"))
+                "kvcache", "cpu_transformers", "gpu or cpu on a machine without CUDA (transformers' offloaded "
+                                               "cache streams over CUDA streams)"))
         if cfg.quant.mode != "none" and cfg.model.dtype == "float16":
             problems.append(ConfigError(
                 "model.dtype", "float16", "float32 or bfloat16 for quantized weights without CUDA (DeepSpeed's "

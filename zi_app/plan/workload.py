@@ -26,10 +26,12 @@ class Workload:
     live_elements: int  # stage3_max_live_parameters
     offload: str = "cpu"  # offload_param.device: none, cpu or nvme
     pin: bool = True
-    kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu)
+    kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu or cpu_transformers)
+    kv_preallocated: bool = False  # ... in one buffer of its final length (kvcache=cpu: zi_app/run/kvcache.py)
     leaf_modules: bool = False
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
+    checkpoint_file_bytes: Optional[int] = None  # the largest of those files, when known (they load one by one)
     nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
     # memory.fetch=overlap: the host's per-fetch work runs while copies are in flight, and no hooks remain
     # when every weight is resident (zi_app/run/fetch.py)
@@ -82,12 +84,14 @@ def workload(spec: JobSpec) -> Workload:
     return Workload(shape=shape, dtype=spec.model.dtype, weight_bytes=weight_bytes(spec),
                     batch=spec.batch, prompt_len=spec.prompt_len, gen_len=spec.gen_len,
                     live_elements=int(memory.max_live_hh * h * h), offload=offload.device, pin=spec.pin,
-                    kv_offloaded=spec.kvcache.cache_implementation == "offloaded",
+                    kv_offloaded=spec.kvcache.cache_implementation in ("host", "offloaded"),
+                    kv_preallocated=spec.kvcache.cache_implementation == "host",
                     leaf_modules=memory.leaf_modules,
                     # measured: only the reference's small buckets release the embedding between its two uses
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules
                     and memory.max_reuse_distance != "model",
                     reads_checkpoint=spec.model.weights == "pretrained",
+                    checkpoint_file_bytes=spec.model.largest_file_bytes,
                     nvme_buffer_elements=((offload.buffer_count or NVME_BUFFER_COUNT) * nvme_buffer_size(spec)
                                           if offload.device == "nvme" else 0),
                     overlap_fetch=memory.fetch == "overlap",

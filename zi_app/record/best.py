@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from zi_app.config.paths import command
-from zi_app.record import orphans, results, runs, store
+from zi_app.record import results, runs, store, sweep_end
 from zi_app.record.redaction import redact_text
 from zi_app.record.results import JobRow
 
@@ -41,14 +41,16 @@ def open_store(uri: str):
 
 
 def close_dead_runs(client) -> None:
-    """Close the runs whose process is gone, so that none is counted as running; a store this user may
-    only read is left as it is, with a warning."""
+    """Close the runs whose process is gone, so that none is counted as running, and settle the sweeps whose
+    jobs ended after their driver died; a store this user may only read is left as it is, with a warning."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        orphans.close_dead_runs(client, [e.experiment_id for e in client.search_experiments()], "by zi-best")
+        sweep_end.close_dead(client, [e.experiment_id for e in client.search_experiments()], "by zi-best")
     except (MlflowException, SQLAlchemyError) as error:
+        if getattr(error, "error_code", None) == "UNAUTHENTICATED":
+            raise  # no reading either: zi-best refuses the credentials in one line
         print(f"warning: could not close runs left RUNNING by a process that is gone: {type(error).__name__}",
               file=sys.stderr)
 

@@ -54,6 +54,27 @@ class StoreError(Exception):
     store and what is wrong, in one line."""
 
 
+def access_refused(error: BaseException, uri: Optional[str] = None) -> Optional[StoreError]:
+    """A tracking server's refusal of this user (MLflow's basic-auth app, or a proxy) as one line: 401, no or
+    wrong credentials; 403, a user without the permission (MLflow gives a new user READ only). None for any
+    other error. ``uri``: the server (default: MLflow's current tracking URI)."""
+    code = getattr(error, "error_code", None)
+    if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return None
+    if uri is None:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    server = f"MLflow tracking server {public_url(uri)}"
+    if code == "UNAUTHENTICATED":
+        who = f"user {user!r}: wrong password" if user else "a request without credentials"
+        return StoreError(f"{server} refused {who} (401 Unauthenticated); set MLFLOW_TRACKING_USERNAME and "
+                          f"MLFLOW_TRACKING_PASSWORD to an account of that server")
+    return StoreError(f"{server}: user {user or 'anonymous'!r} may not write there (403 Permission denied: MLflow gives a new user "
+                      f"READ only); the experiment's owner or an admin must give it EDIT permission (docs/cluster.md)")
+
+
 def first_line(error: BaseException) -> str:
     """``ErrorType: the first line of its message``: an error of MLflow or SQLAlchemy in one line; where the
     message quotes the database driver's own words (``(sqlite3.OperationalError) unable to open database
@@ -246,7 +267,8 @@ def open_experiment(uri: str, experiment: str, wait_s: float = 0.0) -> str:
                 # between our lookup and create.
                 return client.get_experiment_by_name(experiment).experiment_id
     except (MlflowException, SQLAlchemyError, OSError, sqlite3.Error) as error:
-        raise StoreError(redact_text(f"MLflow store {uri}: {first_line(error)}")) from None
+        raise access_refused(error, uri) or StoreError(redact_text(f"MLflow store {uri}: {first_line(error)}")) \
+            from None
 
 
 def search_runs(client, experiment_ids: List[str], filter_string: str) -> list:

@@ -6,17 +6,17 @@ Hydra callback (hydra_plugins/zero_inference/sweep_callback.py) under any launch
 from __future__ import annotations
 
 import contextlib
-import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
-from omegaconf import OmegaConf
 
 from zi_app.config.paths import command
 from zi_app.record import orphans, results, runs, store
-from zi_app.record.redaction import redact_overrides
+from zi_app.record.redaction import redact_overrides, redact_text
+from zi_app.record.settle import settle_unrecorded_jobs
 from zi_app.run import interrupt
 
 SWEEP_DIR_TAG = "zi.sweep_dir"
@@ -25,9 +25,12 @@ BEST_OVERRIDES_TAG = "zi.best_overrides"
 JOBS_TAG = "zi.jobs"
 FAILED_JOBS_TAG = "zi.failed_jobs"
 NEVER_RAN_TAG = "zi.never_ran"  # how many planned jobs never started (the sweep was stopped first)
-UNRECORDED_TAG = "zi.unrecorded_jobs"  # how many jobs ran but left no run (the store refused their writes)
 ARTIFACTS = {"csv": "jobs.csv", "markdown": "jobs.md", "plot": "throughput.png"}
 NEVER_RAN_ARTIFACT = "never_ran.txt"  # the overrides of each job that never started, one per line
+# Jobs that ran but could not be recorded while they did (the tracking server did not answer): how many, and
+# their overrides, one per line, each marked "recorded late" (FAILED, at the sweep's end) or "never recorded".
+UNRECORDED_TAG = "zi.unrecorded_jobs"
+UNRECORDED_ARTIFACT = "unrecorded.txt"
 
 
 @dataclass
@@ -44,54 +47,6 @@ class Sweep:
     launched: Optional[List[str]] = None  # the overrides of every job started, when the launcher says (ours)
 
 
-class _DiedStarting(RuntimeError):
-    """A job whose process ended before it opened its MLflow run."""
-
-    failure_kind = "killed"
-
-
-def settle_job(output_dir: Path, job_config: dict, overrides: Sequence[str], error: BaseException,
-               launch_dir: Optional[str] = None) -> None:
-    """Record a failed job whose own process could not: mark its RUNNING run FAILED, or, when it died
-    before opening one, create a FAILED run for it (and its run-id file, so it is recorded once).
-
-    ``launch_dir`` is where the sweep was started: a relative store path starts there, as the app's does.
-    """
-    kind, message = runs.failure_kind(error), f"{type(error).__name__}: {error}"
-    overrides = redact_overrides(overrides)
-    # Also points MLflow at the job's store, which record_failure and failed_run write to.
-    uri = store.absolute_uri(job_config["tracking"]["uri"], launch_dir)
-    experiment_id = store.open_experiment(uri, job_config["tracking"]["experiment"],
-                                          job_config["tracking"]["connect_timeout_s"])
-    run_file = output_dir / runs.RUN_ID_FILE
-    recorded = _recorded_run(run_file)
-    if recorded is not None:
-        if recorded.info.status == "RUNNING":
-            runs.record_failure(recorded.info.run_id, kind, message, runs.failure_tags(error))
-        return
-    tags = {runs.OVERRIDES_TAG: overrides, **runs.sweep_parent_tags()}
-    run_id = runs.failed_run(experiment_id, runs.run_name(overrides), runs.job_params(job_config),
-                                 tags, kind, message)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(run_id)
-
-
-def _recorded_run(run_file: Path):
-    """The run whose id the job wrote to ``run_file``, if that run is this sweep's (nested under the parent
-    in ``ZI_PARENT_RUN_ID``): a file another sweep wrote in a shared folder names a run not ours to settle."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    if not run_file.exists():
-        return None
-    try:
-        run = MlflowClient().get_run(run_file.read_text().strip())
-    except MlflowException:
-        return None
-    parent = os.environ.get(runs.PARENT_RUN_ENV)
-    return run if parent is None or run.data.tags.get("mlflow.parentRunId") == parent else None
-
-
 def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
     """The end of a sweep (see :meth:`SweepCallback.finish`); ``stopped_by`` is the signal that stopped it."""
     from mlflow.tracking import MlflowClient
@@ -100,16 +55,18 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
     parent = sweep.parent_run_id
     signal_name = None if stopped_by is None else interrupt.signal_name(stopped_by)
     signal_tags = {runs.SIGNAL_TAG: signal_name} if signal_name else {}
-    settle_unrecorded_jobs(sweep)
+    late, lost = settle_unrecorded_jobs(sweep)
     _, still_running = orphans.reap_dead_runs(client, [sweep.experiment_id], "its process ended while the sweep ran",
                                                parent_run_id=parent)
     rows = results.child_rows(client, parent)
     ran = {row.overrides for row in rows}
-    # Jobs that ran and left no run (their store refused the writes: a full disk) are neither fine nor "never ran".
-    lost = [] if sweep.launched is None else [job for job in sweep.launched if job not in ran]
-    never_ran = None if sweep.planned is None else [job for job in sweep.planned if job not in ran and job not in lost]
-    if lost:
-        client.set_tag(parent, UNRECORDED_TAG, str(len(lost)))
+    # A job our launcher ran that left no run and no Hydra files to settle it from (a full disk): never recorded.
+    lost += [job for job in sweep.launched or [] if job not in ran and job not in late and job not in lost]
+    never_ran = None if sweep.planned is None else [job for job in sweep.planned if job not in ran | set(lost)]
+    if late or lost:
+        client.set_tag(parent, UNRECORDED_TAG, str(len(late) + len(lost)))
+        client.log_text(parent, "".join([f"recorded late: {job}\n" for job in late] +
+                                        [f"never recorded: {job}\n" for job in lost]), UNRECORDED_ARTIFACT)
     if never_ran:
         client.set_tag(parent, NEVER_RAN_TAG, str(len(never_ran)))
         client.log_text(parent, "".join(f"{job}\n" for job in never_ran), NEVER_RAN_ARTIFACT)
@@ -126,6 +83,19 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
             said = f"None of its {len(lost)} jobs could be recorded" if lost else "Sweep ended before any job ran"
             print(f"\n{said}; its parent run {parent} is marked FAILED.", flush=True)
         return
+    top, failed = write_results(client, parent, rows, still_running)
+    if signal_name:
+        runs.record_failure(parent, "killed", headline(rows, failed, never_ran, signal_name), signal_tags,
+                                client=client)
+    else:
+        # A job never recorded is a result lost: the sweep did not finish well, whatever the others did.
+        client.set_terminated(parent, "FINISHED" if top is not None and not lost else "FAILED")
+    print(summary(sweep, rows, top, failed, never_ran, signal_name, late, lost), flush=True)
+
+
+def write_results(client, parent: str, rows: List[results.JobRow], still_running: Set[str] = frozenset()) -> tuple:
+    """The parent run's job tables, plot, counts and best run, from its jobs' ``rows``; returns (the best row or
+    None, the failed rows; a job in ``still_running`` is not counted failed)."""
     top = results.best(rows)
     client.log_text(parent, results.csv_table(rows, top), ARTIFACTS["csv"])
     client.log_text(parent, results.markdown_table(rows, top), ARTIFACTS["markdown"])
@@ -137,37 +107,40 @@ def close_sweep(sweep: Sweep, stopped_by: Optional[int]) -> None:
         client.set_tag(parent, BEST_RUN_TAG, top.run_id)
         client.set_tag(parent, BEST_OVERRIDES_TAG, top.overrides)
         client.log_metric(parent, f"best_{results.METRIC}", top.metrics[results.METRIC])
-    said = headline(rows, failed, never_ran, signal_name, len(lost))
-    if signal_name:
-        runs.record_failure(parent, "killed", said, signal_tags, client=client)
-    elif lost:  # not FINISHED: part of what it measured is not in the store (each job's folder has it)
-        runs.record_failure(parent, "error", said, client=client)
-    else:
-        client.set_terminated(parent, "FINISHED" if top is not None else "FAILED")
-    print(summary(sweep, rows, top, failed, never_ran, signal_name, len(lost)), flush=True)
+    return top, failed
 
 
-def settle_unrecorded_jobs(sweep: Sweep) -> None:
-    """Give a FAILED run to each job of this sweep that left its Hydra files but never opened an MLflow
-    run (its process died while starting, under a launcher that does not report dead jobs)."""
-    if sweep.output_subdir is None:
-        return
-    for overrides_file in sweep.sweep_dir.rglob(f"{sweep.output_subdir}/overrides.yaml"):
-        job_dir = overrides_file.parent.parent
-        config_file = overrides_file.parent / "config.yaml"
-        if (job_dir / runs.RUN_ID_FILE).exists() or overrides_file.stat().st_mtime < sweep.started \
-                or not config_file.exists():
-            continue
-        job_config = OmegaConf.to_container(OmegaConf.load(config_file), resolve=True)
-        if job_config.get("dry_run"):
-            continue
-        overrides = list(OmegaConf.load(overrides_file))
-        try:
-            settle_job(job_dir, job_config, overrides, _DiedStarting(f"the job's process ended before it opened "
-                                                                     f"its MLflow run (killed, or crashed while "
-                                                                     f"starting); see {job_dir}"))
-        except Exception:  # noqa: BLE001 - the store refuses writes (a full disk): counted as not recorded
-            continue
+def settle_dead_sweeps(client, experiment_ids: List[str]) -> List[str]:
+    """Write the table, plot and best run of each sweep whose driver died (its parent closed ``killed`` with
+    ``zi.settle=pending``, :mod:`orphans`) once none of its jobs is RUNNING any more: jobs of a SLURM sweep
+    go on after their driver is gone. The parent stays FAILED (its driver was killed), its message says what
+    was settled. Returns the settled parents' ids."""
+    settled = []
+    if not experiment_ids:
+        return settled
+    for parent in store.search_runs(client, experiment_ids, f"tags.`{orphans.SETTLE_TAG}` = 'pending'"):
+        run_id = parent.info.run_id
+        rows = results.child_rows(client, run_id)
+        if any(row.status == "RUNNING" for row in rows):
+            continue  # a later command settles it, once they have ended
+        top, failed = write_results(client, run_id, rows) if rows else (None, [])
+        best = f"best {top.overrides or '(no overrides)'}" if top is not None else "no job completed"
+        message = (f"{parent.data.tags.get(runs.FAILURE_MESSAGE_TAG, 'its driver was killed')}; settled once its "
+                   f"jobs had ended: {len(rows)} job(s), {len(failed)} failed, {best}")
+        client.set_tag(run_id, runs.FAILURE_MESSAGE_TAG, redact_text(message)[:4000])
+        client.set_tag(run_id, orphans.SETTLE_TAG, "done")
+        settled.append(run_id)
+    return settled
+
+
+def close_dead(client, experiment_ids: List[str], when: str) -> None:
+    """What a command starting on the store does first: close the runs whose process is gone
+    (:func:`orphans.close_dead_runs`), then settle the sweeps whose driver died and whose jobs have ended."""
+    orphans.close_dead_runs(client, experiment_ids, when)
+    settled = settle_dead_sweeps(client, experiment_ids)
+    if settled:
+        print(f"MLflow: wrote the table and best run of {len(settled)} sweep(s) whose jobs ended after their "
+              f"driver died: {', '.join(settled)}", file=sys.stderr, flush=True)
 
 
 def best_command(sweep: Sweep) -> str:
@@ -176,29 +149,35 @@ def best_command(sweep: Sweep) -> str:
 
 
 def headline(rows: List[results.JobRow], failed: List[results.JobRow], never_ran: Optional[List[str]],
-             signal_name: Optional[str], lost: int = 0) -> str:
+             signal_name: Optional[str]) -> str:
     """``Sweep finished: 4 jobs, 1 failed (oom: 1)`` or ``Sweep interrupted by SIGINT: 2 of 5 jobs ran, 3
-    never ran``, with the failures by kind, and the jobs that ran but could not be recorded (``lost``)."""
+    never ran``, with the failures by kind."""
     kinds = Counter(row.failure_kind or row.status for row in failed)
     counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
     failures = f"{len(failed)} failed" + (f" ({counts})" if counts else "")
-    failures += f", {lost} ran but could not be recorded (see their folders)" if lost else ""
-    ran = len(rows) + lost
     if signal_name is None:
-        return f"Sweep finished: {ran} jobs, {failures}" + (f", {len(never_ran)} never ran" if never_ran else "")
+        return f"Sweep finished: {len(rows)} jobs, {failures}" + (f", {len(never_ran)} never ran" if never_ran else "")
     if never_ran is None:
-        return f"Sweep interrupted by {signal_name}: {ran} jobs ran, {failures}"
-    return (f"Sweep interrupted by {signal_name}: {ran} of {ran + len(never_ran)} jobs ran, "
+        return f"Sweep interrupted by {signal_name}: {len(rows)} jobs ran, {failures}"
+    return (f"Sweep interrupted by {signal_name}: {len(rows)} of {len(rows) + len(never_ran)} jobs ran, "
             f"{len(never_ran)} never ran; {failures}")
 
 
 def summary(sweep: Sweep, rows: List[results.JobRow], top: Optional[results.JobRow],
             failed: List[results.JobRow], never_ran: Optional[List[str]] = None,
-            signal_name: Optional[str] = None, lost: int = 0) -> str:
-    """The end-of-sweep report: job table, failure count, jobs that never ran, best run, and where to browse
-    the runs."""
+            signal_name: Optional[str] = None, late: Sequence[str] = (), lost: Sequence[str] = ()) -> str:
+    """The end-of-sweep report: job table, failure count, jobs that never ran, jobs not recorded while they ran
+    (``late``: recorded FAILED at the end; ``lost``: never recorded), best run, and where to browse the runs."""
     common = results.common_overrides(rows)
-    lines = ["", headline(rows, failed, never_ran, signal_name, lost)]
+    lines = ["", headline(rows, failed, never_ran, signal_name) + (f", {len(lost)} never recorded" if lost else "")]
+    if late or lost:
+        def own(job: str) -> str:  # what sets the job apart: the overrides every job shares are said below
+            return " ".join(item for item in job.split() if item not in common.split()) or job
+
+        lines.append("Not recorded while they ran (the store did not take them: a tracking server away, a full "
+                     "disk): "
+                     + "; ".join([f"{own(job)} (recorded FAILED at the sweep's end)" for job in late]
+                                 + [f"{own(job)} (never recorded)" for job in lost]))
     lines += [f"Every job: {common}"] if common else []
     lines += [results.console_table(rows, top), ""]
     if top is not None:

@@ -15,7 +15,7 @@ from zi_app.record.redaction import redact_text
 RESULT_FILE = "result.json"  # in a job's output folder: what it measured, when its run could not be recorded
 
 
-class NotRecorded(Exception):
+class ResultNotRecorded(Exception):
     """A job whose MLflow run could not be written; the message says why and where its result went."""
 
 
@@ -67,7 +67,7 @@ def save_result(folder: Optional[Path], measured: Dict[str, float], extra: Dict[
     return path
 
 
-def not_recorded(uri: str, error: BaseException, saved: Optional[Path], measured: bool) -> NotRecorded:
+def not_recorded(uri: str, error: BaseException, saved: Optional[Path], measured: bool) -> ResultNotRecorded:
     """The one-line error of a job whose run could not be written to the store at ``uri``: why, and where
     what it measured went (``saved``), if it measured anything."""
     from zi_app.record.store import first_line
@@ -78,5 +78,5 @@ def not_recorded(uri: str, error: BaseException, saved: Optional[Path], measured
         where = "what it measured could not be saved in its output folder either"
     else:
         where = "it had measured nothing yet"
-    return NotRecorded(redact_text(f"the job's MLflow run could not be recorded in {uri} ({first_line(error)}); "
+    return ResultNotRecorded(redact_text(f"the job's MLflow run could not be recorded in {uri} ({first_line(error)}); "
                                    f"{where}"))

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from zi_app.config.schema import JobSpec
 from zi_app.plan import hardware as machine
 from zi_app.plan.facts import ModelFacts
-from zi_app.run import engine, loading, measure
+from zi_app.run import engine, kvcache, loading, measure
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,31 @@ def rank_prompts(spec: JobSpec, vocab_size: int, device) -> torch.Tensor:
     return prompts[rank * spec.batch:(rank + 1) * spec.batch]
 
 
-def generate_kwargs(spec: JobSpec) -> Dict[str, Any]:
-    """Extra ``generate`` arguments from the kvcache group."""
+class GenerateArgs:
+    """Extra ``generate`` arguments from the kvcache group, made anew by each call: ``kvcache=cpu`` gives each
+    ``generate`` a new cache over the job's one host KV memory (:mod:`zi_app.run.kvcache`)."""
+
+    def __init__(self, cache_implementation: Optional[str] = None, memory: Optional[kvcache.HostKV] = None) -> None:
+        self.fixed = {"cache_implementation": cache_implementation} if cache_implementation else {}
+        self.memory = memory
+
+    def __call__(self) -> Dict[str, Any]:
+        return {"past_key_values": self.memory.cache()} if self.memory is not None else dict(self.fixed)
+
+    def metrics(self) -> Dict[str, float]:
+        """``kv_host_bytes``: the host buffer of ``kvcache=cpu`` (absent otherwise)."""
+        return {"kv_host_bytes": float(self.memory.host_bytes())} if self.memory is not None else {}
+
+
+@contextlib.contextmanager
+def generate_arguments(spec: JobSpec) -> Iterator[GenerateArgs]:
+    """The job's :class:`GenerateArgs`; ``kvcache=cpu``'s host memory is unlocked on exit."""
     impl = spec.kvcache.cache_implementation
-    return {"cache_implementation": impl} if impl else {}
+    if impl != "host":
+        yield GenerateArgs(impl)
+        return
+    with kvcache.host_kv(spec.model.shape.layers, spec.prompt_len + spec.gen_len, spec.pin) as memory:
+        yield GenerateArgs(memory=memory)
 
 
 def _ignore(metrics: Dict[str, float]) -> None:
@@ -81,43 +103,52 @@ def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics)
     on_progress(f"loaded in {load.seconds:.1f} s")
     on_metrics({"load_s": load.seconds})
     prompts = rank_prompts(spec, model.config.vocab_size, engine.device())
-    kwargs = generate_kwargs(spec)
-    speed, repeats, output = timed_generates(spec, model, prompts, on_progress)
+    with generate_arguments(spec) as kwargs:
+        speed, repeats, output = timed_generates(spec, model, prompts, on_progress, kwargs)
+        _measure_steps(spec, model, prompts, kwargs, speed, on_progress)
+        speed.update(kwargs.metrics())
+    on_metrics(speed)
+    return {**speed, "load_s": load.seconds}, repeats, output
+
+
+def _measure_steps(spec: JobSpec, model, prompts, kwargs: GenerateArgs, speed: Dict[str, float],
+                   on_progress: Callable[[str], None]) -> None:
+    """Add the roofline (CUDA) and, with ``profile_step``, the decode step's breakdown to ``speed``."""
     if torch.cuda.is_available() and "decode_step_s" in speed:
         speed.update(roofline(spec, model, prompts, kwargs, speed["decode_step_s"]))
         on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
                     f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
     if spec.profile_step:
-        speed.update(measure.decode_step_breakdown(model, prompts, **kwargs))
+        speed.update(measure.decode_step_breakdown(model, prompts, **kwargs()))
         on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
                                                          for k, v in speed.items() if k.startswith("profile_")))
-    on_metrics(speed)
-    return {**speed, "load_s": load.seconds}, repeats, output
 
 
-def timed_generates(spec: JobSpec, model, prompts: torch.Tensor, on_progress: Callable[[str], None] = log.info):
+def timed_generates(spec: JobSpec, model, prompts: torch.Tensor, on_progress: Callable[[str], None] = log.info,
+                    kwargs: Callable[[], Dict[str, Any]] = dict):
     """``spec.warmup`` untimed and ``spec.repeat`` timed greedy generates of ``model`` (any causal LM, under
-    ZeRO-3 or not); returns the median speed metrics, each repeat's metrics and the last output ids."""
-    kwargs = generate_kwargs(spec)
+    ZeRO-3 or not), each with the arguments ``kwargs()`` gives (:func:`generate_arguments`); returns the median
+    speed metrics, each repeat's metrics and the last output ids."""
     for i in range(spec.warmup):
         # Two tokens run the prefill and a decode step: every kernel, allocation and ZeRO-3's fetch
         # trace is warm, at a fraction of a full generate's cost when each step streams the model.
         on_progress(f"warm-up {i + 1}/{spec.warmup}")
-        measure.timed_generate(model, prompts, min(2, spec.gen_len), label=f"warm-up {i + 1}/{spec.warmup}", **kwargs)
+        measure.timed_generate(model, prompts, min(2, spec.gen_len), label=f"warm-up {i + 1}/{spec.warmup}",
+                               **kwargs())
     repeats = []
     for i in range(spec.repeat):
         output, timing = measure.timed_generate(model, prompts, spec.gen_len, label=f"repeat {i + 1}/{spec.repeat}",
-                                                **kwargs)
+                                                **kwargs())
         repeats.append(measure.throughput_metrics(timing, spec.batch, spec.prompt_len, spec.gen_len))
         on_progress(f"timed {i + 1}/{spec.repeat}: {repeats[-1]['tokens_per_sec']:.2f} tokens/s, "
                     f"{timing.total_s:.2f} s")
     return measure.median_metrics(repeats), repeats, output
 
 
-def roofline(spec: JobSpec, model, prompts, kwargs, decode_step_s: float) -> Dict[str, float]:
+def roofline(spec: JobSpec, model, prompts, kwargs: GenerateArgs, decode_step_s: float) -> Dict[str, float]:
     """Roofline figures of this job on CUDA: bandwidth, bytes streamed per decode step, bound and ratio."""
     bandwidth = machine.cached_h2d_bandwidth(spec.cache_dir) or machine.measure_h2d_bandwidth(spec.cache_dir)
-    streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs)
+    streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs())
     metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if spec.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
     return metrics

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The 175B class with int4 weights on one GPU under an A6000-sized budget (issue 20 item 5): prompt 512, 32 new
+# tokens, memory.gpu_budget_gib=48, random weights made as ZeRO-3 partitions them (no checkpoint on the 64 GiB
+# disk). Each model once with the KV cache on the GPU and once in host memory (kvcache=cpu, our cache allocated
+# once at its final length), and memory=reference (DeepSpeed's own settings and pinning) at the first point; a
+# point the plan refuses (host memory) is recorded as refused before loading. The plan is hardware=auto's.
+# One part per device call (each fits its 10-minute limit), chained on one warm machine:
+#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|opt66b
+set -uo pipefail
+OUT=${1:?usage: int4_175b_class.sh OUT PART}
+PART=${2:?usage: int4_175b_class.sh OUT PART}
+mkdir -p "$OUT" /tmp/int4_175b_class
+STORE="sqlite:////tmp/int4_175b_class/mlflow.db"
+BIG="quant=int4 memory.gpu_budget_gib=48 prompt_len=512 gen_len=32 warmup=1 repeat=1"
+
+compare() {  # compare <seconds per variant> <out name> <title> <compare.py arguments...>
+  local timeout=$1 name=$2 title=$3
+  shift 3
+  python3 benchmarks/compare.py --store "$STORE" --timeout "$timeout" --title "$title" "$@" --out "$OUT/$name"
+}
+
+case $PART in
+kv)  # the cited case: transformers' offloaded cache held 78.5 GiB of host memory for a 17 GB cache
+  compare 150 opt67b_b64_kv_paths "OPT-6.7B fp16 batch 64 under 24 GiB: the KV cache on the GPU, in our host cache, in transformers' offloaded cache" \
+    --common model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned \
+    --variant gpu kvcache=gpu --variant cpu kvcache=cpu --variant cpu_transformers kvcache=cpu_transformers ;;
+kv_tokens)  # the same, our cache against the GPU's only: are the greedy tokens identical on CUDA
+  compare 150 opt67b_b64_kv_tokens "OPT-6.7B fp16 batch 64 under 24 GiB: greedy tokens with the KV cache on the GPU and in our host cache" \
+    --common model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned \
+    --variant gpu kvcache=gpu --variant cpu kvcache=cpu ;;
+llama)
+  compare 200 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
+    --variant tuned memory=tuned --variant streamed memory=tuned memory.persistence=h \
+    --variant kv_cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference ;;
+llama_kv)  # the short form: every weight streamed, our host KV cache first, then the GPU cache (same tokens?)
+  compare 200 llama2_70b_int4_48gib_kv "Llama-2-70B int4 under 48 GiB, batch 16, every weight streamed: the KV cache in our host cache and on the GPU" \
+    --common model=llama-2-70b batch=16 $BIG memory=tuned memory.persistence=h --variant kv_cpu kvcache=cpu --variant kv_gpu kvcache=gpu ;;
+opt175b)
+  compare 290 opt175b_int4_48gib "OPT-175B int4 under 48 GiB" --common model=opt-175b $BIG memory=tuned \
+    --variant gpu_kv_b12 batch=12 --variant cpu_kv_b8 batch=8 kvcache=cpu --variant reference_b12 batch=12 memory=reference ;;
+bloom)
+  compare 290 bloom176b_int4_48gib "BLOOM-176B int4 under 48 GiB" --common model=bloom-176b $BIG memory=tuned \
+    --variant gpu_kv_b12 batch=12 --variant cpu_kv_b8 batch=8 kvcache=cpu --variant reference_b12 batch=12 memory=reference ;;
+opt66b)
+  compare 200 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU, in our host cache, in transformers'" \
+    --common model=opt-66b batch=16 $BIG memory=tuned memory.persistence=h \
+    --variant gpu kvcache=gpu --variant cpu kvcache=cpu --variant cpu_transformers kvcache=cpu_transformers ;;
+*) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom or opt66b" >&2; exit 2 ;;
+esac
+cp /tmp/int4_175b_class/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
