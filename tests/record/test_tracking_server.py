@@ -224,7 +224,9 @@ def test_a_job_that_could_not_be_recorded_is_listed_and_recorded_at_the_sweeps_e
     sweep.wait(timeout=TIMEOUT_S)
     out, err = (tmp_path / "sweep.out").read_text(), (tmp_path / "sweep.err").read_text()
     assert note.exists() and sweep.returncode == 1, err[-3000:]
-    assert "warning: job 0 failed and could not be recorded now (the sweep's end tries again)" in err
+    # Said in the job's own output, which a sweep keeps in the job's folder (verbose=true shows it too).
+    job_output = (tmp_path / "sweep" / "0" / "output.log").read_text()
+    assert "warning: job 0 failed and could not be recorded now (the sweep's end tries again)" in job_output
     assert "Sweep finished: 2 jobs, 1 failed (error: 1)" in out
     assert "Not recorded while they ran (the store did not take them: a tracking server away, a full disk): " \
            "batch=1 (recorded FAILED at the " \
