@@ -31,8 +31,10 @@ QUICK = ["prompt_len=8", "gen_len=4", "warmup=0"]
 
 def lower_time_limit_while_generating(client: MlflowClient, root: Path, job: int, sweep: subprocess.Popen,
                                       slurm) -> str:
-    """Once job ``job`` generates (its run has ``load_s``), cut its SLURM time limit to one minute, which it has
-    already used: SLURM then warns it and ends it as it would any job that runs past ``--time``. Returns the
+    """Once job ``job`` generates (its run has ``load_s``), cut its SLURM time limit to one minute past the whole
+    minutes it has used: inside the launcher's signal delay, so SLURM warns it at once and ends it within a minute
+    as it would any job that reaches ``--time``. (A limit already passed gets the warning and the kill in the same
+    pass of slurmctld, and under load the kill won: the job ended TIMEOUT 0:15, recorded killed.) Returns the
     SLURM job id."""
     run_file = root / "sweep" / str(job) / zi_runs.RUN_ID_FILE
     deadline = time.monotonic() + TIMEOUT_S
@@ -41,7 +43,10 @@ def lower_time_limit_while_generating(client: MlflowClient, root: Path, job: int
             run = client.get_run(run_file.read_text())
             if "load_s" in run.data.metrics:
                 slurm_job = run.data.tags[zi_runs.SLURM_JOB_TAG]
-                slurm.scontrol("update", f"JobId={slurm_job}", "TimeLimit=1")
+                hours, minutes, seconds = re.search(r"RunTime=(?:\d+-)?(\d+):(\d+):(\d+)",
+                                                    slurm.scontrol("show", "job", slurm_job)).groups()
+                used = -(-(int(hours) * 3600 + int(minutes) * 60 + int(seconds)) // 60)
+                slurm.scontrol("update", f"JobId={slurm_job}", f"TimeLimit={used + 1}")
                 return slurm_job
         time.sleep(0.5)
     pytest.fail(f"job {job} never started generating:\n{(root / 'stderr.txt').read_text()[-3000:]}")
