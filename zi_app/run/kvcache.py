@@ -125,7 +125,10 @@ class HostKVCache(Cache):
         if side is not None:
             compute = torch.cuda.current_stream(key_states.device)
             # The first update waits for any copy a previous generate left in flight; later ones for the fill.
-            compute.wait_stream(side) if self.filled is None else compute.wait_event(self.filled)
+            if self.filled is None:
+                compute.wait_stream(side)
+            else:
+                compute.wait_event(self.filled)
         if start and self.prefetched != (layer_idx, start):  # not fetched ahead (layers out of order): fetch now
             self._copy_up(layer_idx, start, slot)
             if side is not None:
