@@ -45,7 +45,7 @@ def test_host_cache_generates_the_gpu_caches_tokens(model, tiny_checkpoint, job,
 def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
     """Counted by the cache over one generate: down to the host, each new token's keys and values once; up to
     the device, each decode step every layer's cached prefix (the planner's per-step term), plus the first
-    layer's prefix fetched ahead after the last step."""
+    layer's prefix fetched ahead after the last step. The layers keep no device memory beyond the two slots."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,8 +58,12 @@ def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
     plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
     with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False) as memory, torch.no_grad():
+        cache = memory.cache()
         plain.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                       min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN, past_key_values=memory.cache())
+                       min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN, past_key_values=cache)
+        # What the layers keep are views of the two device slots: no layer holds device memory of its own.
+        slots = memory.slots.untyped_storage().data_ptr()
+        assert {layer.keys.untyped_storage().data_ptr() for layer in cache.layers} == {slots}
         per_token = kv_cache_bytes(shape, BATCH, 1, DTYPE_BYTES[spec.model.dtype])
         last = PROMPT_LEN + GEN_LEN - 1  # the last token is generated, never fed back
         assert memory.d2h_bytes == per_token * last

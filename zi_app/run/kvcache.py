@@ -136,11 +136,13 @@ class HostKVCache(Cache):
         slot[start:end, 0].copy_(key_states.permute(2, 0, 1, 3))
         slot[start:end, 1].copy_(value_states.permute(2, 0, 1, 3))
         layer.length, layer.is_initialized = end, True
-        # (batch, heads, tokens, head_dim) and contiguous, as transformers' GPU cache hands them to attention: the
-        # same layout picks the same attention kernel, hence the same greedy tokens (a strided view of the
-        # token-major slot changed 3 of 64 rows of OPT-6.7B fp16 on an H100)
-        layer.keys = slot[:end, 0].permute(1, 2, 0, 3).contiguous()
-        layer.values = slot[:end, 1].permute(1, 2, 0, 3).contiguous()
+        # The layer keeps views of its slot (batch, heads, tokens, head_dim), no memory of their own: a copy kept
+        # per layer would put the whole cache back on the GPU.
+        layer.keys, layer.values = slot[:end, 0].permute(1, 2, 0, 3), slot[:end, 1].permute(1, 2, 0, 3)
+        # Attention gets them contiguous, as transformers' GPU cache hands them: the same layout picks the same
+        # attention kernel, hence the same greedy tokens (the strided views changed 3 of 64 rows of OPT-6.7B
+        # fp16 on an H100). The copies live while this layer computes.
+        keys, values = layer.keys.contiguous(), layer.values.contiguous()
         following = (layer_idx + 1) % memory.layers
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             if side is not None:
@@ -153,7 +155,7 @@ class HostKVCache(Cache):
             self.filled = side.record_event() if side is not None else None
         self.prefetched = (following, tokens)
         self.updates += 1
-        return layer.keys, layer.values
+        return keys, values
 
     def _copy_up(self, layer_idx: int, tokens: int, slot: torch.Tensor) -> None:
         """Copy ``tokens`` cached tokens of ``layer_idx`` into ``slot`` (on the side stream where there is one)."""
