@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -68,9 +67,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command; returns its exit status."""
     args = parse_args(argv)
-    # Settling a dead run on a server makes MLflow print its "View run" links on stdout, which is this
-    # command's answer (JSON with --json).
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         client = open_store(args.tracking_uri)
         close_dead_runs(client)

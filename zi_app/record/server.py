@@ -1,7 +1,7 @@
 """A tracking server, probed before anything loads: one that does not answer is waited for (it may be
 restarting), one that answers ``/health`` but fails or hangs on its API is refused within
 :data:`HALF_WORKING_WAIT_S` (it is up and broken, not restarting), and MLflow's own requests afterwards are
-bounded (:func:`bound_mlflow_requests`). Cheap to import: no MLflow.
+bounded (:func:`mlflow_client_defaults`). Cheap to import: no MLflow.
 """
 
 from __future__ import annotations
@@ -27,13 +27,16 @@ API_PROBE = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
 # MLflow's defaults are 7 retries with a doubling backoff (about 4 minutes for a server answering 503) and
 # 120 s per request (a hanging server: 8 x 120 s): a job then seems to hang. Ours, unless the user set them:
 # at most 3 retries (2 + 4 + 8 s of backoff) and 30 s without an answer per request.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+# And no "View run ... at: <url>" lines on stdout each time a run ends on a server: stdout is our commands'
+# answer (zi-best --json) and a sweep's one line per job.
+MLFLOW_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                          "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
-def bound_mlflow_requests() -> None:
-    """Bound MLflow's HTTP retries and timeout for this process and the jobs it starts (environment
-    variables MLflow reads at each request), unless they are set already."""
-    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+def mlflow_client_defaults() -> None:
+    """Bound MLflow's HTTP retries and timeout, and keep its run links off stdout, for this process and the
+    jobs it starts (environment variables MLflow reads as it goes), unless they are set already."""
+    for name, value in MLFLOW_CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 

@@ -42,7 +42,7 @@ def absolute_uri(uri: str, base: Optional[str] = None) -> str:
     """The URI to hand MLflow: a local SQLite store's path made absolute (relative paths start at ``base``,
     else the cwd), a tracking server's ``user:password@`` moved to MLflow's own environment variables."""
     if uri.startswith(("http://", "https://")):
-        server.bound_mlflow_requests()
+        server.mlflow_client_defaults()
         return _credentials_to_env(uri)
     if not uri.startswith(SQLITE_PREFIX):
         return uri
