@@ -12,6 +12,7 @@ PART=${2:?usage: int4_175b_class.sh OUT PART}
 mkdir -p "$OUT" /tmp/int4_175b_class
 STORE="sqlite:////tmp/int4_175b_class/mlflow.db"
 BIG="quant=int4 memory.gpu_budget_gib=48 prompt_len=512 gen_len=32 warmup=1 repeat=1"
+OPT67_B64="model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned"
 
 compare() {  # compare <seconds per variant> <out name> <title> <compare.py arguments...>
   local timeout=$1 name=$2 title=$3
@@ -22,11 +23,11 @@ compare() {  # compare <seconds per variant> <out name> <title> <compare.py argu
 case $PART in
 kv)  # the cited case: transformers' offloaded cache held 78.5 GiB of host memory for a 17 GB cache
   compare 150 opt67b_b64_kv_paths "OPT-6.7B fp16 batch 64 under 24 GiB: the KV cache on the GPU, in our host cache, in transformers' offloaded cache" \
-    --common model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned \
+    --common $OPT67_B64 \
     --variant gpu kvcache=gpu --variant cpu kvcache=cpu --variant cpu_transformers kvcache=cpu_transformers ;;
 kv_tokens)  # the same, our cache against the GPU's only: are the greedy tokens identical on CUDA
   compare 150 opt67b_b64_kv_tokens "OPT-6.7B fp16 batch 64 under 24 GiB: greedy tokens with the KV cache on the GPU and in our host cache" \
-    --common model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned \
+    --common $OPT67_B64 \
     --variant gpu kvcache=gpu --variant cpu kvcache=cpu ;;
 llama)
   compare 200 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
