@@ -57,6 +57,10 @@ class HostKV:
                     raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.1f} GiB KV cache failed ({status})")
                 self._registered = True
 
+    def on_side_stream(self):
+        """Context in which copies go to the side stream (CUDA); without one they run in order."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
     def host_bytes(self) -> int:
         """Bytes of the host buffer (0 before the first update)."""
         return 0 if self.host is None else self.host.numel() * self.host.element_size()
@@ -144,7 +148,7 @@ class HostKVCache(Cache):
         # fp16 on an H100). The copies live while this layer computes.
         keys, values = layer.keys.contiguous(), layer.values.contiguous()
         following = (layer_idx + 1) % memory.layers
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        with memory.on_side_stream():
             if side is not None:
                 side.wait_stream(compute)
             down = memory.host[layer_idx, start:end]
@@ -162,7 +166,7 @@ class HostKVCache(Cache):
         if not tokens:
             return
         memory = self.memory
-        with torch.cuda.stream(memory.stream) if memory.stream is not None else contextlib.nullcontext():
+        with memory.on_side_stream():
             up = memory.host[layer_idx, :tokens]
             slot[:tokens].copy_(up, non_blocking=True)
             memory.h2d_bytes += up.numel() * up.element_size()
