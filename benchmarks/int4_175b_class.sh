@@ -29,10 +29,10 @@ kv_tokens)  # the same, our cache against the GPU's only: are the greedy tokens 
   compare 150 opt67b_b64_kv_tokens "OPT-6.7B fp16 batch 64 under 24 GiB: greedy tokens with the KV cache on the GPU and in our host cache" \
     --common $OPT67_B64 \
     --variant gpu kvcache=gpu --variant cpu kvcache=cpu ;;
-llama)
+llama)  # every weight streamed first (GPU KV, then our host KV cache), DeepSpeed's settings, then resident weights
   compare 200 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
-    --variant tuned memory=tuned --variant streamed memory=tuned memory.persistence=h \
-    --variant kv_cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference ;;
+    --variant streamed memory=tuned memory.persistence=h --variant kv_cpu memory=tuned memory.persistence=h kvcache=cpu \
+    --variant reference memory=reference --variant tuned memory=tuned ;;
 llama_kv)  # the short form: every weight streamed, our host KV cache first, then the GPU cache (same tokens?)
   compare 200 llama2_70b_int4_48gib_kv "Llama-2-70B int4 under 48 GiB, batch 16, every weight streamed: the KV cache in our host cache and on the GPU" \
     --common model=llama-2-70b batch=16 $BIG memory=tuned memory.persistence=h --variant kv_cpu kvcache=cpu --variant kv_gpu kvcache=gpu ;;
@@ -43,9 +43,9 @@ bloom)
   compare 290 bloom176b_int4_48gib "BLOOM-176B int4 under 48 GiB" --common model=bloom-176b $BIG memory=tuned \
     --variant gpu_kv_b12 batch=12 --variant cpu_kv_b8 batch=8 kvcache=cpu --variant reference_b12 batch=12 memory=reference ;;
 opt66b)
-  compare 200 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU, in our host cache, in transformers'" \
-    --common model=opt-66b batch=16 $BIG memory=tuned memory.persistence=h \
-    --variant gpu kvcache=gpu --variant cpu kvcache=cpu --variant cpu_transformers kvcache=cpu_transformers ;;
+  compare 200 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU and in our host cache; DeepSpeed's settings" \
+    --common model=opt-66b batch=16 $BIG --variant gpu memory=tuned memory.persistence=h \
+    --variant cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference ;;
 *) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom or opt66b" >&2; exit 2 ;;
 esac
 cp /tmp/int4_175b_class/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
