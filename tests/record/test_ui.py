@@ -100,7 +100,7 @@ def browser(playwright, profile):
 
 def test_the_sweep_link_shows_its_runs_by_name_best_first_with_their_figures(sweep, server, tmp_path):
     """What a person reads on the page the sweep's summary links to: its jobs named by what varies, best
-    first, with tokens/sec, decode step time and peak memory as columns (nothing to choose by hand)."""
+    first, with tokens/sec (rounded), decode step time and peak memory (GiB) as columns (nothing to choose by hand)."""
     root, stdout, best = sweep
     jobs = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db").search_runs(
         [best["experiment_id"]], f"tags.`{zi_runs.ROLE_TAG}` = 'job'")
@@ -123,6 +123,8 @@ def test_the_sweep_link_shows_its_runs_by_name_best_first_with_their_figures(swe
             context.close()
     assert names == sorted(tokens, key=tokens.get, reverse=True) and sorted(names) == ["batch=1", "batch=2"]
     assert [float(value) for value in shown] == sorted(tokens.values(), reverse=True)
+    # tokens/s as a person reads it: at most 4 significant digits (runs.RATE_DIGITS), not 15.
+    assert all(len(value.replace(".", "").lstrip("0")) <= zi_runs.RATE_DIGITS for value in shown), shown
     # Memory in GiB (the failure kind's column shows only where a job failed: none did here).
     assert {TOKENS_COLUMN, "metrics.`decode_step_s`", "metrics.`peak_host_rss_gib`"} <= set(headers)
     assert (tmp_path / "mlflow-ui.png").stat().st_size > 10_000

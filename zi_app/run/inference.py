@@ -12,7 +12,7 @@ import torch
 from zi_app.config.schema import JobSpec
 from zi_app.plan import hardware as machine
 from zi_app.plan.facts import ModelFacts
-from zi_app.run import engine, kvcache, loading, measure
+from zi_app.run import engine, heap, kvcache, loading, measure
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def run_inference(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, o
     fails), so a failed job keeps what it measured. Run one call per process: ZeRO-3's partitioning
     hook, the process group and the peak-memory counters are process-wide.
     """
+    heap.return_large_blocks()
     engine.select_pin_backend(spec.memory.pin_backend)
     engine.init_distributed(spec.verbose)
     engine.cap_gpu_memory(spec.memory.gpu_budget_gib)
@@ -95,20 +96,24 @@ def run_inference(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, o
 def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics):
     on_progress(f"loading {spec.model.name} ({spec.model.weights} weights, {spec.model.dtype}) under ZeRO-3, "
                 f"offload={spec.offload.device}, quant={spec.quant.mode}")
+    before_load = measure.host_rss_bytes()
     with measure.stopwatch() as load:
         with loading.loading_progress(spec, facts):
             model = loading.load_model(spec)
         overlap = spec.memory.max_inflight_fetches if spec.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
+        heap.trim()
     on_progress(f"loaded in {load.seconds:.1f} s")
-    on_metrics({"load_s": load.seconds})
+    loaded = {"load_s": load.seconds, "host_rss_before_load_bytes": before_load,
+              "host_rss_loaded_bytes": measure.host_rss_bytes()}
+    on_metrics(loaded)
     prompts = rank_prompts(spec, model.config.vocab_size, engine.device())
     with generate_arguments(spec) as kwargs:
         speed, repeats, output = timed_generates(spec, model, prompts, on_progress, kwargs)
         _measure_steps(spec, model, prompts, kwargs, speed, on_progress)
         speed.update(kwargs.metrics())
     on_metrics(speed)
-    return {**speed, "load_s": load.seconds}, repeats, output
+    return {**speed, **loaded}, repeats, output
 
 
 def _measure_steps(spec: JobSpec, model, prompts, kwargs: GenerateArgs, speed: Dict[str, float],

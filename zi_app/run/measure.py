@@ -60,6 +60,13 @@ def peak_memory() -> Iterator[PeakMemory]:
             peaks.gpu_reserved_bytes = torch.cuda.max_memory_reserved()
 
 
+def host_rss_bytes() -> int:
+    """The process's resident host memory now (not its peak)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
 @dataclass
 class Stopwatch:
     """Wall seconds of a block, the device synchronised at both ends."""
