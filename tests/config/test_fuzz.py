@@ -22,6 +22,7 @@ FUZZ = [
     ("zi", ["batch=100000000"], "batch"),
     ("zi", ["model.arch.model_type=nonsense"], "model.arch.model_type"),
     ("zi", ["model.arch.vocab_size=1"], "model.arch.vocab_size"),
+    ("zi", ["model.arch.num_hidden_layers=100000"], "model.arch.num_hidden_layers"),  # was 162 s to a refusal
     # tiny-opt's preset sets model.max_positions=2048: now beyond the architecture's positions.
     ("zi", ["model.arch.max_position_embeddings=16"], "model.max_positions"),
     ("zi", ["model.max_positions=-5"], "model.max_positions"),

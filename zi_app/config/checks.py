@@ -108,6 +108,7 @@ def _check_model(model: Any) -> None:
     _check_arch(model.arch)
 
 
+MAX_LAYERS = 1024
 # Size keys of transformers configs, under each family's names (BLOOM: n_head, n_layer).
 _ARCH_SIZES = ("hidden_size", "num_hidden_layers", "n_layer", "vocab_size", "intermediate_size", "ffn_dim",
                "word_embed_proj_dim", "max_position_embeddings")
@@ -120,6 +121,12 @@ def _check_arch(arch: Any) -> None:
     for key in (*_ARCH_SIZES, *_ARCH_HEADS, "num_key_value_heads"):
         if arch.get(key) is not None:
             _positive_int(f"model.arch.{key}", arch[key])
+    for key in ("num_hidden_layers", "n_layer"):
+        # Checked before the model's facts are read from a meta model, which builds every layer (100000 took
+        # minutes before any refusal).
+        if arch.get(key) is not None and arch[key] > MAX_LAYERS:
+            raise ConfigError(f"model.arch.{key}", arch[key],
+                              f"at most {MAX_LAYERS} layers (the largest released causal LMs have under 200)")
     if arch.get("vocab_size") is not None and arch["vocab_size"] <= FIRST_PROMPT_TOKEN:
         raise ConfigError("model.arch.vocab_size", arch["vocab_size"],
                           f"more than {FIRST_PROMPT_TOKEN} tokens (random prompts draw ids from {FIRST_PROMPT_TOKEN} "
