@@ -31,6 +31,7 @@ FUZZ = [
     ("zi", ["tracking.experiment=''"], "tracking.experiment"),
     ("zi", ["tracking.uri=postgresql://u:p@127.0.0.1:1/db"], "tracking.uri"),
     ("zi", ["tracking.uri=mysql://u:p@127.0.0.1:1/db"], "tracking.uri"),
+    ("zi", ["tracking.uri=sqlite:///"], "tracking.uri"),  # no file named: was the working folder, as a database
     ("zi", ["batch=${batch}"], "batch"),
     ("zi", ["batch=${oc.env:NOPE_NOT_SET}"], "batch"),
     ("zi", ["model=pretrained", "model.path=nonexistent-org/nonexistent-model"], "model.path"),

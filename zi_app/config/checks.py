@@ -238,6 +238,10 @@ def check_tracking(tracking: Any) -> None:
         raise ConfigError("tracking.uri", tracking.uri,
                           "sqlite:///<path> (a local store) or http(s)://<host>:<port> (an MLflow tracking server; "
                           "run `mlflow server --backend-store-uri postgresql://...` for a database)")
+    uri = str(tracking.uri)
+    if uri.startswith("sqlite:") and not uri.split(":", 1)[1].lstrip("/").strip():
+        raise ConfigError("tracking.uri", tracking.uri, "sqlite:///<path of the database file>, e.g. "
+                          "sqlite:///mlruns/mlflow.db (relative) or sqlite:////abs/path/mlflow.db")
     if not str(tracking.experiment).strip():
         raise ConfigError("tracking.experiment", tracking.experiment, "a non-empty experiment name")
     timeout = tracking.connect_timeout_s
