@@ -5,7 +5,7 @@
 # once at its final length), and memory=reference (DeepSpeed's own settings and pinning) at the first point; a
 # point the plan refuses (host memory) is recorded as refused before loading. The plan is hardware=auto's.
 # One part per device call (each fits its 10-minute limit), chained on one warm machine:
-#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|opt66b
+#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|bloom_rest|opt66b
 set -uo pipefail
 OUT=${1:?usage: int4_175b_class.sh OUT PART}
 PART=${2:?usage: int4_175b_class.sh OUT PART}
@@ -45,10 +45,14 @@ bloom)
   compare 290 bloom176b_int4_48gib "BLOOM-176B int4 under 48 GiB" --common model=bloom-176b $BIG \
     --variant gpu_kv_b12 batch=12 $STREAMED --variant cpu_kv_b8 batch=8 kvcache=cpu $STREAMED \
     --variant reference_b12 batch=12 memory=reference ;;
+bloom_rest)  # what the 2026-12-05 session left: DeepSpeed's settings at batch 12, and where BLOOM's step and GPU peak go
+  compare 290 bloom176b_int4_48gib_rest "BLOOM-176B int4 under 48 GiB, batch 12: DeepSpeed's settings; every weight streamed, one decode step profiled" \
+    --common model=bloom-176b batch=12 $BIG --variant reference memory=reference \
+    --variant profiled $STREAMED profile_step=true ;;
 opt66b)
   compare 200 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU and in our host cache; DeepSpeed's settings" \
     --common model=opt-66b batch=16 $BIG --variant gpu memory=tuned memory.persistence=h \
     --variant cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference ;;
-*) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom or opt66b" >&2; exit 2 ;;
+*) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom, bloom_rest or opt66b" >&2; exit 2 ;;
 esac
 cp /tmp/int4_175b_class/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
