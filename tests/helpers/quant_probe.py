@@ -4,8 +4,9 @@ Usage: ``python quant_probe.py OUT.pt [hydra overrides...]`` (one model per proc
 process-wide). Writes ``torch.save`` of a dict:
 
 - ``held``: parameter name -> bytes of its partition (``param.ds_tensor``), its dtype, whether DeepSpeed
-  quantized it (``weight_quantized``) and whether its native pinned-memory backend page-locked it
-  (``ds_pinned``); with one rank the partition is the whole parameter;
+  quantized it (``weight_quantized``), whether its native pinned-memory backend page-locked it
+  (``ds_pinned``) and whether ZeRO-3 keeps it resident (``ds_persist``); with one rank the partition is the
+  whole parameter;
 - ``logits``: float32 logits of one forward over the app's prompts (``zi_app.run.inference.random_prompts``);
 - ``arch`` and ``seed``: the architecture and seed of its random weights, for an unquantized reference
   (:func:`zi_app.run.loading.seed_weights` gives a plain model the same values).
@@ -30,7 +31,8 @@ def held_storage(model: torch.nn.Module) -> dict:
     """What each ZeRO-3 parameter's partition holds."""
     return {name: {"bytes": p.ds_tensor.numel() * p.ds_tensor.element_size(), "dtype": str(p.ds_tensor.dtype),
                    "quantized": bool(getattr(p, "weight_quantized", False)),
-                   "native_pinned": bool(getattr(p.ds_tensor, "ds_pinned", False))}
+                   "native_pinned": bool(getattr(p.ds_tensor, "ds_pinned", False)),
+                   "persistent": bool(p.ds_persist)}
             for name, p in model.named_parameters()}
 
 
