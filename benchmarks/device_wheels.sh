@@ -27,4 +27,6 @@ for name in $PACKAGES; do
       -d .whl "$name==$version" 2>/dev/null \
     || DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl "$name==$version"
 done
+# FlexGen, the peer of benchmarks/peers/ (not a dependency of ours): pure Python, with attrs.
+$PY -m pip download -q --no-deps -d .whl flexgen==0.1.8 attrs
 du -sh .whl
