@@ -1,0 +1,85 @@
+"""Should decode attention over an offloaded KV cache run on the CPU (FlexGen's delegation, issue 21 item 1)?
+
+For one decoder layer of a model, one decode step at ``batch`` x ``context`` cached tokens: the seconds to
+(a) compute attention on the CPU over the host-resident cache (its keys and values read from host memory by the
+CPU; the query and the output, a few KB, are what would cross PCIe), and (b) copy that layer's keys and values
+to the GPU over the pinned link (what ``kvcache=cpu`` does today), then attend there. CPU attention pays where
+(a) is below (b): its reads then also leave the link to the weights, instead of sharing it.
+
+    python benchmarks/cpu_attention.py --model opt-30b --batch 16 64 128 --context 544
+    python benchmarks/cpu_attention.py --hidden 256 --heads 4 --batch 2 --context 64   # a CPU-only smoke run
+
+Prints a table: per layer, the cache's bytes, CPU attention seconds and GB/s, and on CUDA the link's copy
+seconds and GB/s for the same bytes. dtype: the cache's (fp16 on CUDA machines, bfloat16 on the CPU by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+SHAPES = {"opt-30b": (7168, 56), "opt-66b": (9216, 72), "opt-175b": (12288, 96)}  # hidden size, attention heads
+
+
+def best_of(fn, repeat: int) -> float:
+    """Shortest wall seconds of ``repeat`` calls (the first call warms up and is not counted)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cpu_attention_s(batch: int, heads: int, head_dim: int, context: int, dtype: torch.dtype, repeat: int) -> float:
+    """One decode step's attention for one layer on the CPU: one query token against ``context`` cached ones."""
+    keys = torch.randn(batch, heads, context, head_dim, dtype=dtype)
+    values = torch.randn_like(keys)
+    query = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
+    return best_of(lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values), repeat)
+
+
+def link_copy_s(nbytes: int, repeat: int) -> float:
+    """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+
+    def copy():
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+    return best_of(copy, repeat)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SHAPES), help="hidden size and heads of this model")
+    parser.add_argument("--hidden", type=int, help="hidden size (instead of --model)")
+    parser.add_argument("--heads", type=int, help="attention heads (instead of --model)")
+    parser.add_argument("--batch", type=int, nargs="+", required=True)
+    parser.add_argument("--context", type=int, default=544, help="cached tokens (prompt 512 + 32: the last step)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    hidden, heads = SHAPES[args.model] if args.model else (args.hidden, args.heads)
+    if not hidden or not heads or hidden % heads:
+        parser.error("give --model, or --hidden and --heads with heads dividing hidden")
+    torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    dtype = torch.float16 if cuda else torch.bfloat16
+    print(f"hidden {hidden}, heads {heads}, context {args.context}, {dtype}, {args.threads} CPU threads, "
+          f"{torch.cuda.get_device_name(0) if cuda else 'no GPU'}; per layer, one decode step")
+    print("| batch | KV bytes (MB) | CPU attention s | CPU GB/s | link copy s | link GB/s | CPU / link |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in args.batch:
+        nbytes = 2 * batch * args.context * hidden * torch.finfo(dtype).bits // 8
+        cpu_s = cpu_attention_s(batch, heads, hidden // heads, args.context, dtype, args.repeat)
+        copy_s = link_copy_s(nbytes, args.repeat) if cuda else None
+        link = f"{copy_s:.4f} | {nbytes / copy_s / 1e9:.1f} | {cpu_s / copy_s:.2f}" if copy_s else "| |"
+        print(f"| {batch} | {nbytes / 1e6:.1f} | {cpu_s:.4f} | {nbytes / cpu_s / 1e9:.1f} | {link} |")
+
+
+if __name__ == "__main__":
+    main()
