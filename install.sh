@@ -13,4 +13,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -e '.[test]'
+# DeepSpeed's JIT-built ops (shm_comm, pin_memory, and async_io where libaio is installed) into
+# .venv/torch_extensions now, about 2 min on 2 idle cores, rather than in the first job that needs each.
+.venv/bin/python -m zi_app.run.build_ops \
+  || echo "install.sh: DeepSpeed's ops were not prebuilt (see above); the first job needing each builds it" >&2
 echo "installed: $(.venv/bin/python -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' 2>/dev/null | tail -1)"

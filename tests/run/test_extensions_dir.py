@@ -44,3 +44,23 @@ def test_an_environment_that_cannot_be_written_keys_its_folder_by_its_path(monke
     folder = engine.extensions_dir()
     assert folder.startswith(os.path.expanduser("~/.cache/torch_extensions/"))
     assert os.path.basename(folder).startswith(os.path.basename(sys.prefix) + "-")
+
+
+def test_build_ops_leaves_every_op_built_in_the_environments_folder(tmp_path):
+    """``python -m zi_app.run.build_ops`` (install.sh runs it): shm_comm (on a CPU), pin_memory and, with libaio,
+    async_io are built (or, built already, loaded) in this environment's folder, where jobs then find them."""
+    from zi_app.plan import preflight
+
+    environ = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    done = subprocess.run([sys.executable, "-m", "zi_app.run.build_ops"], cwd=tmp_path, env=environ,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import torch
+
+    ops = [*([] if torch.cuda.is_available() else ["deepspeed_shm_comm"]), "pin_memory",
+           *(["async_io"] if preflight.libaio_available() else [])]
+    folder = Path(engine.extensions_dir())
+    assert f"DeepSpeed's ops into {folder} " in done.stderr
+    for op in ops:
+        assert (folder / op / f"{op}.so").is_file(), (op, done.stderr[-3000:])
+    assert done.stderr.count(": ready (") == len(ops), done.stderr[-3000:]

@@ -1,7 +1,7 @@
 """NVMe offload for real: DeepSpeed's async I/O op writes the parameters to swap files and reads them back.
 
-Needs libaio-dev; the first NVMe job on a machine JIT-builds the async_io op (minutes, cached under
-~/.cache/torch_extensions afterwards).
+Needs libaio-dev; install.sh builds the async_io op (otherwise the first NVMe job JIT-builds it: minutes, cached in
+<venv>/torch_extensions).
 """
 
 from __future__ import annotations
