@@ -24,8 +24,8 @@ import pytest
 from helpers.services import auth_server, postgres, tracking_server  # noqa: F401
 from helpers.slurm_cluster import slurm  # noqa: F401
 
-# A tiny job takes 10-40 s on 2 cores; the first NVMe job on a machine also JIT-builds DeepSpeed's async_io
-# op (2-10 min, depending on the load).
+# A tiny job takes 10-40 s on 2 cores; where install.sh could not prebuild DeepSpeed's async_io op, the first NVMe
+# job also JIT-builds it (2-10 min, depending on the load).
 SUBPROCESS_TIMEOUT_S = 1200
 # Inherited from whoever runs pytest, these would nest the app's runs under, or resume, a foreign run.
 _FOREIGN_RUN_ENV = ("ZI_PARENT_RUN_ID", "MLFLOW_RUN_ID")
@@ -217,8 +217,9 @@ def plain_greedy() -> Callable[..., List[List[int]]]:
 SERVER_GROUP = "tracking-server"
 _SERVER_FIXTURE = re.compile(r"^def \w+\([^)]*\b(postgres|tracking_server|auth_server|slurm)\b", re.M)
 _MODULE_FIXTURE = re.compile(r"^@pytest\.fixture\(scope=\"(module|class|package)\"", re.M)
-# Work units measured longest on 2 cores, longest first: (module, test name prefix; "" for every test). The
-# first NVMe job of a machine JIT-builds DeepSpeed's async_io op (minutes): one NVMe test starts early, alone.
+# Work units measured longest on 2 cores, longest first: (module, test name prefix; "" for every test). Where
+# install.sh could not prebuild DeepSpeed's async_io op, the first NVMe job builds it (minutes): one NVMe test
+# starts early, alone.
 FIRST = [
     ("test_cluster.py", ""), ("test_cluster_stop.py", ""), ("test_tracking_server.py", ""),
     ("test_fetch_path.py", "test_greedy_tokens_identical_between_fetch_paths[tiny-opt-offload=nvme-quant=none]"),
