@@ -211,9 +211,7 @@ def plain_greedy() -> Callable[..., List[List[int]]]:
 # - a module with a module-scoped fixture (a whole sweep, a wheel, the quantization probes) is one unit;
 # - the modules whose tests use the session's PostgreSQL, mlflow server or SLURM cluster are one unit
 #   (SERVER_GROUP), so that one worker starts them once.
-# Units run longest first where that is known (FIRST), so that no long one starts last on an idle machine. There is
-# one worker more than cores (pytest_xdist_auto_num_workers): on 2 cores and 2 workers a quarter of the CPU idled
-# while a worker waited on a server, SLURM or a signal's effect.
+# Units run longest first where that is known (FIRST), so that no long one starts last on an idle machine.
 # (xdist's own ``--dist loadgroup`` would do the grouping, but its xdist_group marks do not reach pytest 9's
 # node ids.)
 SERVER_GROUP = "tracking-server"
@@ -240,12 +238,6 @@ def _module_unit(path: Path) -> str:
     if _SERVER_FIXTURE.search(source):
         return SERVER_GROUP
     return str(path) if _MODULE_FIXTURE.search(source) else ""
-
-
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker more than this process may use cores. A worker often waits (on a server, SLURM, a
-    signal's effect, a job's process starting) rather than computes; the extra one keeps every core busy then."""
-    return len(os.sched_getaffinity(0)) + 1
 
 
 def pytest_xdist_make_scheduler(config, log):
