@@ -108,7 +108,7 @@ def _check_model(model: Any) -> None:
     _check_arch(model.arch)
 
 
-MAX_LAYERS = 1024
+MAX_LAYERS = 1024  # model.arch.num_hidden_layers / n_layer: beyond any released causal LM
 # Size keys of transformers configs, under each family's names (BLOOM: n_head, n_layer).
 _ARCH_SIZES = ("hidden_size", "num_hidden_layers", "n_layer", "vocab_size", "intermediate_size", "ffn_dim",
                "word_embed_proj_dim", "max_position_embeddings")

@@ -90,10 +90,10 @@ def init_quantized(work: Workload, facts: ModelFacts) -> Tuple[bool, ...]:
 def stored_bytes(work: Workload, facts: ModelFacts) -> Tuple[int, ...]:
     """Each parameter's bytes between steps: the quantized width for the weights init-time quantization
     packs and for the ones post-init quantization replaces, the dtype's for the rest."""
-    nbytes = DTYPE_BYTES[work.dtype]
-    quantized = init_quantized(work, facts) if not work.post_quant_modules else post_quantized(work, facts)
-    return tuple(int(numel * (work.weight_bytes if packed else nbytes))
-                 for numel, packed in zip(facts.param_numels, quantized))
+    nbytes = DTYPE_BYTES[work.dtype]  # at most one of the two kinds of quantization applies
+    packed = (init or post for init, post in zip(init_quantized(work, facts), post_quantized(work, facts)))
+    return tuple(int(numel * (work.weight_bytes if quantized else nbytes))
+                 for numel, quantized in zip(facts.param_numels, packed))
 
 
 def deepspeed_numels(work: Workload, facts: ModelFacts) -> Tuple[int, ...]:
