@@ -31,7 +31,7 @@ kv_tokens)  # the same, our cache against the GPU's only: are the greedy tokens 
     --common $OPT67_B64 \
     --variant gpu kvcache=gpu --variant cpu kvcache=cpu ;;
 llama)  # every weight streamed first (GPU KV, then our host KV cache), DeepSpeed's settings, then resident weights
-  compare 200 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
+  compare 300 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
     --variant streamed memory=tuned memory.persistence=h --variant kv_cpu memory=tuned memory.persistence=h kvcache=cpu \
     --variant reference memory=reference --variant tuned memory=tuned ;;
 llama_kv)  # the short form: every weight streamed, our host KV cache first, then the GPU cache (same tokens?)
@@ -50,7 +50,7 @@ bloom_rest)  # what the 2026-12-05 session left: DeepSpeed's settings at batch 1
     --common model=bloom-176b batch=12 $BIG --variant reference memory=reference \
     --variant profiled $STREAMED profile_step=true ;;
 opt66b)
-  compare 200 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU and in our host cache; DeepSpeed's settings" \
+  compare 300 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU and in our host cache; DeepSpeed's settings" \
     --common model=opt-66b batch=16 $BIG --variant gpu memory=tuned memory.persistence=h \
     --variant cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference \
     --variant tuned memory=tuned ;;  # the planner's residency: out of GPU memory on 2026-12-05, before ZeRO-3's packed sizes were planned
