@@ -230,7 +230,7 @@ def test_zi_plan_command(run_python, tmp_path):
                         "hardware=h200", "gen_len=8", "memory=reference"], tmp_path).expect_success().stdout
     [best_line] = [line for line in table.splitlines() if line.startswith("best")]
     assert "batch=32" in best_line and "NO" in table and "exceeds the budget of 24.0 GiB" in table
-    here = run_python(["-m", "zi_app.zi_plan", "model=tiny-opt", "hardware.host_memory_gib=1"], tmp_path)
+    here = run_python(["-m", "zi_app.zi_plan", "model=tiny-opt", "hardware.host_memory_gib=0.5"], tmp_path)
     assert here.returncode == 0 and "NO" in here.stdout and "no speed predicted" in here.stdout, here.tail()
     bad = run_python(["-m", "zi_app.zi_plan", "batch=1,,"], tmp_path)
     assert bad.returncode == 2 and "invalid override" in bad.stderr, bad.tail()
@@ -254,11 +254,11 @@ def test_sweep_refuses_in_its_parent(run_app, mlflow_store, tmp_path):
     """Of two jobs, the one whose host memory cannot hold it is refused by the parent's plan (no process:
     no Hydra files in its directory) and recorded FAILED invalid-config; the other runs. (Its predicted_*
     metrics are logged on CUDA only: a CPU run keeps the "GPU" in host memory.)"""
-    run = run_app("hardware.host_memory_gib=1,1000", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1",
+    run = run_app("hardware.host_memory_gib=0.5,1000", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1",
                   multirun=True)
-    assert "1 will be refused" in run.stdout and "hardware.host_memory_gib=1:" in run.stdout, run.tail()
+    assert "1 will be refused" in run.stdout and "hardware.host_memory_gib=0.5:" in run.stdout, run.tail()
     jobs = {float(job.data.params["hardware.host_memory_gib"]): job for job in mlflow_store.job_runs()}
-    refused, ran = jobs[1], jobs[1000]
+    refused, ran = jobs[0.5], jobs[1000]
     assert refused.info.status == "FAILED" and refused.data.tags["zi.failure_kind"] == "invalid-config"
     assert "predicted peak host RSS" in refused.data.tags["zi.failure_message"]
     assert ran.info.status == "FINISHED", run.tail()

@@ -66,19 +66,34 @@ def test_planned_host_memory_is_the_offloaded_bytes_with_native_pinning(model, c
 
 
 HOST_RULE = 1.10  # issue 20: host memory at most 1.10x the bytes that must be there, plus the process's base
-OPT_1_3B_WIDE = ["model=opt-1.3b", "model.arch.num_hidden_layers=8", "model.dtype=bfloat16", "batch=2",
-                 "prompt_len=16", "gen_len=2", "warmup=0", "repeat=1"]  # opt-1.3b's layers, a third as many
+# What loading adds beside any model's weights (modules imported, DeepSpeed's buffers): tiny-opt's 1 MB of
+# weights came with 11 MiB.
+HOST_SLACK_BYTES = 16 * 2**20
+PLAN_TOLERANCE = 0.10  # issue 20: the planner's host prediction within 10% of the measured peak
+OPT_1_3B_WIDE = ["model=opt-1.3b", "model.arch.num_hidden_layers=8", "model.dtype=bfloat16", "gen_len=2", "warmup=0",
+                 "repeat=1"]  # opt-1.3b's layers, a third as many
+HOST_CASES = {  # the four combinations of int4/int8 and the KV cache on the "device" or in our host cache, each once
+    "opt-1.3b-wide int4 batch 8": [*OPT_1_3B_WIDE, "quant=int4", "batch=8", "prompt_len=64"],
+    "opt-1.3b-wide int8 kvcache=cpu": [*OPT_1_3B_WIDE, "quant=int8", "kvcache=cpu", "batch=2", "prompt_len=16"],
+    "tiny-opt int4 kvcache=cpu": ["model=tiny-opt", "quant=int4", "kvcache=cpu", "warmup=0", "repeat=1"],
+    "tiny-opt int8": ["model=tiny-opt", "quant=int8", "warmup=0", "repeat=1"],
+}
 
 
-@pytest.mark.parametrize("quant", ["int4", "int8"])
-def test_loading_adds_the_quantized_weights_and_no_more(quant, job, compose):
-    """What loading adds to the job's host RSS (sampled in the job just before and just after loading random
-    weights made and quantized as ZeRO-3 partitions them, on DeepSpeed's CPU accelerator) is at most 1.10x the
-    weights at their stored width, scales included (the planner's offloaded-weights term). Before the heap was
-    handed back (zi_app/run/heap.py) opt-1.3b int4 kept 1.4 GiB more than its 0.69 GiB of weights."""
-    overrides = (*OPT_1_3B_WIDE, f"quant={quant}")
+@pytest.mark.parametrize("case", HOST_CASES)
+def test_host_memory_is_the_quantized_weights_and_as_planned(case, job, compose):
+    """On DeepSpeed's CPU accelerator, with random weights made and quantized as ZeRO-3 partitions them:
+
+    - what loading adds to the job's host RSS (sampled just before and just after loading) is at most 1.10x the
+      weights at their stored width, scales included (the planner's offloaded-weights term); before the heap
+      was handed back (zi_app/run/heap.py) opt-1.3b int4 kept 1.4 GiB more than its 0.69 GiB of weights;
+    - the job's peak host RSS (``ru_maxrss``) is the plan's within 10%. At batch 8 opt-1.3b int4 peaked at
+      2.8 GiB, 1.4 more than planned, until its LM head's input was made contiguous (zi_app/run/lm_head.py)."""
+    overrides = HOST_CASES[case]
     metrics = job(*overrides).metrics
     plan = plan_job(validate(compose(*overrides)), cuda=False)
     weights = host_parts(workload(plan.spec), plan.facts, plan.residency)["offloaded weights"]
     added = metrics["host_rss_loaded_bytes"] - metrics["host_rss_before_load_bytes"]
-    assert 0.5 * weights < added <= HOST_RULE * weights, (added / 2**20, weights / 2**20)
+    assert added <= HOST_RULE * weights + HOST_SLACK_BYTES, (added / 2**20, weights / 2**20)
+    peak, planned = metrics["peak_host_rss_bytes"], plan.predicted_peak_host_bytes
+    assert abs(planned - peak) <= PLAN_TOLERANCE * peak, (planned / 2**30, peak / 2**30)

@@ -30,6 +30,9 @@ PLAN_FRACTION = 0.87
 # Host RSS of a job process beyond its weights: Python, torch, CUDA, DeepSpeed (OPT-13B, pageable, H200:
 # 25.91 GiB peak for 23.94 GiB of fp16 weights).
 HOST_BASE_BYTES = int(1.97 * 2**30)
+# The same on DeepSpeed's CPU accelerator, where no CUDA context is made: the job's RSS just before loading
+# (host_rss_before_load_bytes, 0.565 GiB for every model on the 2-core CI machine).
+HOST_BASE_CPU_BYTES = int(0.565 * 2**30)
 
 
 @dataclass(frozen=True)
@@ -248,7 +251,7 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
     int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's "device" is host memory
     too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is added per rank."""
     nbytes = DTYPE_BYTES[work.dtype]
-    parts = {"process base": HOST_BASE_BYTES * work.ranks}
+    parts = {"process base": (HOST_BASE_CPU_BYTES if work.on_cpu else HOST_BASE_BYTES) * work.ranks}
     if work.offload == "cpu":
         sizes = [int(math.ceil(math.ceil(numel / work.ranks) * (work.weight_bytes if packed else nbytes)))
                  for numel, packed in zip(facts.param_numels, init_quantized(work, facts))]
@@ -266,8 +269,21 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
     if work.reads_checkpoint:  # one file at a time where its files are known, else the whole checkpoint
         parts["checkpoint read"] = work.checkpoint_file_bytes or sum(facts.param_numels) * nbytes
     if work.on_cpu:
-        parts["CPU device memory"] = work.ranks * residency.predicted_peak_bytes
+        parts["CPU device memory"] = work.ranks * cpu_device_bytes(work, facts, residency)
     return parts
+
+
+def cpu_device_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:
+    """What one rank's "device" holds at its peak on DeepSpeed's CPU accelerator, where it is host memory: the
+    GPU's terms (:func:`predict`) less CUDA's workspaces, and beside the gathered bucket the embedding at its
+    dtype's width (tied to the LM head, it stays gathered through the step) and the layer computing while the
+    bucket's are fetched. Fitted on opt-1.3b's width (0.58 GiB for 2 or 8 layers, int4, int8 or none, batch 2
+    or 8) and tiny-opt: tests/run/test_host_memory.py."""
+    gathered = 0
+    if residency.resident_bytes < weight_total_bytes(work, facts):
+        numels = sorted(facts.param_numels)
+        gathered = (numels[-1] + (numels[-2] if len(numels) > 1 else 0)) * DTYPE_BYTES[work.dtype]
+    return residency.predicted_peak_bytes - WORKSPACE_BYTES + gathered
 
 
 def host_bytes(work: Workload, facts: ModelFacts, residency: Residency) -> int:

@@ -12,7 +12,7 @@ import torch
 from zi_app.config.schema import JobSpec
 from zi_app.plan import hardware as machine
 from zi_app.plan.facts import ModelFacts
-from zi_app.run import engine, heap, kvcache, loading, measure
+from zi_app.run import engine, heap, kvcache, lm_head, loading, measure
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics)
     with measure.stopwatch() as load:
         with loading.loading_progress(spec, facts):
             model = loading.load_model(spec)
+        lm_head.fold_batch(model)
         overlap = spec.memory.max_inflight_fetches if spec.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
         heap.trim()
