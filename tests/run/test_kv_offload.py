@@ -27,14 +27,17 @@ def _common(checkpoint) -> tuple:
 
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_host_cache_generates_the_gpu_caches_tokens(model, tiny_checkpoint, job, compose, plain_greedy):
-    """Identical greedy tokens with the KV cache in host memory and on the accelerator (and plain transformers'),
+    """Identical greedy tokens with the KV cache in host memory (attended on the device or on the host) and on the
+    accelerator (and plain transformers'),
     over a warm-up and a timed generate that reuse the job's one host buffer; that buffer is the planner's
     prediction of the cache's host memory, to the byte."""
     checkpoint = tiny_checkpoint(model)
     on_device = job(*_common(checkpoint), "kvcache=gpu")
     on_host = job(*_common(checkpoint), "kvcache=cpu")
+    attending_on_host = job(*_common(checkpoint), "kvcache=cpu", "kvcache.attention=host")
     assert len({t for row in on_device.tokens for t in row}) > 2, f"degenerate output {on_device.tokens}"
     assert on_host.tokens == on_device.tokens == plain_greedy(checkpoint, BATCH, PROMPT_LEN, GEN_LEN)
+    assert attending_on_host.tokens == on_device.tokens
     spec = validate(compose(*_common(checkpoint), "kvcache=cpu"))
     assert on_host.metrics["kv_host_bytes"] == offloaded_kv_host_bytes(workload(spec)) > 0
     assert "kv_host_bytes" not in on_device.metrics
@@ -69,3 +72,37 @@ def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
         assert memory.d2h_bytes == per_token * last
         assert memory.h2d_bytes == (GEN_LEN - 1) * offloaded_kv_bytes(work) + per_token * last // shape.layers
         assert memory.host_bytes() == kv_cache_bytes(shape, BATCH, PROMPT_LEN + GEN_LEN, DTYPE_BYTES[spec.model.dtype])
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+def test_attending_on_the_host_moves_only_the_new_tokens(model, tiny_checkpoint, compose):
+    """kvcache.attention=host, counted by the cache over one generate: down to the host, each new token's keys
+    and values once; up, no cached prefix; the host's attention reads each decode step every layer's cached
+    tokens (the planner's term for it), and the device holds no slots. Its tokens are plain transformers'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zi_app.plan.memory import cached_kv_bytes
+    from zi_app.run.inference import random_prompts
+    from zi_app.run.kvcache import attend_on_host, host_kv
+
+    checkpoint = tiny_checkpoint(model)
+    spec = validate(compose(*_common(checkpoint), "kvcache=cpu", "kvcache.attention=host"))
+    shape, work = spec.model.shape, workload(spec)
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
+    arguments = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                     min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN)
+    with torch.no_grad():
+        expected = plain.generate(**arguments)
+    attend_on_host(plain)
+    with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, attend_on_host=True) as memory, torch.no_grad():
+        cache = memory.cache()
+        assert plain.generate(**arguments, past_key_values=cache).equal(expected)
+        assert memory.slots is None and memory.h2d_bytes == 0
+        host = memory.host.untyped_storage().data_ptr()
+        assert {layer.keys.untyped_storage().data_ptr() for layer in cache.layers} == {host}
+        per_token = kv_cache_bytes(shape, BATCH, 1, DTYPE_BYTES[spec.model.dtype])
+        assert memory.d2h_bytes == per_token * (PROMPT_LEN + GEN_LEN - 1)
+        assert memory.host_read_bytes == (GEN_LEN - 1) * cached_kv_bytes(work) + per_token * (GEN_LEN - 1)

@@ -19,6 +19,7 @@ OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 QUANT_MODES = ("none", "init", "post")
 QUANT_BITS = (4, 8)
 CACHE_IMPLEMENTATIONS = (None, "host", "offloaded")
+KV_ATTENTION = ("device", "host")
 WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
@@ -212,6 +213,14 @@ def _check_kvcache(kvcache: Any) -> None:
         raise ConfigError("kvcache.cache_implementation", kvcache.cache_implementation,
                           "null (transformers' GPU cache), 'host' (host memory allocated once, zi_app/run/kvcache.py) or "
                           "'offloaded' (transformers' offloaded cache)")
+    if kvcache.attention not in KV_ATTENTION:
+        raise ConfigError("kvcache.attention", kvcache.attention,
+                          "'device' (each layer's cached prefix copied up for the GPU's attention) or 'host' (the "
+                          "CPU attends where the cache lives; with kvcache=cpu)")
+    if kvcache.attention == "host" and kvcache.cache_implementation != "host":
+        raise ConfigError("kvcache.attention", kvcache.attention,
+                          "'device' with this cache: attention on the host needs the cache there, kvcache=cpu "
+                          f"(kvcache.cache_implementation='host', not {kvcache.cache_implementation!r})")
 
 
 def _check_hardware(hardware: Any) -> None:

@@ -127,6 +127,9 @@ class KVCacheSpec:
     # null: transformers' dynamic cache on the GPU; host: ours in host memory, allocated once at its final length
     # (zi_app/run/kvcache.py); offloaded: transformers' generate(cache_implementation="offloaded")
     cache_implementation: Optional[str] = None
+    # where a decode step attends over the host cache: device (each layer's cached prefix copied up) or host
+    # (the CPU reads it where it lives; only queries, outputs and new tokens' keys and values cross PCIe)
+    attention: str = "device"
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,9 @@ class HardwareSpec:
     step_overhead_s: float = 0.02  # fixed host seconds per forward pass
     compute_efficiency: float = 0.57  # share of gpu_tflops the prefill's matmuls reach
     memory_efficiency: float = 0.3  # share of gpu_memory_gbps a decode step's weight and KV reads reach
+    # GB/s of cached keys and values the host's attention reads (kvcache.attention=host); not yet measured on the
+    # H200 (benchmarks/cpu_attention.py): a guess from 15 GB/s on the 2-core CI machine
+    host_attention_gbps: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class Hardware:
     step_overhead_s: float
     compute_efficiency: float
     memory_efficiency: float
+    host_attention_gbps: float
     gpu_count: Optional[int] = None  # GPUs a job may span; None: any number
     gpu_peer_gbps: Optional[float] = None  # GPU-to-GPU GB/s per GPU, one direction
     # what limits host_memory_bytes, for messages: "available on this machine", "RLIMIT_AS ...", a preset's
@@ -270,7 +271,7 @@ def hardware(spec: JobSpec, cuda: bool = False) -> Hardware:
                                                 "fetch_overhead_s", "param_overhead_s",
                                                 "dequant_overhead_s", "post_quant_overhead_s", "step_overhead_s",
                                                 "compute_efficiency",
-                                                "memory_efficiency")},
+                                                "memory_efficiency", "host_attention_gbps")},
                     host_limit=host_limit)
 
 

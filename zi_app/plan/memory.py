@@ -140,6 +140,8 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     final = work.prompt_len + work.gen_len
 
     def kv(tokens: int, half_layers_held: int) -> int:
+        if work.kv_attend_on_host:  # the prefill attends over one layer's prompt keys and values on the GPU
+            return kv_cache_bytes(work.shape, work.batch, work.prompt_len, nbytes) // max(1, work.shape.layers)
         if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
             tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
@@ -209,11 +211,20 @@ def streamed_bytes_per_step(work: Workload, facts: ModelFacts, residency: Reside
 
 
 def offloaded_kv_bytes(work: Workload) -> int:
-    """Bytes of an offloaded KV cache a decode step brings back to the GPU, on average; 0 on the GPU. Decode step
-    ``t`` (1 to gen_len - 1: the prefill makes the first token) reads every layer's ``prompt_len + t - 1`` cached
-    tokens; the new tokens' keys and values are made on the GPU."""
+    """Bytes of an offloaded KV cache a decode step brings back to the GPU, on average; 0 on the GPU: the cached
+    tokens it reads (:func:`cached_kv_bytes`), or where the host attends over them (kvcache.attention=host) each
+    layer's attention output, one token of every query head."""
     if not work.kv_offloaded:
         return 0
+    if work.kv_attend_on_host:
+        return work.shape.layers * work.batch * work.shape.hidden_size * DTYPE_BYTES[work.dtype]
+    return cached_kv_bytes(work)
+
+
+def cached_kv_bytes(work: Workload) -> int:
+    """Bytes of cached keys and values a decode step's attention reads, on average. Decode step ``t`` (1 to
+    gen_len - 1: the prefill makes the first token) reads every layer's ``prompt_len + t - 1`` cached tokens;
+    the new tokens' keys and values are made on the GPU."""
     steps = max(1, work.gen_len - 1)
     per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype])
     return per_token * (work.prompt_len + (steps - 1) // 2) + per_token * ((steps - 1) % 2) // 2

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 
 from zi_app.plan.facts import ModelFacts
 from zi_app.plan.hardware import Hardware
-from zi_app.plan.memory import (Residency, host_bytes, kv_cache_bytes, offloaded_kv_bytes, post_quantized,
-                                streamed_bytes_per_step, weight_total_bytes)
+from zi_app.plan.memory import (Residency, cached_kv_bytes, host_bytes, kv_cache_bytes, offloaded_kv_bytes,
+                                post_quantized, streamed_bytes_per_step, weight_total_bytes)
 from zi_app.plan.workload import DTYPE_BYTES, Workload
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def decode_compute_s(work: Workload, facts: ModelFacts, hw: Hardware) -> float:
     """GPU seconds of one decode step: every weight and the KV cache read from GPU memory, and two FLOPs
     per weight and token plus attention, at the GPU's effective rates."""
     context = work.prompt_len + work.gen_len // 2
-    kv = kv_cache_bytes(work.shape, work.batch, context, DTYPE_BYTES[work.dtype])
+    # attending on the host, the GPU reads no cached keys and values
+    kv = 0 if work.kv_attend_on_host else kv_cache_bytes(work.shape, work.batch, context, DTYPE_BYTES[work.dtype])
     memory = hw.gpu_memory_gbps * 1e9 * hw.memory_efficiency
     flops = hw.gpu_tflops * 1e12 * hw.compute_efficiency
     return (weight_total_bytes(work, facts) + kv) / memory + work.batch * _flops_per_token(work, facts, context) / flops
@@ -100,6 +101,9 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     # Ours (kvcache=cpu) sends only the new tokens down and brings each layer's prefix up on a side stream that
     # shares the link with the weights (measured: OPT-6.7B batch 64, 17.2 GB of cache, 0.341 s a step, 1.10x).
     kv = offloaded_kv_bytes(work)
+    # Attending on the host (kvcache.attention=host), the link carries the weights and each layer's attention
+    # output; the host thread reads the cache between issuing fetches, while the copies already issued run.
+    host_attention_s = cached_kv_bytes(work) / (hw.host_attention_gbps * 1e9) if work.kv_attend_on_host else 0.0
     if work.kv_preallocated:
         copies_s = (weights + kv) / gbps
     else:
@@ -111,7 +115,7 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     stream_s = max(copies_s, peer_s, len(facts.param_numels) * hw.param_overhead_s * hooks)
     host_s = (fetches_per_forward(work, facts) * hw.fetch_overhead_s * hooks
               + quantized_matrices(work, facts) * hw.dequant_overhead_s
-              + sum(post_quantized(work, facts)) * hw.post_quant_overhead_s)
+              + sum(post_quantized(work, facts)) * hw.post_quant_overhead_s + host_attention_s)
     # The overlapping fetch path issues the next fetch's copies before the current module runs, so the host's
     # per-fetch and dequantization work hides behind the copies instead of adding to them.
     fetch_s = max(stream_s, host_s) if work.overlap_fetch else stream_s + host_s

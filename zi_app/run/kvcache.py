@@ -9,6 +9,11 @@ buffer of the final length, page-locked at its own size, made once and reused by
 An update copies only the new tokens' keys and values to the host, and the next layer's cached prefix to the GPU,
 both on a side stream while the current layer computes, into the other of two GPU slots of one layer each.
 
+With ``kvcache.attention=host`` a decode step's attention runs where the cache lives instead (FlexGen's CPU
+delegation): the host reads each layer's cached prefix from its own memory, and only the new tokens' keys and
+values go down and the attention's queries and outputs cross the link, so that PCIe carries the weights alone.
+The host buffer is then head-major, so that each head's cached tokens are one run for the host's attention.
+
 On DeepSpeed's CPU accelerator the same path runs with plain copies (the "device" is host memory too), which is
 how the CPU tests check its tokens and the bytes it moves.
 """
@@ -21,6 +26,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+ATTENTION = "zi_where_cached"  # the attention implementation of kvcache.attention=host (see attend_where_cached)
+
 
 class HostKV:
     """The host buffers, GPU slots, side stream and transfer counters of one job's offloaded KV cache.
@@ -30,25 +37,31 @@ class HostKV:
     Buffers are made at the first update, when the keys' batch, heads, head size, dtype and device are known.
     """
 
-    def __init__(self, layers: int, max_len: int, pin: bool = True) -> None:
-        self.layers, self.max_len, self.pin = layers, max_len, pin
+    def __init__(self, layers: int, max_len: int, pin: bool = True, attend_on_host: bool = False) -> None:
+        self.layers, self.max_len, self.pin, self.attend_on_host = layers, max_len, pin, attend_on_host
         # Token-major, so that any run of tokens is one contiguous block: a strided copy between host and device
         # would stage through pageable memory and block the host thread until the stream reached it.
-        self.host: Optional[torch.Tensor] = None  # [layers, max_len, 2 (keys, values), batch, heads, head_dim]
+        # [layers, max_len, 2 (keys, values), batch, heads, head_dim]; attending on the host, head-major:
+        # [layers, 2, batch, heads, max_len, head_dim]
+        self.host: Optional[torch.Tensor] = None
         self.slots: Optional[torch.Tensor] = None  # [2 slots, max_len, 2, batch, heads, head_dim] on the device
         self.stream = None  # the side stream of the copies (CUDA), else None: copies run in order
         self.h2d_bytes = 0  # bytes copied host -> device (cached prefixes)
         self.d2h_bytes = 0  # bytes copied device -> host (new tokens' keys and values)
+        self.host_read_bytes = 0  # cached keys and values handed to the host's attention (kvcache.attention=host)
         self._registered = False
 
     def allocate(self, key_states: torch.Tensor) -> None:
         """Make the host buffer and the device slots for keys shaped like ``key_states`` (batch, heads, *, head_dim)."""
         batch, heads, _, head_dim = key_states.shape
-        shape = (self.max_len, 2, batch, heads, head_dim)
-        self.host = torch.empty((self.layers,) + shape, dtype=key_states.dtype)
-        self.slots = torch.empty((2,) + shape, dtype=key_states.dtype, device=key_states.device)
+        if self.attend_on_host:  # no device slots: nothing cached comes up
+            self.host = torch.empty((self.layers, 2, batch, heads, self.max_len, head_dim), dtype=key_states.dtype)
+        else:
+            shape = (self.max_len, 2, batch, heads, head_dim)
+            self.host = torch.empty((self.layers,) + shape, dtype=key_states.dtype)
+            self.slots = torch.empty((2,) + shape, dtype=key_states.dtype, device=key_states.device)
         if key_states.is_cuda:
-            self.stream = torch.cuda.Stream(device=key_states.device)
+            self.stream = None if self.attend_on_host else torch.cuda.Stream(device=key_states.device)
             if self.pin:
                 nbytes = self.host.numel() * self.host.element_size()
                 # cudaHostRegister locks the buffer's own pages (no power-of-two block from torch's host allocator)
@@ -60,6 +73,11 @@ class HostKV:
     def on_side_stream(self):
         """Context in which copies go to the side stream (CUDA); without one they run in order."""
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def holds(self) -> Tuple[int, int, int]:
+        """(batch, heads, head size) the host buffer was made for."""
+        shape = self.host.shape
+        return (shape[2], shape[3], shape[5]) if self.attend_on_host else (shape[3], shape[4], shape[5])
 
     def host_bytes(self) -> int:
         """Bytes of the host buffer (0 before the first update)."""
@@ -78,9 +96,9 @@ class HostKV:
 
 
 @contextlib.contextmanager
-def host_kv(layers: int, max_len: int, pin: bool) -> Iterator[HostKV]:
+def host_kv(layers: int, max_len: int, pin: bool, attend_on_host: bool = False) -> Iterator[HostKV]:
     """A job's :class:`HostKV`, closed (its host memory unlocked) on exit."""
-    memory = HostKV(layers, max_len, pin)
+    memory = HostKV(layers, max_len, pin, attend_on_host)
     try:
         yield memory
     finally:
@@ -120,10 +138,12 @@ class HostKVCache(Cache):
             memory.allocate(key_states)
         start = layer.length
         end = start + key_states.shape[-2]
-        held = tuple(memory.host.shape[3:])
+        held = memory.holds()
         if end > memory.max_len or held != (key_states.shape[0], key_states.shape[1], key_states.shape[3]):
             raise ValueError(f"the KV cache holds batch, heads, head size {held} and {memory.max_len} tokens; "
                              f"got {tuple(key_states.shape[:2]) + (key_states.shape[3],)} and {end}")
+        if memory.attend_on_host:
+            return self._update_on_host(key_states, value_states, layer_idx, start, end)
         slot = memory.slots[self.updates % 2]
         side = memory.stream
         if side is not None:
@@ -161,6 +181,22 @@ class HostKVCache(Cache):
         self.updates += 1
         return keys, values
 
+    def _update_on_host(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, start: int,
+                        end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """kvcache.attention=host: the new tokens' keys and values go down now (the host attends over them next);
+        the prefill attends on the device over the prompt's, which it has, and a decode step where they are."""
+        memory, layer = self.memory, self.layers[layer_idx]
+        keys, values = memory.host[layer_idx, 0, :, :, :end], memory.host[layer_idx, 1, :, :, :end]
+        keys[:, :, start:end].copy_(key_states)
+        values[:, :, start:end].copy_(value_states)
+        memory.d2h_bytes += 2 * key_states.numel() * key_states.element_size()
+        layer.length, layer.is_initialized = end, True
+        layer.keys, layer.values = keys, values
+        if not start:
+            return key_states, value_states
+        memory.host_read_bytes += 2 * keys.numel() * keys.element_size()
+        return keys, values
+
     def _copy_up(self, layer_idx: int, tokens: int, slot: torch.Tensor) -> None:
         """Copy ``tokens`` cached tokens of ``layer_idx`` into ``slot`` (on the side stream where there is one)."""
         if not tokens:
@@ -170,3 +206,28 @@ class HostKVCache(Cache):
             up = memory.host[layer_idx, :tokens]
             slot[:tokens].copy_(up, non_blocking=True)
             memory.h2d_bytes += up.numel() * up.element_size()
+
+
+def attend_where_cached(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor], **kwargs):
+    """transformers' SDPA attention, run on the device that holds ``key`` and ``value``: a decode step's
+    queries (and mask) go to the host cache of kvcache.attention=host and its output comes back; elsewhere
+    (the prefill, a cache on the device) it is SDPA as it was."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if key.device == query.device:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    host = key.device
+    mask = attention_mask.to(host) if attention_mask is not None else None
+    output, weights = sdpa_attention_forward(module, query.to(host), key, value, mask, **kwargs)
+    return output.to(query.device), weights
+
+
+def attend_on_host(model: torch.nn.Module) -> None:
+    """Make ``model``'s attention :func:`attend_where_cached` (masks made as for SDPA)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, attend_where_cached)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(ATTENTION)
