@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# KV offload that pays (issue 21 item 1): where a decode step attends over an offloaded KV cache, on the GPU over
+# each layer's prefix copied up (kvcache=cpu) or on the CPU where the cache lives (kvcache.attention=host), against
+# the cache on the GPU, for OPT-30B and OPT-66B int4 under an A6000-sized budget (memory.gpu_budget_gib=48),
+# prompt 512, 32 new tokens, every weight streamed. First the host's attention alone (benchmarks/cpu_attention.py:
+# its GB/s is hardware.host_attention_gbps, a guess until this runs), then the jobs; FlexGen's, in the same
+# session, is benchmarks/peers/flexgen_sweep.sh. One part per device call, chained on one warm machine:
+#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt66b
+set -uo pipefail
+OUT=${1:?usage: kv_attention.sh OUT PART}
+PART=${2:?usage: kv_attention.sh OUT PART}
+mkdir -p "$OUT" /tmp/kv_attention
+STORE="sqlite:////tmp/kv_attention/mlflow.db"
+COMMON="quant=int4 memory.gpu_budget_gib=48 prompt_len=512 gen_len=32 warmup=1 repeat=1 memory=tuned memory.persistence=h"
+
+paths() {  # paths <model> <name> <GPU KV batch> <offloaded batches...>: the GPU cache at its largest batch, then both offloaded paths
+  local model=$1 name=$2 gpu_batch=$3
+  shift 3
+  local variants=(--variant "gpu_b$gpu_batch" kvcache=gpu batch="$gpu_batch")
+  for batch in "$@"; do
+    variants+=(--variant "copy_up_b$batch" kvcache=cpu batch="$batch" --variant "host_b$batch" kvcache=cpu kvcache.attention=host batch="$batch")
+  done
+  python3 benchmarks/compare.py --store "$STORE" --timeout 300 --common model="$model" $COMMON "${variants[@]}" \
+    --title "$model int4 under 48 GiB: the KV cache on the GPU, in host memory attended on the GPU (copied up) or on the host" \
+    --out "$OUT/$name"
+}
+
+case $PART in
+probe) python3 benchmarks/cpu_attention.py --model opt-30b --batch 16 64 128 --context 544 | tee "$OUT/cpu_attention_opt30b.md"
+       python3 benchmarks/cpu_attention.py --model opt-66b --batch 16 64 --context 544 | tee "$OUT/cpu_attention_opt66b.md" ;;
+opt30b) paths opt-30b opt30b_int4_48gib_kv_attention 24 64 128 ;;
+opt66b) paths opt-66b opt66b_int4_48gib_kv_attention 16 32 64 ;;
+*) echo "unknown part $PART: probe, opt30b or opt66b" >&2; exit 2 ;;
+esac
+cp /tmp/kv_attention/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
