@@ -7,10 +7,8 @@
 # One part per device call (each fits its 10-minute limit), chained on one warm machine:
 #   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|bloom_rest|opt66b
 set -uo pipefail
-OUT=${1:?usage: int4_175b_class.sh OUT PART}
-PART=${2:?usage: int4_175b_class.sh OUT PART}
-mkdir -p "$OUT" /tmp/int4_175b_class
-STORE="sqlite:////tmp/int4_175b_class/mlflow.db"
+source "$(dirname "$0")/parts.sh"
+parts_setup int4_175b_class "$@"
 BIG="quant=int4 memory.gpu_budget_gib=48 prompt_len=512 gen_len=32 warmup=1 repeat=1"
 STREAMED="memory=tuned memory.persistence=h"  # every weight streamed (the planner's residency: memory=tuned alone)
 OPT67_B64="model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned"

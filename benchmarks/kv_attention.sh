@@ -7,10 +7,8 @@
 # session, is benchmarks/peers/flexgen_sweep.sh. One part per device call, chained on one warm machine:
 #   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt66b
 set -uo pipefail
-OUT=${1:?usage: kv_attention.sh OUT PART}
-PART=${2:?usage: kv_attention.sh OUT PART}
-mkdir -p "$OUT" /tmp/kv_attention
-STORE="sqlite:////tmp/kv_attention/mlflow.db"
+source "$(dirname "$0")/parts.sh"
+parts_setup kv_attention "$@"
 COMMON="quant=int4 memory.gpu_budget_gib=48 prompt_len=512 gen_len=32 warmup=1 repeat=1 memory=tuned memory.persistence=h"
 
 paths() {  # paths <model> <name> <GPU KV batch> <offloaded batches...>: the GPU cache at its largest batch, then both offloaded paths
