@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from zi_app.plan.hardware import host_attention_gbps
+
 SHAPES = {"opt-30b": (7168, 56), "opt-66b": (9216, 72), "opt-175b": (12288, 96)}  # hidden size, attention heads
 
 
@@ -32,14 +34,6 @@ def best_of(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def cpu_attention_s(batch: int, heads: int, head_dim: int, context: int, dtype: torch.dtype, repeat: int) -> float:
-    """One decode step's attention for one layer on the CPU: one query token against ``context`` cached ones."""
-    keys = torch.randn(batch, heads, context, head_dim, dtype=dtype)
-    values = torch.randn_like(keys)
-    query = torch.randn(batch, heads, 1, head_dim, dtype=dtype)
-    return best_of(lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values), repeat)
 
 
 def link_copy_s(nbytes: int, repeat: int) -> float:
@@ -75,7 +69,9 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|")
     for batch in args.batch:
         nbytes = 2 * batch * args.context * hidden * torch.finfo(dtype).bits // 8
-        cpu_s = cpu_attention_s(batch, heads, hidden // heads, args.context, dtype, args.repeat)
+        gbps = host_attention_gbps(str(dtype).removeprefix("torch."), batch, heads, args.context, hidden // heads,
+                                   args.repeat)
+        cpu_s = nbytes / gbps / 1e9
         copy_s = link_copy_s(nbytes, args.repeat) if cuda else None
         link = f"{copy_s:.4f} | {nbytes / copy_s / 1e9:.1f} | {cpu_s / copy_s:.2f}" if copy_s else "| |"
         print(f"| {batch} | {nbytes / 1e6:.1f} | {cpu_s:.4f} | {nbytes / cpu_s / 1e9:.1f} | {link} |")

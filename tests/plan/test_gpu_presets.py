@@ -42,10 +42,21 @@ def test_auto_on_an_h100_predicts_tokens_per_second(compose, tmp_path, monkeypat
     cache = tmp_path / "cache"
     measured = hw._bandwidth_file(str(cache), "NVIDIA H100 80GB HBM3")  # as the app's probe leaves it
     measured.parent.mkdir(parents=True)
-    measured.write_text(json.dumps({"pinned": 53.0, "pageable": 17.0}))
+    measured.write_text(json.dumps({"pinned": 53.0, "pageable": 17.0, "host_attention_float16": 41.0,
+                                    "host_attention_bfloat16": 45.0}))
 
     spec = validate(compose("hardware=auto", "model=opt-13b", "batch=8", f"cache_dir={cache}"))
     machine = hw.hardware(spec)
     assert machine.has_gpu_rates and machine.gpu_tflops == 989 and machine.gpu_memory_gbps == 3350
-    assert machine.h2d_pinned_gbps == 53.0
+    assert machine.h2d_pinned_gbps == 53.0 and machine.host_attention_gbps == 41.0  # opt-13b is float16
     assert plan_job(spec, cuda=False).predicted_tokens_per_sec > 0
+
+
+def test_the_hosts_attention_rate_is_measured_or_assumed(compose):
+    """``kvcache.attention=host``'s rate: this CPU's, measured by the probe the app caches (a real SDPA over a
+    small cache); a preset's machine cannot be measured from here, so the assumed rate stands unless given."""
+    rate = hw.host_attention_gbps("bfloat16", batch=2, heads=4, context=64, head_dim=32, repeats=3)
+    assert 0 < rate < 10_000
+    preset = hw.hardware(validate(compose("hardware=h200")))
+    assert preset.host_attention_gbps == hw.HOST_ATTENTION_GBPS_ASSUMED
+    assert hw.hardware(validate(compose("hardware=h200", "hardware.host_attention_gbps=80"))).host_attention_gbps == 80

@@ -225,7 +225,7 @@ def _check_kvcache(kvcache: Any) -> None:
 
 def _check_hardware(hardware: Any) -> None:
     for key in ("gpu_memory_gib", "host_memory_gib", "h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",
-                "gpu_tflops", "gpu_peer_gbps"):
+                "gpu_tflops", "gpu_peer_gbps", "host_attention_gbps"):
         if hardware[key] is not None:
             _number(f"hardware.{key}", hardware[key], "a positive, finite number, or null (measured here)")
     if hardware.gpu_count is not None:

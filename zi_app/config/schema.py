@@ -177,9 +177,9 @@ class HardwareSpec:
     step_overhead_s: float = 0.02  # fixed host seconds per forward pass
     compute_efficiency: float = 0.57  # share of gpu_tflops the prefill's matmuls reach
     memory_efficiency: float = 0.3  # share of gpu_memory_gbps a decode step's weight and KV reads reach
-    # GB/s of cached keys and values the host's attention reads (kvcache.attention=host); not yet measured on the
-    # H200 (benchmarks/cpu_attention.py): a guess from 15 GB/s on the 2-core CI machine
-    host_attention_gbps: float = 30.0
+    # GB/s of cached keys and values the host's CPU attention reads (kvcache.attention=host); null: measured on
+    # this machine with its link rates (hardware=auto with a GPU), else 30 assumed (not yet measured on the H200)
+    host_attention_gbps: Optional[float] = None
 
 
 @dataclass(frozen=True)

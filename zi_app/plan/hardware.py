@@ -195,11 +195,38 @@ def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
     return nbytes / statistics.median(seconds) / 1e9
 
 
-def measure_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
-    """Measure pinned and pageable host-to-device GB/s in this process (creates a CUDA context) and cache them."""
+HOST_ATTENTION_DTYPES = ("float16", "bfloat16")
+# GB/s assumed for kvcache.attention=host where it cannot be measured (a preset's machine, or no GPU here): about
+# twice the 15 GB/s of the 2-core CI machine's bfloat16 (benchmarks/cpu_attention.py)
+HOST_ATTENTION_GBPS_ASSUMED = 30.0
+
+
+def host_attention_gbps(dtype: str, batch: int = 16, heads: int = 56, context: int = 544, head_dim: int = 128,
+                        repeats: int = 5) -> float:
+    """Median GB/s of cached keys and values that one decode step's attention reads on this machine's CPU, every
+    thread (torch's SDPA, one query token per sequence, OPT-30B's heads at its last step): the rate of
+    kvcache.attention=host."""
     import torch
 
-    bandwidth = {"pinned": h2d_gbps(pinned=True), "pageable": h2d_gbps(pinned=False)}
+    keys = torch.randn(batch, heads, context, head_dim, dtype=getattr(torch, dtype))
+    values, query = torch.randn_like(keys), torch.randn(batch, heads, 1, head_dim, dtype=keys.dtype)
+    attend = torch.nn.functional.scaled_dot_product_attention
+    attend(query, keys, values)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        attend(query, keys, values)
+        seconds.append(time.perf_counter() - start)
+    return 2 * keys.numel() * keys.element_size() / statistics.median(seconds) / 1e9
+
+
+def measure_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
+    """Measure pinned and pageable host-to-device GB/s in this process (creates a CUDA context) and the host's
+    attention rate per dtype (``host_attention_<dtype>``), and cache them."""
+    import torch
+
+    bandwidth = {"pinned": h2d_gbps(pinned=True), "pageable": h2d_gbps(pinned=False),
+                 **{f"host_attention_{dtype}": host_attention_gbps(dtype) for dtype in HOST_ATTENTION_DTYPES}}
     path = _bandwidth_file(cache_dir, torch.cuda.get_device_name())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(bandwidth))
@@ -207,13 +234,14 @@ def measure_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
 
 
 def cached_h2d_bandwidth(cache_dir: str) -> Optional[Dict[str, float]]:
-    """Pinned and pageable host-to-device GB/s of this machine's GPU, measured once (in a child process)
-    and cached under ``cache_dir``; None without a GPU or when the measurement failed."""
+    """Pinned and pageable host-to-device GB/s of this machine's GPU and its host's attention rates, measured
+    once (in a child process) and cached under ``cache_dir``; None without a GPU or when the measurement failed.
+    A cache written before the host's attention was measured is measured again."""
     device = gpu()
     if device is None:
         return None
     path = _bandwidth_file(cache_dir, device.name)
-    if not path.is_file():
+    if not path.is_file() or f"host_attention_{HOST_ATTENTION_DTYPES[0]}" not in json.loads(path.read_text()):
         subprocess.run([sys.executable, "-m", "zi_app.plan.hardware", cache_dir], check=False)
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -256,13 +284,17 @@ def hardware(spec: JobSpec, cuda: bool = False) -> Hardware:
         if device is not None:
             preset = matching_preset(device) or {}
             measured = (cached_h2d_bandwidth(spec.cache_dir) or {}
-                        if None in (hw["h2d_pinned_gbps"], hw["h2d_pageable_gbps"]) else {})
+                        if None in (hw["h2d_pinned_gbps"], hw["h2d_pageable_gbps"], hw["host_attention_gbps"])
+                        else {})
             found = {"device_name": device.name, "gpu_memory_gib": device.memory_bytes / GIB,
                      "h2d_pinned_gbps": measured.get("pinned"), "h2d_pageable_gbps": measured.get("pageable"),
                      "gpu_memory_gbps": preset.get("gpu_memory_gbps"), "gpu_tflops": preset.get("gpu_tflops"),
                      "gpu_count": len(visible_gpus()) or (1 if cuda else None),
-                     "gpu_peer_gbps": preset.get("gpu_peer_gbps")}
+                     "gpu_peer_gbps": preset.get("gpu_peer_gbps"),
+                     "host_attention_gbps": measured.get(f"host_attention_{spec.model.dtype}")}
             hw.update({key: value for key, value in found.items() if hw[key] is None})
+    if hw["host_attention_gbps"] is None:
+        hw["host_attention_gbps"] = HOST_ATTENTION_GBPS_ASSUMED
     return Hardware(name=hw["name"], device_name=hw["device_name"], gpu_memory_bytes=_gib(hw["gpu_memory_gib"]),
                     host_memory_bytes=_gib(hw["host_memory_gib"]),
                     **{key: hw[key] for key in ("h2d_pinned_gbps", "h2d_pageable_gbps", "gpu_memory_gbps",

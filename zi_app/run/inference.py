@@ -160,4 +160,7 @@ def roofline(spec: JobSpec, model, prompts, kwargs: GenerateArgs, decode_step_s:
     streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs())
     metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if spec.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
+    attention = bandwidth.get(f"host_attention_{spec.model.dtype}")
+    if attention is not None:
+        metrics["host_attention_gbps"] = attention
     return metrics
