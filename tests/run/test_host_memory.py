@@ -97,3 +97,18 @@ def test_host_memory_is_the_quantized_weights_and_as_planned(case, job, compose)
     assert added <= HOST_RULE * weights + HOST_SLACK_BYTES, (added / 2**20, weights / 2**20)
     peak, planned = metrics["peak_host_rss_bytes"], plan.predicted_peak_host_bytes
     assert abs(planned - peak) <= PLAN_TOLERANCE * peak, (planned / 2**30, peak / 2**30)
+
+
+def test_a_jobs_peak_is_its_own_not_its_parents(run_python, tmp_path):
+    """A job started by a process holding 1 GiB (a sweep's driver, a test worker) reports its own peak host
+    RSS: Linux's ``ru_maxrss`` carried the parent's resident set into the child at exec, and jobs reported it."""
+    from conftest import MlflowStore
+
+    parent = ("import subprocess, sys\n"
+              "held = bytearray(2**30)\n"
+              "held[::4096] = b'x' * len(held[::4096])\n"  # every page touched: resident
+              "sys.exit(subprocess.call([sys.executable, '-m', 'zi_app', *sys.argv[1:]]))\n")
+    run_python(["-c", parent, "model=tiny-opt", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1"],
+               tmp_path).expect_success()
+    [record] = MlflowStore(tmp_path).job_runs()
+    assert record.data.metrics["peak_host_rss_bytes"] < 0.9 * 2**30

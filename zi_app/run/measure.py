@@ -43,10 +43,10 @@ class PeakMemory:
 
 @contextlib.contextmanager
 def peak_memory() -> Iterator[PeakMemory]:
-    """Record the process's peak host RSS (ru_maxrss) and peak CUDA memory over the block.
+    """Record the process's peak host RSS (:func:`peak_rss_bytes`) and peak CUDA memory over the block.
 
-    ru_maxrss is the peak of the whole process so far: run one job per process (the launcher does) so
-    that it is the peak of this job, loading included, as the reference script reports it.
+    The host peak is the whole process's so far: run one job per process (the launcher does) so that it is
+    the peak of this job, loading included, as the reference script reports it.
     """
     peaks = PeakMemory()
     if torch.cuda.is_available():
@@ -54,10 +54,24 @@ def peak_memory() -> Iterator[PeakMemory]:
     try:
         yield peaks
     finally:
-        peaks.host_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peaks.host_rss_bytes = peak_rss_bytes()
         if torch.cuda.is_available():
             peaks.gpu_allocated_bytes = torch.cuda.max_memory_allocated()
             peaks.gpu_reserved_bytes = torch.cuda.max_memory_reserved()
+
+
+def peak_rss_bytes() -> int:
+    """The process's own peak resident set: ``VmHWM`` of /proc/self/status, where there is one. ``ru_maxrss`` is
+    not the process's own on Linux: exec carries into it the resident set of the memory it replaces, the parent's
+    (its peak under vfork), so a job started by a sweep's driver or a test worker reported the larger of the two."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def host_rss_bytes() -> int:
