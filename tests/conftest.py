@@ -7,10 +7,13 @@ peak-memory counters are process-wide, so the pytest process never creates a Dee
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import shutil
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -76,15 +79,47 @@ def run_python() -> Callable[..., ProcessResult]:
     return run
 
 
+@pytest.fixture(scope="session")
+def new_store(tmp_path_factory) -> Callable[[Path], None]:
+    """``new_store(cwd)``: put a new, empty MLflow store where the app run in ``cwd`` keeps its default one
+    (``cwd/mlruns/mlflow.db``), as the app would have created it there, unless one is there already.
+
+    Creating a store (MLflow's schema and its migrations) costs an app process a second of CPU; tests that
+    only read the runs of their jobs get a copy of one store made once per worker, with its Default
+    experiment's artifact location moved to the copy's folder. Tests of the store's creation itself
+    (tests/record/test_store_creation.py, the fault tests) run the app on an empty folder instead."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from zi_app.record.store import artifact_root
+
+    template = tmp_path_factory.mktemp("store-template") / "mlruns" / "mlflow.db"
+    template.parent.mkdir()
+    SqlAlchemyStore(f"sqlite:///{template}", artifact_root(f"sqlite:///{template}")).engine.dispose()
+    template_root = artifact_root(f"sqlite:///{template}")
+
+    def seed(cwd: Path) -> None:
+        db = Path(cwd) / "mlruns" / "mlflow.db"
+        if db.exists():
+            return
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+        with contextlib.closing(sqlite3.connect(db)) as connection, connection:
+            connection.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                               (template_root, artifact_root(f"sqlite:///{db}")))
+
+    return seed
+
+
 @pytest.fixture
-def run_app(tmp_path, run_python) -> Callable[..., ProcessResult]:
+def run_app(tmp_path, run_python, new_store) -> Callable[..., ProcessResult]:
     """``run_app(*overrides, multirun=False)``: ``python -m zi_app [-m] <overrides>`` with cwd=tmp_path.
 
-    The app's MLflow store is then ``tmp_path/mlruns/mlflow.db`` (see :func:`mlflow_store`) and its
-    Hydra outputs land under ``tmp_path``.
+    The app's MLflow store is then ``tmp_path/mlruns/mlflow.db`` (see :func:`mlflow_store`), made new for the
+    test (:func:`new_store`), and its Hydra outputs land under ``tmp_path``.
     """
 
     def run(*overrides: str, multirun: bool = False) -> ProcessResult:
+        new_store(tmp_path)
         return run_python(["-m", "zi_app", *(["-m"] if multirun else []), *overrides], tmp_path)
 
     return run
@@ -277,7 +312,7 @@ class Job:
 
 
 @pytest.fixture
-def job(tmp_path_factory, run_python):
+def job(tmp_path_factory, run_python, new_store):
     """``job(*overrides)``: run ``python -m zi_app <overrides>`` once per test in a fresh directory (no two
     tests run the same job, so the tests spread over the workers: see the scheduling below); the job must
     finish."""
@@ -286,6 +321,7 @@ def job(tmp_path_factory, run_python):
     def run(*overrides: str) -> Job:
         if overrides not in done:
             cwd = tmp_path_factory.mktemp("job")
+            new_store(cwd)
             proc = run_python(["-m", "zi_app", *overrides], cwd).expect_success()
             store = MlflowStore(cwd)
             [record] = store.job_runs()

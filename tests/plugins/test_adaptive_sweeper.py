@@ -20,6 +20,7 @@ from hydra_plugins.zero_inference._adaptive import Grid, Point, batch_of, next_r
 from zi_app.record import runs as zi_runs, sweep_end
 from zi_app import validate
 from zi_app.plan.job import plan_job
+from zi_app.run.progress import human_seconds
 
 QUICK = ["model=tiny-opt", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1", "memory=reference"]
 BATCHES = [1, 2, 4, 8]
@@ -218,11 +219,16 @@ def test_optuna_sweeper_maximises_the_apps_tokens_per_sec(run_app, mlflow_store,
     assert f"batch={optimum['best_params']['batch']}" in fastest.data.tags[zi_runs.OVERRIDES_TAG].split()
 
 
-def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store):
+def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store, compose):
     """``hydra.sweeper.max_jobs=1``: one job, and the report says the best is not confirmed and why the
-    rest were skipped."""
+    rest were skipped. The sweeper launches round after round: the launcher's time plan names the round, not
+    the sweep."""
+    planned = plan_job(validate(compose(*QUICK, *RATES, "batch=2")), cuda=False).predicted_job_s
     result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.max_jobs=1", *QUICK, *RATES, "batch=1,2",
                      multirun=True).expect_success()
+    assert planned is not None
+    assert f"\nround 1: 1 job to run, about {human_seconds(planned)} (planned)\n" in result.stdout, result.tail()
+    assert not re.search(r"^sweep: ", result.stdout, re.M)
     parent, jobs = sweep_runs(mlflow_store)
     assert len(jobs) == 1 and jobs[0].info.status == "FINISHED"
     assert "batch=2" in jobs[0].data.tags[zi_runs.OVERRIDES_TAG].split(), "the point predicted fastest runs first"

@@ -135,13 +135,3 @@ def test_sweep_prints_its_planned_time_and_the_time_left(run_app, compose):
     first = re.search(r"^\[1/2\] #0 .*batch=1: COMPLETED .* · about (.+) left$", result.stdout, re.M)
     assert first and first.group(1) == human_seconds(planned[1]), result.tail()
     assert re.search(r"^\[2/2\] #1 .*batch=2: COMPLETED [^·]*$", result.stdout, re.M), "nothing left, no time left"
-
-
-def test_adaptive_sweep_plans_each_round_not_the_sweep(run_app, compose):
-    """The adaptive sweeper launches round after round: the launcher's time plan names the round."""
-    planned = planned_seconds(compose, *QUICK, "warmup=0", "repeat=1", *RATES, "batch=2")
-    result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.max_jobs=1", *QUICK, "warmup=0", "repeat=1", *RATES,
-                     "batch=1,2", multirun=True).expect_success()
-
-    assert f"\nround 1: 1 job to run, about {human_seconds(planned)} (planned)\n" in result.stdout, result.tail()
-    assert not re.search(r"^sweep: ", result.stdout, re.M)
