@@ -87,7 +87,7 @@ def test_host_memory_is_the_quantized_weights_and_as_planned(case, job, compose)
     - what loading adds to the job's host RSS (sampled just before and just after loading) is at most 1.10x the
       weights at their stored width, scales included (the planner's offloaded-weights term); before the heap
       was handed back (zi_app/run/heap.py) opt-1.3b int4 kept 1.4 GiB more than its 0.69 GiB of weights;
-    - the job's peak host RSS (``ru_maxrss``) is the plan's within 10%. At batch 8 opt-1.3b int4 peaked at
+    - the job's peak host RSS (``peak_host_rss_bytes``) is the plan's within 10%. At batch 8 opt-1.3b int4 peaked at
       2.8 GiB, 1.4 more than planned, until its LM head's input was made contiguous (zi_app/run/lm_head.py)."""
     overrides = HOST_CASES[case]
     metrics = job(*overrides).metrics
@@ -99,16 +99,14 @@ def test_host_memory_is_the_quantized_weights_and_as_planned(case, job, compose)
     assert abs(planned - peak) <= PLAN_TOLERANCE * peak, (planned / 2**30, peak / 2**30)
 
 
-def test_a_jobs_peak_is_its_own_not_its_parents(run_python, tmp_path):
+def test_a_jobs_peak_is_its_own_not_its_parents(run_python, mlflow_store, tmp_path):
     """A job started by a process holding 1 GiB (a sweep's driver, a test worker) reports its own peak host
     RSS: Linux's ``ru_maxrss`` carried the parent's resident set into the child at exec, and jobs reported it."""
-    from conftest import MlflowStore
-
     parent = ("import subprocess, sys\n"
               "held = bytearray(2**30)\n"
               "held[::4096] = b'x' * len(held[::4096])\n"  # every page touched: resident
               "sys.exit(subprocess.call([sys.executable, '-m', 'zi_app', *sys.argv[1:]]))\n")
     run_python(["-c", parent, "model=tiny-opt", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1"],
                tmp_path).expect_success()
-    [record] = MlflowStore(tmp_path).job_runs()
+    [record] = mlflow_store.job_runs()
     assert record.data.metrics["peak_host_rss_bytes"] < 0.9 * 2**30
