@@ -196,8 +196,8 @@ def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
 
 
 HOST_ATTENTION_DTYPES = ("float16", "bfloat16")
-# GB/s assumed for kvcache.attention=host where it cannot be measured (a preset's machine, or no GPU here): about
-# twice the 15 GB/s of the 2-core CI machine's bfloat16 (benchmarks/cpu_attention.py)
+# GB/s assumed for kvcache.attention=host where it cannot be measured (a preset's machine, or no GPU here): a guess,
+# between the 2-core CI machine's 14 (float16) and 33 (bfloat16) and what a server's cores should reach
 HOST_ATTENTION_GBPS_ASSUMED = 30.0
 
 
@@ -241,9 +241,11 @@ def cached_h2d_bandwidth(cache_dir: str) -> Optional[Dict[str, float]]:
     if device is None:
         return None
     path = _bandwidth_file(cache_dir, device.name)
-    if not path.is_file() or f"host_attention_{HOST_ATTENTION_DTYPES[0]}" not in json.loads(path.read_text()):
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if f"host_attention_{HOST_ATTENTION_DTYPES[0]}" not in cached:
         subprocess.run([sys.executable, "-m", "zi_app.plan.hardware", cache_dir], check=False)
-    return json.loads(path.read_text()) if path.is_file() else None
+        cached = json.loads(path.read_text()) if path.is_file() else {}
+    return cached or None
 
 
 def matching_preset(device: Gpu) -> Optional[dict]:
