@@ -131,6 +131,11 @@ class KVCacheSpec:
     # (the CPU reads it where it lives; only queries, outputs and new tokens' keys and values cross PCIe)
     attention: str = "device"
 
+    @property
+    def attends_on_host(self) -> bool:
+        """Whether decode steps attend on the CPU over the host cache (``attention=host``)."""
+        return self.attention == "host"
+
 
 @dataclass(frozen=True)
 class MemorySpec:

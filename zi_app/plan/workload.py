@@ -87,7 +87,7 @@ def workload(spec: JobSpec) -> Workload:
                     live_elements=int(memory.max_live_hh * h * h), offload=offload.device, pin=spec.pin,
                     kv_offloaded=spec.kvcache.cache_implementation in ("host", "offloaded"),
                     kv_preallocated=spec.kvcache.cache_implementation == "host",
-                    kv_attend_on_host=spec.kvcache.attention == "host",
+                    kv_attend_on_host=spec.kvcache.attends_on_host,
                     leaf_modules=memory.leaf_modules,
                     # measured: only the reference's small buckets release the embedding between its two uses
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules

@@ -64,7 +64,7 @@ def generate_arguments(spec: JobSpec) -> Iterator[GenerateArgs]:
         yield GenerateArgs(impl)
         return
     with kvcache.host_kv(spec.model.shape.layers, spec.prompt_len + spec.gen_len, spec.pin,
-                         attend_on_host=spec.kvcache.attention == "host") as memory:
+                         attend_on_host=spec.kvcache.attends_on_host) as memory:
         yield GenerateArgs(memory=memory)
 
 
@@ -102,7 +102,7 @@ def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics)
         with loading.loading_progress(spec, facts):
             model = loading.load_model(spec)
         lm_head.fold_batch(model)
-        if spec.kvcache.attention == "host":
+        if spec.kvcache.attends_on_host:
             kvcache.attend_on_host(model)
         overlap = spec.memory.max_inflight_fetches if spec.memory.fetch == "overlap" else None
         model = engine.initialize(model, ds_config, overlap_fetches=overlap)
