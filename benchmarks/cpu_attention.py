@@ -10,41 +10,18 @@ to the GPU over the pinned link (what ``kvcache=cpu`` does today), then attend t
     python benchmarks/cpu_attention.py --hidden 256 --heads 4 --batch 2 --context 64   # a CPU-only smoke run
 
 Prints a table: per layer, the cache's bytes, CPU attention seconds and GB/s, and on CUDA the link's copy
-seconds and GB/s for the same bytes. dtype: the cache's (fp16 on CUDA machines, bfloat16 on the CPU by default).
+seconds and GB/s for the same bytes, each the median of ``--repeat`` timings (the planner's own probes). dtype: the cache's (fp16 on CUDA machines, bfloat16 on the CPU by default).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from zi_app.plan.hardware import host_attention_gbps
+from zi_app.plan.hardware import h2d_gbps, host_attention_gbps
 
 SHAPES = {"opt-30b": (7168, 56), "opt-66b": (9216, 72), "opt-175b": (12288, 96)}  # hidden size, attention heads
-
-
-def best_of(fn, repeat: int) -> float:
-    """Shortest wall seconds of ``repeat`` calls (the first call warms up and is not counted)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def link_copy_s(nbytes: int, repeat: int) -> float:
-    """Seconds to copy ``nbytes`` from pinned host memory to the GPU."""
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-
-    def copy():
-        device.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-    return best_of(copy, repeat)
 
 
 def main(argv=None) -> None:
@@ -72,7 +49,7 @@ def main(argv=None) -> None:
         gbps = host_attention_gbps(str(dtype).removeprefix("torch."), batch, heads, args.context, hidden // heads,
                                    args.repeat)
         cpu_s = nbytes / gbps / 1e9
-        copy_s = link_copy_s(nbytes, args.repeat) if cuda else None
+        copy_s = nbytes / h2d_gbps(pinned=True, nbytes=nbytes, repeats=args.repeat) / 1e9 if cuda else None
         link = f"{copy_s:.4f} | {nbytes / copy_s / 1e9:.1f} | {cpu_s / copy_s:.2f}" if copy_s else "| |"
         print(f"| {batch} | {nbytes / 1e6:.1f} | {cpu_s:.4f} | {nbytes / cpu_s / 1e9:.1f} | {link} |")
 
