@@ -10,7 +10,8 @@ to the GPU over the pinned link (what ``kvcache=cpu`` does today), then attend t
     python benchmarks/cpu_attention.py --hidden 256 --heads 4 --batch 2 --context 64   # a CPU-only smoke run
 
 Prints a table: per layer, the cache's bytes, CPU attention seconds and GB/s, and on CUDA the link's copy
-seconds and GB/s for the same bytes, each the median of ``--repeat`` timings (the planner's own probes). dtype: the cache's (fp16 on CUDA machines, bfloat16 on the CPU by default).
+seconds and GB/s for the same bytes, each the median of ``--repeat`` timings (the planner's own probes).
+dtype: the cache's (fp16 on CUDA machines, bfloat16 on the CPU by default).
 """
 
 from __future__ import annotations
