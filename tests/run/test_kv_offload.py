@@ -77,8 +77,8 @@ def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
 @pytest.mark.quick
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_attending_on_the_host_moves_only_the_new_tokens(model, tiny_checkpoint, compose):
-    """kvcache.attention=host, counted by the cache over one generate: down to the host, each new token's keys
-    and values once; up, no cached prefix; the host's attention reads each decode step every layer's cached
+    """kvcache.attention=host, counted by the cache over one generate: down to the host, the prompt's keys and
+    values in one copy padded to the final length, then each new token's once; up, no cached prefix; the host's attention reads each decode step every layer's cached
     tokens (the planner's term for it), and the device holds no slots. Its tokens are plain transformers'."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -104,5 +104,5 @@ def test_attending_on_the_host_moves_only_the_new_tokens(model, tiny_checkpoint,
         host = memory.host.untyped_storage().data_ptr()
         assert {layer.keys.untyped_storage().data_ptr() for layer in cache.layers} == {host}
         per_token = kv_cache_bytes(shape, BATCH, 1, DTYPE_BYTES[spec.model.dtype])
-        assert memory.d2h_bytes == per_token * (PROMPT_LEN + GEN_LEN - 1)
+        assert memory.d2h_bytes == per_token * (PROMPT_LEN + GEN_LEN) + per_token * (GEN_LEN - 1)
         assert memory.host_read_bytes == (GEN_LEN - 1) * cached_kv_bytes(work) + per_token * (GEN_LEN - 1)

@@ -187,9 +187,20 @@ class HostKVCache(Cache):
         the prefill attends on the device over the prompt's, which it has, and a decode step where they are."""
         memory, layer = self.memory, self.layers[layer_idx]
         keys, values = memory.host[layer_idx, 0, :, :, :end], memory.host[layer_idx, 1, :, :, :end]
-        keys[:, :, start:end].copy_(key_states)
-        values[:, :, start:end].copy_(value_states)
-        memory.d2h_bytes += 2 * key_states.numel() * key_states.element_size()
+        if start:
+            keys[:, :, start:end].copy_(key_states)
+            values[:, :, start:end].copy_(value_states)
+            memory.d2h_bytes += 2 * key_states.numel() * key_states.element_size()
+        else:
+            # The prompt's tokens are a strided block of the head-major buffer, which torch copies from the GPU
+            # through a pageable bounce buffer (OPT-30B int4 batch 64 on an H100: a 32.8 s prefill, 3.3 s copying
+            # up). Padded to the final length on the device, the layer's block goes down as one DMA; the padding
+            # is overwritten by the decode steps' tokens before anything reads it.
+            padded = key_states.new_empty(memory.host.shape[1:])
+            padded[0, :, :, :end].copy_(key_states)
+            padded[1, :, :, :end].copy_(value_states)
+            memory.host[layer_idx].copy_(padded, non_blocking=True)
+            memory.d2h_bytes += padded.numel() * padded.element_size()
         layer.length, layer.is_initialized = end, True
         layer.keys, layer.values = keys, values
         if not start:
