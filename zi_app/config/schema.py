@@ -66,6 +66,7 @@ class ModelShape:
     embed_dim: int  # the embedding's width (OPT's word_embed_proj_dim, else hidden_size)
     max_positions: Optional[int]  # learned or rotary position limit; None where the config has none
     tied_embeddings: bool  # the LM head is the embedding
+    gated_mlp: bool = False  # the MLP is act(gate(x)) * up(x) (Llama's): three intermediates live at once, not two
 
     @property
     def kv_dim(self) -> int:

@@ -150,6 +150,10 @@ def largest_weight_file(model: ModelSpec) -> Optional[int]:
     return max(sizes, default=None)
 
 
+# transformers families whose MLP is LlamaMLP's act_fn(gate_proj(x)) * up_proj(x)
+GATED_MLP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
 def model_shape(arch: Any) -> ModelShape:
     """The sizes of a checked architecture (a transformers config dict), under each family's key names."""
     hidden = next(int(arch[key]) for key in ("hidden_size", "n_embed", "d_model", "n_embd") if arch.get(key))
@@ -161,7 +165,8 @@ def model_shape(arch: Any) -> ModelShape:
                       vocab_size=int(arch.get("vocab_size", 0)),
                       embed_dim=int(arch.get("word_embed_proj_dim") or hidden),
                       max_positions=int(positions) if positions else None,
-                      tied_embeddings=bool(arch.get("tie_word_embeddings", True)))
+                      tied_embeddings=bool(arch.get("tie_word_embeddings", True)),
+                      gated_mlp=arch.get("model_type") in GATED_MLP_MODEL_TYPES)
 
 
 def _check_model_type(model_type: Any) -> None:
