@@ -5,7 +5,7 @@
 # once at its final length), and memory=reference (DeepSpeed's own settings and pinning) at the first point; a
 # point the plan refuses (host memory) is recorded as refused before loading. The plan is hardware=auto's.
 # One part per device call (each fits its 10-minute limit), chained on one warm machine:
-#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|bloom_rest|opt66b
+#   bash benchmarks/on_device.sh bash benchmarks/int4_175b_class.sh "$OUT" kv|kv_tokens|llama|llama_kv|opt175b|bloom|bloom_rest|opt66b|resident
 set -uo pipefail
 source "$(dirname "$0")/parts.sh"
 parts_setup int4_175b_class "$@"
@@ -28,10 +28,10 @@ kv_tokens)  # the same, our cache against the GPU's only: are the greedy tokens 
   compare 150 opt67b_b64_kv_tokens "OPT-6.7B fp16 batch 64 under 24 GiB: greedy tokens with the KV cache on the GPU and in our host cache" \
     --common $OPT67_B64 \
     --variant gpu kvcache=gpu --variant cpu kvcache=cpu ;;
-llama)  # every weight streamed first (GPU KV, then our host KV cache), DeepSpeed's settings, then resident weights
+llama)  # every weight streamed (GPU KV, then our host KV cache), then DeepSpeed's settings
   compare 300 llama2_70b_int4_48gib "Llama-2-70B int4 under 48 GiB, batch 16" --common model=llama-2-70b batch=16 $BIG \
     --variant streamed memory=tuned memory.persistence=h --variant kv_cpu memory=tuned memory.persistence=h kvcache=cpu \
-    --variant reference memory=reference --variant tuned memory=tuned ;;
+    --variant reference memory=reference ;;
 llama_kv)  # the short form: every weight streamed, our host KV cache first, then the GPU cache (same tokens?)
   compare 200 llama2_70b_int4_48gib_kv "Llama-2-70B int4 under 48 GiB, batch 16, every weight streamed: the KV cache in our host cache and on the GPU" \
     --common model=llama-2-70b batch=16 $BIG memory=tuned memory.persistence=h --variant kv_cpu kvcache=cpu --variant kv_gpu kvcache=gpu ;;
@@ -50,8 +50,10 @@ bloom_rest)  # what the 2026-12-05 session left: DeepSpeed's settings at batch 1
 opt66b)
   compare 300 opt66b_int4_48gib_kv "OPT-66B int4 under 48 GiB, batch 16, every weight streamed: the KV cache on the GPU and in our host cache; DeepSpeed's settings" \
     --common model=opt-66b batch=16 $BIG --variant gpu memory=tuned memory.persistence=h \
-    --variant cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference \
-    --variant tuned memory=tuned ;;  # the planner's residency: out of GPU memory on 2026-12-05, before ZeRO-3's packed sizes were planned
-*) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom, bloom_rest or opt66b" >&2; exit 2 ;;
+    --variant cpu memory=tuned memory.persistence=h kvcache=cpu --variant reference memory=reference ;;
+resident)  # the planner's residency (memory=tuned): out of GPU memory on 2026-12-05, before ZeRO-3's packed int4 sizes were planned
+  compare 300 int4_48gib_resident "OPT-66B and Llama-2-70B int4 under 48 GiB, batch 16, the planner's residency (memory=tuned)" \
+    --common batch=16 $BIG memory=tuned --variant opt66b model=opt-66b --variant llama2_70b model=llama-2-70b ;;
+*) echo "unknown part $PART: kv, kv_tokens, llama, llama_kv, opt175b, bloom, bloom_rest, opt66b or resident" >&2; exit 2 ;;
 esac
 cp /tmp/int4_175b_class/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
