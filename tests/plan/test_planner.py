@@ -65,14 +65,16 @@ def _is_number(text: str) -> bool:
 
 def predicted_for_run(name: str, overrides: list, measured: dict, compose) -> tuple:
     """(plan, peak GPU bytes, peak host bytes, streamed bytes per step, decode step s, tokens/s) predicted for
-    the committed run ``name``: planned for the H200 at the link rates it measured, at the residency it
-    logged. ``compose(*overrides)`` composes the app's config. A run measured before 2026-12-05 with random
+    the committed run ``name``: planned for the H200 at the link rates (and the host's attention rate) it
+    measured, at the residency it logged. ``compose(*overrides)`` composes the app's config. A run measured before 2026-12-05 with random
     weights and init-time quantization read them from a full-width random checkpoint (issue 20 makes them
     under ZeRO-3 instead): that checkpoint's bytes were part of its host peak, and are added to the plan's."""
     # A run transcribed from its log (docs/results/*_planner_accuracy_2026-12-04.json) states its pinned rate
     # only, and not its residency.
     hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
                 *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
+                  else []),
+                *([f"hardware.host_attention_gbps={measured['host_attention_gbps']}"] if "host_attention_gbps" in measured
                   else [])]
     plan = plan_job(validate(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware)), cuda=False)
     shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
@@ -96,9 +98,11 @@ def warm(plan) -> bool:
 RUNS = measured_runs()
 # Measured runs the model misses by more than the tolerance, each in what it names (docs/planner.md says why).
 PEAK_GPU_MISSES = {"opt13b_int4_fetch_paths_2026-12-03:streamed-overlap",
+                   "opt30b_int4_48gib_kv_attention_2026-12-06:host_b64",
                    "opt175b_int4_48gib_2026-12-05:cpu_kv_b8",
                    "bloom176b_int4_48gib_2026-12-05:gpu_kv_b12", "bloom176b_int4_48gib_2026-12-05:cpu_kv_b8"}
 TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
+                 "opt30b_int4_48gib_kv_attention_2026-12-06:host_b64", "opt66b_int4_48gib_kv_2026-12-06:reference",
                  "bloom176b_int4_48gib_2026-12-05:gpu_kv_b12", "bloom176b_int4_48gib_2026-12-05:cpu_kv_b8",
                  "opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
                  "opt1-3b_largest_batch_8gib_measured_2026-12-04:batch60"}
