@@ -5,7 +5,7 @@
 # prompt 512, 32 new tokens, every weight streamed. First the host's attention alone (benchmarks/cpu_attention.py:
 # its GB/s is hardware.host_attention_gbps, a guess until this runs), then the jobs; FlexGen's, in the same
 # session, is benchmarks/peers/flexgen_sweep.sh. One part per device call, chained on one warm machine:
-#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt66b
+#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt30b_host|opt66b
 set -uo pipefail
 source "$(dirname "$0")/parts.sh"
 parts_setup kv_attention "$@"
@@ -27,7 +27,13 @@ case $PART in
 probe) python3 benchmarks/cpu_attention.py --model opt-30b --batch 16 64 128 --context 544 | tee "$OUT/cpu_attention_opt30b.md"
        python3 benchmarks/cpu_attention.py --model opt-66b --batch 16 64 --context 544 | tee "$OUT/cpu_attention_opt66b.md" ;;
 opt30b) paths opt-30b opt30b_int4_48gib_kv_attention 24 64 128 ;;
+opt30b_host)  # after the prefill's padded copy (2026-12-06): both offloaded paths at batch 64 and 128, no GPU cache
+  python3 benchmarks/compare.py --store "$STORE" --timeout 300 --common model=opt-30b $COMMON kvcache=cpu \
+    --variant copy_up_b64 batch=64 --variant host_b64 kvcache.attention=host batch=64 \
+    --variant host_b128 kvcache.attention=host batch=128 \
+    --title "opt-30b int4 under 48 GiB: the offloaded KV cache copied up or attended on the host" \
+    --out "$OUT/opt30b_int4_48gib_kv_host" ;;
 opt66b) paths opt-66b opt66b_int4_48gib_kv_attention 16 32 64 ;;
-*) echo "unknown part $PART: probe, opt30b or opt66b" >&2; exit 2 ;;
+*) echo "unknown part $PART: probe, opt30b, opt30b_host or opt66b" >&2; exit 2 ;;
 esac
 cp /tmp/kv_attention/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
