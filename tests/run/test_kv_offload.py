@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from zi_app import validate
-from zi_app.plan.memory import kv_cache_bytes, offloaded_kv_bytes, offloaded_kv_host_bytes
+from zi_app.plan.memory import kv_cache_bytes, offloaded_kv_bytes, offloaded_kv_host_bytes, stored_kv_bytes
 from zi_app.plan.workload import DTYPE_BYTES, workload
 
 BATCH, PROMPT_LEN, GEN_LEN = 3, 8, 5
@@ -41,6 +41,86 @@ def test_host_cache_generates_the_gpu_caches_tokens(model, tiny_checkpoint, job,
     spec = validate(compose(*_common(checkpoint), "kvcache=cpu"))
     assert on_host.metrics["kv_host_bytes"] == offloaded_kv_host_bytes(workload(spec)) > 0
     assert "kv_host_bytes" not in on_device.metrics
+
+
+def test_a_job_with_a_quantized_host_cache_holds_the_planned_host_bytes(tiny_checkpoint, job, compose):
+    """The app with ``kvcache.quant=int4`` (grouped-query attention): it generates (its tokens are not the GPU
+    cache's exactly: attention reads dequantized keys and values), and its host buffers are the planner's."""
+    checkpoint = tiny_checkpoint("tiny-llama")
+    quantized = job(*_common(checkpoint), "kvcache=cpu", "kvcache.quant=int4")
+    assert len({t for row in quantized.tokens for t in row}) > 2, f"degenerate output {quantized.tokens}"
+    spec = validate(compose(*_common(checkpoint), "kvcache=cpu", "kvcache.quant=int4"))
+    assert quantized.metrics["kv_host_bytes"] == offloaded_kv_host_bytes(workload(spec)) > 0
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("overrides,allowed", [
+    (["kvcache=cpu", "kvcache.quant=int3"], "'none', 'int8' or 'int4'"),
+    (["kvcache=gpu", "kvcache.quant=int4"], "ours in host memory attended on the GPU"),
+    (["kvcache=cpu", "kvcache.attention=host", "kvcache.quant=int8"], "kvcache.attention=device"),
+    (["kvcache=cpu", "kvcache.quant=int4", "model.arch.hidden_size=160", "model.arch.num_attention_heads=2"],
+     "groups of 64 of a head's 80 elements"),
+])
+def test_a_quantized_cache_it_cannot_hold_is_refused(overrides, allowed, compose):
+    """kvcache.quant is refused, naming the key, the value and what is allowed, before anything loads."""
+    from zi_app.config.checks import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        validate(compose("model=tiny-opt", *overrides))
+    quant = next(o for o in overrides if o.startswith("kvcache.quant=")).split("=")[1]
+    assert (refused.value.key, refused.value.value) == ("kvcache.quant", quant)
+    assert allowed in str(refused.value)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_values_are_within_half_a_step(bits):
+    """kvcache.quant: each value comes back within half its group's step of what went in, for fp16 keys shaped
+    as a cache's (tokens, 2, batch, heads, head_dim), more tokens than are quantized at once."""
+    import torch
+
+    from zi_app.run.kvcache import dequantize, quantize
+
+    x = torch.randn(70, 2, 3, 4, 128, generator=torch.Generator().manual_seed(0)).mul_(3).to(torch.float16)
+    codes, scales = quantize(x, bits)
+    assert codes.dtype == torch.uint8 and codes.shape[-1] == 128 * bits // 8 and scales.shape[-2:] == (2, 2)
+    back = dequantize(codes, scales, bits, out=torch.empty_like(x))
+    step = scales[..., 1:].repeat_interleave(64, dim=-1).squeeze(-2).flatten(-2).float()
+    error = (back.float() - x.float()).abs()
+    # half a step, and the float16 rounding of the dequantized value
+    assert (error <= step / 2 + x.float().abs() * 2**-10).all(), (error - step / 2).max()
+    assert 0 < error.mean() < step.mean() / 2
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_quantized_host_cache_moves_the_planned_bytes(model, quant, tiny_checkpoint, compose):
+    """kvcache.quant=int8/int4, counted by the cache over one generate: down, each new token's packed keys and
+    values and their scales once; up, each decode step every layer's packed prefix (the planner's per-step
+    term, a half or a quarter of the unquantized cache's and its scales); the host buffers are the planner's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zi_app.run.inference import random_prompts
+    from zi_app.run.kvcache import host_kv
+
+    checkpoint = tiny_checkpoint(model)
+    spec = validate(compose(*_common(checkpoint), "kvcache=cpu", f"kvcache.quant={quant}"))
+    shape, work = spec.model.shape, workload(spec)
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
+    with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, bits=spec.kvcache.bits) as memory, torch.no_grad():
+        tokens = plain.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN, past_key_values=memory.cache())
+        assert len(set(tokens[:, PROMPT_LEN:].flatten().tolist())) > 2, f"degenerate output {tokens}"
+        per_token = kv_cache_bytes(shape, BATCH, 1, DTYPE_BYTES[spec.model.dtype])
+        last = PROMPT_LEN + GEN_LEN - 1
+        assert memory.d2h_bytes == stored_kv_bytes(work, per_token * last)
+        assert memory.h2d_bytes == ((GEN_LEN - 1) * offloaded_kv_bytes(work)
+                                    + stored_kv_bytes(work, per_token * last // shape.layers))
+        unquantized = kv_cache_bytes(shape, BATCH, PROMPT_LEN + GEN_LEN, DTYPE_BYTES[spec.model.dtype])
+        assert memory.host_bytes() == offloaded_kv_host_bytes(work) < unquantized * spec.kvcache.bits // 16 * 1.25
 
 
 @pytest.mark.quick

@@ -20,6 +20,9 @@ QUANT_MODES = ("none", "init", "post")
 QUANT_BITS = (4, 8)
 CACHE_IMPLEMENTATIONS = (None, "host", "offloaded")
 KV_ATTENTION = ("device", "host")
+KV_QUANT = ("none", "int8", "int4")
+KV_QUANT_GROUP = 64  # elements of a head that share a minimum and a step in a quantized KV cache (zi_app/run/kvcache.py)
+KV_QUANT_CHUNK_TOKENS = 64  # tokens it quantizes or dequantizes at once (their temporaries on the GPU)
 WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
@@ -208,7 +211,7 @@ def _check_memory(memory: Any) -> None:
                           "two) or 'native' (DeepSpeed's page-locked allocations at their own size)")
 
 
-def _check_kvcache(kvcache: Any) -> None:
+def _check_kvcache(kvcache: Any, model: Any) -> None:
     if kvcache.cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ConfigError("kvcache.cache_implementation", kvcache.cache_implementation,
                           "null (transformers' GPU cache), 'host' (host memory allocated once, zi_app/run/kvcache.py) or "
@@ -221,6 +224,22 @@ def _check_kvcache(kvcache: Any) -> None:
         raise ConfigError("kvcache.attention", kvcache.attention,
                           "'device' with this cache: attention on the host needs the cache there, kvcache=cpu "
                           f"(kvcache.cache_implementation='host', not {kvcache.cache_implementation!r})")
+    if kvcache.quant not in KV_QUANT:
+        raise ConfigError("kvcache.quant", kvcache.quant, "'none', 'int8' or 'int4' (the host cache's width)")
+    if kvcache.quant != "none" and (kvcache.cache_implementation != "host" or kvcache.attention != "device"):
+        raise ConfigError("kvcache.quant", kvcache.quant,
+                          "'none' with this cache: a quantized cache is ours in host memory attended on the GPU, "
+                          "kvcache=cpu with kvcache.attention=device")
+    hidden = next((model.arch[key] for key in ("hidden_size", "n_embed", "d_model", "n_embd") if model.arch.get(key)),
+                  None)
+    heads = next((model.arch[key] for key in _ARCH_HEADS if model.arch.get(key)), None)
+    if kvcache.quant != "none" and hidden and heads:
+        head_dim = hidden // heads
+        group = min(KV_QUANT_GROUP, head_dim)
+        if head_dim % group or group % 2:
+            raise ConfigError("kvcache.quant", kvcache.quant,
+                              f"'none' for this model: a quantized cache takes groups of {group} of a head's "
+                              f"{head_dim} elements (an even number dividing it)")
 
 
 def _check_hardware(hardware: Any) -> None:
@@ -267,6 +286,6 @@ def check(cfg: Any) -> None:
     _check_offload(cfg.offload)
     _check_quant(cfg.quant, cfg.model)
     _check_memory(cfg.memory)
-    _check_kvcache(cfg.kvcache)
+    _check_kvcache(cfg.kvcache, cfg.model)
     _check_hardware(cfg.hardware)
     check_tracking(cfg.tracking)

@@ -131,11 +131,19 @@ class KVCacheSpec:
     # where a decode step attends over the host cache: device (each layer's cached prefix copied up) or host
     # (the CPU reads it where it lives; only queries, outputs and new tokens' keys and values cross PCIe)
     attention: str = "device"
+    # none: the host cache holds keys and values in the model's dtype; int8 or int4: quantized in groups of 64
+    # along each head (a minimum and a step per group), dequantized on the GPU as each layer's prefix comes up
+    quant: str = "none"
 
     @property
     def attends_on_host(self) -> bool:
         """Whether decode steps attend on the CPU over the host cache (``attention=host``)."""
         return self.attention == "host"
+
+    @property
+    def bits(self) -> int:
+        """Bits per cached key or value element: 16 (the model's 16-bit dtype) unless ``quant`` is int8/int4."""
+        return {"int8": 8, "int4": 4}.get(self.quant, 16)
 
 
 @dataclass(frozen=True)

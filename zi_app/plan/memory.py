@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
+from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, KV_QUANT_GROUP
 from zi_app.config.schema import ModelShape
 from zi_app.plan.facts import ModelFacts
 from zi_app.plan.workload import DTYPE_BYTES, Workload
@@ -65,6 +66,23 @@ def persisted_elements(numels: Sequence[int], param_threshold: int, model_thresh
 def kv_cache_bytes(shape: ModelShape, batch: int, seq_len: int, dtype_bytes: int) -> int:
     """Keys and values of every layer for ``batch`` sequences of ``seq_len`` tokens."""
     return 2 * shape.layers * batch * seq_len * shape.kv_dim * dtype_bytes
+
+
+def stored_kv_parts(work: Workload, nbytes: int) -> Tuple[int, int]:
+    """(values, scales): the bytes our host cache stores for ``nbytes`` of keys and values in the model's dtype.
+    With kvcache.quant=none the values themselves and no scales; quantized, ``kv_bits`` per element and each
+    group's minimum and step in the dtype (zi_app/run/kvcache.py)."""
+    if work.kv_bits >= 16:
+        return nbytes, 0
+    width = DTYPE_BYTES[work.dtype]
+    elements = nbytes // width
+    group = min(KV_QUANT_GROUP, work.shape.hidden_size // work.shape.heads)
+    return elements * work.kv_bits // 8, elements // group * 2 * width
+
+
+def stored_kv_bytes(work: Workload, nbytes: int) -> int:
+    """Bytes our host cache stores for ``nbytes`` of keys and values in the model's dtype (:func:`stored_kv_parts`)."""
+    return sum(stored_kv_parts(work, nbytes))
 
 
 def activation_bytes(shape: ModelShape, batch: int, prompt_len: int, dtype_bytes: int) -> int:
@@ -151,7 +169,15 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
         if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
             tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
-        return min(full, half_layers_held * full // max(1, 2 * work.shape.layers)) if work.kv_offloaded else full
+        if not work.kv_offloaded:
+            return full
+        held = min(full, half_layers_held * full // max(1, 2 * work.shape.layers))
+        if work.kv_preallocated and work.kv_bits < 16:  # and each slot's room for a layer's packed prefix, and
+            # quantizing 64 tokens at a time: their float32 copy and differences, twice their size in the dtype
+            held += 2 * stored_kv_bytes(work, full) // max(1, work.shape.layers)
+            held += 4 * kv_cache_bytes(work.shape, work.batch, min(tokens, KV_QUANT_CHUNK_TOKENS), nbytes) // max(
+                1, work.shape.layers)
+        return held
 
     prefill = kv(work.prompt_len, 2) + activation_bytes(work.shape, work.batch, work.prompt_len, nbytes)
     decode = kv(final, 4)
@@ -224,7 +250,7 @@ def offloaded_kv_bytes(work: Workload) -> int:
         return 0
     if work.kv_attend_on_host:
         return work.shape.layers * work.batch * work.shape.hidden_size * DTYPE_BYTES[work.dtype]
-    return cached_kv_bytes(work)
+    return stored_kv_bytes(work, cached_kv_bytes(work)) if work.kv_preallocated else cached_kv_bytes(work)
 
 
 def cached_kv_bytes(work: Workload) -> int:
@@ -280,7 +306,7 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
         size = work.nvme_buffer_elements * nbytes
         parts["NVMe staging buffers"] = work.ranks * (pinned_bytes(size) if work.pin else size)
     if work.kv_offloaded:
-        final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes)
+        final = stored_kv_bytes(work, kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes))
         parts["KV cache"] = work.ranks * final
         parts["KV size classes"] = work.ranks * (offloaded_kv_host_bytes(work) - final)
     if work.reads_checkpoint:  # one file at a time where its files are known, else the whole checkpoint
@@ -317,7 +343,8 @@ def offloaded_kv_host_bytes(work: Workload) -> int:
     48 GiB for a 17 GB cache)."""
     if work.kv_preallocated:
         final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, DTYPE_BYTES[work.dtype])
-        return locked_bytes(final) if work.pin else final
+        parts = [part for part in stored_kv_parts(work, final) if part]  # one buffer each, locked on its own
+        return sum(locked_bytes(part) for part in parts) if work.pin else sum(parts)
     per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, work.shape.layers))
     classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}
     return 2 * work.shape.layers * sum(classes)

@@ -29,6 +29,7 @@ class Workload:
     kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu or cpu_transformers)
     kv_preallocated: bool = False  # ... in one buffer of its final length (kvcache=cpu: zi_app/run/kvcache.py)
     kv_attend_on_host: bool = False  # ... where decode steps attend over it on the CPU (kvcache.attention=host)
+    kv_bits: int = 16  # ... held quantized to 8 or 4 bits per element (kvcache.quant), else the 16-bit dtype
     leaf_modules: bool = False
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
@@ -87,7 +88,7 @@ def workload(spec: JobSpec) -> Workload:
                     live_elements=int(memory.max_live_hh * h * h), offload=offload.device, pin=spec.pin,
                     kv_offloaded=spec.kvcache.cache_implementation in ("host", "offloaded"),
                     kv_preallocated=spec.kvcache.cache_implementation == "host",
-                    kv_attend_on_host=spec.kvcache.attends_on_host,
+                    kv_attend_on_host=spec.kvcache.attends_on_host, kv_bits=spec.kvcache.bits,
                     leaf_modules=memory.leaf_modules,
                     # measured: only the reference's small buckets release the embedding between its two uses
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules

@@ -64,7 +64,7 @@ def generate_arguments(spec: JobSpec) -> Iterator[GenerateArgs]:
         yield GenerateArgs(impl)
         return
     with kvcache.host_kv(spec.model.shape.layers, spec.prompt_len + spec.gen_len, spec.pin,
-                         attend_on_host=spec.kvcache.attends_on_host) as memory:
+                         attend_on_host=spec.kvcache.attends_on_host, bits=spec.kvcache.bits) as memory:
         yield GenerateArgs(memory=memory)
 
 

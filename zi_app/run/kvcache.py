@@ -14,6 +14,13 @@ delegation): the host reads each layer's cached prefix from its own memory, and 
 values go down and the attention's queries and outputs cross the link, so that PCIe carries the weights alone.
 The host buffer is then head-major, so that each head's cached tokens are one run for the host's attention.
 
+With ``kvcache.quant=int8`` or ``int4`` (attending on the device) the host holds the cache quantized, FlexGen's
+``compress_cache``: each new token's keys and values are quantized on the device in groups of 64 elements
+along the head (``KV_QUANT_GROUP``; asymmetric, a minimum and a step per group in the model's dtype), go down
+packed, come back up packed and are dequantized on the side stream into the slot, so the link carries about
+a half (int8) or a quarter (int4) of the bytes. Attention then reads the dequantized values, the new tokens'
+included: the tokens generated are no longer the GPU cache's exactly.
+
 On DeepSpeed's CPU accelerator the same path runs with plain copies (the "device" is host memory too), which is
 how the CPU tests check its tokens and the bytes it moves.
 """
@@ -26,7 +33,54 @@ from typing import Iterator, Optional, Tuple
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, KV_QUANT_GROUP
+
 ATTENTION = "zi_where_cached"  # the attention implementation of kvcache.attention=host (see attend_where_cached)
+
+
+# Tokens quantized or dequantized at once: their float32 and unpacked temporaries stay a small part of a layer's
+# cache on the GPU (a prompt's or a prefix's whole would be several times one).
+CHUNK_TOKENS = KV_QUANT_CHUNK_TOKENS
+
+
+def kv_group(head_dim: int) -> int:
+    """Elements per quantization group of a head of ``head_dim``."""
+    return min(KV_QUANT_GROUP, head_dim)
+
+
+def quantize(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (tokens, ..., head_dim) as (codes packed into uint8, (tokens, ..., groups, 2) minimum and step in
+    x's dtype), :data:`CHUNK_TOKENS` tokens at a time."""
+    if x.shape[0] > CHUNK_TOKENS:
+        chunks = [quantize(part, bits) for part in x.split(CHUNK_TOKENS)]
+        return torch.cat([codes for codes, _ in chunks]), torch.cat([scales for _, scales in chunks])
+    group = kv_group(x.shape[-1])
+    grouped = x.unflatten(-1, (x.shape[-1] // group, group))
+    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+    step = ((high.float() - low.float()) / (2**bits - 1)).to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
+    # Codes from the minimum and step as stored (in x's dtype), computed in float32: in float16 the division
+    # alone is off by up to a tenth of a step at code 255.
+    codes = ((grouped.float() - low.float()) / step.float()).round_().clamp_(0, 2**bits - 1)
+    codes = codes.to(torch.uint8).flatten(-2)
+    if bits == 4:
+        codes = codes[..., 0::2] << 4 | codes[..., 1::2]
+    return codes, torch.cat((low, step), dim=-1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Write the values of :func:`quantize`'s ``codes`` and ``scales`` into ``out`` (tokens, ..., head_dim),
+    :data:`CHUNK_TOKENS` tokens at a time; return it."""
+    if out.shape[0] > CHUNK_TOKENS:
+        for start in range(0, out.shape[0], CHUNK_TOKENS):
+            part = slice(start, start + CHUNK_TOKENS)
+            dequantize(codes[part], scales[part], bits, out[part])
+        return out
+    if bits == 4:
+        codes = torch.stack((codes >> 4, codes & 15), dim=-1).flatten(-2)
+    grouped = out.unflatten(-1, (scales.shape[-2], out.shape[-1] // scales.shape[-2]))
+    torch.addcmul(scales[..., :1], codes.unflatten(-1, grouped.shape[-2:]).to(out.dtype), scales[..., 1:],
+                  out=grouped)
+    return out
 
 
 class HostKV:
@@ -37,38 +91,62 @@ class HostKV:
     Buffers are made at the first update, when the keys' batch, heads, head size, dtype and device are known.
     """
 
-    def __init__(self, layers: int, max_len: int, pin: bool = True, attend_on_host: bool = False) -> None:
+    def __init__(self, layers: int, max_len: int, pin: bool = True, attend_on_host: bool = False,
+                 bits: int = 16) -> None:
         self.layers, self.max_len, self.pin, self.attend_on_host = layers, max_len, pin, attend_on_host
+        self.bits = bits  # 16: the model's dtype; 8 or 4: quantized on the host (kvcache.quant)
         # Token-major, so that any run of tokens is one contiguous block: a strided copy between host and device
         # would stage through pageable memory and block the host thread until the stream reached it.
         # [layers, max_len, 2 (keys, values), batch, heads, head_dim]; attending on the host, head-major:
         # [layers, 2, batch, heads, max_len, head_dim]
         self.host: Optional[torch.Tensor] = None
         self.slots: Optional[torch.Tensor] = None  # [2 slots, max_len, 2, batch, heads, head_dim] on the device
+        # Quantized (bits < 16): ``host`` holds the packed codes [..., head_dim * bits / 8] (uint8), ``host_scales``
+        # each group's minimum and step [layers, max_len, 2, batch, heads, groups, 2], and each slot has room for
+        # a layer's packed codes and scales on the device (``packed_slots``, ``scale_slots``).
+        self.host_scales: Optional[torch.Tensor] = None
+        self.packed_slots: Optional[torch.Tensor] = None
+        self.scale_slots: Optional[torch.Tensor] = None
+        self.shape: Tuple[int, int, int] = (0, 0, 0)  # batch, heads, head size the buffers were made for
         self.stream = None  # the side stream of the copies (CUDA), else None: copies run in order
         self.h2d_bytes = 0  # bytes copied host -> device (cached prefixes)
         self.d2h_bytes = 0  # bytes copied device -> host (new tokens' keys and values)
         self.host_read_bytes = 0  # cached keys and values handed to the host's attention (kvcache.attention=host)
-        self._registered = False
+        self._registered: list = []  # host buffers page-locked by cudaHostRegister
 
     def allocate(self, key_states: torch.Tensor) -> None:
         """Make the host buffer and the device slots for keys shaped like ``key_states`` (batch, heads, *, head_dim)."""
         batch, heads, _, head_dim = key_states.shape
+        self.shape = (batch, heads, head_dim)
+        dtype, device = key_states.dtype, key_states.device
         if self.attend_on_host:  # no device slots: nothing cached comes up
-            self.host = torch.empty((self.layers, 2, batch, heads, self.max_len, head_dim), dtype=key_states.dtype)
+            self.host = torch.empty((self.layers, 2, batch, heads, self.max_len, head_dim), dtype=dtype)
         else:
             shape = (self.max_len, 2, batch, heads, head_dim)
-            self.host = torch.empty((self.layers,) + shape, dtype=key_states.dtype)
-            self.slots = torch.empty((2,) + shape, dtype=key_states.dtype, device=key_states.device)
+            self.slots = torch.empty((2,) + shape, dtype=dtype, device=device)
+            if self.bits < 16:
+                packed = shape[:-1] + (head_dim * self.bits // 8,)
+                scales = shape[:-1] + (head_dim // kv_group(head_dim), 2)
+                self.host = torch.empty((self.layers,) + packed, dtype=torch.uint8)
+                self.host_scales = torch.empty((self.layers,) + scales, dtype=dtype)
+                self.packed_slots = torch.empty((2,) + packed, dtype=torch.uint8, device=device)
+                self.scale_slots = torch.empty((2,) + scales, dtype=dtype, device=device)
+            else:
+                self.host = torch.empty((self.layers,) + shape, dtype=dtype)
         if key_states.is_cuda:
-            self.stream = None if self.attend_on_host else torch.cuda.Stream(device=key_states.device)
+            self.stream = None if self.attend_on_host else torch.cuda.Stream(device=device)
             if self.pin:
-                nbytes = self.host.numel() * self.host.element_size()
-                # cudaHostRegister locks the buffer's own pages (no power-of-two block from torch's host allocator)
-                status = torch.cuda.cudart().cudaHostRegister(self.host.data_ptr(), nbytes, 0)
-                if int(status) != 0:
-                    raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.1f} GiB KV cache failed ({status})")
-                self._registered = True
+                for buffer in (self.host, self.host_scales):
+                    if buffer is not None:
+                        self._register(buffer)
+
+    def _register(self, buffer: torch.Tensor) -> None:
+        nbytes = buffer.numel() * buffer.element_size()
+        # cudaHostRegister locks the buffer's own pages (no power-of-two block from torch's host allocator)
+        status = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+        if int(status) != 0:
+            raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.1f} GiB KV cache failed ({status})")
+        self._registered.append(buffer)
 
     def on_side_stream(self):
         """Context in which copies go to the side stream (CUDA); without one they run in order."""
@@ -76,19 +154,19 @@ class HostKV:
 
     def holds(self) -> Tuple[int, int, int]:
         """(batch, heads, head size) the host buffer was made for."""
-        shape = self.host.shape
-        return (shape[2], shape[3], shape[5]) if self.attend_on_host else (shape[3], shape[4], shape[5])
+        return self.shape
 
     def host_bytes(self) -> int:
-        """Bytes of the host buffer (0 before the first update)."""
-        return 0 if self.host is None else self.host.numel() * self.host.element_size()
+        """Bytes of the host buffers (0 before the first update)."""
+        return sum(buffer.numel() * buffer.element_size() for buffer in (self.host, self.host_scales)
+                   if buffer is not None)
 
     def close(self) -> None:
         """Unlock and drop the buffers."""
-        if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
-            self._registered = False
-        self.host = self.slots = self.stream = None
+        for buffer in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+        self._registered = []
+        self.host = self.host_scales = self.slots = self.packed_slots = self.scale_slots = self.stream = None
 
     def cache(self) -> "HostKVCache":
         """A new, empty cache over this memory, for one ``generate``."""
@@ -96,9 +174,9 @@ class HostKV:
 
 
 @contextlib.contextmanager
-def host_kv(layers: int, max_len: int, pin: bool, attend_on_host: bool = False) -> Iterator[HostKV]:
+def host_kv(layers: int, max_len: int, pin: bool, attend_on_host: bool = False, bits: int = 16) -> Iterator[HostKV]:
     """A job's :class:`HostKV`, closed (its host memory unlocked) on exit."""
-    memory = HostKV(layers, max_len, pin, attend_on_host)
+    memory = HostKV(layers, max_len, pin, attend_on_host, bits)
     try:
         yield memory
     finally:
@@ -154,11 +232,14 @@ class HostKVCache(Cache):
             else:
                 compute.wait_event(self.filled)
         if start and self.prefetched != (layer_idx, start):  # not fetched ahead (layers out of order): fetch now
-            self._copy_up(layer_idx, start, slot)
+            self._copy_up(layer_idx, start, self.updates % 2)
             if side is not None:
                 compute.wait_stream(side)
         slot[start:end, 0].copy_(key_states.permute(2, 0, 1, 3))
         slot[start:end, 1].copy_(value_states.permute(2, 0, 1, 3))
+        if memory.bits < 16:  # what goes down is what comes back: attention reads the dequantized values now too
+            codes, scales = quantize(slot[start:end], memory.bits)
+            dequantize(codes, scales, memory.bits, out=slot[start:end])
         layer.length, layer.is_initialized = end, True
         # The layer keeps views of its slot (batch, heads, tokens, head_dim), no memory of their own: a copy kept
         # per layer would put the whole cache back on the GPU.
@@ -171,11 +252,18 @@ class HostKVCache(Cache):
         with memory.on_side_stream():
             if side is not None:
                 side.wait_stream(compute)
-            down = memory.host[layer_idx, start:end]
-            down.copy_(slot[start:end], non_blocking=True)
-            memory.d2h_bytes += down.numel() * down.element_size()
+            if memory.bits < 16:
+                pairs = ((memory.host[layer_idx, start:end], codes), (memory.host_scales[layer_idx, start:end], scales))
+                if side is not None:  # made on the compute stream, read on this one
+                    codes.record_stream(side)
+                    scales.record_stream(side)
+            else:
+                pairs = ((memory.host[layer_idx, start:end], slot[start:end]),)
+            for down, new in pairs:
+                down.copy_(new, non_blocking=True)
+                memory.d2h_bytes += down.numel() * down.element_size()
             tokens = self.layers[following].length
-            self._copy_up(following, tokens, memory.slots[(self.updates + 1) % 2])
+            self._copy_up(following, tokens, (self.updates + 1) % 2)
             self.filled = side.record_event() if side is not None else None
         self.prefetched = (following, tokens)
         self.updates += 1
@@ -208,15 +296,24 @@ class HostKVCache(Cache):
         memory.host_read_bytes += 2 * keys.numel() * keys.element_size()
         return keys, values
 
-    def _copy_up(self, layer_idx: int, tokens: int, slot: torch.Tensor) -> None:
-        """Copy ``tokens`` cached tokens of ``layer_idx`` into ``slot`` (on the side stream where there is one)."""
+    def _copy_up(self, layer_idx: int, tokens: int, index: int) -> None:
+        """Copy ``tokens`` cached tokens of ``layer_idx`` into slot ``index`` (on the side stream where there is
+        one), through the slot's packed room when the host holds them quantized."""
         if not tokens:
             return
         memory = self.memory
+        slot = memory.slots[index, :tokens]
         with memory.on_side_stream():
-            up = memory.host[layer_idx, :tokens]
-            slot[:tokens].copy_(up, non_blocking=True)
-            memory.h2d_bytes += up.numel() * up.element_size()
+            if memory.bits < 16:
+                codes, scales = memory.packed_slots[index, :tokens], memory.scale_slots[index, :tokens]
+                pairs = ((codes, memory.host[layer_idx, :tokens]), (scales, memory.host_scales[layer_idx, :tokens]))
+            else:
+                pairs = ((slot, memory.host[layer_idx, :tokens]),)
+            for into, up in pairs:
+                into.copy_(up, non_blocking=True)
+                memory.h2d_bytes += up.numel() * up.element_size()
+            if memory.bits < 16:
+                dequantize(codes, scales, memory.bits, out=slot)
 
 
 def attend_where_cached(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
