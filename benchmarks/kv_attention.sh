@@ -5,7 +5,7 @@
 # prompt 512, 32 new tokens, every weight streamed. First the host's attention alone (benchmarks/cpu_attention.py:
 # its GB/s is hardware.host_attention_gbps, a guess until this runs), then the jobs; FlexGen's, in the same
 # session, is benchmarks/peers/flexgen_sweep.sh. One part per device call, chained on one warm machine:
-#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt30b_host|opt66b
+#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt30b_host|opt66b|quant
 set -uo pipefail
 source "$(dirname "$0")/parts.sh"
 parts_setup kv_attention "$@"
@@ -34,6 +34,18 @@ opt30b_host)  # after the prefill's padded copy (2026-12-06): both offloaded pat
     --title "opt-30b int4 under 48 GiB: the offloaded KV cache copied up or attended on the host" \
     --out "$OUT/opt30b_int4_48gib_kv_host" ;;
 opt66b) paths opt-66b opt66b_int4_48gib_kv_attention 16 32 64 ;;
-*) echo "unknown part $PART: probe, opt30b, opt30b_host or opt66b" >&2; exit 2 ;;
+quant)  # KV offload that pays (the planner's prediction, 2026-12-06): the cache quantized on the host against the
+  # GPU cache at its largest batch under 48 GiB (OPT-30B: 130.8 against 114.5 tokens/s planned on the H100 preset)
+  python3 benchmarks/compare.py --store "$STORE" --timeout 300 --common model=opt-30b $COMMON \
+    --variant gpu_b56 kvcache=gpu batch=56 --variant int4_kv_b256 kvcache=cpu kvcache.quant=int4 batch=256 \
+    --variant int4_kv_b128 kvcache=cpu kvcache.quant=int4 batch=128 --variant int8_kv_b128 kvcache=cpu kvcache.quant=int8 batch=128 \
+    --title "opt-30b int4 under 48 GiB: the GPU cache at its largest batch, the host cache quantized to int4 and int8" \
+    --out "$OUT/opt30b_int4_48gib_kv_quant"
+  # OPT-66B: 64.6 against 35.4 tokens/s planned (batch 192, 101 GiB of host memory, against batch 32)
+  python3 benchmarks/compare.py --store "$STORE" --timeout 420 --common model=opt-66b $COMMON \
+    --variant gpu_b32 kvcache=gpu batch=32 --variant int4_kv_b192 kvcache=cpu kvcache.quant=int4 batch=192 \
+    --title "opt-66b int4 under 48 GiB: the GPU cache at its largest batch, the host cache quantized to int4" \
+    --out "$OUT/opt66b_int4_48gib_kv_quant" ;;
+*) echo "unknown part $PART: probe, opt30b, opt30b_host, opt66b or quant" >&2; exit 2 ;;
 esac
 cp /tmp/kv_attention/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
