@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
-from hydra.errors import HydraException
+from hydra.errors import CompactHydraException, HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.zero_inference._sweep_plan import outcome
@@ -285,6 +285,17 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
     print(text, flush=True)
     _log_report(config, text)
     if best is None:
-        raise HydraException("the adaptive sweep measured no point: " + (
-            "none fits (see above)" if not fit else "every job it launched failed (see above)"))
+        raise NothingMeasured("the adaptive sweep measured no point: " + (
+            "none fits (see above)" if not fit else "every job it launched failed (see above)"),
+            EXIT_INVALID_CONFIG if not fit else 1)
     return returns
+
+
+class NothingMeasured(CompactHydraException):
+    """An adaptive sweep that ended without a measurement: the app's entry point prints it as one ``error:`` line
+    (the report above names each point's refusal or failure) and exits with ``exit_status``: 2 when the planner
+    refused every point, as for a bad value, 1 when every launched job failed."""
+
+    def __init__(self, message: str, exit_status: int) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

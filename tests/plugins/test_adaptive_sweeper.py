@@ -195,6 +195,19 @@ def test_adaptive_sweep_refuses_bad_options_before_planning(run_app, mlflow_stor
     assert not [run for run in mlflow_store.runs() if "mlflow.parentRunId" in run.data.tags], "no job ran"
 
 
+@pytest.mark.quick
+def test_a_sweep_where_nothing_fits_ends_in_one_line(run_app, mlflow_store):
+    """Every point refused by the planner (host memory): the report names each refusal, then one ``error:`` line
+    and exit status 2, as for a bad value; no traceback, no job run, the sweep's parent run FAILED."""
+    result = run_app("hydra/sweeper=adaptive", *QUICK, "hardware.host_memory_gib=0.5", "batch=1,2", multirun=True)
+    assert result.returncode == 2, result.tail()
+    assert "error: the adaptive sweep measured no point: none fits (see above)" in result.stderr
+    assert "Traceback" not in result.output, result.tail()
+    assert "2 do not fit" in result.stdout
+    runs = mlflow_store.runs()
+    assert [run.info.status for run in runs] == ["FAILED"] and "mlflow.parentRunId" not in runs[0].data.tags
+
+
 def test_optuna_sweeper_maximises_the_apps_tokens_per_sec(run_app, mlflow_store, compose, tmp_path):
     """Hydra's Optuna sweeper with our app and launcher: three trials, the one at batch=4 refused by the
     planner inside its job (a FAILED run, a FAIL trial), the best trial the fastest completed run."""

@@ -1,0 +1,157 @@
+"""DeepSpeed's published ZeRO-Inference table on the lent GPU (issue 21 items 2 and 5): each cell (weights int4 or
+fp16, the KV cache on the GPU or offloaded, one model) is one adaptive sweep over batch under the A6000's memory
+(``memory.gpu_budget_gib=48``, prompt 512, 32 new tokens, ``memory=tuned``), then DeepSpeed's own settings
+(``memory=reference``) at the batch that won, all in one MLflow store, one experiment per cell (the sweep's parent
+run holds its table and plot; ``zi-best --experiment seed-<cell>`` names the winner). A cell the plan refuses
+(host memory, disk for NVMe) is recorded as refused before anything loads. Then the table, the published A6000
+values beside ours.
+
+    python benchmarks/seed_table.py run --store sqlite:////tmp/seed/mlflow.db int4:cpu:opt-66b int4:gpu:opt-66b
+    python benchmarks/seed_table.py table --store sqlite:////tmp/seed/mlflow.db [--out docs/results/seed_table.md]
+
+A cell is WEIGHTS:KV:MODEL, WEIGHTS int4 or fp16, KV gpu or cpu, MODEL one of the table's (``run`` without cells runs
+every cell, in the issue's order of value). The KV-offload cells sweep ``kvcache.quant=none,int4`` too: the
+published runs kept the cache at fp16, FlexGen's compressed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from typing import List, Optional, Tuple
+
+from planner_vs_seed_table import PUBLISHED
+
+from zi_app.record import results
+
+SWEEP = ("memory=tuned", "memory.gpu_budget_gib=48", "prompt_len=512", "gen_len=32", "warmup=1", "repeat=1",
+         "pin=true")
+BATCHES = "1,2,4,8,12,16,24,32,48,64,96,128,192,256"
+ORDER = ("opt-66b", "opt-175b", "opt-30b", "llama-2-70b", "bloom-176b")  # the issue's order of value
+NVME_PATH = "/tmp/zi-nvme"
+
+
+def cells() -> List[str]:
+    """Every cell of the published table, int4 with KV offload first, then by model in ORDER."""
+    keys = sorted(PUBLISHED, key=lambda key: (key != ("int4", "cpu"), key))
+    return [f"{'fp16' if quant == 'none' else quant}:{kv}:{model}" for quant, kv in keys for model in ORDER]
+
+
+def parse(cell: str) -> Tuple[str, str, str]:
+    """(quant, kvcache, model) of a cell, or SystemExit naming what is allowed."""
+    parts = cell.split(":")
+    allowed = ", ".join(cells())
+    if len(parts) != 3:
+        sys.exit(f"cell {cell!r}: WEIGHTS:KV:MODEL, one of {allowed}")
+    weights, kv, model = parts
+    quant = "none" if weights == "fp16" else weights
+    if model not in PUBLISHED.get((quant, kv), {}):
+        sys.exit(f"cell {cell!r} is not in the published table: one of {allowed}")
+    return quant, kv, model
+
+
+def experiment(cell: str) -> str:
+    return "seed-" + cell.replace(":", "-")
+
+
+def cell_overrides(cell: str) -> List[str]:
+    """The overrides every job of a cell shares (its model, weights, KV cache and where the weights live)."""
+    quant, kv, model = parse(cell)
+    offload = PUBLISHED[(quant, kv)][model][2]
+    nvme = ["offload=nvme", f"offload.nvme_path={NVME_PATH}"] if offload == "nvme" else []
+    return [f"model={model}", f"quant={quant}", f"kvcache={kv}", *nvme, *SWEEP]
+
+
+def app(store: str, cell: str, overrides: List[str], multirun: bool) -> None:
+    """Run the app (``-m``: a sweep) into the cell's experiment; its output goes to ours."""
+    command = [sys.executable, "-m", "zi_app", *(["-m"] if multirun else []), *overrides,
+               f"tracking.uri={store}", f"tracking.experiment={experiment(cell)}"]
+    print(f"=== {time.strftime('%H:%M:%S')} {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=False)
+
+
+def winner(store: str, cell: str) -> Optional[results.JobRow]:
+    """The cell's fastest finished job with our settings, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    found = client.get_experiment_by_name(experiment(cell))
+    if found is None:
+        return None
+    rows = [row for row in results.experiment_rows(client, [found.experiment_id])
+            if row.values().get("memory") != "reference"]
+    return results.best(rows)
+
+
+def run(store: str, chosen: List[str]) -> None:
+    """Each cell's sweep, then DeepSpeed's settings at the batch (and cache width) that won."""
+    for cell in chosen:
+        common = cell_overrides(cell)
+        swept = [f"batch={BATCHES}"] + (["kvcache.quant=none,int4"] if parse(cell)[1] == "cpu" else [])
+        app(store, cell, ["hydra/sweeper=adaptive", *common, *swept], multirun=True)
+        top = winner(store, cell)
+        if top is None:
+            print(f"=== {cell}: no job finished; DeepSpeed's settings not run", flush=True)
+            continue
+        batch = top.values()["batch"]
+        reference = [o for o in common if o != "memory=tuned"] + ["memory=reference", f"batch={batch}"]
+        app(store, cell, reference, multirun=False)
+
+
+def row(store: str, cell: str) -> List[str]:
+    """The table's row of a cell: published, ours (batch, roofline ratio, peaks), DeepSpeed's at our batch."""
+    from mlflow.tracking import MlflowClient
+
+    quant, kv, model = parse(cell)
+    published, published_batch, _ = PUBLISHED[(quant, kv)][model]
+    head = [model, "int4" if quant == "int4" else "fp16", kv, f"{published:.2f} (bsz {published_batch})"]
+    top = winner(store, cell)
+    if top is None:
+        return head + ["not run" if MlflowClient(store).get_experiment_by_name(experiment(cell)) is None
+                       else "no job finished (see the sweep's table)"] + [""] * 5
+    found = MlflowClient(store).get_experiment_by_name(experiment(cell))
+    references = [r for r in results.experiment_rows(MlflowClient(store), [found.experiment_id])
+                  if r.values().get("memory") == "reference" and r.values().get("batch") == top.values()["batch"]]
+    ours, values = top.metrics, top.values()
+    speed = ours[results.METRIC]
+    reference = next((r for r in references if r.completed), references[0] if references else None)
+    theirs = (f"{reference.metrics[results.METRIC]:.2f}" if reference and reference.completed
+              else f"{reference.outcome()}" if reference else "not run")
+    return head + [f"{speed:.2f} (bsz {values['batch']}{', KV ' + values['kvcache.quant'] if 'kvcache.quant' in values else ''})",
+                   f"{speed / published:.2f}", f"{ours.get('roofline_ratio', float('nan')):.2f}",
+                   f"{ours.get(results.GPU_ALLOCATED, 0) / results.GIB:.1f} / {ours.get(results.HOST_RSS, 0) / results.GIB:.1f}",
+                   theirs]
+
+
+def table(store: str) -> str:
+    header = ["model", "weights", "KV cache", "published A6000 tokens/s", "ours tokens/s (batch)", "ours / published",
+              "step / roofline", "peak GPU / host GiB", "DeepSpeed's settings at our batch"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row(store, cell)) + " |" for cell in cells()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=("run", "table"))
+    parser.add_argument("cells", nargs="*", help="WEIGHTS:KV:MODEL (run: default every cell)")
+    parser.add_argument("--store", required=True, help="the MLflow store (sqlite:///... or a server)")
+    parser.add_argument("--out", help="table: also write it here (Markdown)")
+    args = parser.parse_intermixed_args()
+    if args.mode == "run":
+        chosen = args.cells or cells()
+        for cell in chosen:
+            parse(cell)  # every cell checked before the first sweep starts
+        run(args.store, chosen)
+        return
+    text = table(args.store)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
