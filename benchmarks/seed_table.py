@@ -110,7 +110,7 @@ def row(store: str, cell: str) -> List[str]:
     top = winner(store, cell)
     if top is None:
         return head + ["not run" if MlflowClient(store).get_experiment_by_name(experiment(cell)) is None
-                       else "no job finished (see the sweep's table)"] + [""] * 5
+                       else "no job finished (see the sweep's table)"] + [""] * 4
     found = MlflowClient(store).get_experiment_by_name(experiment(cell))
     references = [r for r in results.experiment_rows(MlflowClient(store), [found.experiment_id])
                   if r.values().get("memory") == "reference" and r.values().get("batch") == top.values()["batch"]]
