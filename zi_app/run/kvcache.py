@@ -48,23 +48,29 @@ def kv_group(head_dim: int) -> int:
     return min(KV_QUANT_GROUP, head_dim)
 
 
-def quantize(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (tokens, ..., head_dim) as (codes packed into uint8, (tokens, ..., groups, 2) minimum and step in
-    x's dtype), :data:`CHUNK_TOKENS` tokens at a time."""
+def quantize(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Quantize ``x`` (tokens, ..., head_dim) into ``codes`` (tokens, ..., head_dim * bits / 8; uint8, packed)
+    and ``scales`` (tokens, ..., groups, 2: each group's minimum and step, in x's dtype), :data:`CHUNK_TOKENS`
+    tokens at a time."""
     if x.shape[0] > CHUNK_TOKENS:
-        chunks = [quantize(part, bits) for part in x.split(CHUNK_TOKENS)]
-        return torch.cat([codes for codes, _ in chunks]), torch.cat([scales for _, scales in chunks])
+        for start in range(0, x.shape[0], CHUNK_TOKENS):
+            part = slice(start, start + CHUNK_TOKENS)
+            quantize(x[part], bits, codes[part], scales[part])
+        return
     group = kv_group(x.shape[-1])
     grouped = x.unflatten(-1, (x.shape[-1] // group, group))
     low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
     step = ((high.float() - low.float()) / (2**bits - 1)).to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
+    scales[..., :1].copy_(low)
+    scales[..., 1:].copy_(step)
     # Codes from the minimum and step as stored (in x's dtype), computed in float32: in float16 the division
     # alone is off by up to a tenth of a step at code 255.
-    codes = ((grouped.float() - low.float()) / step.float()).round_().clamp_(0, 2**bits - 1)
-    codes = codes.to(torch.uint8).flatten(-2)
+    levels = ((grouped.float() - low.float()) / step.float()).round_().clamp_(0, 2**bits - 1)
+    levels = levels.to(torch.uint8).flatten(-2)
     if bits == 4:
-        codes = codes[..., 0::2] << 4 | codes[..., 1::2]
-    return codes, torch.cat((low, step), dim=-1)
+        torch.bitwise_or(levels[..., 0::2] << 4, levels[..., 1::2], out=codes)
+    else:
+        codes.copy_(levels)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
@@ -238,7 +244,10 @@ class HostKVCache(Cache):
         slot[start:end, 0].copy_(key_states.permute(2, 0, 1, 3))
         slot[start:end, 1].copy_(value_states.permute(2, 0, 1, 3))
         if memory.bits < 16:  # what goes down is what comes back: attention reads the dequantized values now too
-            codes, scales = quantize(slot[start:end], memory.bits)
+            # (quantized into this slot's packed room: its prefix, dequantized, is in the slot already)
+            index = self.updates % 2
+            codes, scales = memory.packed_slots[index, start:end], memory.scale_slots[index, start:end]
+            quantize(slot[start:end], memory.bits, codes, scales)
             dequantize(codes, scales, memory.bits, out=slot[start:end])
         layer.length, layer.is_initialized = end, True
         # The layer keeps views of its slot (batch, heads, tokens, head_dim), no memory of their own: a copy kept
@@ -254,9 +263,6 @@ class HostKVCache(Cache):
                 side.wait_stream(compute)
             if memory.bits < 16:
                 pairs = ((memory.host[layer_idx, start:end], codes), (memory.host_scales[layer_idx, start:end], scales))
-                if side is not None:  # made on the compute stream, read on this one
-                    codes.record_stream(side)
-                    scales.record_stream(side)
             else:
                 pairs = ((memory.host[layer_idx, start:end], slot[start:end]),)
             for down, new in pairs:
