@@ -119,10 +119,10 @@ def row(store: str, cell: str) -> List[str]:
     reference = next((r for r in references if r.completed), references[0] if references else None)
     theirs = (f"{reference.metrics[results.METRIC]:.2f}" if reference and reference.completed
               else f"{reference.outcome()}" if reference else "not run")
-    return head + [f"{speed:.2f} (bsz {values['batch']}{', KV ' + values['kvcache.quant'] if 'kvcache.quant' in values else ''})",
-                   f"{speed / published:.2f}", f"{ours.get('roofline_ratio', float('nan')):.2f}",
-                   f"{ours.get(results.GPU_ALLOCATED, 0) / results.GIB:.1f} / {ours.get(results.HOST_RSS, 0) / results.GIB:.1f}",
-                   theirs]
+    width = f", KV {values['kvcache.quant']}" if "kvcache.quant" in values else ""
+    peaks = [ours.get(key, 0) / results.GIB for key in (results.GPU_ALLOCATED, results.HOST_RSS)]
+    return head + [f"{speed:.2f} (bsz {values['batch']}{width})", f"{speed / published:.2f}",
+                   f"{ours.get('roofline_ratio', float('nan')):.2f}", f"{peaks[0]:.1f} / {peaks[1]:.1f}", theirs]
 
 
 def table(store: str) -> str:

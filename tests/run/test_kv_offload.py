@@ -159,8 +159,9 @@ def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_attending_on_the_host_moves_only_the_new_tokens(model, tiny_checkpoint, compose):
     """kvcache.attention=host, counted by the cache over one generate: down to the host, the prompt's keys and
-    values in one copy padded to the final length, then each new token's once; up, no cached prefix; the host's attention reads each decode step every layer's cached
-    tokens (the planner's term for it), and the device holds no slots. Its tokens are plain transformers'."""
+    values in one copy padded to the final length, then each new token's once; up, no cached prefix; the host's
+    attention reads each decode step every layer's cached tokens (the planner's term for it), and the device
+    holds no slots. Its tokens are plain transformers'."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -21,8 +21,10 @@ QUANT_BITS = (4, 8)
 CACHE_IMPLEMENTATIONS = (None, "host", "offloaded")
 KV_ATTENTION = ("device", "host")
 KV_QUANT = ("none", "int8", "int4")
-KV_QUANT_GROUP = 64  # elements of a head that share a minimum and a step in a quantized KV cache (zi_app/run/kvcache.py)
-KV_QUANT_CHUNK_TOKENS = 64  # tokens it quantizes or dequantizes at once (their temporaries on the GPU)
+KV_QUANT_GROUP = 64  # elements of a head sharing a minimum and a step in a quantized KV cache (zi_app/run/kvcache.py)
+# Tokens it quantizes or dequantizes at once: their float32 and unpacked temporaries stay a small part of a
+# layer's cache on the GPU (a prompt's or a prefix's whole would be several times one).
+KV_QUANT_CHUNK_TOKENS = 64
 WEIGHTS = ("random", "pretrained")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
@@ -211,6 +213,11 @@ def _check_memory(memory: Any) -> None:
                           "two) or 'native' (DeepSpeed's page-locked allocations at their own size)")
 
 
+def kv_quant_group(head_dim: int) -> int:
+    """Elements per quantization group of a quantized KV cache's head of ``head_dim`` elements."""
+    return min(KV_QUANT_GROUP, head_dim)
+
+
 def _check_kvcache(kvcache: Any, model: Any) -> None:
     if kvcache.cache_implementation not in CACHE_IMPLEMENTATIONS:
         raise ConfigError("kvcache.cache_implementation", kvcache.cache_implementation,
@@ -235,7 +242,7 @@ def _check_kvcache(kvcache: Any, model: Any) -> None:
     heads = next((model.arch[key] for key in _ARCH_HEADS if model.arch.get(key)), None)
     if kvcache.quant != "none" and hidden and heads:
         head_dim = hidden // heads
-        group = min(KV_QUANT_GROUP, head_dim)
+        group = kv_quant_group(head_dim)
         if head_dim % group or group % 2:
             raise ConfigError("kvcache.quant", kvcache.quant,
                               f"'none' for this model: a quantized cache takes groups of {group} of a head's "

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Sequence, Tuple
 
-from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, KV_QUANT_GROUP
+from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, kv_quant_group
 from zi_app.config.schema import ModelShape
 from zi_app.plan.facts import ModelFacts
 from zi_app.plan.workload import DTYPE_BYTES, Workload
@@ -76,7 +76,7 @@ def stored_kv_parts(work: Workload, nbytes: int) -> Tuple[int, int]:
         return nbytes, 0
     width = DTYPE_BYTES[work.dtype]
     elements = nbytes // width
-    group = min(KV_QUANT_GROUP, work.shape.hidden_size // work.shape.heads)
+    group = kv_quant_group(work.shape.hidden_size // work.shape.heads)
     return elements * work.kv_bits // 8, elements // group * 2 * width
 
 

@@ -29,7 +29,7 @@ class Workload:
     kv_offloaded: bool = False  # the KV cache lives in host memory (kvcache=cpu or cpu_transformers)
     kv_preallocated: bool = False  # ... in one buffer of its final length (kvcache=cpu: zi_app/run/kvcache.py)
     kv_attend_on_host: bool = False  # ... where decode steps attend over it on the CPU (kvcache.attention=host)
-    kv_bits: int = 16  # ... held quantized to 8 or 4 bits per element (kvcache.quant), else the 16-bit dtype
+    kv_bits: int = 16  # ... held quantized to 8 or 4 bits per element (kvcache.quant); 16: in the model's dtype
     leaf_modules: bool = False
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)

@@ -33,31 +33,21 @@ from typing import Iterator, Optional, Tuple
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, KV_QUANT_GROUP
+from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, kv_quant_group
 
 ATTENTION = "zi_where_cached"  # the attention implementation of kvcache.attention=host (see attend_where_cached)
 
 
-# Tokens quantized or dequantized at once: their float32 and unpacked temporaries stay a small part of a layer's
-# cache on the GPU (a prompt's or a prefix's whole would be several times one).
-CHUNK_TOKENS = KV_QUANT_CHUNK_TOKENS
-
-
-def kv_group(head_dim: int) -> int:
-    """Elements per quantization group of a head of ``head_dim``."""
-    return min(KV_QUANT_GROUP, head_dim)
-
-
 def quantize(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Quantize ``x`` (tokens, ..., head_dim) into ``codes`` (tokens, ..., head_dim * bits / 8; uint8, packed)
-    and ``scales`` (tokens, ..., groups, 2: each group's minimum and step, in x's dtype), :data:`CHUNK_TOKENS`
-    tokens at a time."""
-    if x.shape[0] > CHUNK_TOKENS:
-        for start in range(0, x.shape[0], CHUNK_TOKENS):
-            part = slice(start, start + CHUNK_TOKENS)
+    and ``scales`` (tokens, ..., groups, 2: each group's minimum and step, in x's dtype),
+    ``KV_QUANT_CHUNK_TOKENS`` tokens at a time."""
+    if x.shape[0] > KV_QUANT_CHUNK_TOKENS:
+        for start in range(0, x.shape[0], KV_QUANT_CHUNK_TOKENS):
+            part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
             quantize(x[part], bits, codes[part], scales[part])
         return
-    group = kv_group(x.shape[-1])
+    group = kv_quant_group(x.shape[-1])
     grouped = x.unflatten(-1, (x.shape[-1] // group, group))
     low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
     step = ((high.float() - low.float()) / (2**bits - 1)).to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
@@ -75,10 +65,10 @@ def quantize(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.Tens
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
     """Write the values of :func:`quantize`'s ``codes`` and ``scales`` into ``out`` (tokens, ..., head_dim),
-    :data:`CHUNK_TOKENS` tokens at a time; return it."""
-    if out.shape[0] > CHUNK_TOKENS:
-        for start in range(0, out.shape[0], CHUNK_TOKENS):
-            part = slice(start, start + CHUNK_TOKENS)
+    ``KV_QUANT_CHUNK_TOKENS`` tokens at a time; return it."""
+    if out.shape[0] > KV_QUANT_CHUNK_TOKENS:
+        for start in range(0, out.shape[0], KV_QUANT_CHUNK_TOKENS):
+            part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
             dequantize(codes[part], scales[part], bits, out[part])
         return out
     if bits == 4:
@@ -132,7 +122,7 @@ class HostKV:
             self.slots = torch.empty((2,) + shape, dtype=dtype, device=device)
             if self.bits < 16:
                 packed = shape[:-1] + (head_dim * self.bits // 8,)
-                scales = shape[:-1] + (head_dim // kv_group(head_dim), 2)
+                scales = shape[:-1] + (head_dim // kv_quant_group(head_dim), 2)
                 self.host = torch.empty((self.layers,) + packed, dtype=torch.uint8)
                 self.host_scales = torch.empty((self.layers,) + scales, dtype=dtype)
                 self.packed_slots = torch.empty((2,) + packed, dtype=torch.uint8, device=device)
