@@ -240,6 +240,28 @@ def test_zi_plan_command(run_python, tmp_path):
     assert bad.returncode == 2 and "invalid override" in bad.stderr, bad.tail()
 
 
+@pytest.mark.quick
+def test_the_next_plan_of_a_model_reads_its_facts_from_the_cache(run_python, tmp_path):
+    """zi-plan keeps a model's facts under ``cache_dir``: the next zi-plan of that model (another process) reads
+    them and does not import the model's transformers code, with the same plan; a damaged file is read from the
+    model again, and written whole."""
+    zi_plan_then_say = ("import runpy, sys\n"
+                        "try:\n    runpy.run_module('zi_app.zi_plan', run_name='__main__')\n"
+                        "finally:\n    print('modelling code imported:', 'transformers.models.opt.modeling_opt' in "
+                        "sys.modules, file=sys.stderr)")
+    plan = ["-c", zi_plan_then_say, "--json", "model=opt-1.3b", "batch=8,64", "hardware=h200",
+            f"cache_dir={tmp_path / 'facts'}"]
+    first = run_python(plan, tmp_path).expect_success()
+    second = run_python(plan, tmp_path).expect_success()
+    assert "modelling code imported: True" in first.stderr and "modelling code imported: False" in second.stderr
+    assert json.loads(second.stdout) == json.loads(first.stdout)
+    [kept] = (tmp_path / "facts" / "model-facts").glob("*.json")
+    kept.write_text('{"leaf_classes": [')
+    third = run_python(plan, tmp_path).expect_success()
+    assert "modelling code imported: True" in third.stderr and json.loads(third.stdout) == json.loads(first.stdout)
+    assert json.loads(kept.read_text())["param_numels"]
+
+
 def planner_keys():
     return ("overrides", "fits", "reason", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
             "predicted_streamed_bytes_per_step", "predicted_decode_step_s", "predicted_tokens_per_sec")

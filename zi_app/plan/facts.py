@@ -1,13 +1,19 @@
 """What planning needs to know of a model beyond its sizes: its decoder-layer classes, every parameter's size
 in construction order and the modules ZeRO-3 hooks, read from the architecture on the meta device (imports
-transformers and torch when called; allocates nothing).
+transformers and torch when called; allocates nothing), and kept on disk per architecture and transformers
+version, so that the next plan of the same model (zi-plan, a sweep's jobs) reads them instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from zi_app.config.schema import thaw
 
@@ -36,16 +42,51 @@ def auto_config(arch: Mapping[str, Any]):
     return AutoConfig.for_model(arch.pop("model_type"), **arch)
 
 
-def model_facts(arch: Mapping[str, Any]) -> ModelFacts:
+def model_facts(arch: Mapping[str, Any], cache_dir: Optional[str] = None) -> ModelFacts:
     """Decoder-layer classes (from ``_no_split_modules``), parameter sizes and the modules ZeRO-3 hooks,
-    read on the meta device; remembered per architecture (a sweep plans many jobs of one model)."""
+    read on the meta device; remembered per architecture (a sweep plans many jobs of one model), and with
+    ``cache_dir`` kept in its ``model-facts`` folder for other processes (a file that cannot be read or
+    written there is read from the model again)."""
     key = json.dumps(arch, sort_keys=True)
     if key not in _FACTS:
-        _FACTS[key] = _read_facts(arch)
+        path = _facts_file(cache_dir, key) if cache_dir else None
+        facts = _load(path) if path else None
+        if facts is None:
+            facts = _read_facts(arch)
+            if path:
+                _store(path, facts)
+        _FACTS[key] = facts
     return _FACTS[key]
 
 
 _FACTS: Dict[str, ModelFacts] = {}
+
+
+def _facts_file(cache_dir: str, key: str) -> Path:
+    # The facts are transformers' modelling code's (another version may build the model differently) and fill
+    # this ModelFacts (a field added since must not be read as its default).
+    names = " ".join(field.name for field in dataclasses.fields(ModelFacts))
+    digest = hashlib.sha256(f"{key} transformers {version('transformers')} {names}".encode()).hexdigest()[:24]
+    return Path(cache_dir).expanduser() / "model-facts" / f"{digest}.json"
+
+
+def _load(path: Path) -> Optional[ModelFacts]:
+    try:
+        fields = json.loads(path.read_text())
+        return ModelFacts(**{name: tuple(value) if isinstance(value, list) else value
+                             for name, value in fields.items()})
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _store(path: Path, facts: ModelFacts) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(dataclasses.asdict(facts)))
+        partial.replace(path)  # whole or absent for a process reading it at the same time
+    except OSError:
+        pass  # a cache that cannot be written costs the next plan a second, nothing else
 
 
 def _read_facts(arch: Mapping[str, Any]) -> ModelFacts:

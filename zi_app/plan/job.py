@@ -188,7 +188,7 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     space, the GPU of a hardware preset. ``here=False`` plans for a preset's machine instead (zi-plan).
     """
     preflight.prefer_cpu_accelerator(cuda)  # before anything imports DeepSpeed
-    facts = model_facts(spec.model.arch)
+    facts = model_facts(spec.model.arch, spec.cache_dir)
     hw = machine.hardware(spec, cuda)
     device_bytes = hw.gpu_memory_bytes if (cuda or hw.name != "auto") else None
     # Planned for this machine without CUDA, DeepSpeed's CPU accelerator runs the job in host memory.
