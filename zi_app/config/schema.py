@@ -226,7 +226,7 @@ class JobSpec:
     dry_run: bool = False
     profile_step: bool = False
     verbose: bool = False
-    cache_dir: str = MISSING  # the measured host-to-device rates (zi_app/plan/hardware.py); conf/config.yaml sets it
+    cache_dir: str = MISSING  # measured link rates, model facts (plan/hardware.py, facts.py); conf/config.yaml
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
 
