@@ -295,6 +295,7 @@ def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_pa
     """A real MLflow store holding the committed H200 runs (their metrics, device tag and config.yaml, as
     the app logs them): ``--calibrate`` says from how many runs it fitted each constant and plans with
     them; the fitted model still predicts the reference batch 32 within 20%."""
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
@@ -306,8 +307,7 @@ def test_calibrate_refits_the_constants_from_a_store(compose, run_python, tmp_pa
     experiment = client.create_experiment("h200-runs", artifact_location=str(tmp_path / "mlruns" / "artifacts"))
     for name, overrides, measured in RUNS:
         run = client.create_run(experiment, tags={"device": "NVIDIA H200"}, run_name=name)
-        for key, value in measured.items():
-            client.log_metric(run.info.run_id, key, value)
+        client.log_batch(run.info.run_id, metrics=[Metric(key, value, 0, 0) for key, value in measured.items()])
         cfg = validate(compose(*[o for o in overrides if not o.startswith("profile_step")]))
         client.log_text(run.info.run_id, OmegaConf.to_yaml(as_config(cfg)), "config.yaml")
         client.set_terminated(run.info.run_id, "FINISHED")
