@@ -85,7 +85,8 @@ def test_quantized_values_are_within_half_a_step(bits):
     codes = torch.empty(x.shape[:-1] + (128 * bits // 8,), dtype=torch.uint8)
     scales = torch.empty(x.shape[:-1] + (2, 2), dtype=x.dtype)
     quantize(x, bits, codes, scales)
-    back = dequantize(codes, scales, bits, out=torch.empty_like(x))
+    back = torch.empty_like(x)
+    dequantize(codes, scales, bits, out=back)
     step = scales[..., 1:].repeat_interleave(64, dim=-1).squeeze(-2).flatten(-2).float()
     error = (back.float() - x.float()).abs()
     # half a step, and the float16 rounding of the dequantized value

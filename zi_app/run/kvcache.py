@@ -40,43 +40,38 @@ ATTENTION = "zi_where_cached"  # the attention implementation of kvcache.attenti
 
 def quantize(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Quantize ``x`` (tokens, ..., head_dim) into ``codes`` (tokens, ..., head_dim * bits / 8; uint8, packed)
-    and ``scales`` (tokens, ..., groups, 2: each group's minimum and step, in x's dtype),
-    ``KV_QUANT_CHUNK_TOKENS`` tokens at a time."""
-    if x.shape[0] > KV_QUANT_CHUNK_TOKENS:
-        for start in range(0, x.shape[0], KV_QUANT_CHUNK_TOKENS):
-            part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
-            quantize(x[part], bits, codes[part], scales[part])
-        return
-    group = kv_quant_group(x.shape[-1])
-    grouped = x.unflatten(-1, (x.shape[-1] // group, group))
-    low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
-    step = ((high.float() - low.float()) / (2**bits - 1)).to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
-    scales[..., :1].copy_(low)
-    scales[..., 1:].copy_(step)
-    # Codes from the minimum and step as stored (in x's dtype), computed in float32: in float16 the division
-    # alone is off by up to a tenth of a step at code 255.
-    levels = ((grouped.float() - low.float()) / step.float()).round_().clamp_(0, 2**bits - 1)
-    levels = levels.to(torch.uint8).flatten(-2)
-    if bits == 4:
-        torch.bitwise_or(levels[..., 0::2] << 4, levels[..., 1::2], out=codes)
-    else:
-        codes.copy_(levels)
+    and ``scales`` (tokens, ..., groups, 2: each group's minimum and step, in x's dtype)."""
+    for x, codes, scales in _chunks(x, codes, scales):
+        group = kv_quant_group(x.shape[-1])
+        grouped = x.unflatten(-1, (x.shape[-1] // group, group))
+        low, high = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+        step = ((high.float() - low.float()) / (2**bits - 1)).to(x.dtype).clamp_min(torch.finfo(x.dtype).tiny)
+        scales[..., :1].copy_(low)
+        scales[..., 1:].copy_(step)
+        # Codes from the minimum and step as stored (in x's dtype), computed in float32: in float16 the division
+        # alone is off by up to a tenth of a step at code 255.
+        levels = ((grouped.float() - low.float()) / step.float()).round_().clamp_(0, 2**bits - 1)
+        levels = levels.to(torch.uint8).flatten(-2)
+        if bits == 4:
+            torch.bitwise_or(levels[..., 0::2] << 4, levels[..., 1::2], out=codes)
+        else:
+            codes.copy_(levels)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
-    """Write the values of :func:`quantize`'s ``codes`` and ``scales`` into ``out`` (tokens, ..., head_dim),
-    ``KV_QUANT_CHUNK_TOKENS`` tokens at a time; return it."""
-    if out.shape[0] > KV_QUANT_CHUNK_TOKENS:
-        for start in range(0, out.shape[0], KV_QUANT_CHUNK_TOKENS):
-            part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
-            dequantize(codes[part], scales[part], bits, out[part])
-        return out
-    if bits == 4:
-        codes = torch.stack((codes >> 4, codes & 15), dim=-1).flatten(-2)
-    grouped = out.unflatten(-1, (scales.shape[-2], out.shape[-1] // scales.shape[-2]))
-    torch.addcmul(scales[..., :1], codes.unflatten(-1, grouped.shape[-2:]).to(out.dtype), scales[..., 1:],
-                  out=grouped)
-    return out
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor) -> None:
+    """Write the values of :func:`quantize`'s ``codes`` and ``scales`` into ``out`` (tokens, ..., head_dim)."""
+    for codes, scales, out in _chunks(codes, scales, out):
+        if bits == 4:
+            codes = torch.stack((codes >> 4, codes & 15), dim=-1).flatten(-2)
+        grouped = out.unflatten(-1, (scales.shape[-2], out.shape[-1] // scales.shape[-2]))
+        torch.addcmul(scales[..., :1], codes.unflatten(-1, grouped.shape[-2:]).to(out.dtype), scales[..., 1:],
+                      out=grouped)
+
+
+def _chunks(*tensors: torch.Tensor) -> Iterator[Tuple[torch.Tensor, ...]]:
+    """The tensors' rows (tokens), ``KV_QUANT_CHUNK_TOKENS`` at a time."""
+    for start in range(0, tensors[0].shape[0], KV_QUANT_CHUNK_TOKENS):
+        yield tuple(tensor[start:start + KV_QUANT_CHUNK_TOKENS] for tensor in tensors)
 
 
 class HostKV:
@@ -143,6 +138,20 @@ class HostKV:
         if int(status) != 0:
             raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.1f} GiB KV cache failed ({status})")
         self._registered.append(buffer)
+
+    def on_host(self, layer: int, tokens: slice) -> Tuple[torch.Tensor, ...]:
+        """Where ``tokens`` of ``layer`` are kept in host memory: their keys and values, or their packed codes
+        and scales when quantized (token-major layout)."""
+        if self.bits < 16:
+            return self.host[layer, tokens], self.host_scales[layer, tokens]
+        return (self.host[layer, tokens],)
+
+    def on_device(self, index: int, tokens: slice) -> Tuple[torch.Tensor, ...]:
+        """What crosses the link for ``tokens`` of slot ``index``, in the order of :meth:`on_host`: the slot's
+        keys and values, or its packed room."""
+        if self.bits < 16:
+            return self.packed_slots[index, tokens], self.scale_slots[index, tokens]
+        return (self.slots[index, tokens],)
 
     def on_side_stream(self):
         """Context in which copies go to the side stream (CUDA); without one they run in order."""
@@ -218,7 +227,8 @@ class HostKVCache(Cache):
                              f"got {tuple(key_states.shape[:2]) + (key_states.shape[3],)} and {end}")
         if memory.attend_on_host:
             return self._update_on_host(key_states, value_states, layer_idx, start, end)
-        slot = memory.slots[self.updates % 2]
+        index = self.updates % 2
+        slot = memory.slots[index]
         side = memory.stream
         if side is not None:
             compute = torch.cuda.current_stream(key_states.device)
@@ -228,17 +238,17 @@ class HostKVCache(Cache):
             else:
                 compute.wait_event(self.filled)
         if start and self.prefetched != (layer_idx, start):  # not fetched ahead (layers out of order): fetch now
-            self._copy_up(layer_idx, start, self.updates % 2)
+            self._copy_up(layer_idx, start, index)
             if side is not None:
                 compute.wait_stream(side)
-        slot[start:end, 0].copy_(key_states.permute(2, 0, 1, 3))
-        slot[start:end, 1].copy_(value_states.permute(2, 0, 1, 3))
+        new = slice(start, end)
+        slot[new, 0].copy_(key_states.permute(2, 0, 1, 3))
+        slot[new, 1].copy_(value_states.permute(2, 0, 1, 3))
         if memory.bits < 16:  # what goes down is what comes back: attention reads the dequantized values now too
             # (quantized into this slot's packed room: its prefix, dequantized, is in the slot already)
-            index = self.updates % 2
-            codes, scales = memory.packed_slots[index, start:end], memory.scale_slots[index, start:end]
-            quantize(slot[start:end], memory.bits, codes, scales)
-            dequantize(codes, scales, memory.bits, out=slot[start:end])
+            codes, scales = memory.on_device(index, new)
+            quantize(slot[new], memory.bits, codes, scales)
+            dequantize(codes, scales, memory.bits, out=slot[new])
         layer.length, layer.is_initialized = end, True
         # The layer keeps views of its slot (batch, heads, tokens, head_dim), no memory of their own: a copy kept
         # per layer would put the whole cache back on the GPU.
@@ -251,15 +261,11 @@ class HostKVCache(Cache):
         with memory.on_side_stream():
             if side is not None:
                 side.wait_stream(compute)
-            if memory.bits < 16:
-                pairs = ((memory.host[layer_idx, start:end], codes), (memory.host_scales[layer_idx, start:end], scales))
-            else:
-                pairs = ((memory.host[layer_idx, start:end], slot[start:end]),)
-            for down, new in pairs:
-                down.copy_(new, non_blocking=True)
+            for down, made in zip(memory.on_host(layer_idx, new), memory.on_device(index, new)):
+                down.copy_(made, non_blocking=True)
                 memory.d2h_bytes += down.numel() * down.element_size()
             tokens = self.layers[following].length
-            self._copy_up(following, tokens, (self.updates + 1) % 2)
+            self._copy_up(following, tokens, 1 - index)
             self.filled = side.record_event() if side is not None else None
         self.prefetched = (following, tokens)
         self.updates += 1
@@ -297,19 +303,13 @@ class HostKVCache(Cache):
         one), through the slot's packed room when the host holds them quantized."""
         if not tokens:
             return
-        memory = self.memory
-        slot = memory.slots[index, :tokens]
+        memory, cached = self.memory, slice(0, tokens)
         with memory.on_side_stream():
-            if memory.bits < 16:
-                codes, scales = memory.packed_slots[index, :tokens], memory.scale_slots[index, :tokens]
-                pairs = ((codes, memory.host[layer_idx, :tokens]), (scales, memory.host_scales[layer_idx, :tokens]))
-            else:
-                pairs = ((slot, memory.host[layer_idx, :tokens]),)
-            for into, up in pairs:
+            for into, up in zip(memory.on_device(index, cached), memory.on_host(layer_idx, cached)):
                 into.copy_(up, non_blocking=True)
                 memory.h2d_bytes += up.numel() * up.element_size()
             if memory.bits < 16:
-                dequantize(codes, scales, memory.bits, out=slot)
+                dequantize(*memory.on_device(index, cached), memory.bits, out=memory.slots[index, cached])
 
 
 def attend_where_cached(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
