@@ -119,6 +119,7 @@ MAX_LAYERS = 1024  # model.arch.num_hidden_layers / n_layer: beyond any released
 _ARCH_SIZES = ("hidden_size", "num_hidden_layers", "n_layer", "vocab_size", "intermediate_size", "ffn_dim",
                "word_embed_proj_dim", "max_position_embeddings")
 _ARCH_HEADS = ("num_attention_heads", "n_head")
+ARCH_HIDDEN = ("hidden_size", "n_embed", "d_model", "n_embd")  # the hidden size, under each family's name
 
 
 def _check_arch(arch: Any) -> None:
@@ -237,8 +238,7 @@ def _check_kvcache(kvcache: Any, model: Any) -> None:
         raise ConfigError("kvcache.quant", kvcache.quant,
                           "'none' with this cache: a quantized cache is ours in host memory attended on the GPU, "
                           "kvcache=cpu with kvcache.attention=device")
-    hidden = next((model.arch[key] for key in ("hidden_size", "n_embed", "d_model", "n_embd") if model.arch.get(key)),
-                  None)
+    hidden = next((model.arch[key] for key in ARCH_HIDDEN if model.arch.get(key)), None)
     heads = next((model.arch[key] for key in _ARCH_HEADS if model.arch.get(key)), None)
     if kvcache.quant != "none" and hidden and heads:
         head_dim = hidden // heads

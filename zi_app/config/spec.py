@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from zi_app.config.checks import DTYPE_ALIASES, ConfigError, check
+from zi_app.config.checks import ARCH_HIDDEN, DTYPE_ALIASES, ConfigError, check
 from zi_app.config.schema import (AioSpec, HardwareSpec, JobSpec, KVCacheSpec, MemorySpec, ModelShape, ModelSpec,
                                   OffloadSpec, QuantSpec, TrackingSpec, ZIConfig, freeze, schema_keys)
 
@@ -156,7 +156,7 @@ GATED_MLP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
 def model_shape(arch: Any) -> ModelShape:
     """The sizes of a checked architecture (a transformers config dict), under each family's key names."""
-    hidden = next(int(arch[key]) for key in ("hidden_size", "n_embed", "d_model", "n_embd") if arch.get(key))
+    hidden = next(int(arch[key]) for key in ARCH_HIDDEN if arch.get(key))
     heads = int(arch.get("num_attention_heads") or arch.get("n_head") or 1)
     positions = arch.get("max_position_embeddings") or arch.get("n_positions")
     return ModelShape(hidden_size=hidden, layers=int(arch.get("num_hidden_layers") or arch.get("n_layer") or 0),

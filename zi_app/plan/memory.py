@@ -160,23 +160,24 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
 
     final = work.prompt_len + work.gen_len
 
+    layers = max(1, work.shape.layers)
+
     def kv(tokens: int, half_layers_held: int) -> int:
         if work.kv_attend_on_host:  # the prefill attends over one layer's prompt keys and values on the GPU, and
             # sends them to the host padded to the final length (kvcache.py)
             prompt_and_padded = (kv_cache_bytes(work.shape, work.batch, work.prompt_len, nbytes)
                                  + kv_cache_bytes(work.shape, work.batch, final, nbytes))
-            return prompt_and_padded // max(1, work.shape.layers)
+            return prompt_and_padded // layers
         if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
             tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         if not work.kv_offloaded:
             return full
-        held = min(full, half_layers_held * full // max(1, 2 * work.shape.layers))
+        held = min(full, half_layers_held * full // (2 * layers))
         if work.kv_preallocated and work.kv_bits < 16:  # and each slot's room for a layer's packed prefix, and
             # quantizing 64 tokens at a time: their float32 copy and differences, twice their size in the dtype
-            held += 2 * stored_kv_bytes(work, full) // max(1, work.shape.layers)
-            held += 4 * kv_cache_bytes(work.shape, work.batch, min(tokens, KV_QUANT_CHUNK_TOKENS), nbytes) // max(
-                1, work.shape.layers)
+            chunk = kv_cache_bytes(work.shape, work.batch, min(tokens, KV_QUANT_CHUNK_TOKENS), nbytes)
+            held += (2 * stored_kv_bytes(work, full) + 4 * chunk) // layers
         return held
 
     prefill = kv(work.prompt_len, 2) + activation_bytes(work.shape, work.batch, work.prompt_len, nbytes)
