@@ -13,12 +13,6 @@ BIG="quant=int4 memory.gpu_budget_gib=48 prompt_len=512 gen_len=32 warmup=1 repe
 STREAMED="memory=tuned memory.persistence=h"  # every weight streamed (the planner's residency: memory=tuned alone)
 OPT67_B64="model=opt-6.7b batch=64 memory.gpu_budget_gib=24 prompt_len=512 gen_len=8 warmup=1 repeat=1 memory=tuned"
 
-compare() {  # compare <seconds per variant> <out name> <title> <compare.py arguments...>
-  local timeout=$1 name=$2 title=$3
-  shift 3
-  python3 benchmarks/compare.py --store "$STORE" --timeout "$timeout" --title "$title" "$@" --out "$OUT/$name"
-}
-
 case $PART in
 kv)  # the cited case: transformers' offloaded cache held 78.5 GiB of host memory for a 17 GB cache
   compare 150 opt67b_b64_kv_paths "OPT-6.7B fp16 batch 64 under 24 GiB: the KV cache on the GPU, in our host cache, in transformers' offloaded cache" \

@@ -18,9 +18,8 @@ paths() {  # paths <model> <name> <GPU KV batch> <offloaded batches...>: the GPU
   for batch in "$@"; do
     variants+=(--variant "copy_up_b$batch" kvcache=cpu batch="$batch" --variant "host_b$batch" kvcache=cpu kvcache.attention=host batch="$batch")
   done
-  python3 benchmarks/compare.py --store "$STORE" --timeout 300 --common model="$model" $COMMON "${variants[@]}" \
-    --title "$model int4 under 48 GiB: the KV cache on the GPU, in host memory attended on the GPU (copied up) or on the host" \
-    --out "$OUT/$name"
+  compare 300 "$name" "$model int4 under 48 GiB: the KV cache on the GPU, in host memory attended on the GPU (copied up) or on the host" \
+    --common model="$model" $COMMON "${variants[@]}"
 }
 
 case $PART in
@@ -28,24 +27,20 @@ probe) python3 benchmarks/cpu_attention.py --model opt-30b --batch 16 64 128 --c
        python3 benchmarks/cpu_attention.py --model opt-66b --batch 16 64 --context 544 | tee "$OUT/cpu_attention_opt66b.md" ;;
 opt30b) paths opt-30b opt30b_int4_48gib_kv_attention 24 64 128 ;;
 opt30b_host)  # after the prefill's padded copy (2026-12-06): both offloaded paths at batch 64 and 128, no GPU cache
-  python3 benchmarks/compare.py --store "$STORE" --timeout 300 --common model=opt-30b $COMMON kvcache=cpu \
-    --variant copy_up_b64 batch=64 --variant host_b64 kvcache.attention=host batch=64 \
-    --variant host_b128 kvcache.attention=host batch=128 \
-    --title "opt-30b int4 under 48 GiB: the offloaded KV cache copied up or attended on the host" \
-    --out "$OUT/opt30b_int4_48gib_kv_host" ;;
+  compare 300 opt30b_int4_48gib_kv_host "opt-30b int4 under 48 GiB: the offloaded KV cache copied up or attended on the host" \
+    --common model=opt-30b $COMMON kvcache=cpu --variant copy_up_b64 batch=64 \
+    --variant host_b64 kvcache.attention=host batch=64 --variant host_b128 kvcache.attention=host batch=128 ;;
 opt66b) paths opt-66b opt66b_int4_48gib_kv_attention 16 32 64 ;;
 quant)  # KV offload that pays (the planner's prediction, 2026-12-06): the cache quantized on the host against the
   # GPU cache at its largest batch under 48 GiB (OPT-30B: 130.8 against 114.5 tokens/s planned on the H100 preset)
-  python3 benchmarks/compare.py --store "$STORE" --timeout 300 --common model=opt-30b $COMMON \
-    --variant gpu_b56 kvcache=gpu batch=56 --variant int4_kv_b256 kvcache=cpu kvcache.quant=int4 batch=256 \
-    --variant int4_kv_b128 kvcache=cpu kvcache.quant=int4 batch=128 --variant int8_kv_b128 kvcache=cpu kvcache.quant=int8 batch=128 \
-    --title "opt-30b int4 under 48 GiB: the GPU cache at its largest batch, the host cache quantized to int4 and int8" \
-    --out "$OUT/opt30b_int4_48gib_kv_quant"
+  compare 300 opt30b_int4_48gib_kv_quant "opt-30b int4 under 48 GiB: the GPU cache at its largest batch, the host cache quantized to int4 and int8" \
+    --common model=opt-30b $COMMON --variant gpu_b56 kvcache=gpu batch=56 \
+    --variant int4_kv_b256 kvcache=cpu kvcache.quant=int4 batch=256 --variant int4_kv_b128 kvcache=cpu kvcache.quant=int4 batch=128 \
+    --variant int8_kv_b128 kvcache=cpu kvcache.quant=int8 batch=128
   # OPT-66B: 64.6 against 35.4 tokens/s planned (batch 192, 101 GiB of host memory, against batch 32)
-  python3 benchmarks/compare.py --store "$STORE" --timeout 420 --common model=opt-66b $COMMON \
-    --variant gpu_b32 kvcache=gpu batch=32 --variant int4_kv_b192 kvcache=cpu kvcache.quant=int4 batch=192 \
-    --title "opt-66b int4 under 48 GiB: the GPU cache at its largest batch, the host cache quantized to int4" \
-    --out "$OUT/opt66b_int4_48gib_kv_quant" ;;
+  compare 420 opt66b_int4_48gib_kv_quant "opt-66b int4 under 48 GiB: the GPU cache at its largest batch, the host cache quantized to int4" \
+    --common model=opt-66b $COMMON --variant gpu_b32 kvcache=gpu batch=32 \
+    --variant int4_kv_b192 kvcache=cpu kvcache.quant=int4 batch=192 ;;
 *) echo "unknown part $PART: probe, opt30b, opt30b_host, opt66b or quant" >&2; exit 2 ;;
 esac
 cp /tmp/kv_attention/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true
