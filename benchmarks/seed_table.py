@@ -72,26 +72,27 @@ def app(store: str, cell: str, overrides: List[str], multirun: bool) -> None:
     subprocess.run(command, check=False)
 
 
-def winner(store: str, cell: str) -> Optional[results.JobRow]:
-    """The cell's fastest finished job with our settings, or None."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(store)
+def cell_rows(client, cell: str) -> Optional[List[results.JobRow]]:
+    """Every job the cell's experiment holds, or None where it has none (the cell was not run)."""
     found = client.get_experiment_by_name(experiment(cell))
-    if found is None:
-        return None
-    rows = [row for row in results.experiment_rows(client, [found.experiment_id])
-            if row.values().get("memory") != "reference"]
-    return results.best(rows)
+    return None if found is None else results.experiment_rows(client, [found.experiment_id])
+
+
+def winner(rows: List[results.JobRow]) -> Optional[results.JobRow]:
+    """The fastest finished job with our settings, or None."""
+    return results.best([row for row in rows if row.values().get("memory") != "reference"])
 
 
 def run(store: str, chosen: List[str]) -> None:
-    """Each cell's sweep, then DeepSpeed's settings at the batch (and cache width) that won."""
+    """Each cell's sweep, then DeepSpeed's settings at the batch that won."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
     for cell in chosen:
         common = cell_overrides(cell)
         swept = [f"batch={BATCHES}"] + (["kvcache.quant=none,int4"] if parse(cell)[1] == "cpu" else [])
         app(store, cell, ["hydra/sweeper=adaptive", *common, *swept], multirun=True)
-        top = winner(store, cell)
+        top = winner(cell_rows(client, cell) or [])
         if top is None:
             print(f"=== {cell}: no job finished; DeepSpeed's settings not run", flush=True)
             continue
@@ -100,21 +101,18 @@ def run(store: str, chosen: List[str]) -> None:
         app(store, cell, reference, multirun=False)
 
 
-def row(store: str, cell: str) -> List[str]:
+def row(client, cell: str) -> List[str]:
     """The table's row of a cell: published, ours (batch, roofline ratio, peaks), DeepSpeed's at our batch."""
-    from mlflow.tracking import MlflowClient
-
     quant, kv, model = parse(cell)
     published, published_batch, _ = PUBLISHED[(quant, kv)][model]
     head = [model, "int4" if quant == "int4" else "fp16", kv, f"{published:.2f} (bsz {published_batch})"]
-    top = winner(store, cell)
+    rows = cell_rows(client, cell)
+    top = winner(rows or [])
     if top is None:
-        return head + ["not run" if MlflowClient(store).get_experiment_by_name(experiment(cell)) is None
-                       else "no job finished (see the sweep's table)"] + [""] * 4
-    found = MlflowClient(store).get_experiment_by_name(experiment(cell))
-    references = [r for r in results.experiment_rows(MlflowClient(store), [found.experiment_id])
-                  if r.values().get("memory") == "reference" and r.values().get("batch") == top.values()["batch"]]
+        return head + ["not run" if rows is None else "no job finished (see the sweep's table)"] + [""] * 4
     ours, values = top.metrics, top.values()
+    references = [r for r in rows
+                  if r.values().get("memory") == "reference" and r.values().get("batch") == values["batch"]]
     speed = ours[results.METRIC]
     reference = next((r for r in references if r.completed), references[0] if references else None)
     theirs = (f"{reference.metrics[results.METRIC]:.2f}" if reference and reference.completed
@@ -126,10 +124,13 @@ def row(store: str, cell: str) -> List[str]:
 
 
 def table(store: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
     header = ["model", "weights", "KV cache", "published A6000 tokens/s", "ours tokens/s (batch)", "ours / published",
               "step / roofline", "peak GPU / host GiB", "DeepSpeed's settings at our batch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row(store, cell)) + " |" for cell in cells()]
+    lines += ["| " + " | ".join(row(client, cell)) + " |" for cell in cells()]
     return "\n".join(lines)
 
 
