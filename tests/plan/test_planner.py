@@ -66,16 +66,14 @@ def _is_number(text: str) -> bool:
 def predicted_for_run(name: str, overrides: list, measured: dict, compose) -> tuple:
     """(plan, peak GPU bytes, peak host bytes, streamed bytes per step, decode step s, tokens/s) predicted for
     the committed run ``name``: planned for the H200 at the link rates (and the host's attention rate) it
-    measured, at the residency it logged. ``compose(*overrides)`` composes the app's config. A run measured before 2026-12-05 with random
-    weights and init-time quantization read them from a full-width random checkpoint (issue 20 makes them
-    under ZeRO-3 instead): that checkpoint's bytes were part of its host peak, and are added to the plan's."""
+    measured, at the residency it logged. ``compose(*overrides)`` composes the app's config. A run measured
+    before 2026-12-05 with random weights and init-time quantization read them from a full-width random
+    checkpoint (issue 20 makes them under ZeRO-3 instead): that checkpoint's bytes were part of its host peak,
+    and are added to the plan's."""
     # A run transcribed from its log (docs/results/*_planner_accuracy_2026-12-04.json) states its pinned rate
     # only, and not its residency.
-    hardware = ["hardware=h200", f"hardware.h2d_pinned_gbps={measured['h2d_pinned_gbps']}",
-                *([f"hardware.h2d_pageable_gbps={measured['h2d_pageable_gbps']}"] if "h2d_pageable_gbps" in measured
-                  else []),
-                *([f"hardware.host_attention_gbps={measured['host_attention_gbps']}"] if "host_attention_gbps" in measured
-                  else [])]
+    rates = ("h2d_pinned_gbps", "h2d_pageable_gbps", "host_attention_gbps")
+    hardware = ["hardware=h200", *(f"hardware.{key}={measured[key]}" for key in rates if key in measured)]
     plan = plan_job(validate(compose(*[o for o in overrides if not o.startswith("profile_step")], *hardware)), cuda=False)
     shift = int(measured.get("predicted_resident_bytes", plan.residency.resident_bytes)) - plan.residency.resident_bytes
     streamed = plan.predicted_streamed_bytes_per_step - shift

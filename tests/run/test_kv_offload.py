@@ -28,9 +28,8 @@ def _common(checkpoint) -> tuple:
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_host_cache_generates_the_gpu_caches_tokens(model, tiny_checkpoint, job, compose, plain_greedy):
     """Identical greedy tokens with the KV cache in host memory (attended on the device or on the host) and on the
-    accelerator (and plain transformers'),
-    over a warm-up and a timed generate that reuse the job's one host buffer; that buffer is the planner's
-    prediction of the cache's host memory, to the byte."""
+    accelerator (and plain transformers'), over a warm-up and a timed generate that reuse the job's one host
+    buffer; that buffer is the planner's prediction of the cache's host memory, to the byte."""
     checkpoint = tiny_checkpoint(model)
     on_device = job(*_common(checkpoint), "kvcache=gpu")
     on_host = job(*_common(checkpoint), "kvcache=cpu")
