@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One detached device session for issues 20 and 21: the parts given as SCRIPT:PART (benchmarks/SCRIPT.sh OUT
-# PART), in order; without any, the 2026-12-06 session's: the host's attention rate, Llama-2-70B and OPT-66B
+# PART; a quoted "SCRIPT:ARG ARG..." passes several arguments), in order; without any, the 2026-12-06 session's: the host's attention rate, Llama-2-70B and OPT-66B
 # int4 (streamed with GPU KV and our host KV cache, DeepSpeed's settings), the OPT-30B KV paths (GPU cache,
 # copied up, attended on the host), then the planner's residency and BLOOM's reference. Each part writes under
 # OUT as it ends, so a session cut short keeps every finished part. Run from a copy outside the checkout (a
@@ -16,6 +16,7 @@ parts=("$@")
                           int4_175b_class:resident int4_175b_class:bloom_rest)
 for part in "${parts[@]}"; do
   echo "=== $part $(date -u +%H:%M:%S)"
-  bash "benchmarks/${part%%:*}.sh" "$OUT" "${part#*:}"
+  # shellcheck disable=SC2086  # a part's words after the first are that script's own arguments
+  bash "benchmarks/${part%%:*}.sh" "$OUT" ${part#*:}
 done
 echo "=== done $(date -u +%H:%M:%S)"

@@ -2,29 +2,30 @@
 # FlexGen 0.1.8 beside ours (issue 21 item 4): flexgen.flex_opt on OPT-30B and OPT-66B with dummy weights, prompt
 # 512, 32 new tokens, under the same 48 GiB GPU budget, for the seed table's two int4 rows: weights int4 on the
 # CPU with the KV cache on the GPU, and with the KV cache on the CPU and attention computed there (FlexGen's
-# --cpu-cache-compute). One run per batch; each prints one `flexgen-result {...}` line (flexgen_opt.py) and
-# the table of all of them goes to $OUT/flexgen_<model>.md. Run on the device after benchmarks/device_wheels.sh
-# (which fetches flexgen==0.1.8 and attrs into .whl/):
-#   bash benchmarks/on_device.sh bash benchmarks/peers/flexgen_sweep.sh "$OUT" opt-30b
+# --cpu-cache-compute). One run per POLICY:BATCH (default: both policies at batches 8 16 32 64); each prints one
+# `flexgen-result {...}` line (flexgen_opt.py) and the table of all of them goes to $OUT/flexgen_<model>.md. Run on
+# the device after benchmarks/device_wheels.sh (which fetches flexgen==0.1.8 and attrs into .whl/):
+#   bash benchmarks/on_device.sh bash benchmarks/peers/flexgen_sweep.sh "$OUT" opt-30b [int4_kv_gpu:24 int4_kv_cpu:64 ...]
 set -uo pipefail
-OUT=${1:?usage: flexgen_sweep.sh OUT opt-30b|opt-66b [BATCH...]}
-MODEL=${2:?usage: flexgen_sweep.sh OUT opt-30b|opt-66b [BATCH...]}
+OUT=${1:?usage: flexgen_sweep.sh OUT opt-30b|opt-66b [POLICY:BATCH...]}
+MODEL=${2:?usage: flexgen_sweep.sh OUT opt-30b|opt-66b [POLICY:BATCH...]}
 shift 2
-BATCHES=${*:-8 16 32 64}
 mkdir -p "$OUT" /tmp/flexgen_offload
 RESULTS="$OUT/flexgen_${MODEL}.jsonl"
 declare -A POLICY=(  # --percent: weights GPU CPU, KV cache GPU CPU, activations GPU CPU
   [int4_kv_gpu]="--percent 0 100 100 0 100 0 --compress-weight"
   [int4_kv_cpu]="--percent 0 100 0 100 100 0 --compress-weight --cpu-cache-compute")
-for name in int4_kv_gpu int4_kv_cpu; do
-  for batch in $BATCHES; do
-    echo "== flexgen $MODEL $name batch $batch"
-    timeout 570 python3 benchmarks/peers/flexgen_opt.py --gpu-budget-gib 48 -- --model "facebook/$MODEL" --path _DUMMY_ \
-      --offload-dir /tmp/flexgen_offload --prompt-len 512 --gen-len 32 --gpu-batch-size "$batch" --num-gpu-batches 1 \
-      ${POLICY[$name]} --verbose 1 2>&1 | tee "$OUT/flexgen_${MODEL}_${name}_b${batch}.log" | grep "^flexgen-result" \
-      | sed "s/^flexgen-result /{\"policy\": \"$name\", \"batch\": $batch, \"run\": /; s/\$/}/" >> "$RESULTS" \
-      || echo "{\"policy\": \"$name\", \"batch\": $batch, \"failed\": \"$(tail -1 "$OUT/flexgen_${MODEL}_${name}_b${batch}.log" | tr -d '"\\')\"}" >> "$RESULTS"
-  done
+runs=("$@")
+((${#runs[@]})) || for name in int4_kv_gpu int4_kv_cpu; do for batch in 8 16 32 64; do runs+=("$name:$batch"); done; done
+for run in "${runs[@]}"; do
+  name=${run%%:*} batch=${run#*:}
+  [[ -n ${POLICY[$name]:-} ]] || { echo "unknown policy $name: one of ${!POLICY[*]}" >&2; exit 2; }
+  echo "== flexgen $MODEL $name batch $batch"
+  timeout 570 python3 benchmarks/peers/flexgen_opt.py --gpu-budget-gib 48 -- --model "facebook/$MODEL" --path _DUMMY_ \
+    --offload-dir /tmp/flexgen_offload --prompt-len 512 --gen-len 32 --gpu-batch-size "$batch" --num-gpu-batches 1 \
+    ${POLICY[$name]} --verbose 1 2>&1 | tee "$OUT/flexgen_${MODEL}_${name}_b${batch}.log" | grep "^flexgen-result" \
+    | sed "s/^flexgen-result /{\"policy\": \"$name\", \"batch\": $batch, \"run\": /; s/\$/}/" >> "$RESULTS" \
+    || echo "{\"policy\": \"$name\", \"batch\": $batch, \"failed\": \"$(tail -1 "$OUT/flexgen_${MODEL}_${name}_b${batch}.log" | tr -d '"\\')\"}" >> "$RESULTS"
 done
 python3 - "$RESULTS" "$OUT/flexgen_${MODEL}.md" "$MODEL" <<'PY'
 import json, sys
