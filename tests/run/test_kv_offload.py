@@ -94,12 +94,43 @@ def test_quantized_values_are_within_half_a_step(bits):
 
 
 @pytest.mark.quick
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_cache_hands_back_cached_tokens_dequantized_and_new_ones_as_computed(bits):
+    """Through the cache itself, a prefix longer than one chunk of the copy up (70 tokens): a decode step's
+    attention gets the cached tokens as :func:`quantize` then :func:`dequantize` leave them, chunk after chunk,
+    and its own new token exactly as computed."""
+    import torch
+
+    from zi_app.run.kvcache import dequantize, host_kv, quantize
+
+    generator = torch.Generator().manual_seed(1)
+    prompt = [torch.randn(2, 3, 70, 64, generator=generator) for _ in range(4)]  # keys, values of 2 layers
+    new = [torch.randn(2, 3, 1, 64, generator=generator) for _ in range(2)]
+    with host_kv(2, 71, pin=False, bits=bits) as memory:
+        cache = memory.cache()
+        for layer in range(2):
+            assert cache.update(prompt[2 * layer], prompt[2 * layer + 1], layer)[0].equal(prompt[2 * layer])
+        keys, values = cache.update(*new, 0)
+    for cached, given, whole in ((prompt[0], new[0], keys), (prompt[1], new[1], values)):
+        token_major = cached.permute(2, 0, 1, 3)
+        codes = torch.empty(token_major.shape[:-1] + (64 * bits // 8,), dtype=torch.uint8)
+        scales = torch.empty(token_major.shape[:-1] + (1, 2))
+        quantize(token_major, bits, codes, scales)
+        expected = torch.empty_like(token_major)
+        dequantize(codes, scales, bits, out=expected)
+        assert whole[:, :, :70].equal(expected.permute(1, 2, 0, 3))
+        assert whole[:, :, 70:].equal(given)
+        assert not whole[:, :, :70].equal(cached)
+
+
+@pytest.mark.quick
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_a_quantized_host_cache_moves_the_planned_bytes(model, quant, tiny_checkpoint, compose):
     """kvcache.quant=int8/int4, counted by the cache over one generate: down, each new token's packed keys and
     values and their scales once; up, each decode step every layer's packed prefix (the planner's per-step
-    term, a half or a quarter of the unquantized cache's and its scales); the host buffers are the planner's."""
+    term, a half or a quarter of the unquantized cache's and its scales); the host buffers are the planner's.
+    The prefill's token is plain transformers'."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,10 +142,15 @@ def test_a_quantized_host_cache_moves_the_planned_bytes(model, quant, tiny_check
     shape, work = spec.model.shape, workload(spec)
     plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
+    arguments = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                     min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN)
+    with torch.no_grad():
+        expected = plain.generate(**arguments)
     with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, bits=spec.kvcache.bits) as memory, torch.no_grad():
-        tokens = plain.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                                min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN, past_key_values=memory.cache())
+        tokens = plain.generate(**arguments, past_key_values=memory.cache())
         assert len(set(tokens[:, PROMPT_LEN:].flatten().tolist())) > 2, f"degenerate output {tokens}"
+        # the prefill attends over the prompt at full width: its token is the GPU cache's
+        assert tokens[:, :PROMPT_LEN + 1].equal(expected[:, :PROMPT_LEN + 1])
         per_token = kv_cache_bytes(shape, BATCH, 1, DTYPE_BYTES[spec.model.dtype])
         last = PROMPT_LEN + GEN_LEN - 1
         assert memory.d2h_bytes == stored_kv_bytes(work, per_token * last)

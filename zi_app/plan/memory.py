@@ -94,6 +94,12 @@ def activation_bytes(shape: ModelShape, batch: int, prompt_len: int, dtype_bytes
     return batch * prompt_len * (2 * shape.hidden_size + intermediates * shape.ffn_dim) * dtype_bytes
 
 
+def projection_bytes(shape: ModelShape, batch: int, prompt_len: int, dtype_bytes: int) -> int:
+    """Activations of the prefill while a layer's attention begins: the residual and normalised hidden states,
+    and the queries, keys and values projected from them, for every prompt token."""
+    return batch * prompt_len * (3 * shape.hidden_size + 2 * shape.kv_dim) * dtype_bytes
+
+
 def post_quantized(work: Workload, facts: ModelFacts) -> Tuple[bool, ...]:
     """Which parameters post-init quantization replaces: the weight of each Linear or Embedding module whose
     name contains one of its keys (DeepSpeed's own matching)."""
@@ -162,26 +168,36 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
 
     layers = max(1, work.shape.layers)
 
-    def kv(tokens: int, half_layers_held: int) -> int:
+    def kv(prefill: bool) -> Tuple[int, int]:
+        """(bytes of KV cache held through a layer, bytes that live only while its cache updates), in the
+        prefill or the last decode step."""
+        tokens, half_layers_held = (work.prompt_len, 2) if prefill else (final, 4)
         if work.kv_attend_on_host:  # the prefill attends over one layer's prompt keys and values on the GPU, and
             # sends them to the host padded to the final length (kvcache.py)
-            prompt_and_padded = (kv_cache_bytes(work.shape, work.batch, work.prompt_len, nbytes)
-                                 + kv_cache_bytes(work.shape, work.batch, final, nbytes))
-            return prompt_and_padded // layers
+            return (kv_cache_bytes(work.shape, work.batch, work.prompt_len, nbytes) // layers,
+                    kv_cache_bytes(work.shape, work.batch, final, nbytes) // layers)
         if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
             tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         if not work.kv_offloaded:
-            return full
+            return full, 0
         held = min(full, half_layers_held * full // (2 * layers))
-        if work.kv_preallocated and work.kv_bits < 16:  # and each slot's room for a layer's packed prefix, and
-            # quantizing 64 tokens at a time: their float32 copy and differences, twice their size in the dtype
-            chunk = kv_cache_bytes(work.shape, work.batch, min(tokens, KV_QUANT_CHUNK_TOKENS), nbytes)
-            held += (2 * stored_kv_bytes(work, full) + 4 * chunk) // layers
-        return held
+        if not (work.kv_preallocated and work.kv_bits < 16):
+            return held, 0
+        # Quantized, each slot's room for a layer's packed prefix; 64 tokens at a time, the prefill quantizes the
+        # prompt (a float32 copy and its differences: four times the chunk's bytes in the dtype) and a decode step
+        # dequantizes the prefix (the unpacked codes and their dtype copy: one and a half times)
+        chunk = kv_cache_bytes(work.shape, work.batch, min(tokens, KV_QUANT_CHUNK_TOKENS), nbytes) // layers
+        held += 2 * stored_kv_bytes(work, full) // layers
+        return held, 4 * chunk if prefill else 3 * chunk // 2
 
-    prefill = kv(work.prompt_len, 2) + activation_bytes(work.shape, work.batch, work.prompt_len, nbytes)
-    decode = kv(final, 4)
+    # A cache update's transient buffers live before the layer's attention, beside the prompt's projections,
+    # not with the MLP's intermediates where the prefill's activations peak (OPT-30B int4 KV batch 256: planned
+    # as coexisting, 2.2 GiB above the measured peak).
+    prefill_held, prefill_update = kv(prefill=True)
+    prefill = prefill_held + max(activation_bytes(work.shape, work.batch, work.prompt_len, nbytes),
+                                 projection_bytes(work.shape, work.batch, work.prompt_len, nbytes) + prefill_update)
+    decode = sum(kv(prefill=False))
     peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
 

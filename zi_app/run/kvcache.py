@@ -17,9 +17,12 @@ The host buffer is then head-major, so that each head's cached tokens are one ru
 With ``kvcache.quant=int8`` or ``int4`` (attending on the device) the host holds the cache quantized, FlexGen's
 ``compress_cache``: each new token's keys and values are quantized on the device in groups of 64 elements
 along the head (``KV_QUANT_GROUP``; asymmetric, a minimum and a step per group in the model's dtype), go down
-packed, come back up packed and are dequantized on the side stream into the slot, so the link carries about
-a half (int8) or a quarter (int4) of the bytes. Attention then reads the dequantized values, the new tokens'
-included: the tokens generated are no longer the GPU cache's exactly.
+packed and come back up packed, so the link carries about a half (int8) or a quarter (int4) of the bytes.
+A prefix comes up 64 tokens at a time and each chunk is dequantized into the slot on a second side stream
+while the next one crosses the link: run after the whole copy on one stream, dequantization added 30-70% to the
+copy's time (OPT-30B and OPT-66B int4 on an H200, 2026-12-06). A step attends over its own new tokens at full
+width, as they were computed (the prefill over the whole prompt, so its token is the GPU cache's), and over the
+cached ones dequantized: the tokens that follow are no longer exactly the GPU cache's.
 
 On DeepSpeed's CPU accelerator the same path runs with plain copies (the "device" is host memory too), which is
 how the CPU tests check its tokens and the bytes it moves.
@@ -100,6 +103,7 @@ class HostKV:
         self.scale_slots: Optional[torch.Tensor] = None
         self.shape: Tuple[int, int, int] = (0, 0, 0)  # batch, heads, head size the buffers were made for
         self.stream = None  # the side stream of the copies (CUDA), else None: copies run in order
+        self.dequant_stream = None  # quantized: the side stream that dequantizes what the copies brought up
         self.h2d_bytes = 0  # bytes copied host -> device (cached prefixes)
         self.d2h_bytes = 0  # bytes copied device -> host (new tokens' keys and values)
         self.host_read_bytes = 0  # cached keys and values handed to the host's attention (kvcache.attention=host)
@@ -126,6 +130,7 @@ class HostKV:
                 self.host = torch.empty((self.layers,) + shape, dtype=dtype)
         if key_states.is_cuda:
             self.stream = None if self.attend_on_host else torch.cuda.Stream(device=device)
+            self.dequant_stream = torch.cuda.Stream(device=device) if self.bits < 16 else None
             if self.pin:
                 for buffer in (self.host, self.host_scales):
                     if buffer is not None:
@@ -157,6 +162,26 @@ class HostKV:
         """Context in which copies go to the side stream (CUDA); without one they run in order."""
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def dequantizing(self) -> Iterator[None]:
+        """Context in which work goes to the dequantizing stream, after every copy issued so far (CUDA)."""
+        if self.dequant_stream is None:
+            yield
+            return
+        self.dequant_stream.wait_stream(self.stream)
+        with torch.cuda.stream(self.dequant_stream):
+            yield
+
+    def wait_for_copies(self, compute) -> None:
+        """Make the ``compute`` stream wait for every copy and dequantization issued so far."""
+        for side in (self.stream, self.dequant_stream):
+            if side is not None:
+                compute.wait_stream(side)
+
+    def record_filled(self):
+        """An event after the last fill of a slot: its dequantization when quantized, else its copy."""
+        return (self.dequant_stream or self.stream).record_event()
+
     def holds(self) -> Tuple[int, int, int]:
         """(batch, heads, head size) the host buffer was made for."""
         return self.shape
@@ -171,7 +196,8 @@ class HostKV:
         for buffer in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
         self._registered = []
-        self.host = self.host_scales = self.slots = self.packed_slots = self.scale_slots = self.stream = None
+        self.host = self.host_scales = self.slots = self.packed_slots = self.scale_slots = None
+        self.stream = self.dequant_stream = None
 
     def cache(self) -> "HostKVCache":
         """A new, empty cache over this memory, for one ``generate``."""
@@ -234,21 +260,18 @@ class HostKVCache(Cache):
             compute = torch.cuda.current_stream(key_states.device)
             # The first update waits for any copy a previous generate left in flight; later ones for the fill.
             if self.filled is None:
-                compute.wait_stream(side)
+                memory.wait_for_copies(compute)
             else:
                 compute.wait_event(self.filled)
         if start and self.prefetched != (layer_idx, start):  # not fetched ahead (layers out of order): fetch now
             self._copy_up(layer_idx, start, index)
             if side is not None:
-                compute.wait_stream(side)
+                memory.wait_for_copies(compute)
         new = slice(start, end)
         slot[new, 0].copy_(key_states.permute(2, 0, 1, 3))
         slot[new, 1].copy_(value_states.permute(2, 0, 1, 3))
-        if memory.bits < 16:  # what goes down is what comes back: attention reads the dequantized values now too
-            # (quantized into this slot's packed room: its prefix, dequantized, is in the slot already)
-            codes, scales = memory.on_device(index, new)
-            quantize(slot[new], memory.bits, codes, scales)
-            dequantize(codes, scales, memory.bits, out=slot[new])
+        if memory.bits < 16:  # quantized into this slot's packed room to go down; attended at full width now
+            quantize(slot[new], memory.bits, *memory.on_device(index, new))
         layer.length, layer.is_initialized = end, True
         # The layer keeps views of its slot (batch, heads, tokens, head_dim), no memory of their own: a copy kept
         # per layer would put the whole cache back on the GPU.
@@ -266,7 +289,7 @@ class HostKVCache(Cache):
                 memory.d2h_bytes += down.numel() * down.element_size()
             tokens = self.layers[following].length
             self._copy_up(following, tokens, 1 - index)
-            self.filled = side.record_event() if side is not None else None
+            self.filled = memory.record_filled() if side is not None else None
         self.prefetched = (following, tokens)
         self.updates += 1
         return keys, values
@@ -303,13 +326,17 @@ class HostKVCache(Cache):
         one), through the slot's packed room when the host holds them quantized."""
         if not tokens:
             return
-        memory, cached = self.memory, slice(0, tokens)
+        memory = self.memory
+        chunk = KV_QUANT_CHUNK_TOKENS if memory.bits < 16 else tokens
         with memory.on_side_stream():
-            for into, up in zip(memory.on_device(index, cached), memory.on_host(layer_idx, cached)):
-                into.copy_(up, non_blocking=True)
-                memory.h2d_bytes += up.numel() * up.element_size()
-            if memory.bits < 16:
-                dequantize(*memory.on_device(index, cached), memory.bits, out=memory.slots[index, cached])
+            for start in range(0, tokens, chunk):
+                cached = slice(start, min(tokens, start + chunk))
+                for into, up in zip(memory.on_device(index, cached), memory.on_host(layer_idx, cached)):
+                    into.copy_(up, non_blocking=True)
+                    memory.h2d_bytes += up.numel() * up.element_size()
+                if memory.bits < 16:
+                    with memory.dequantizing():
+                        dequantize(*memory.on_device(index, cached), memory.bits, out=memory.slots[index, cached])
 
 
 def attend_where_cached(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
