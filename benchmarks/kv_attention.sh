@@ -5,7 +5,7 @@
 # prompt 512, 32 new tokens, every weight streamed. First the host's attention alone (benchmarks/cpu_attention.py:
 # its GB/s is hardware.host_attention_gbps, a guess until this runs), then the jobs; FlexGen's, in the same
 # session, is benchmarks/peers/flexgen_sweep.sh. One part per device call, chained on one warm machine:
-#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt30b_host|opt66b|quant
+#   bash benchmarks/on_device.sh bash benchmarks/kv_attention.sh "$OUT" probe|opt30b|opt30b_host|opt66b|quant|quant_profile
 set -uo pipefail
 source "$(dirname "$0")/parts.sh"
 parts_setup kv_attention "$@"
@@ -41,6 +41,9 @@ quant)  # KV offload that pays (the planner's prediction, 2026-12-06), OPT-66B f
     --common model=opt-30b $COMMON --variant gpu_b56 kvcache=gpu batch=56 \
     --variant int4_kv_b256 kvcache=cpu kvcache.quant=int4 batch=256 --variant int4_kv_b128 kvcache=cpu kvcache.quant=int4 batch=128 \
     --variant int8_kv_b128 kvcache=cpu kvcache.quant=int8 batch=128 ;;
-*) echo "unknown part $PART: probe, opt30b, opt30b_host, opt66b or quant" >&2; exit 2 ;;
+quant_profile)  # where an int4 host cache's decode step goes (profile_step: copies, kernels, host waits), batch 256
+  compare 300 opt30b_int4_48gib_kv_quant_profile "opt-30b int4 under 48 GiB, batch 256, the host cache in int4: one decode step profiled" \
+    --common model=opt-30b $COMMON kvcache=cpu kvcache.quant=int4 batch=256 profile_step=true --variant int4_kv_b256 ;;
+*) echo "unknown part $PART: probe, opt30b, opt30b_host, opt66b, quant or quant_profile" >&2; exit 2 ;;
 esac
 cp /tmp/kv_attention/mlflow.db "$OUT/mlflow.db" 2>/dev/null || true

@@ -230,7 +230,10 @@ class HostKVCache(Cache):
 
     Layers update in order, so each update can fetch the next layer's prefix ahead: update ``u`` computes in slot
     ``u % 2`` and fills slot ``(u + 1) % 2`` for the next. The compute stream waits for that fill before it
-    writes into a slot, and the side stream waits for the compute stream before it copies out of one.
+    writes into a slot. The side stream waits for the compute stream before it copies a new token out of a slot,
+    and before it fills a slot, only for the slot's last layer to have taken its attention's copies of it: so
+    the next layer's fill starts as soon as this one's ends, and the link carries the cache back to back
+    while the layers compute.
     """
 
     def __init__(self, memory: HostKV) -> None:
@@ -239,6 +242,7 @@ class HostKVCache(Cache):
         self.updates = 0
         self.prefetched: Tuple[int, int] = (-1, 0)  # (layer, tokens) now in the next update's slot
         self.filled = None  # the side stream's event after the last update's copies
+        self.released = None  # the compute stream's event after the last update's attention copies of its slot
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new tokens' keys and values of ``layer_idx``; return its keys and values so far (device)."""
@@ -267,6 +271,16 @@ class HostKVCache(Cache):
             self._copy_up(layer_idx, start, index)
             if side is not None:
                 memory.wait_for_copies(compute)
+        following = (layer_idx + 1) % memory.layers
+        tokens = self.layers[following].length
+        with memory.on_side_stream():  # the next layer's prefix, into the slot the previous layer released
+            if self.released is not None:
+                side.wait_event(self.released)
+            elif side is not None:
+                side.wait_stream(compute)
+            self._copy_up(following, tokens, 1 - index)
+            self.filled = memory.record_filled() if side is not None else None
+        self.prefetched = (following, tokens)
         new = slice(start, end)
         slot[new, 0].copy_(key_states.permute(2, 0, 1, 3))
         slot[new, 1].copy_(value_states.permute(2, 0, 1, 3))
@@ -278,19 +292,15 @@ class HostKVCache(Cache):
         layer.keys, layer.values = slot[:end, 0].permute(1, 2, 0, 3), slot[:end, 1].permute(1, 2, 0, 3)
         # Attention gets them contiguous, as transformers' GPU cache hands them: the same layout picks the same
         # attention kernel, hence the same greedy tokens (the strided views changed 3 of 64 rows of OPT-6.7B
-        # fp16 on an H100). The copies live while this layer computes.
+        # fp16 on an H100). The copies live while this layer computes; once they are made, the slot is free.
         keys, values = layer.keys.contiguous(), layer.values.contiguous()
-        following = (layer_idx + 1) % memory.layers
         with memory.on_side_stream():
             if side is not None:
-                side.wait_stream(compute)
+                self.released = compute.record_event()
+                side.wait_event(self.released)
             for down, made in zip(memory.on_host(layer_idx, new), memory.on_device(index, new)):
                 down.copy_(made, non_blocking=True)
                 memory.d2h_bytes += down.numel() * down.element_size()
-            tokens = self.layers[following].length
-            self._copy_up(following, tokens, 1 - index)
-            self.filled = memory.record_filled() if side is not None else None
-        self.prefetched = (following, tokens)
         self.updates += 1
         return keys, values
 
