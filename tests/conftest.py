@@ -275,6 +275,13 @@ def _module_unit(path: Path) -> str:
     return str(path) if _MODULE_FIXTURE.search(source) else ""
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker more than the cores. A worker spends a tenth of the suite waiting, not computing
+    (servers starting, a refused server's timeout, signals' grace periods, SLURM's scheduling): on 2 cores, 3
+    workers kept the cores 93% busy against 86% for 2, and took the suite from 16:28 to 15:04."""
+    return (os.cpu_count() or 1) + 1
+
+
 def pytest_xdist_make_scheduler(config, log):
     """loadscope with this suite's units (see above); other ``--dist`` modes are left to xdist."""
     if config.getvalue("dist") != "loadscope":
