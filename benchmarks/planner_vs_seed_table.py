@@ -1,7 +1,8 @@
 """The planner against DeepSpeed's published ZeRO-Inference table (issue 21 item 3): for every cell of the table
 (1x A6000, prompt 512, 32 new tokens, "the best throughput from a batch size sweep"), ``zi-plan``'s batch sweep on
 ``hardware=a6000`` (a preset never measured by us: the planner's constants were fitted on H200 runs only), its
-best batch and tokens/s with our settings (``memory=tuned``), and DeepSpeed's own settings (``memory=reference``,
+best batch and tokens/s with our settings (``memory=tuned``; with the KV cache offloaded, our host cache at full
+width or in int4, ``kvcache.quant``), and DeepSpeed's own settings (``memory=reference``,
 which is what the published runs used) at the published batch, beside the published values. No GPU needed.
 
     python benchmarks/planner_vs_seed_table.py [--out docs/results/planner_vs_seed_table_<date>.md]
@@ -42,6 +43,13 @@ def plan(point: List[str]) -> dict:
     return plan_point(point, composed(point), cuda=True)
 
 
+def describe(overrides: str) -> str:
+    """A planned point's batch, and its host cache's width where quantized: "bsz 48, KV int4"."""
+    values = dict(o.split("=", 1) for o in overrides.split())
+    width = values.get("kvcache.quant", "none")
+    return f"bsz {values['batch']}" + ("" if width == "none" else f", KV {width}")
+
+
 def ratio(ours: Optional[float], published: float) -> str:
     return f"{ours / published:.2f}" if ours else ""
 
@@ -52,7 +60,9 @@ def rows() -> List[List[str]]:
     for (quant, kvcache), models in PUBLISHED.items():
         for model, (published, batch, offload) in models.items():
             common = cell_overrides(model, quant, kvcache, offload)
-            sweep = [plan([*common, f"batch={b}", "memory=tuned"]) for b in BATCHES]
+            # with the cache offloaded, our host cache at full width and quantized, as seed_table.py sweeps them
+            widths = [[f"kvcache.quant={width}"] for width in ("none", "int4")] if kvcache == "cpu" else [[]]
+            sweep = [plan([*common, f"batch={b}", "memory=tuned", *width]) for b in BATCHES for width in widths]
             top = best(sweep)
             reference = plan([*common, f"batch={batch}", "memory=reference"])
             ref_speed = reference["predicted_tokens_per_sec"] if reference["fits"] else None
@@ -60,8 +70,7 @@ def rows() -> List[List[str]]:
             table.append([
                 f"{'int4' if quant == 'int4' else 'fp16'}{', NVMe' if offload == 'nvme' else ''}", kvcache, model,
                 f"{published:.2f} (bsz {batch})",
-                f"{top['predicted_tokens_per_sec']:.2f} (bsz {top['overrides'].split('batch=')[1].split()[0]})"
-                if top else "none fits",
+                f"{top['predicted_tokens_per_sec']:.2f} ({describe(top['overrides'])})" if top else "none fits",
                 ratio(top and top["predicted_tokens_per_sec"], published),
                 f"{ref_speed:.2f}" if ref_speed else f"refused: {why}", ratio(ref_speed, published)])
     return table
