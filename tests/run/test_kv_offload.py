@@ -25,6 +25,23 @@ def _common(checkpoint) -> tuple:
             *WORKLOAD)
 
 
+def _plain(checkpoint, compose, *overrides) -> tuple:
+    """(spec, the checkpoint's model in plain transformers, ``generate``'s arguments for the workload's greedy
+    tokens, those tokens with transformers' own cache) of a ``kvcache=cpu`` job with ``overrides``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zi_app.run.inference import random_prompts
+
+    spec = validate(compose(*_common(checkpoint), "kvcache=cpu", *overrides))
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    prompts = random_prompts(BATCH, PROMPT_LEN, spec.model.shape.vocab_size, 0, "cpu")
+    arguments = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                     min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN)
+    with torch.no_grad():
+        return spec, plain, arguments, plain.generate(**arguments)
+
+
 @pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
 def test_host_cache_generates_the_gpu_caches_tokens(model, tiny_checkpoint, job, compose, plain_greedy):
     """Identical greedy tokens with the KV cache in host memory (attended on the device or on the host) and on the
@@ -132,20 +149,11 @@ def test_a_quantized_host_cache_moves_the_planned_bytes(model, quant, tiny_check
     term, a half or a quarter of the unquantized cache's and its scales); the host buffers are the planner's.
     The prefill's token is plain transformers'."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from zi_app.run.inference import random_prompts
     from zi_app.run.kvcache import host_kv
 
-    checkpoint = tiny_checkpoint(model)
-    spec = validate(compose(*_common(checkpoint), "kvcache=cpu", f"kvcache.quant={quant}"))
+    spec, plain, arguments, expected = _plain(tiny_checkpoint(model), compose, f"kvcache.quant={quant}")
     shape, work = spec.model.shape, workload(spec)
-    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
-    arguments = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                     min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN)
-    with torch.no_grad():
-        expected = plain.generate(**arguments)
     with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, bits=spec.kvcache.bits) as memory, torch.no_grad():
         tokens = plain.generate(**arguments, past_key_values=memory.cache())
         assert len(set(tokens[:, PROMPT_LEN:].flatten().tolist())) > 2, f"degenerate output {tokens}"
@@ -165,22 +173,17 @@ def test_a_quantized_host_cache_moves_the_planned_bytes(model, quant, tiny_check
 def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
     """Counted by the cache over one generate: down to the host, each new token's keys and values once; up to
     the device, each decode step every layer's cached prefix (the planner's per-step term), plus the first
-    layer's prefix fetched ahead after the last step. The layers keep no device memory beyond the two slots."""
+    layer's prefix fetched ahead after the last step. The layers keep no device memory beyond the two slots.
+    Its tokens are plain transformers'."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from zi_app.run.inference import random_prompts
     from zi_app.run.kvcache import host_kv
 
-    checkpoint = tiny_checkpoint(model)
-    spec = validate(compose(*_common(checkpoint), "kvcache=cpu"))
+    spec, plain, arguments, expected = _plain(tiny_checkpoint(model), compose)
     shape, work = spec.model.shape, workload(spec)
-    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
     with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False) as memory, torch.no_grad():
         cache = memory.cache()
-        plain.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                       min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN, past_key_values=cache)
+        assert plain.generate(**arguments, past_key_values=cache).equal(expected)
         # What the layers keep are views of the two device slots: no layer holds device memory of its own.
         slots = memory.slots.untyped_storage().data_ptr()
         assert {layer.keys.untyped_storage().data_ptr() for layer in cache.layers} == {slots}
@@ -199,21 +202,12 @@ def test_attending_on_the_host_moves_only_the_new_tokens(model, tiny_checkpoint,
     attention reads each decode step every layer's cached tokens (the planner's term for it), and the device
     holds no slots. Its tokens are plain transformers'."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from zi_app.plan.memory import cached_kv_bytes
-    from zi_app.run.inference import random_prompts
     from zi_app.run.kvcache import attend_on_host, host_kv
 
-    checkpoint = tiny_checkpoint(model)
-    spec = validate(compose(*_common(checkpoint), "kvcache=cpu", "kvcache.attention=host"))
+    spec, plain, arguments, expected = _plain(tiny_checkpoint(model), compose, "kvcache.attention=host")
     shape, work = spec.model.shape, workload(spec)
-    plain = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    prompts = random_prompts(BATCH, PROMPT_LEN, shape.vocab_size, 0, "cpu")
-    arguments = dict(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                     min_new_tokens=GEN_LEN, max_new_tokens=GEN_LEN)
-    with torch.no_grad():
-        expected = plain.generate(**arguments)
     attend_on_host(plain)
     with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, attend_on_host=True) as memory, torch.no_grad():
         cache = memory.cache()
