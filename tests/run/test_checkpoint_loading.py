@@ -1,6 +1,8 @@
-"""Real weights from a sharded safetensors checkpoint (issue 20): under ZeRO-3 transformers loads one file at a
-time into the partitioned, quantized model, so the job's host peak grows by about one file, not by the whole
-checkpoint, and the planner counts the largest file.
+"""Real weights from a sharded safetensors checkpoint (issue 20): under ZeRO-3 transformers maps every file and
+copies each module's weights from those mappings into the partitioned, quantized model, so the checkpoint is never
+in host memory twice; but it keeps every file's tensors until the last module is loaded, so as many of the
+mapped pages as were touched count in the job's RSS (file pages, which the kernel may drop). The planner counts
+the largest file: optimistic for this path (docs/planner.md).
 
 The checkpoint is a seeded OPT of ~420 MB in float32, saved in ~32 MB files; the jobs run the app in their own
 process on DeepSpeed's CPU accelerator with int8 weights, and their host peak is the RSS sampled in the job.
@@ -36,15 +38,17 @@ def sharded(tmp_path_factory):
     return path, sum(files), max(files)
 
 
-def test_a_sharded_checkpoint_loads_file_by_file(sharded, job):
-    """The sharded checkpoint's job peaks well under the whole checkpoint above the same model made from random
-    weights (no file at all): measured 140-230 MiB for 418 MiB in 18 files, where reading it whole would add all
-    of it (the RSS of mapped files counts the pages touched, hence the spread)."""
+def test_a_sharded_checkpoint_is_never_in_host_memory_twice(sharded, job):
+    """The sharded checkpoint's job peaks less than the whole checkpoint above the same model made from random
+    weights (no file at all), where a copy read out of the mapped files would add all of it on top of the
+    mapping. Measured 140-378 MiB for 418 MiB in 18 files: the RSS of mapped files counts the pages touched
+    while transformers still holds every file, and the two jobs' peaks fall at different moments (the spread
+    is widest on a loaded machine; under 0.75 of the checkpoint, this test failed 2 of 3 times 3 at once)."""
     path, total, _ = sharded
     loaded = job("model=pretrained", f"model.path={path}", "model.dtype=float32", *JOB)
     random = job("model=tiny-opt", *(f"model.arch.{k}={v}" for k, v in ARCH.items()), "model.max_positions=512", *JOB)
     extra = loaded.metrics["peak_host_rss_bytes"] - random.metrics["peak_host_rss_bytes"]
-    assert extra < 0.75 * total, f"{extra / 2**20:.0f} MiB over random weights for a {total / 2**20:.0f} MiB checkpoint"
+    assert extra < total, f"{extra / 2**20:.0f} MiB over random weights for a {total / 2**20:.0f} MiB checkpoint"
 
 
 @pytest.mark.quick

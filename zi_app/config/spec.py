@@ -142,8 +142,8 @@ WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
 def largest_weight_file(model: ModelSpec) -> Optional[int]:
-    """Bytes of the largest weight file of a local checkpoint (transformers loads a sharded one file by file
-    under ZeRO-3), or None for random weights or a hub id."""
+    """Bytes of the largest weight file of a local checkpoint (what the planner counts for reading it; see
+    docs/planner.md for why that is optimistic), or None for random weights or a hub id."""
     if model.weights != "pretrained" or not model.path or not os.path.isdir(model.path):
         return None
     sizes = [path.stat().st_size for pattern in WEIGHT_FILES for path in Path(model.path).glob(pattern)]

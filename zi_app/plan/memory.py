@@ -305,8 +305,8 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
     per rank the process's base, NVMe staging buffers and an offloaded KV cache (its bytes at the final length,
     and what transformers' cache keeps beyond them in size classes); the offloaded weights once (ZeRO-3
     partitions each parameter across the ranks and each pins its own partition, rounded up alone: the pinning
-    round-up); and a checkpoint read from files (its largest file: transformers loads one file at a time
-    under ZeRO-3). Post-init quantization offloads the weights at their dtype's
+    round-up); and a checkpoint read from files (its largest file; optimistic where transformers keeps
+    every file mapped until the last module loads, docs/planner.md). Post-init quantization offloads the weights at their dtype's
     width while loading and their quantized replacements after; the host keeps both (measured: OPT-13B
     int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's "device" is host memory
     too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is added per rank."""
@@ -326,7 +326,7 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
         final = stored_kv_bytes(work, kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes))
         parts["KV cache"] = work.ranks * final
         parts["KV size classes"] = work.ranks * (offloaded_kv_host_bytes(work) - final)
-    if work.reads_checkpoint:  # one file at a time where its files are known, else the whole checkpoint
+    if work.reads_checkpoint:  # its largest file where its files are known, else the whole checkpoint
         parts["checkpoint read"] = work.checkpoint_file_bytes or sum(facts.param_numels) * nbytes
     if work.on_cpu:
         parts["CPU device memory"] = work.ranks * cpu_device_bytes(work, facts, residency)
