@@ -22,6 +22,7 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from typing import Optional
 
 from zi_app.record import runs
 from zi_app.config.schema import TrackingSpec
@@ -117,9 +118,19 @@ def machine() -> str:
     return f"{gpu}, {platform.node()}, {versions}, Python {platform.python_version()}"
 
 
+def rows_equal(tokens: Optional[list], first: Optional[list]) -> str:
+    """"yes" where a variant's greedy tokens are the first variant's, else how many of the rows both generated are
+    ("19 of 56"): the prompts are seeded, so row i is the same prompt at any batch."""
+    if tokens is None or first is None:
+        return ""
+    if tokens == first:
+        return "yes"
+    return f"{sum(mine == theirs for mine, theirs in zip(tokens, first))} of {min(len(tokens), len(first))} rows"
+
+
 def table(results: list, columns: list = COLUMNS) -> str:
     """Markdown table of every variant, with tokens/s relative to the first variant and whether its greedy tokens
-    are the first variant's (generation.json; a prompt or batch that differs makes them differ too)."""
+    are the first variant's (generation.json; row by row where the batches differ)."""
     header = ["variant", "status", *[c[1] for c in columns], "x first", "tokens = first"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = results[0]["metrics"].get("tokens_per_sec")
@@ -129,8 +140,7 @@ def table(results: list, columns: list = COLUMNS) -> str:
         cells += [fmt.format(m[key] * scale) if key in m else "" for key, _, scale, fmt in columns]
         ratio = m.get("tokens_per_sec")
         cells.append(f"{ratio / base:.2f}" if ratio and base else "")
-        same = row.get("tokens") is not None and row["tokens"] == results[0].get("tokens")
-        cells.append("" if row.get("tokens") is None or results[0].get("tokens") is None else "yes" if same else "NO")
+        cells.append(rows_equal(row.get("tokens"), results[0].get("tokens")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
