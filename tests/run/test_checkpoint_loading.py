@@ -43,7 +43,8 @@ def test_a_sharded_checkpoint_is_never_in_host_memory_twice(sharded, job):
     weights (no file at all), where a copy read out of the mapped files would add all of it on top of the
     mapping. Measured 140-378 MiB for 418 MiB in 18 files: the RSS of mapped files counts the pages touched
     while transformers still holds every file, and the two jobs' peaks fall at different moments (the spread
-    is widest on a loaded machine; under 0.75 of the checkpoint, this test failed 2 of 3 times 3 at once)."""
+    is widest on a loaded machine: bounded at 0.75 of the checkpoint, this test failed in 2 of 3 copies run at
+    once)."""
     path, total, _ = sharded
     loaded = job("model=pretrained", f"model.path={path}", "model.dtype=float32", *JOB)
     random = job("model=tiny-opt", *(f"model.arch.{k}={v}" for k, v in ARCH.items()), "model.max_positions=512", *JOB)
