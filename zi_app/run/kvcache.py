@@ -71,10 +71,16 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.
                       out=grouped)
 
 
+def _token_ranges(tokens: int, size: int = KV_QUANT_CHUNK_TOKENS) -> Iterator[slice]:
+    """The first ``tokens`` tokens, ``size`` at a time."""
+    for start in range(0, tokens, size):
+        yield slice(start, min(tokens, start + size))
+
+
 def _chunks(*tensors: torch.Tensor) -> Iterator[Tuple[torch.Tensor, ...]]:
     """The tensors' rows (tokens), ``KV_QUANT_CHUNK_TOKENS`` at a time."""
-    for start in range(0, tensors[0].shape[0], KV_QUANT_CHUNK_TOKENS):
-        yield tuple(tensor[start:start + KV_QUANT_CHUNK_TOKENS] for tensor in tensors)
+    for part in _token_ranges(tensors[0].shape[0]):
+        yield tuple(tensor[part] for tensor in tensors)
 
 
 class HostKV:
@@ -337,10 +343,8 @@ class HostKVCache(Cache):
         if not tokens:
             return
         memory = self.memory
-        chunk = KV_QUANT_CHUNK_TOKENS if memory.bits < 16 else tokens
-        with memory.on_side_stream():
-            for start in range(0, tokens, chunk):
-                cached = slice(start, min(tokens, start + chunk))
+        with memory.on_side_stream():  # quantized, a chunk at a time, each dequantized while the next comes up
+            for cached in _token_ranges(tokens, KV_QUANT_CHUNK_TOKENS if memory.bits < 16 else tokens):
                 for into, up in zip(memory.on_device(index, cached), memory.on_host(layer_idx, cached)):
                     into.copy_(up, non_blocking=True)
                     memory.h2d_bytes += up.numel() * up.element_size()
