@@ -26,6 +26,7 @@ KV_QUANT_GROUP = 64  # elements of a head sharing a minimum and a step in a quan
 # layer's cache on the GPU (a prompt's or a prefix's whole would be several times one).
 KV_QUANT_CHUNK_TOKENS = 64
 WEIGHTS = ("random", "pretrained")
+LOADERS = ("auto", "files", "transformers")
 PERSISTENCE_WORDS = ("h", "hh", "auto")
 FETCH_MODES = ("deepspeed", "overlap")
 PIN_BACKENDS = ("torch", "native")
@@ -98,6 +99,8 @@ def _check_model(model: Any) -> None:
         raise ConfigError("model.dtype", model.dtype, f"one of {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     if model.weights not in WEIGHTS:
         raise ConfigError("model.weights", model.weights, f"one of {', '.join(WEIGHTS)}")
+    if model.loader not in LOADERS:
+        raise ConfigError("model.loader", model.loader, f"one of {', '.join(LOADERS)}")
     if model.weights == "pretrained":
         if not model.path:
             raise ConfigError("model.path", model.path, "a local directory or hub id when model.weights=pretrained")
@@ -106,6 +109,9 @@ def _check_model(model: Any) -> None:
         if looks_local and not (local / "config.json").is_file():
             raise ConfigError("model.path", model.path,
                               "an existing directory holding config.json (as written by save_pretrained) or a hub id")
+        if model.loader == "files" and not looks_local:
+            raise ConfigError("model.loader", model.loader,
+                              "auto or transformers for a hub id (files reads a local directory's weight files)")
     elif model.path:
         raise ConfigError("model.weights", model.weights,
                           "'pretrained' when model.path is set (add model.weights=pretrained, or use model=pretrained)")

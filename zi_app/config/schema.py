@@ -86,6 +86,9 @@ class ModelSpec:
     name: str = "unnamed"  # the preset's name (runs and result lines show it)
     path: Optional[str] = None  # checkpoint directory or hub id for from_pretrained (model.weights=pretrained)
     weights: str = "random"  # random: seeded init, no checkpoint; pretrained: from_pretrained(path)
+    # pretrained weights: files (one checkpoint file at a time into the ZeRO-3 partitions), transformers
+    # (from_pretrained: every file mapped until the last module loads), auto: files for a local directory
+    loader: str = "auto"
     dtype: str = "float16"  # float32, float16 or bfloat16 (fp32/fp16/half/bf16 accepted): fp16/bf16 in ds_config
     max_positions: Optional[int] = None  # prompt_len + gen_len limit; the architecture's own when null
     arch: Mapping[str, Any] = field(default_factory=FrozenDict)  # the transformers config dict (model_type, sizes)

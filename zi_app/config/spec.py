@@ -150,6 +150,13 @@ def largest_weight_file(model: ModelSpec) -> Optional[int]:
     return max(sizes, default=None)
 
 
+def checkpoint_loader(model: ModelSpec) -> str:
+    """``model.loader`` resolved: ``auto`` reads a local directory file by file, a hub id through transformers."""
+    if model.loader != "auto":
+        return model.loader
+    return "files" if Path(os.path.expanduser(model.path or ".")).is_dir() else "transformers"
+
+
 # transformers families whose MLP is LlamaMLP's act_fn(gate_proj(x)) * up_proj(x)
 GATED_MLP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
@@ -223,7 +230,7 @@ def _freeze(checked: DictConfig) -> JobSpec:
     if groups["offload"].aio is not None:
         groups["offload"] = dataclasses.replace(groups["offload"], aio=AioSpec(**groups["offload"].aio))
     model = groups["model"]
-    groups["model"] = dataclasses.replace(model, shape=model_shape(model.arch),
+    groups["model"] = dataclasses.replace(model, shape=model_shape(model.arch), loader=checkpoint_loader(model),
                                           largest_file_bytes=largest_weight_file(model))
     return JobSpec(**groups, **tree)
 

@@ -33,7 +33,7 @@ class Workload:
     leaf_modules: bool = False
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
-    checkpoint_file_bytes: Optional[int] = None  # the largest of those files, when known (they load one by one)
+    checkpoint_file_bytes: Optional[int] = None  # the largest of those files, when they load one by one
     nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
     # memory.fetch=overlap: the host's per-fetch work runs while copies are in flight, and no hooks remain
     # when every weight is resident (zi_app/run/fetch.py)
@@ -94,7 +94,7 @@ def workload(spec: JobSpec) -> Workload:
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules
                     and memory.max_reuse_distance != "model",
                     reads_checkpoint=spec.model.weights == "pretrained",
-                    checkpoint_file_bytes=spec.model.largest_file_bytes,
+                    checkpoint_file_bytes=spec.model.largest_file_bytes if spec.model.loader == "files" else None,
                     nvme_buffer_elements=((offload.buffer_count or NVME_BUFFER_COUNT) * nvme_buffer_size(spec)
                                           if offload.device == "nvme" else 0),
                     overlap_fetch=memory.fetch == "overlap",

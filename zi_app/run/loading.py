@@ -9,19 +9,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import Any, Dict, Iterator
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator
 
 import torch
 
 from zi_app.config.schema import JobSpec
 from zi_app.plan.facts import ModelFacts, auto_config
 from zi_app.plan.workload import DTYPE_BYTES
+from zi_app.run import checkpoint
 from zi_app.run.progress import Progress
 
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INIT_STD = 0.02  # the initializer_range of OPT, LLaMA and BLOOM
+GENERATION_CONFIG = "generation_config.json"  # a checkpoint's generation defaults, as from_pretrained reads them
 
 
 class SeededValues:
@@ -50,7 +53,7 @@ class SeededValues:
 
 
 def seed_weights(model: torch.nn.Module, seed: int) -> None:
-    """A plain (unpartitioned) model's seeded random weights: what :func:`seeded_construction` gives the same
+    """A plain (unpartitioned) model's seeded random weights: what :func:`load_model` gives the same
     architecture under ZeRO-3 on the same device, parameter by parameter in the same order."""
     values = SeededValues(seed)
     for name, param in model.named_parameters():
@@ -72,32 +75,36 @@ def zero3_construction(ds_config: Dict[str, Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def seeded_construction(seed: int) -> Iterator[None]:
-    """While open (inside :func:`zero3_construction`), random weights are made as ZeRO-3 takes each module:
-    its new parameters get their seeded values (:class:`SeededValues`, drawn across the model in
-    construction order) before zero.Init quantizes and partitions them, and transformers' own init then skips
-    the module. So init-time quantization packs real values (transformers' init would write into packed
-    storage), and no full-width copy of the model is ever built or written to disk.
+def filled_construction(fill: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While open (inside :func:`zero3_construction`), each module's new parameters get their values from
+    ``fill(name, param)`` as ZeRO-3 takes the module, before zero.Init quantizes and partitions them, and
+    transformers' own init then skips the module. So init-time quantization packs real values (transformers'
+    init would write into packed storage), and no full-width copy of the model is ever built or written to disk.
 
     Like :func:`loading_progress`, it wraps zero.Init's per-module step (``Init._post_init_method``,
     DeepSpeed 0.19.8) and undoes that on exit.
     """
     from deepspeed.runtime.zero.partition_parameters import Init, is_zero_param
 
-    original, values = Init._post_init_method, SeededValues(seed)
+    original = Init._post_init_method
 
-    def seeded(init, module):
+    def filled(init, module):
         for name, param in module.named_parameters(recurse=False):
             if not is_zero_param(param):
-                values.fill(name, param)
+                fill(name, param)
         module._is_hf_initialized = True  # transformers' initialize_weights skips flagged modules
         original(init, module)
 
-    Init._post_init_method = seeded
+    Init._post_init_method = filled
     try:
         yield
     finally:
         Init._post_init_method = original
+
+
+@torch.no_grad()
+def _zero(name: str, param: torch.Tensor) -> None:
+    param.zero_()
 
 
 @contextlib.contextmanager
@@ -146,15 +153,22 @@ def loading_progress(spec: JobSpec, facts: ModelFacts) -> Iterator[None]:
 
 
 def load_model(spec: JobSpec):
-    """Build the model: real weights via ``from_pretrained`` of ``model.path``, or seeded random weights
-    made as ZeRO-3 partitions them (:func:`seeded_construction`).
+    """Build the model: seeded random weights (:class:`SeededValues`, drawn across the model in construction
+    order) or real ones from ``model.path``, read file by file into the partitioned model
+    (:mod:`zi_app.run.checkpoint`) or by transformers' ``from_pretrained`` (``model.loader=transformers``).
 
     Call inside :func:`zero3_construction` so that ZeRO-3 partitions it as it is constructed.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     dtype = TORCH_DTYPES[spec.model.dtype]
-    if spec.model.weights == "pretrained":
+    if spec.model.weights == "pretrained" and spec.model.loader == "transformers":
         return AutoModelForCausalLM.from_pretrained(spec.model.path, dtype=dtype).eval()
-    with seeded_construction(spec.seed):
-        return AutoModelForCausalLM.from_config(auto_config(spec.model.arch), dtype=dtype).eval()
+    fill = SeededValues(spec.seed).fill if spec.model.weights == "random" else _zero
+    with filled_construction(fill):
+        model = AutoModelForCausalLM.from_config(auto_config(spec.model.arch), dtype=dtype).eval()
+    if spec.model.weights == "pretrained":
+        checkpoint.load_file_by_file(model, spec.model.path)
+        if (Path(spec.model.path) / GENERATION_CONFIG).exists():
+            model.generation_config = GenerationConfig.from_pretrained(spec.model.path)
+    return model
