@@ -22,7 +22,6 @@ from zi_app.plan.workload import workload
 ARCH = {"hidden_size": 1024, "num_hidden_layers": 8, "ffn_dim": 4096, "num_attention_heads": 16, "vocab_size": 8192,
         "max_position_embeddings": 512, "word_embed_proj_dim": 1024}
 JOB = ("quant=int8", "batch=1", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1")
-TRANSFORMERS = ("model=pretrained", "model.loader=transformers")
 
 
 @pytest.fixture(scope="module")
@@ -40,34 +39,27 @@ def sharded(tmp_path_factory):
 
 
 def test_a_sharded_checkpoint_loads_one_file_at_a_time(sharded, job, compose):
-    """Our loader's job peaks at most three of its files above the same model made from random weights (no file
-    at all): one file mapped, the tensor read out of it and its quantization's temporaries, plus the noise of two
-    processes' peaks. Measured 57 MiB for 32 MiB files (transformers' loader: 328 MiB; the checkpoint is 418 MiB
-    in 18 files). Its tokens are those of the same checkpoint read by transformers, and the planner's host peak
-    (the model and its largest file) is within 10% of the job's (0.5% when measured)."""
+    """Above the same model made from random weights (no file at all), our loader's job peaks at most three of its
+    files: one file mapped, the tensor read out of it and its quantization's temporaries, plus the noise of two
+    processes' peaks (measured 57 MiB for 32 MiB files). transformers' loader peaks less than the whole checkpoint,
+    where a copy read out of the mapped files would add all of it on top of the mapping (measured 140-378 MiB for
+    418 MiB in 18 files: the pages touched while it still holds every file; the two jobs' peaks fall at different
+    moments, widest on a loaded machine: bounded at 0.75 of the checkpoint, this failed in 2 of 3 copies run at
+    once). Both give the same tokens, and the planner's host peak for ours (the model and its largest file) is
+    within 10% of the job's (0.5% when measured)."""
     path, total, largest = sharded
-    overrides = ("model=pretrained", f"model.path={path}", "model.dtype=float32", *JOB)
-    loaded = job(*overrides)
+    ours, theirs = (("model=pretrained", f"model.path={path}", f"model.loader={loader}", "model.dtype=float32", *JOB)
+                    for loader in ("files", "transformers"))
     random = job("model=tiny-opt", *(f"model.arch.{k}={v}" for k, v in ARCH.items()), "model.max_positions=512", *JOB)
+    loaded, transformers = job(*ours), job(*theirs)
     extra = loaded.metrics["peak_host_rss_bytes"] - random.metrics["peak_host_rss_bytes"]
     assert extra < 3 * largest, (f"{extra / 2**20:.0f} MiB over random weights; one file is "
                                  f"{largest / 2**20:.0f} MiB, the checkpoint {total / 2**20:.0f} MiB")
-    assert loaded.tokens == job(*TRANSFORMERS, f"model.path={path}", "model.dtype=float32", *JOB).tokens
-    predicted = plan_job(validate(compose(*overrides)), cuda=False).predicted_peak_host_bytes
-    assert abs(predicted / loaded.metrics["peak_host_rss_bytes"] - 1) <= 0.10, (predicted, loaded.metrics)
-
-
-def test_transformers_loader_never_holds_the_checkpoint_twice(sharded, job):
-    """transformers' loader peaks less than the whole checkpoint above random weights, where a copy read out of
-    the mapped files would add all of it on top of the mapping. Measured 140-378 MiB for 418 MiB in 18 files:
-    the pages touched while transformers still holds every file, and the two jobs' peaks fall at different
-    moments (widest on a loaded machine: bounded at 0.75 of the checkpoint, this test failed in 2 of 3 copies
-    run at once)."""
-    path, total, _ = sharded
-    loaded = job(*TRANSFORMERS, f"model.path={path}", "model.dtype=float32", *JOB)
-    random = job("model=tiny-opt", *(f"model.arch.{k}={v}" for k, v in ARCH.items()), "model.max_positions=512", *JOB)
-    extra = loaded.metrics["peak_host_rss_bytes"] - random.metrics["peak_host_rss_bytes"]
+    extra = transformers.metrics["peak_host_rss_bytes"] - random.metrics["peak_host_rss_bytes"]
     assert extra < total, f"{extra / 2**20:.0f} MiB over random weights for a {total / 2**20:.0f} MiB checkpoint"
+    assert loaded.tokens == transformers.tokens
+    predicted = plan_job(validate(compose(*ours)), cuda=False).predicted_peak_host_bytes
+    assert abs(predicted / loaded.metrics["peak_host_rss_bytes"] - 1) <= 0.10, (predicted, loaded.metrics)
 
 
 @pytest.mark.quick
@@ -79,7 +71,8 @@ def test_the_planner_counts_one_file_for_our_loader_and_every_file_for_transform
     assert (spec.model.loader, spec.model.largest_file_bytes) == ("files", largest)
     plan = plan_job(spec, cuda=False)
     assert host_parts(workload(spec), plan.facts, plan.residency)["checkpoint read"] == largest
-    for other in (validate(compose(*TRANSFORMERS, f"model.path={path}", "model.dtype=float32", *JOB)),
+    for other in (validate(compose("model=pretrained", "model.loader=transformers", f"model.path={path}",
+                                   "model.dtype=float32", *JOB)),
                   dataclasses.replace(spec, model=dataclasses.replace(spec.model, largest_file_bytes=None))):
         assert host_parts(workload(other), plan.facts, plan.residency)["checkpoint read"] == pytest.approx(total, rel=0.01)
 
@@ -92,10 +85,11 @@ def test_our_loader_gives_every_weight_and_names_what_a_checkpoint_lacks(sharded
     from safetensors.torch import load_file, save_file
     from transformers import OPTConfig, OPTForCausalLM
 
-    from zi_app.run.checkpoint import checkpoint_files, load_file_by_file
+    from zi_app.config.paths import weight_files
+    from zi_app.run.checkpoint import load_file_by_file
 
     path, _, _ = sharded
-    saved = {key: value for file in checkpoint_files(str(path)) for key, value in load_file(file).items()}
+    saved = {key: value for file in weight_files(str(path)) for key, value in load_file(file).items()}
     model = OPTForCausalLM(OPTConfig(**ARCH))
     load_file_by_file(model, str(path))
     state = model.state_dict()

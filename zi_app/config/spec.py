@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from zi_app.config.checks import ARCH_HIDDEN, DTYPE_ALIASES, ConfigError, check
+from zi_app.config.paths import weight_files
 from zi_app.config.schema import (AioSpec, HardwareSpec, JobSpec, KVCacheSpec, MemorySpec, ModelShape, ModelSpec,
                                   OffloadSpec, QuantSpec, TrackingSpec, ZIConfig, freeze, schema_keys)
 
@@ -138,16 +139,12 @@ def architecture_from_checkpoint(path: str) -> Dict[str, Any]:
     return {k: v for k, v in arch.items() if v is not None and not k.startswith("_") and k != "transformers_version"}
 
 
-WEIGHT_FILES = ("*.safetensors", "*.bin")
-
-
 def largest_weight_file(model: ModelSpec) -> Optional[int]:
-    """Bytes of the largest weight file of a local checkpoint (what the planner counts for reading it; see
-    docs/planner.md for why that is optimistic), or None for random weights or a hub id."""
-    if model.weights != "pretrained" or not model.path or not os.path.isdir(model.path):
+    """Bytes of the largest weight file of a local checkpoint (what the planner counts for reading it one file at
+    a time, docs/planner.md), or None for random weights or a hub id."""
+    if model.weights != "pretrained" or not model.path or not os.path.isdir(os.path.expanduser(model.path)):
         return None
-    sizes = [path.stat().st_size for pattern in WEIGHT_FILES for path in Path(model.path).glob(pattern)]
-    return max(sizes, default=None)
+    return max((path.stat().st_size for path in weight_files(model.path)), default=None)
 
 
 def checkpoint_loader(model: ModelSpec) -> str:

@@ -10,32 +10,17 @@ one file. Only rank 0 reads tensor values; every rank walks the same keys so tha
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Dict, Iterator, List, Protocol
 
 import torch
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
+from zi_app.config.paths import weight_files
 
 
 class WeightFile(Protocol):
     def keys(self) -> List[str]: ...
     def get_tensor(self, key: str) -> torch.Tensor: ...
-
-
-def checkpoint_files(directory: str) -> List[Path]:
-    """The weight files of a local checkpoint, safetensors preferred: those its index names, else the files."""
-    root = Path(directory)
-    for index, pattern in ((SAFETENSORS_INDEX, "*.safetensors"), (BIN_INDEX, "*.bin")):
-        if (root / index).exists():
-            weight_map = json.loads((root / index).read_text())["weight_map"]
-            return [root / name for name in sorted(set(weight_map.values()))]
-        files = sorted(root.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(f"no *.safetensors or *.bin weight files in {directory}")
 
 
 class _TorchFile:
@@ -81,7 +66,7 @@ def _copy_in(module: torch.nn.Module, name: str, target: torch.Tensor, weights: 
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters, is_zero_param
 
     zero, errors = is_zero_param(target), []
-    prefix = name[:len(name) - len(name.rpartition(".")[2])]
+    prefix = name[:name.rfind(".") + 1]  # the module's, as _load_from_state_dict expects it: "" at the top
     # DeepSpeed's wrapper (0.19.8, inference/quantization/utils.py) quantizes the value on a layer's first load
     # only, flagging the weight so that nested wrappers of one call do not quantize twice; we load one tensor per
     # call (a bias may come first, or from another file), so each call starts unflagged.
@@ -107,8 +92,11 @@ def load_file_by_file(model: torch.nn.Module, directory: str) -> None:
                                         **dict(model.named_buffers())}
     modules = dict(model.named_modules(remove_duplicate=False))
     prefix = getattr(model, "base_model_prefix", "")
+    files = weight_files(directory)
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or *.bin weight files in {directory}")
     reads, loaded, unmatched = _rank() == 0, set(), []
-    for path in checkpoint_files(directory):
+    for path in files:
         with open_weights(path) as weights:
             for key in weights.keys():
                 name = key if key in targets else f"{prefix}.{key}"

@@ -169,6 +169,6 @@ def load_model(spec: JobSpec):
         model = AutoModelForCausalLM.from_config(auto_config(spec.model.arch), dtype=dtype).eval()
     if spec.model.weights == "pretrained":
         checkpoint.load_file_by_file(model, spec.model.path)
-        if (Path(spec.model.path) / GENERATION_CONFIG).exists():
+        if (Path(spec.model.path).expanduser() / GENERATION_CONFIG).exists():
             model.generation_config = GenerationConfig.from_pretrained(spec.model.path)
     return model
