@@ -45,9 +45,9 @@ def test_a_sharded_checkpoint_loads_one_file_at_a_time(sharded, job):
     where a copy read out of the mapped files would add all of it on top of the mapping (measured 140-378 MiB for
     418 MiB in 18 files: the pages touched while it still holds every file; the two jobs' peaks fall at different
     moments, widest on a loaded machine: bounded at 0.75 of the checkpoint, this failed in 2 of 3 copies run at
-    once). Both give the same tokens. (The planner's whole-job host peak is not held to this job's: at ~850 MiB
-    the job's sampled peak moved by 90 MiB between two runs, the plan 0.5% and 11.7% above it; the planner's term for
-    the read is checked below.)"""
+    once). Both give the same tokens. (The planner's whole-job host peak is not held to this job's: at ~850
+    MiB the job's sampled peak moved by 90 MiB between two runs, the plan 0.5% and 11.7% above it; the planner's
+    term for the read is checked below.)"""
     path, total, largest = sharded
     ours, theirs = (("model=pretrained", f"model.path={path}", f"model.loader={loader}", "model.dtype=float32", *JOB)
                     for loader in ("files", "transformers"))
@@ -73,7 +73,8 @@ def test_the_planner_counts_one_file_for_our_loader_and_every_file_for_transform
     for other in (validate(compose("model=pretrained", "model.loader=transformers", f"model.path={path}",
                                    "model.dtype=float32", *JOB)),
                   dataclasses.replace(spec, model=dataclasses.replace(spec.model, largest_file_bytes=None))):
-        assert host_parts(workload(other), plan.facts, plan.residency)["checkpoint read"] == pytest.approx(total, rel=0.01)
+        read = host_parts(workload(other), plan.facts, plan.residency)["checkpoint read"]
+        assert read == pytest.approx(total, rel=0.01)
 
 
 @pytest.mark.quick
