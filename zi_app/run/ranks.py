@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 MONITOR_S = 0.1  # how often elastic's agent looks at its ranks: a dead rank's peers are stopped this soon
 RSS_SAMPLE_S = 0.2  # how often the job's process tree's memory is sampled
+# The rendezvous's heartbeat period. Heartbeats tell other nodes this one lives; a job has one node, so none is
+# needed. On a signal elastic leaves the rendezvous open (torch.distributed.launcher.api.launch_agent), so the
+# heartbeat's daemon thread outlives the job: every 5 s (torch's default) it calls the store with the GIL released,
+# and one that the interpreter's exit catches there aborts the process ("terminate called without an active
+# exception", exit -6 instead of 128 + the signal). A week-long period keeps the thread asleep until the exit.
+KEEP_ALIVE_S = 7 * 24 * 3600
 # The job's link bandwidth is the sum of its ranks' (each rank streams its own shard over its own GPU's link).
 # Every other measured metric is the worst rank's: streamed bytes per step are one rank's, as predicted.
 SUMMED = ("h2d_pinned_gbps", "h2d_pageable_gbps", "h2d_gbps")
@@ -186,7 +192,7 @@ def run_ranks(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, on_pr
             min_nodes=1, max_nodes=1, nproc_per_node=spec.devices, run_id=f"zi-{os.getpid()}",
             # torchrun --standalone's rendezvous: a store of this process on localhost, port 0 = the first
             # free one (no port chosen here and taken by someone else before the store binds it).
-            rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"keep_alive_interval": KEEP_ALIVE_S},
             max_restarts=0, monitor_interval=MONITOR_S, start_method="spawn", signals_to_handle=signals,
             logs_specs=DefaultLogsSpecs(log_dir=str(Path(scratch) / "elastic")))
         watch = _Watch(scratch, spec.devices, on_metrics)
