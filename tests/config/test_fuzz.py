@@ -1,5 +1,6 @@
 """Fuzzing the command line (issue 24, item 6 and 8): invented overrides, each run as the user would run it
-(``python -m zi_app``, ``-m``, ``zi-plan``) against a new store in the test's folder. Every one is refused
+(``python -m zi_app``, ``-m``, ``zi-plan``) against a new store in the test's folder (seeded: conftest's
+``new_store``; creating one is tests/record/test_store_creation.py's matter). Every one is refused
 before anything loads, with exit status 2 and our one ``error:`` line naming the key: no traceback, no
 Hydra "Set HYDRA_FULL_ERROR=1", no wrong key blamed.
 """
@@ -51,7 +52,9 @@ MODULES = {"zi": ["-m", "zi_app"], "zi -m": ["-m", "zi_app", "-m"], "zi-plan": [
 
 
 @pytest.mark.parametrize("command,overrides,key", FUZZ, ids=[f"{c} {' '.join(o)}" for c, o, _ in FUZZ])
-def test_an_invented_override_is_refused_in_one_line_with_exit_2(command, overrides, key, run_python, tmp_path):
+def test_an_invented_override_is_refused_in_one_line_with_exit_2(command, overrides, key, run_python, new_store,
+                                                                  tmp_path):
+    new_store(tmp_path)
     result = run_python([*MODULES[command], *overrides], tmp_path, timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2, result.tail()
