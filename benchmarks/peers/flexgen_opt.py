@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,7 +76,10 @@ def main(argv=None) -> None:
     options.log_file = str(log_file)
     log_file.unlink(missing_ok=True)
     flex_opt.run_flexgen(options)
-    result = {"argv": flexgen_argv, "gpu_budget_gib": args.gpu_budget_gib, **read_log(log_file.read_text())}
+    # The process's peak resident set (Linux reports KiB): FlexGen's host memory, as our jobs log theirs.
+    peak_host_gib = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    result = {"argv": flexgen_argv, "gpu_budget_gib": args.gpu_budget_gib, "peak_host_gib": peak_host_gib,
+              **read_log(log_file.read_text())}
     print("flexgen-result " + json.dumps(result), flush=True)
 
 
