@@ -135,7 +135,8 @@ def test_a_rank_killed_fails_the_job_and_stops_its_peer(tmp_path):
 def test_a_signal_to_the_job_stops_every_rank(tmp_path, signum, group):
     """``kill PID`` of the job's process alone (it must stop its ranks itself), or Ctrl-C's SIGINT to the whole
     process group (the ranks get it too), while the ranks generate: both ranks end, the run is closed FAILED
-    (kind ``killed``, the signal named) and the job exits 128 + the signal, as a job of one device does."""
+    (kind ``killed``, the signal named) and the job exits 128 + the signal, as a job of one device does, with no
+    traceback (Ctrl-C reaches each rank twice: from the terminal and from elastic stopping it)."""
     job = spawn(tmp_path, "devices=2", "offload=none", *LONG)
     run = wait_both_ranks_loaded(tmp_path, job)
     descendants = psutil.Process(job.pid).children(recursive=True)
@@ -144,6 +145,7 @@ def test_a_signal_to_the_job_stops_every_rank(tmp_path, signum, group):
     assert job.wait(timeout=TIMEOUT_S) == 128 + signum, output(tmp_path)[-3000:]
     name = signal.Signals(signum).name
     assert f"zi_app: stopped by {name}; exit status {128 + signum}" in output(tmp_path)
+    assert "Traceback" not in output(tmp_path) and "KeyboardInterrupt" not in output(tmp_path), output(tmp_path)[-3000:]
     assert_all_gone(descendants)
     run = client(tmp_path).get_run(run.info.run_id)
     tags = run.data.tags

@@ -73,6 +73,9 @@ def _rank_main(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, scra
     import torch
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    # Ctrl-C reaches a rank twice (the terminal's process group, then elastic stopping its ranks): handled as a
+    # job of one device handles it, the repeat is one stop, not a KeyboardInterrupt in the middle of the exit.
+    interrupt.install()
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}][%(name)s][%(levelname)s] - %(message)s")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
