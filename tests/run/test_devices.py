@@ -144,8 +144,9 @@ def test_a_signal_to_the_job_stops_every_rank(tmp_path, signum, group):
     (os.killpg if group else os.kill)(job.pid, signum)
     assert job.wait(timeout=TIMEOUT_S) == 128 + signum, output(tmp_path)[-3000:]
     name = signal.Signals(signum).name
-    assert f"zi_app: stopped by {name}; exit status {128 + signum}" in output(tmp_path)
-    assert "Traceback" not in output(tmp_path) and "KeyboardInterrupt" not in output(tmp_path), output(tmp_path)[-3000:]
+    said = output(tmp_path)
+    assert f"zi_app: stopped by {name}; exit status {128 + signum}" in said
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said[-3000:]
     assert_all_gone(descendants)
     run = client(tmp_path).get_run(run.info.run_id)
     tags = run.data.tags
