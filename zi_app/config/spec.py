@@ -148,10 +148,11 @@ def largest_weight_file(model: ModelSpec) -> Optional[int]:
 
 
 def checkpoint_loader(model: ModelSpec) -> str:
-    """``model.loader`` resolved: ``auto`` reads a local directory file by file, a hub id through transformers."""
-    if model.loader != "auto":
+    """``model.loader`` resolved for pretrained weights: ``auto`` reads a local directory file by file, a hub id
+    through transformers. Random weights read nothing: their ``auto`` stays as it is."""
+    if model.loader != "auto" or model.weights != "pretrained":
         return model.loader
-    return "files" if Path(os.path.expanduser(model.path or ".")).is_dir() else "transformers"
+    return "files" if Path(os.path.expanduser(model.path)).is_dir() else "transformers"
 
 
 # transformers families whose MLP is LlamaMLP's act_fn(gate_proj(x)) * up_proj(x)
