@@ -17,6 +17,8 @@ published runs kept the cache at fp16, FlexGen's compressed it.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import subprocess
 import sys
 import time
@@ -116,11 +118,22 @@ def row(client, cell: str) -> List[str]:
     speed = ours[results.METRIC]
     reference = next((r for r in references if r.completed), references[0] if references else None)
     theirs = (f"{reference.metrics[results.METRIC]:.2f}" if reference and reference.completed
-              else f"{reference.outcome()}" if reference else "not run")
+              else refusal(reference) if reference else "not run")
     width = f", KV {values['kvcache.quant']}" if "kvcache.quant" in values else ""
     peaks = [ours.get(key, 0) / results.GIB for key in (results.GPU_ALLOCATED, results.HOST_RSS)]
-    return head + [f"{speed:.2f} (bsz {values['batch']}{width})", f"{speed / published:.2f}",
-                   f"{ours.get('roofline_ratio', float('nan')):.2f}", f"{peaks[0]:.1f} / {peaks[1]:.1f}", theirs]
+    ratio = ours.get("roofline_ratio", math.nan)
+    # A step that streams no weight (all resident under the budget) has no PCIe roofline to be measured against.
+    roofline = "no weight streamed" if math.isnan(ratio) else f"{ratio:.2f}"
+    return head + [f"{speed:.2f} (bsz {values['batch']}{width})", f"{speed / published:.2f}", roofline,
+                   f"{peaks[0]:.1f} / {peaks[1]:.1f}", theirs]
+
+
+def refusal(job: results.JobRow) -> str:
+    """A job that did not finish, in a table cell: the plan's host-memory refusal as its two numbers."""
+    host = re.search(r"host RSS ([\d.]+) GiB .* exceeds the ([\d.]+) GiB", job.failure_message)
+    if job.failure_kind == "invalid-config" and host:
+        return f"refused by the plan: host {host[1]} GiB predicted, {host[2]} GiB here"
+    return job.outcome()
 
 
 def table(store: str) -> str:
