@@ -1,6 +1,7 @@
 """DeepSpeed's published ZeRO-Inference table on the lent GPU (issue 21 items 2 and 5): each cell (weights int4 or
 fp16, the KV cache on the GPU or offloaded, one model) is one adaptive sweep over batch under the A6000's memory
-(``memory.gpu_budget_gib=48``, prompt 512, 32 new tokens, ``memory=tuned``), then DeepSpeed's own settings
+(``memory.gpu_budget_gib=48``, prompt 512, 32 new tokens, ``memory=tuned``; the best's neighbours and every point
+predicted faster than it measured), then DeepSpeed's own settings
 (``memory=reference``) at the batch that won, all in one MLflow store, one experiment per cell (the sweep's parent
 run holds its table and plot; ``zi-best --experiment seed-<cell>`` names the winner). A cell the plan refuses
 (host memory, disk for NVMe) is recorded as refused before anything loads. Then the table, the published A6000
@@ -93,7 +94,10 @@ def run(store: str, chosen: List[str]) -> None:
     for cell in chosen:
         common = cell_overrides(cell)
         swept = [f"batch={BATCHES}"] + (["kvcache.quant=none,int4"] if parse(cell)[1] == "cpu" else [])
-        app(store, cell, ["hydra/sweeper=adaptive", *common, *swept], multirun=True)
+        # The planner can misplace a cell's peak (docs/results/seed_table_2026-12-06.md): points it predicts faster
+        # than the measured best are measured too.
+        app(store, cell, ["hydra/sweeper=adaptive", "hydra.sweeper.measure_predicted_faster=true", *common, *swept],
+            multirun=True)
         top = winner(cell_rows(client, cell) or [])
         if top is None:
             print(f"=== {cell}: no job finished; DeepSpeed's settings not run", flush=True)

@@ -94,6 +94,11 @@ class Grid:
         measured = [p for p in self.points.values() if p.measured is not None]
         return max(measured, key=lambda p: p.measured) if measured else None
 
+    def predicted_above(self, tokens_per_sec: float) -> List[Point]:
+        """The points that fit, were not launched and are predicted faster than ``tokens_per_sec``, fastest first."""
+        return [p for p in self.by_prediction()
+                if not p.launched and p.predicted is not None and p.predicted > tokens_per_sec]
+
     def pending_neighbours(self, point: Point) -> List[Point]:
         """``point``'s neighbours that fit and were not launched, predicted fastest first."""
         return order(p for p in self.neighbours(point) if p.fits and not p.launched)
@@ -165,11 +170,17 @@ def plan_grid(sweeper: Any, arguments: Sequence[str]) -> Grid:
     return Grid(points, bisect_axis=None if guessed or not batch_axis else batch_axis[0])
 
 
-def next_round(grid: Grid, size: int) -> List[Point]:
+def next_round(grid: Grid, size: int, predicted_faster: bool = False) -> List[Point]:
     """The next jobs: the best's unmeasured neighbours once a job completed, else the most promising
-    points not launched yet; empty once the best is confirmed or nothing is left."""
+    points not launched yet; empty once the best is confirmed or nothing is left. ``predicted_faster``: a best
+    whose neighbours are all measured is confirmed only once no point the planner predicts faster than its
+    measured tokens/s is left; until then those points come next, predicted fastest first."""
     best = grid.best()
-    todo = grid.pending_neighbours(best) if best is not None else [p for p in grid.by_prediction() if not p.launched]
+    if best is None:
+        return [p for p in grid.by_prediction() if not p.launched][:size]
+    todo = grid.pending_neighbours(best)
+    if not todo and predicted_faster:
+        todo = grid.predicted_above(best.measured)
     return todo[:size]
 
 
@@ -189,9 +200,10 @@ def predicted(point: Point) -> str:
     return f" (predicted {point.predicted:.2f} tokens/s)" if point.predicted is not None else ""
 
 
-def report(grid: Grid, stopped_early: Optional[str]) -> str:
+def report(grid: Grid, stopped_early: Optional[str], predicted_faster: bool = False) -> str:
     """Which points were measured, which were skipped and why (``stopped_early``: why the sweep stopped
-    before the best was confirmed, if it did), and the best."""
+    before the best was confirmed, if it did; ``predicted_faster``: the sweep also measured the points predicted
+    faster than its best), and the best."""
     best = grid.best()
     measured = [p for p in grid.points.values() if p.launched]
     unfit = [p for p in grid.points.values() if not p.fits]
@@ -204,13 +216,15 @@ def report(grid: Grid, stopped_early: Optional[str]) -> str:
     if unfit:
         lines += ["Skipped, the planner refuses them:"] + [f"  {p.label}: {p.reason}" for p in unfit]
     if unneeded:
-        why = stopped_early or "not a neighbour of the confirmed best"
+        why = stopped_early or ("not a neighbour of the confirmed best"
+                                + (" and predicted slower than it" if predicted_faster else ""))
         lines += [f"Skipped, {why}:"] + [f"  {p.label}{predicted(p)}" for p in unneeded]
     if best is None:
         lines.append("Best: none, no job completed")
     else:
         state = (f"not confirmed: {stopped_early} before all its neighbours ran" if stopped_early
-                 else "confirmed: no neighbour in the grid is faster")
+                 else "confirmed: no neighbour in the grid is faster"
+                 + (", and no point predicted faster is left" if predicted_faster else ""))
         lines.append(f"Best: {best.label}: {best.measured:.2f} tokens/s ({state})")
     return "\n".join(lines)
 
@@ -250,6 +264,9 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
     first = "predicted fastest" if guessed else "largest batch first"
     print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; {first}: "
           + ", ".join(p.label + predicted(p) for p in fit[:4]) + (", ..." if len(fit) > 4 else ""), flush=True)
+    if sweeper.measure_predicted_faster and guessed:
+        print("Adaptive sweep: measure_predicted_faster: a best is confirmed once its neighbours and every point "
+              "predicted faster than it are measured", flush=True)
     limit = sweeper.max_jobs if sweeper.max_jobs is not None else len(grid.points)
     if fit and not guessed:
         # Without a prediction the climb has nothing to skip by: at most half the grid is measured.
@@ -260,13 +277,16 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
               f"{len(grid.points)} points", flush=True)
     returns: List[Sequence[JobReturn]] = []
     launched = 0
+    wider = sweeper.measure_predicted_faster
     while True:
-        batch = next_round(grid, min(sweeper.jobs_per_round, limit - launched))
+        batch = next_round(grid, min(sweeper.jobs_per_round, limit - launched), wider)
         if not batch:
             break
         best = grid.best()
-        print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch)
-              + (f" (neighbours of the best so far, {best.label})" if best is not None else f" ({first})"),
+        why = (first if best is None else f"neighbours of the best so far, {best.label}"
+               if set(map(id, batch)) <= set(map(id, grid.neighbours(best)))
+               else f"predicted faster than the best so far, {best.label}: {best.measured:.2f} tokens/s")
+        print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch) + f" ({why})",
               flush=True)
         if hasattr(sweeper.launcher, "batch_name"):  # the launcher's time plan covers this round, not the sweep
             sweeper.launcher.batch_name = f"round {len(returns) + 1}"
@@ -278,10 +298,10 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
         returns.append(results)
     best = grid.best()
     stopped_early = None
-    if next_round(grid, 1):  # the loop ended at its limit with work left
+    if next_round(grid, 1, wider):  # the loop ended at its limit with work left
         stopped_early = ("max_jobs reached" if limit == sweeper.max_jobs else
                          "half the grid measured, no speed predicted")
-    text = report(grid, stopped_early)
+    text = report(grid, stopped_early, wider)
     print(text, flush=True)
     _log_report(config, text)
     if best is None:

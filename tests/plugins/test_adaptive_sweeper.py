@@ -94,12 +94,12 @@ def test_rounds_climb_to_a_better_neighbour_and_stop_once_the_best_is_confirmed(
     assert not any(p.launched for p in grid.points.values() if not p.fits)
 
 
-def climb(grid: Grid, speed, limit: int, per_round: int = 2) -> list:
+def climb(grid: Grid, speed, limit: int, per_round: int = 2, predicted_faster: bool = False) -> list:
     """The adaptive sweep's rounds against ``speed(point)`` as measured tokens/s, at most ``limit`` jobs (the
     sweeper's cap): the labels measured, in order."""
     measured = []
     while len(measured) < limit:
-        batch = next_round(grid, min(per_round, limit - len(measured)))
+        batch = next_round(grid, min(per_round, limit - len(measured)), predicted_faster)
         if not batch:
             break
         for p in batch:
@@ -135,6 +135,33 @@ def test_bisection_finds_a_peak_inside_a_long_batch_axis_within_half_the_grid(pe
     grid = unpredicted_grid(list(range(1, 17)), ["True"])
     measured = climb(grid, lambda p: -abs(batch_of(p) - peak), limit=16 // 2)
     assert len(measured) <= 8 and abs(batch_of(grid.best()) - peak) < 1, measured
+
+
+@pytest.mark.quick
+def test_a_peak_the_planner_misplaced_is_found_by_measuring_the_points_predicted_faster():
+    """OPT-66B int4 with the int4 host cache under 48 GiB (docs/results/seed_table_2026-12-06.md), in miniature:
+    the planner puts the peak at batch 32 with the large batches just below it; measured, batch 32 is a local best
+    and batch 192 the best. The best's neighbours alone confirm batch 32; ``measure_predicted_faster`` goes on to
+    the points predicted above 63.8 tokens/s, finds batch 192, confirms it and stops."""
+    batches = [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    predicted = dict(zip(batches, [66.3, 71.9, 75.0, 66.6, 67.0, 67.4, 67.6, 67.9, 69.1]))
+    measured = dict(zip(batches, [50.0, 57.8, 63.8, 60.9, 62.0, 64.5, 67.0, 70.1, 68.0]))
+
+    def grid() -> Grid:
+        return Grid({(i,): Point((i,), [f"batch={batch}"], f"batch={batch}", fits=True, predicted=predicted[batch])
+                     for i, batch in enumerate(batches)})
+
+    def speed(point: Point) -> float:
+        return measured[batch_of(point)]
+
+    neighbours_only = grid()
+    assert climb(neighbours_only, speed, limit=len(batches)) == ["batch=32", "batch=24", "batch=48"]
+    assert neighbours_only.best().label == "batch=32"
+    wider = grid()
+    assert climb(wider, speed, limit=len(batches), predicted_faster=True) == [
+        "batch=32", "batch=24", "batch=48", "batch=256", "batch=192", "batch=128"]
+    assert wider.best().label == "batch=192"
+    assert next_round(wider, 2, predicted_faster=True) == []  # nothing left is predicted above 70.1
 
 
 def test_adaptive_sweep_measures_fewer_points_and_never_an_unfit_one(run_app, mlflow_store, compose, tmp_path):
@@ -237,9 +264,11 @@ def test_adaptive_sweep_stops_at_max_jobs(run_app, mlflow_store, compose):
     rest were skipped. The sweeper launches round after round: the launcher's time plan names the round, not
     the sweep."""
     planned = plan_job(validate(compose(*QUICK, *RATES, "batch=2")), cuda=False).predicted_job_s
-    result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.max_jobs=1", *QUICK, *RATES, "batch=1,2",
+    wider = "hydra.sweeper.measure_predicted_faster=true"  # taken, and said so; one job leaves it nothing to add
+    result = run_app("hydra/sweeper=adaptive", "hydra.sweeper.max_jobs=1", wider, *QUICK, *RATES, "batch=1,2",
                      multirun=True).expect_success()
     assert planned is not None
+    assert "Adaptive sweep: measure_predicted_faster: a best is confirmed once" in result.stdout, result.tail()
     assert f"\nround 1: 1 job to run, about {human_seconds(planned)} (planned)\n" in result.stdout, result.tail()
     assert not re.search(r"^sweep: ", result.stdout, re.M)
     parent, jobs = sweep_runs(mlflow_store)
