@@ -184,6 +184,17 @@ def next_round(grid: Grid, size: int, predicted_faster: bool = False) -> List[Po
     return todo[:size]
 
 
+def round_reason(grid: Grid, batch: List[Point], first: str) -> str:
+    """Why ``batch`` is the next round: ``first`` (how the first round is chosen), the best's neighbours, or
+    points predicted faster than the best (``measure_predicted_faster``)."""
+    best = grid.best()
+    if best is None:
+        return first
+    if all(p in grid.neighbours(best) for p in batch):
+        return f"neighbours of the best so far, {best.label}"
+    return f"predicted faster than the best so far, {best.label}: {best.measured:.2f} tokens/s"
+
+
 def record(point: Point, ret: JobReturn) -> None:
     """Keep what a finished job measured, or why it failed."""
     value = ret._return_value  # the public property raises for a failed job
@@ -282,12 +293,8 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
         batch = next_round(grid, min(sweeper.jobs_per_round, limit - launched), wider)
         if not batch:
             break
-        best = grid.best()
-        why = (first if best is None else f"neighbours of the best so far, {best.label}"
-               if set(map(id, batch)) <= set(map(id, grid.neighbours(best)))
-               else f"predicted faster than the best so far, {best.label}: {best.measured:.2f} tokens/s")
-        print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch) + f" ({why})",
-              flush=True)
+        print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch)
+              + f" ({round_reason(grid, batch, first)})", flush=True)
         if hasattr(sweeper.launcher, "batch_name"):  # the launcher's time plan covers this round, not the sweep
             sweeper.launcher.batch_name = f"round {len(returns) + 1}"
         results = sweeper.launcher.launch([p.overrides for p in batch], initial_job_idx=launched)

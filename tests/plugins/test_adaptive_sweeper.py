@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hydra_plugins.zero_inference._adaptive import Grid, Point, batch_of, next_round
+from hydra_plugins.zero_inference._adaptive import Grid, Point, batch_of, next_round, round_reason
 from zi_app.record import runs as zi_runs, sweep_end
 from zi_app import validate
 from zi_app.plan.job import plan_job
@@ -157,6 +157,10 @@ def test_a_peak_the_planner_misplaced_is_found_by_measuring_the_points_predicted
     neighbours_only = grid()
     assert climb(neighbours_only, speed, limit=len(batches)) == ["batch=32", "batch=24", "batch=48"]
     assert neighbours_only.best().label == "batch=32"
+    said = grid()  # the round's reason as the sweep prints it, where the two ways part
+    climb(said, speed, limit=3)
+    assert round_reason(said, next_round(said, 2, predicted_faster=True), "predicted fastest") == \
+        "predicted faster than the best so far, batch=32: 63.80 tokens/s"
     wider = grid()
     assert climb(wider, speed, limit=len(batches), predicted_faster=True) == [
         "batch=32", "batch=24", "batch=48", "batch=256", "batch=192", "batch=128"]
