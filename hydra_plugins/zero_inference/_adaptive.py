@@ -49,10 +49,12 @@ class Point:
 @dataclass
 class Grid:
     """The sweep's points, planned. ``bisect_axis``: the swept ``batch``'s axis when no speed is predicted, along
-    which a point's neighbours are the middles of the stretches not measured yet (:meth:`neighbours`)."""
+    which a point's neighbours are the middles of the stretches not measured yet (:meth:`neighbours`).
+    ``predicted_faster``: the sweeper's ``measure_predicted_faster`` (see :func:`next_round`)."""
 
     points: Dict[Tuple[int, ...], Point]
     bisect_axis: Optional[int] = None
+    predicted_faster: bool = False
 
     def neighbours(self, point: Point) -> List[Point]:
         """The points one step away from ``point`` along one swept key (a fixed one has no other value); along
@@ -167,19 +169,20 @@ def plan_grid(sweeper: Any, arguments: Sequence[str]) -> Grid:
         points[position] = point
     guessed = any(p.predicted is not None for p in points.values())
     batch_axis = [i for i, (key, values) in enumerate(axes) if key.lstrip("+~") == "batch" and len(values) > 2]
-    return Grid(points, bisect_axis=None if guessed or not batch_axis else batch_axis[0])
+    return Grid(points, bisect_axis=None if guessed or not batch_axis else batch_axis[0],
+                predicted_faster=sweeper.measure_predicted_faster)
 
 
-def next_round(grid: Grid, size: int, predicted_faster: bool = False) -> List[Point]:
+def next_round(grid: Grid, size: int) -> List[Point]:
     """The next jobs: the best's unmeasured neighbours once a job completed, else the most promising
-    points not launched yet; empty once the best is confirmed or nothing is left. ``predicted_faster``: a best
+    points not launched yet; empty once the best is confirmed or nothing is left. With ``grid.predicted_faster``, a best
     whose neighbours are all measured is confirmed only once no point the planner predicts faster than its
     measured tokens/s is left; until then those points come next, predicted fastest first."""
     best = grid.best()
     if best is None:
         return [p for p in grid.by_prediction() if not p.launched][:size]
     todo = grid.pending_neighbours(best)
-    if not todo and predicted_faster:
+    if not todo and grid.predicted_faster:
         todo = grid.predicted_above(best.measured)
     return todo[:size]
 
@@ -211,10 +214,9 @@ def predicted(point: Point) -> str:
     return f" (predicted {point.predicted:.2f} tokens/s)" if point.predicted is not None else ""
 
 
-def report(grid: Grid, stopped_early: Optional[str], predicted_faster: bool = False) -> str:
+def report(grid: Grid, stopped_early: Optional[str]) -> str:
     """Which points were measured, which were skipped and why (``stopped_early``: why the sweep stopped
-    before the best was confirmed, if it did; ``predicted_faster``: the sweep also measured the points predicted
-    faster than its best), and the best."""
+    before the best was confirmed, if it did), and the best."""
     best = grid.best()
     measured = [p for p in grid.points.values() if p.launched]
     unfit = [p for p in grid.points.values() if not p.fits]
@@ -228,14 +230,14 @@ def report(grid: Grid, stopped_early: Optional[str], predicted_faster: bool = Fa
         lines += ["Skipped, the planner refuses them:"] + [f"  {p.label}: {p.reason}" for p in unfit]
     if unneeded:
         why = stopped_early or ("not a neighbour of the confirmed best"
-                                + (" and predicted slower than it" if predicted_faster else ""))
+                                + (" and predicted slower than it" if grid.predicted_faster else ""))
         lines += [f"Skipped, {why}:"] + [f"  {p.label}{predicted(p)}" for p in unneeded]
     if best is None:
         lines.append("Best: none, no job completed")
     else:
         state = (f"not confirmed: {stopped_early} before all its neighbours ran" if stopped_early
                  else "confirmed: no neighbour in the grid is faster"
-                 + (", and no point predicted faster is left" if predicted_faster else ""))
+                 + (", and no point predicted faster is left" if grid.predicted_faster else ""))
         lines.append(f"Best: {best.label}: {best.measured:.2f} tokens/s ({state})")
     return "\n".join(lines)
 
@@ -275,7 +277,7 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
     first = "predicted fastest" if guessed else "largest batch first"
     print(f"Adaptive sweep: {len(grid.points)} points planned, {len(fit)} fit; {first}: "
           + ", ".join(p.label + predicted(p) for p in fit[:4]) + (", ..." if len(fit) > 4 else ""), flush=True)
-    if sweeper.measure_predicted_faster and guessed:
+    if grid.predicted_faster and guessed:
         print("Adaptive sweep: measure_predicted_faster: a best is confirmed once its neighbours and every point "
               "predicted faster than it are measured", flush=True)
     limit = sweeper.max_jobs if sweeper.max_jobs is not None else len(grid.points)
@@ -288,9 +290,8 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
               f"{len(grid.points)} points", flush=True)
     returns: List[Sequence[JobReturn]] = []
     launched = 0
-    wider = sweeper.measure_predicted_faster
     while True:
-        batch = next_round(grid, min(sweeper.jobs_per_round, limit - launched), wider)
+        batch = next_round(grid, min(sweeper.jobs_per_round, limit - launched))
         if not batch:
             break
         print(f"Adaptive sweep, round {len(returns) + 1}: " + ", ".join(p.label for p in batch)
@@ -305,10 +306,10 @@ def sweep(sweeper: Any, arguments: List[str]) -> List[Sequence[JobReturn]]:
         returns.append(results)
     best = grid.best()
     stopped_early = None
-    if next_round(grid, 1, wider):  # the loop ended at its limit with work left
+    if next_round(grid, 1):  # the loop ended at its limit with work left
         stopped_early = ("max_jobs reached" if limit == sweeper.max_jobs else
                          "half the grid measured, no speed predicted")
-    text = report(grid, stopped_early, wider)
+    text = report(grid, stopped_early)
     print(text, flush=True)
     _log_report(config, text)
     if best is None:
