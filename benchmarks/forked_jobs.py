@@ -2,7 +2,7 @@
 against a fresh ``python -m zi_app`` (issue 22 item 7: most of the suite's CPU is those imports). Runs the same
 tiny job both ways, alternately, and prints a table: CPU seconds of the job's process (its rusage), its exit status,
 and the peak host RSS and tokens/s the job itself logged to MLflow. A measurement for deciding on a forking test
-launcher, not one: the suite's fixtures still start every job as a fresh interpreter.
+launcher, not one (the suite's is tests/helpers/forkserver.py).
 
     .venv/bin/python benchmarks/forked_jobs.py [--repeat 3] [--dir /tmp/forked_jobs] [override ...]
 """

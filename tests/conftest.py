@@ -67,16 +67,88 @@ def app_env(cwd: Path) -> Dict[str, str]:
     return env
 
 
+class ForkServer:
+    """The client of tests/helpers/forkserver.py, started on first use: ``python -m MODULE`` and ``python
+    FILE.py`` as children forked from an interpreter that has the heavy libraries imported (its docstring says
+    what differs from a new interpreter, and why tests that measure host memory do not use it)."""
+
+    def __init__(self, folder: Path):
+        self.socket = folder / "forkserver.sock"
+        self.log = folder / "forkserver.log"
+        self.server: "subprocess.Popen | None" = None
+
+    def start(self) -> None:
+        if self.server is not None:
+            return
+        script = Path(__file__).parent / "helpers" / "forkserver.py"
+        with open(self.log, "w") as log:
+            self.server = subprocess.Popen([sys.executable, str(script), str(self.socket)], stdout=subprocess.PIPE,
+                                           stderr=log, text=True)
+        ready = self.server.stdout.readline()
+        assert ready.strip() == "ready", f"the fork server did not start: {self.log.read_text()[-2000:]}"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait()
+
+    def run(self, args: List[str], cwd: Path, env: Dict[str, str], timeout: float) -> ProcessResult:
+        """``python <args>`` in ``cwd`` with ``env``, as a forked child; its exit status as subprocess's."""
+        import socket
+        import tempfile
+
+        self.start()
+        cmd = [sys.executable, *args]
+        with contextlib.ExitStack() as stack:
+            stdin = stack.enter_context(open(os.devnull))
+            out, err = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
+            client = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            client.connect(str(self.socket))
+            request = json.dumps({"argv": args, "cwd": str(cwd), "env": env}).encode()
+            socket.send_fds(client, [request], [stdin.fileno(), out.fileno(), err.fileno()])
+            replies = client.makefile("r")
+            pid = int(replies.readline().split()[1])
+            client.settimeout(timeout)
+            try:
+                line = replies.readline()
+            except socket.timeout:
+                os.kill(pid, 9)
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            returncode = int(line.split()[1])
+            out.seek(0)
+            err.seek(0)
+            return ProcessResult(cmd, returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+# Set by pytest_runtest_setup for the test about to run (module- and session-scoped fixtures included): whether
+# its app processes must be new interpreters (pytest.mark.fresh_interpreter).
+_FRESH_INTERPRETER = [False]
+
+
+def pytest_runtest_setup(item):
+    _FRESH_INTERPRETER[0] = item.get_closest_marker("fresh_interpreter") is not None
+
+
 @pytest.fixture(scope="session")
-def run_python() -> Callable[..., ProcessResult]:
-    """``run_python(args, cwd)``: run ``python <args>`` (this interpreter) in ``cwd`` as a fresh process."""
+def run_python(tmp_path_factory) -> Callable[..., ProcessResult]:
+    """``run_python(args, cwd)``: run ``python <args>`` (this interpreter) in ``cwd`` as a process of its own:
+    forked from the fork server where the arguments are ``-m MODULE ...`` or ``FILE.py ...``, else (and for tests
+    marked ``fresh_interpreter``) a new interpreter."""
+    from helpers.forkserver import entry
+
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
 
     def run(args: Sequence[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> ProcessResult:
-        cmd = [sys.executable, *map(str, args)]
-        proc = subprocess.run(cmd, cwd=cwd, env=app_env(Path(cwd)), capture_output=True, text=True, timeout=timeout)
+        args = list(map(str, args))
+        env = app_env(Path(cwd))
+        if entry(args) is not None and not _FRESH_INTERPRETER[0]:
+            return server.run(args, Path(cwd), env, timeout)
+        cmd = [sys.executable, *args]
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         return ProcessResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
-    return run
+    yield run
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,9 @@ from zi_app.plan.job import plan_job
 from zi_app.plan.memory import host_parts
 from zi_app.plan.workload import workload
 
+# Host memory is what these tests measure: new interpreters, as a user's job (tests/helpers/forkserver.py).
+pytestmark = pytest.mark.fresh_interpreter
+
 ARCH = {"hidden_size": 1024, "num_hidden_layers": 8, "ffn_dim": 4096, "num_attention_heads": 16, "vocab_size": 8192,
         "max_position_embeddings": 512, "word_embed_proj_dim": 1024}
 JOB = ("quant=int8", "batch=1", "prompt_len=8", "gen_len=2", "warmup=0", "repeat=1")

@@ -18,6 +18,9 @@ from zi_app.plan.job import plan_job
 from zi_app.plan.memory import HOST_BASE_BYTES, host_parts, locked_bytes, pinned_bytes
 from zi_app.plan.workload import workload
 
+# Host memory is what these tests measure: new interpreters, as a user's job (tests/helpers/forkserver.py).
+pytestmark = pytest.mark.fresh_interpreter
+
 PROBE = Path(__file__).parents[1] / "helpers" / "quant_probe.py"
 WORKLOAD = ["model=tiny-opt", "model.dtype=float32", "offload=cpu", "pin=true", "batch=2", "prompt_len=16"]
 

@@ -1,0 +1,56 @@
+"""The tests' fork server (tests/helpers/forkserver.py) against a new interpreter: a forked child must give a
+program what ``python FILE.py`` and ``python -m MODULE`` give it (arguments, working directory, environment,
+sys.path, output streams, threads and atexit at the end, exit status, signals), or the tests that use it would
+test something else."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import app_env
+
+PROGRAM = '''
+import atexit, os, sys, threading, time
+print("preloaded", "deepspeed" in sys.modules)
+print("argv", sys.argv[1:], "cwd", os.getcwd(), "path0", sys.path[0], "env", os.environ.get("ZI_CACHE_DIR"))
+print("to stderr", file=sys.stderr)
+atexit.register(lambda: print("atexit ran", flush=True))
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
+how = sys.argv[1]
+if how == "raise":
+    raise ValueError("uncaught")
+if how == "interrupt":
+    raise KeyboardInterrupt
+sys.exit(int(how))
+'''
+
+
+@pytest.fixture
+def program(tmp_path):
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    (tmp_path / "progmod.py").write_text(PROGRAM)
+    return tmp_path
+
+
+def fresh(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=app_env(cwd), capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("how,returncode", [("0", 0), ("3", 3), ("raise", 1), ("interrupt", -2)])
+@pytest.mark.parametrize("form", ["script", "module"])
+def test_a_forked_child_runs_a_program_as_a_new_interpreter_does(program, run_python, form, how, returncode):
+    args = ["prog.py", how] if form == "script" else ["-m", "progmod", how]
+    forked, new = run_python(args, program), fresh(args, program)
+    assert forked.args == [sys.executable, *args]
+    # Only the imports differ: the child was forked from the server, which had DeepSpeed imported.
+    assert (forked.stdout.splitlines()[0], new.stdout.splitlines()[0]) == ("preloaded True", "preloaded False")
+    assert (forked.returncode, forked.stdout.splitlines()[1:]) == (new.returncode, new.stdout.splitlines()[1:])
+    assert forked.returncode == returncode and "thread finished" in forked.stdout and "atexit ran" in forked.stdout
+    assert forked.stdout.splitlines()[1] == f"argv ['{how}'] cwd {program} path0 {program} env {program / 'cache'}"
+    last = new.stderr.strip().splitlines()[-1]
+    assert forked.stderr.startswith("to stderr") and forked.stderr.strip().splitlines()[-1] == last
