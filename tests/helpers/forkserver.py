@@ -120,7 +120,7 @@ def _serve(connection: socket.socket) -> None:
 
 
 def serve(path: str) -> None:
-    """Preload, then answer requests on the Unix socket ``path`` until killed."""
+    """Preload, then answer requests on the Unix socket ``path`` until killed or its parent ends."""
     # As the app does before DeepSpeed is imported on a machine without CUDA (zi_app.plan.preflight).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with warnings.catch_warnings():
@@ -132,8 +132,16 @@ def serve(path: str) -> None:
     listener.bind(path)
     listener.listen(64)
     print("ready", flush=True)
+    parent = os.getppid()
+    listener.settimeout(5)
     while True:
-        connection, _ = listener.accept()
+        try:
+            connection, _ = listener.accept()
+        except socket.timeout:
+            if os.getppid() != parent:  # the pytest worker that started it is gone (killed): so is its use
+                return
+            continue
+        connection.settimeout(None)
         if os.fork() == 0:
             listener.close()
             try:
