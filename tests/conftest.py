@@ -125,6 +125,7 @@ class ForkServer:
 _FRESH_INTERPRETER = [False]
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     _FRESH_INTERPRETER[0] = item.get_closest_marker("fresh_interpreter") is not None
 
