@@ -13,9 +13,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
@@ -76,16 +78,18 @@ class ForkServer:
         self.socket = folder / "forkserver.sock"
         self.log = folder / "forkserver.log"
         self.server: "subprocess.Popen | None" = None
+        self.starting = threading.Lock()  # a test may start processes from threads: one server per worker
 
     def start(self) -> None:
-        if self.server is not None:
-            return
-        script = Path(__file__).parent / "helpers" / "forkserver.py"
-        with open(self.log, "w") as log:
-            self.server = subprocess.Popen([sys.executable, str(script), str(self.socket)], stdout=subprocess.PIPE,
-                                           stderr=log, text=True)
-        ready = self.server.stdout.readline()
-        assert ready.strip() == "ready", f"the fork server did not start: {self.log.read_text()[-2000:]}"
+        with self.starting:
+            if self.server is not None:
+                return
+            script = Path(__file__).parent / "helpers" / "forkserver.py"
+            with open(self.log, "w") as log:
+                self.server = subprocess.Popen([sys.executable, str(script), str(self.socket)],
+                                               stdout=subprocess.PIPE, stderr=log, text=True)
+            ready = self.server.stdout.readline()
+            assert ready.strip() == "ready", f"the fork server did not start: {self.log.read_text()[-2000:]}"
 
     def stop(self) -> None:
         if self.server is not None:
@@ -112,7 +116,7 @@ class ForkServer:
             try:
                 line = replies.readline()
             except socket.timeout:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired(cmd, timeout)
             returncode = int(line.split()[1])
             out.seek(0)
