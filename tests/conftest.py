@@ -91,6 +91,13 @@ class ForkServer:
             ready = self.server.stdout.readline()
             assert ready.strip() == "ready", f"the fork server did not start: {self.log.read_text()[-2000:]}"
 
+    def job_python(self) -> str:
+        """A ``hydra.launcher.python`` value that has the launcher's job processes forked from this server
+        (tests/helpers/fork_python.py stands for each), quoted for a Hydra override."""
+        self.start()
+        return "'" + " ".join([sys.executable, str(Path(__file__).parent / "helpers" / "fork_python.py"),
+                               str(self.socket)]) + "'"
+
     def stop(self) -> None:
         if self.server is not None:
             self.server.kill()
@@ -135,13 +142,31 @@ def pytest_runtest_setup(item):
 
 
 @pytest.fixture(scope="session")
-def run_python(tmp_path_factory) -> Callable[..., ProcessResult]:
+def fork_server(tmp_path_factory) -> ForkServer:
+    """This worker's fork server (started on first use)."""
+    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def forked_jobs(fork_server) -> Callable[[], List[str]]:
+    """``forked_jobs()``: the overrides that have a sweep's job processes (the process_per_job launcher's)
+    forked from the fork server, or none for a test marked ``fresh_interpreter``. For sweeps whose jobs are
+    not what a test measures or signals: the processes stand for their jobs (tests/helpers/fork_python.py),
+    but a job's host memory differs and a signal to the sweep's process group reaches the job only through
+    the process standing for it."""
+    return lambda: [] if _FRESH_INTERPRETER[0] else [f"hydra.launcher.python={fork_server.job_python()}"]
+
+
+@pytest.fixture(scope="session")
+def run_python(fork_server) -> Callable[..., ProcessResult]:
     """``run_python(args, cwd)``: run ``python <args>`` (this interpreter) in ``cwd`` as a process of its own:
     forked from the fork server where the arguments are ``-m MODULE ...`` or ``FILE.py ...``, else (and for tests
     marked ``fresh_interpreter``) a new interpreter."""
     from helpers.forkserver import entry
 
-    server = ForkServer(tmp_path_factory.mktemp("forkserver"))
+    server = fork_server
 
     def run(args: Sequence[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S) -> ProcessResult:
         args = list(map(str, args))
@@ -152,8 +177,7 @@ def run_python(tmp_path_factory) -> Callable[..., ProcessResult]:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         return ProcessResult(cmd, proc.returncode, proc.stdout, proc.stderr)
 
-    yield run
-    server.stop()
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -188,16 +212,18 @@ def new_store(tmp_path_factory) -> Callable[[Path], None]:
 
 
 @pytest.fixture
-def run_app(tmp_path, run_python, new_store) -> Callable[..., ProcessResult]:
+def run_app(tmp_path, run_python, new_store, forked_jobs) -> Callable[..., ProcessResult]:
     """``run_app(*overrides, multirun=False)``: ``python -m zi_app [-m] <overrides>`` with cwd=tmp_path.
 
     The app's MLflow store is then ``tmp_path/mlruns/mlflow.db`` (see :func:`mlflow_store`), made new for the
-    test (:func:`new_store`), and its Hydra outputs land under ``tmp_path``.
+    test (:func:`new_store`), and its Hydra outputs land under ``tmp_path``. A sweep's jobs are forked
+    (:func:`forked_jobs`) unless the overrides pick another launcher.
     """
 
     def run(*overrides: str, multirun: bool = False) -> ProcessResult:
         new_store(tmp_path)
-        return run_python(["-m", "zi_app", *(["-m"] if multirun else []), *overrides], tmp_path)
+        forked = forked_jobs() if multirun and not any(o.startswith("hydra/launcher=") for o in overrides) else []
+        return run_python(["-m", "zi_app", *(["-m"] if multirun else []), *overrides, *forked], tmp_path)
 
     return run
 

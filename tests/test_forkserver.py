@@ -1,13 +1,17 @@
 """The tests' fork server (tests/helpers/forkserver.py) against a new interpreter: a forked child must give a
 program what ``python FILE.py`` and ``python -m MODULE`` give it (arguments, working directory, environment,
 sys.path, output streams, threads and atexit at the end, exit status, signals), or the tests that use it would
-test something else."""
+test something else; and tests/helpers/fork_python.py, which stands for a forked job where a sweep's launcher
+expects a ``python`` process of its own."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from conftest import app_env
@@ -54,3 +58,49 @@ def test_a_forked_child_runs_a_program_as_a_new_interpreter_does(program, run_py
     assert forked.stdout.splitlines()[1] == f"argv ['{how}'] cwd {program} path0 {program} env {program / 'cache'}"
     last = new.stderr.strip().splitlines()[-1]
     assert forked.stderr.startswith("to stderr") and forked.stderr.strip().splitlines()[-1] == last
+
+
+SLEEPER = '''
+import os, signal, sys, time
+if sys.argv[1] == "handles-term":
+    signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(7)))
+print("pid", os.getpid(), flush=True)
+time.sleep(120)
+'''
+
+
+def stand_in(fork_server, args, cwd) -> list:
+    """The command a launcher given ``forked_jobs()`` runs for ``python <args>``."""
+    return [*fork_server.job_python().strip("'").split(" "), *args]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("how", ["0", "3", "raise", "interrupt"])
+def test_the_process_standing_for_a_forked_job_ends_as_a_new_interpreter_would(program, fork_server, how):
+    args = ["-m", "progmod", how]
+    stood = subprocess.run(stand_in(fork_server, args, program), cwd=program, env=app_env(program),
+                           capture_output=True, text=True, timeout=120)
+    new = fresh(args, program)
+    assert (stood.returncode, stood.stdout.splitlines()[1:]) == (new.returncode, new.stdout.splitlines()[1:])
+    assert stood.stdout.splitlines()[0] == "preloaded True"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("handler,signum,returncode", [("handles-term", signal.SIGTERM, 7),
+                                                       ("default", signal.SIGTERM, -signal.SIGTERM),
+                                                       ("default", signal.SIGINT, -signal.SIGINT),
+                                                       ("default", signal.SIGKILL, -signal.SIGKILL)])
+def test_a_signal_to_the_standing_process_reaches_the_forked_job(program, fork_server, handler, signum, returncode):
+    (program / "sleeper.py").write_text(SLEEPER)
+    process = subprocess.Popen(stand_in(fork_server, ["sleeper.py", handler], program), cwd=program,
+                               env=app_env(program), stdout=subprocess.PIPE, text=True)
+    child = int(process.stdout.readline().split()[1])
+    assert child != process.pid and psutil.pid_exists(child)
+    process.send_signal(signum)
+    assert process.wait(timeout=60) == returncode
+    # SIGKILL cannot be passed on: the server kills the job once the process standing for it is gone.
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(child).wait(timeout=30)
+    assert not psutil.pid_exists(child)
+    if handler == "handles-term":
+        assert process.stdout.read() == "got SIGTERM\n"

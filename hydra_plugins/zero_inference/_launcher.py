@@ -17,6 +17,8 @@ import dataclasses
 import logging
 import os
 import pickle
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +65,30 @@ class JobFailed(CompactHydraException):
     def __init__(self, message: str, error: BaseException) -> None:
         super().__init__(message)
         self.error = error
+
+
+class LauncherSettingError(CompactHydraException):
+    """A launcher setting that cannot work, named with its value and what is allowed, before any job starts."""
+
+    exit_status = 2  # as the app's invalid configs (zi_app.config.checks.EXIT_INVALID_CONFIG)
+
+
+def job_interpreter(python: Optional[str]) -> List[str]:
+    """The command that starts a job's Python: ``hydra.launcher.python`` split as a shell would, or this
+    interpreter; :class:`LauncherSettingError` where its first word is not an executable."""
+    if python is None:
+        return [sys.executable]
+    try:
+        words = shlex.split(python)
+    except ValueError as error:
+        words, why = [], f"it does not split as a shell would ({error})"
+    else:
+        why = "it is empty" if not words else f"{words[0]!r} is not an executable file nor one on PATH"
+    if words and shutil.which(words[0]) is not None:
+        return words
+    raise LauncherSettingError(f"invalid config: hydra.launcher.python={python!r} is not allowed: {why}; null (this "
+                               f"interpreter, {sys.executable}) or a command that runs Python, e.g. 'numactl "
+                               f"--cpunodebind=0 --membind=0 python'")
 
 
 class QuietJobReturn(JobReturn):
@@ -218,8 +244,9 @@ class SweepStopped(RuntimeError):
 
 
 def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, workdir: Path,
-                   children: Children) -> JobReturn:
-    """Run ``job`` in a new ``python -m hydra_plugins.zero_inference._job`` process and return its JobReturn."""
+                   children: Children, python: List[str]) -> JobReturn:
+    """Run ``job`` in a new ``python -m hydra_plugins.zero_inference._job`` process (``python``: the command
+    that starts it) and return its JobReturn."""
     payload, result = workdir / f"job{job.idx}.pkl", workdir / f"job{job.idx}.result.pkl"
     with open(payload, "wb") as f:
         pickle.dump(list(sys.path), f)  # read first, so modules found only through the driver's path import
@@ -230,7 +257,7 @@ def run_in_process(launcher: Any, job: Job, gpu: Optional[str], state: Any, work
     # One line per job on the sweep's terminal: the job's own output goes to its folder, unless verbose=true or
     # it is a dry run's, whose output (the DeepSpeed config) is the point.
     output = None if job.config.get("verbose") or job.config.get("dry_run") else Path(job.output_dir) / OUTPUT_LOG
-    returncode = children.run([sys.executable, "-m", JOB_MODULE, str(payload), str(result)], env, output)
+    returncode = children.run([*python, "-m", JOB_MODULE, str(payload), str(result)], env, output)
     if returncode is None:
         raise SweepStopped(f"job #{job.idx} not started: the sweep is stopping")
     if result.exists():
@@ -244,6 +271,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
     time without GPUs); return JobReturns in job order."""
     from zi_app.plan.hardware import visible_gpus
 
+    python = job_interpreter(launcher.python)
     setup_globals()
     config = launcher.config
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
@@ -280,7 +308,7 @@ def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_id
         try:
             log.log(detail, "\t#%d : %s", job.idx, label(job.overrides))
             start = time.monotonic()
-            ret = run_in_process(launcher, job, gpu, state, Path(workdir), children)
+            ret = run_in_process(launcher, job, gpu, state, Path(workdir), children, python)
             LAUNCHED.append(list(job.overrides))  # it ran (one the stopping sweep never started raised above)
             if isinstance(ret._return_value, JobProcessError):
                 with callback_lock:  # the job's own on_job_end never ran: tell the callbacks here

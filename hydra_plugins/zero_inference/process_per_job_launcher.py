@@ -29,6 +29,10 @@ class ProcessPerJobLauncherConf:
     gpus: Optional[List[str]] = None
     # Unit printed after a job's numeric return value in the progress line (the app returns tokens/sec).
     result_label: str = "tokens/s"
+    # The command that starts each job's Python, split as a shell would, e.g. 'numactl --cpunodebind=0
+    # --membind=0 python' to keep a job's pinned buffers on the GPU's NUMA node; it must run the same
+    # environment as the sweep's. null = the sweep's own interpreter (sys.executable).
+    python: Optional[str] = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="process_per_job", node=ProcessPerJobLauncherConf,
@@ -38,9 +42,11 @@ ConfigStore.instance().store(group="hydra/launcher", name="process_per_job", nod
 class ProcessPerJobLauncher(Launcher):
     """Runs each job through ``hydra.core.utils.run_job`` in a new ``python`` process."""
 
-    def __init__(self, gpus: Optional[List[str]] = None, result_label: str = "tokens/s") -> None:
+    def __init__(self, gpus: Optional[List[str]] = None, result_label: str = "tokens/s",
+                 python: Optional[str] = None) -> None:
         self.gpus = None if gpus is None else [str(gpu) for gpu in gpus]
         self.result_label = result_label
+        self.python = python
         # What one launch() call is, in its start and time-left lines: the sweep, or a round of a sweeper
         # that launches round after round (the adaptive sweeper sets it).
         self.batch_name = "sweep"

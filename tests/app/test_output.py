@@ -37,12 +37,12 @@ def test_a_single_job_ends_with_its_run_and_the_next_commands(tmp_path):
     assert pasted.returncode == 0 and run_id in pasted.stdout, pasted.stderr[-2000:]
 
 
-def test_a_sweep_prints_a_line_per_job_and_a_refused_job_in_one_line(tmp_path):
+def test_a_sweep_prints_a_line_per_job_and_a_refused_job_in_one_line(tmp_path, forked_jobs):
     """Four jobs, two refused by their plan (gen_len=0): one line each, named by the swept keys only; the jobs'
     own progress and result lines are in their folders' output.log; the failure's last word is one line of
     ours, not Hydra's "Error executing job ... Set HYDRA_FULL_ERROR=1"."""
     result = zi(tmp_path, "-m", "batch=1,2", "gen_len=0,2", "prompt_len=8", "warmup=0", "repeat=1",
-                "hydra.sweep.dir=sweep")
+                "hydra.sweep.dir=sweep", *forked_jobs())
     assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     progress = [line for line in lines if re.match(r"\[\d/4\] #\d ", line)]

@@ -71,10 +71,10 @@ def parent_and_jobs(root: Path) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def failing_sweep(tmp_path_factory):
+def failing_sweep(tmp_path_factory, forked_jobs):
     """Four jobs: gen_len=0 fails validation, gen_len=1000 is killed from outside while generating."""
     root = tmp_path_factory.mktemp("failing-sweep")
-    sweep = start_sweep(root, "gen_len=4,0,1000,8", *QUICK)
+    sweep = start_sweep(root, "gen_len=4,0,1000,8", *QUICK, *forked_jobs())
     kill_while_generating(root, 2, sweep)
     returncode, stdout, stderr = finish(sweep, root)
     parent, jobs = parent_and_jobs(root)

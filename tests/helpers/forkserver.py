@@ -24,6 +24,7 @@ stdin, stdout and stderr as file descriptors; the server answers ``pid N`` once 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import runpy
@@ -114,9 +115,38 @@ def _serve(connection: socket.socket) -> None:
         os._exit(_run(request["argv"], request["cwd"], request["env"]) & 0xFF)
     for fd in fds:
         os.close(fd)
-    connection.sendall(f"pid {child}\n".encode())
-    _, wait_status = os.waitpid(child, 0)
-    connection.sendall(f"status {os.waitstatus_to_exitcode(wait_status)}\n".encode())
+    reaped = _Reaped()
+    # A client killed (SIGKILL) or gone closes the connection: the child it stood for goes with it, as a job
+    # process killed from outside would.
+    threading.Thread(target=_kill_when_closed, args=(connection, child, reaped), daemon=True).start()
+    with contextlib.suppress(OSError):
+        connection.sendall(f"pid {child}\n".encode())
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped: its pid is not reused
+    with reaped.lock:
+        _, wait_status = os.waitpid(child, 0)
+        reaped.done = True
+    with contextlib.suppress(OSError):
+        connection.sendall(f"status {os.waitstatus_to_exitcode(wait_status)}\n".encode())
+
+
+class _Reaped:
+    """Whether a request's child has been reaped (its pid free for reuse), under the lock that reaps it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
+
+
+def _kill_when_closed(connection: socket.socket, child: int, reaped: _Reaped) -> None:
+    """Kill ``child`` once the client closes ``connection`` (it sends nothing after its request), unless it
+    has been reaped by then."""
+    with contextlib.suppress(OSError):
+        while connection.recv(1024):
+            pass
+    with reaped.lock:
+        if not reaped.done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 def serve(path: str) -> None:

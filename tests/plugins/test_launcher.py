@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import MlflowStore
 from helpers.signals import terminal_signals
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
@@ -68,6 +69,32 @@ def test_every_job_gets_a_new_process(hydra_sweep_runner, tmp_path):
     with sweep:
         pids = [ret.return_value for ret in sweep.returns[0]]
     assert len(set(pids)) == 3 and os.getpid() not in pids
+
+
+def test_a_jobs_python_can_be_a_command_that_wraps_it(hydra_sweep_runner, tmp_path):
+    # `env` starts the job's interpreter with a variable set, as numactl or a container would start it.
+    wrapper = f"'env ZI_WRAPPED_BY=env {sys.executable}'"
+    sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
+                               task_function=lambda cfg: (os.environ.get("ZI_WRAPPED_BY"), os.getpid()),
+                               config_path="configs", config_name="compose.yaml",
+                               overrides=[LAUNCHER, "+a=0,1", f"hydra.launcher.python={wrapper}"], temp_dir=tmp_path)
+    with sweep:
+        seen = [ret.return_value for ret in sweep.returns[0]]
+    assert [wrapped for wrapped, _ in seen] == ["env", "env"] and len({pid for _, pid in seen}) == 2
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("python, why", [("no-such-python -u", "'no-such-python' is not an executable"),
+                                         ("'python", "it does not split as a shell would")])
+def test_a_jobs_python_that_cannot_run_stops_the_sweep_before_any_job(run_python, new_store, tmp_path, python, why):
+    new_store(tmp_path)
+    override = "hydra.launcher.python=" + ('"' + python + '"' if "'" in python else f"'{python}'")
+    result = run_python(["-m", "zi_app", "-m", "batch=1,2", override], tmp_path)
+    assert result.returncode == 2, result.tail()
+    line = f"error: invalid config: hydra.launcher.python={python!r} is not allowed: {why}"
+    assert line in result.stderr, result.tail()
+    [parent] = MlflowStore(tmp_path).runs()  # no job's run: none started
+    assert (parent.info.status, parent.data.tags["zi.never_ran"]) == ("FAILED", "2")
 
 
 # A job app whose jobs record what they saw; x=2 kills its own process with SIGKILL, as the kernel's

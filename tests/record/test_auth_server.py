@@ -47,10 +47,10 @@ def assert_refused(result: subprocess.CompletedProcess, start: str, password: st
     assert "Traceback" not in result.stderr and password not in result.stdout + result.stderr
 
 
-def test_a_sweep_with_the_right_password_runs_and_its_best_run_command_works(auth_server, tmp_path):
+def test_a_sweep_with_the_right_password_runs_and_its_best_run_command_works(auth_server, tmp_path, forked_jobs):
     env = user_env(auth_server, "alice")
     sweep = zi(tmp_path, env, "zi_app", "-m", "batch=1", *QUICK, f"tracking.uri={auth_server.url}",
-               "tracking.experiment=auth")
+               "tracking.experiment=auth", *forked_jobs())
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert "Sweep finished: 1 jobs, 0 failed" in sweep.stdout
     best = re.search(r"\(run \w+; details: (.+)\)$", sweep.stdout, re.M)

@@ -58,14 +58,14 @@ def sweep_runs(client: MlflowClient, experiment: str) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def server_sweep(tracking_server, tmp_path_factory):
+def server_sweep(tracking_server, tmp_path_factory, forked_jobs):
     """A two-job sweep logging to the server with credentials in MLflow's environment variables (a password in
     the URI is refused: test_cluster), then the best-run command."""
     root = tmp_path_factory.mktemp("server-sweep")
     password = secrets.token_hex(10)
     env = {**app_env(), "MLFLOW_TRACKING_USERNAME": "zi", "MLFLOW_TRACKING_PASSWORD": password}
     run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=1,2", "pin=true", *QUICK,
-                          f"tracking.uri={tracking_server.url}", "tracking.experiment=server-sweep"], cwd=root,
+                          f"tracking.uri={tracking_server.url}", "tracking.experiment=server-sweep", *forked_jobs()], cwd=root,
                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
     client = MlflowClient(tracking_server.url)
@@ -139,7 +139,7 @@ def test_the_password_reaches_no_param_tag_artifact_or_output(server_sweep, trac
 
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
-def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_path):
+def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_path, forked_jobs):
     """Two sweeps started together on one new experiment, against one server (each from its own folder) or one
     SQLite file (both from the same folder, as two people at one machine would): every run is there."""
     experiment = f"race-{store}"
@@ -147,7 +147,7 @@ def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_pat
         roots, uri = [tmp_path / "a", tmp_path / "b"], tracking_server.url
     else:
         roots, uri = [tmp_path, tmp_path], f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    common = [f"tracking.uri={uri}", f"tracking.experiment={experiment}"]
+    common = [f"tracking.uri={uri}", f"tracking.experiment={experiment}", *forked_jobs()]
     sweeps = [start_sweep(roots[0], "first", "batch=1,2", *common), start_sweep(roots[1], "second", "batch=3,4",
                                                                                *common)]
     outputs = [finish(sweeps[0], roots[0], "first"), finish(sweeps[1], roots[1], "second")]
