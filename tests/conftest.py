@@ -91,12 +91,16 @@ class ForkServer:
             ready = self.server.stdout.readline()
             assert ready.strip() == "ready", f"the fork server did not start: {self.log.read_text()[-2000:]}"
 
-    def job_python(self) -> str:
-        """A ``hydra.launcher.python`` value that has the launcher's job processes forked from this server
-        (tests/helpers/fork_python.py stands for each), quoted for a Hydra override."""
+    def python_command(self) -> List[str]:
+        """The command that runs ``python ARGS`` (``-m MODULE`` or ``FILE.py``) as a child forked from this
+        server, with a process of its own standing for it (tests/helpers/fork_python.py)."""
         self.start()
-        return "'" + " ".join([sys.executable, str(Path(__file__).parent / "helpers" / "fork_python.py"),
-                               str(self.socket)]) + "'"
+        return [sys.executable, str(Path(__file__).parent / "helpers" / "fork_python.py"), str(self.socket)]
+
+    def job_python(self) -> str:
+        """A ``hydra.launcher.python`` value that has the launcher's job processes forked from this server,
+        quoted for a Hydra override."""
+        return "'" + " ".join(self.python_command()) + "'"
 
     def stop(self) -> None:
         if self.server is not None:
@@ -157,6 +161,15 @@ def forked_jobs(fork_server) -> Callable[[], List[str]]:
     but a job's host memory differs and a signal to the sweep's process group reaches the job only through
     the process standing for it."""
     return lambda: [] if _FRESH_INTERPRETER[0] else [f"hydra.launcher.python={fork_server.job_python()}"]
+
+
+@pytest.fixture(scope="session")
+def forked_python(fork_server) -> Callable[[], List[str]]:
+    """``forked_python()``: the command to start ``python ARGS`` with (``subprocess.Popen([*forked_python(),
+    *args])``) as a child forked from the fork server (:meth:`ForkServer.python_command`), or this interpreter
+    for a test marked ``fresh_interpreter``. For apps a test starts and waits for; not where it signals their
+    process group, which the forked child is not in."""
+    return lambda: [sys.executable] if _FRESH_INTERPRETER[0] else fork_server.python_command()
 
 
 @pytest.fixture(scope="session")

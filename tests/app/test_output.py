@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import app_env
+from conftest import ProcessResult
 from mlflow.tracking import MlflowClient
 
 from zi_app.record import runs as zi_runs
@@ -19,13 +18,12 @@ JOB = ["prompt_len=8", "gen_len=2", "warmup=0", "repeat=1"]
 TIMEOUT_S = 900
 
 
-def zi(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zi_app", *args], cwd=cwd, env=app_env(cwd), capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+def zi(run_python, cwd: Path, *args: str) -> ProcessResult:
+    return run_python(["-m", "zi_app", *args], cwd, timeout=TIMEOUT_S)
 
 
-def test_a_single_job_ends_with_its_run_and_the_next_commands(tmp_path):
-    result = zi(tmp_path, *JOB)
+def test_a_single_job_ends_with_its_run_and_the_next_commands(run_python, tmp_path):
+    result = zi(run_python, tmp_path, *JOB)
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -37,11 +35,11 @@ def test_a_single_job_ends_with_its_run_and_the_next_commands(tmp_path):
     assert pasted.returncode == 0 and run_id in pasted.stdout, pasted.stderr[-2000:]
 
 
-def test_a_sweep_prints_a_line_per_job_and_a_refused_job_in_one_line(tmp_path, forked_jobs):
+def test_a_sweep_prints_a_line_per_job_and_a_refused_job_in_one_line(run_python, tmp_path, forked_jobs):
     """Four jobs, two refused by their plan (gen_len=0): one line each, named by the swept keys only; the jobs'
     own progress and result lines are in their folders' output.log; the failure's last word is one line of
     ours, not Hydra's "Error executing job ... Set HYDRA_FULL_ERROR=1"."""
-    result = zi(tmp_path, "-m", "batch=1,2", "gen_len=0,2", "prompt_len=8", "warmup=0", "repeat=1",
+    result = zi(run_python, tmp_path, "-m", "batch=1,2", "gen_len=0,2", "prompt_len=8", "warmup=0", "repeat=1",
                 "hydra.sweep.dir=sweep", *forked_jobs())
     assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stdout.splitlines()
@@ -59,12 +57,12 @@ def test_a_sweep_prints_a_line_per_job_and_a_refused_job_in_one_line(tmp_path, f
     assert "HYDRA_FULL_ERROR" not in result.stderr and "Error executing job" not in result.stderr
 
 
-def test_a_sweep_refused_before_any_job_leaves_a_failed_parent_run(tmp_path):
+def test_a_sweep_refused_before_any_job_leaves_a_failed_parent_run(run_python, tmp_path):
     """Refused by our check at the sweep's start (an unknown key) and by Hydra while composing it (a value of
     the wrong type): each leaves one FAILED invalid-config parent run naming the key."""
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     for args, key in ((["+bacth=8", "batch=1,2"], "bacth"), (["batch=abc", "pin=true,false"], "batch='abc'")):
-        result = zi(tmp_path, "-m", *args)
+        result = zi(run_python, tmp_path, "-m", *args)
         assert result.returncode == 2, result.stderr[-3000:]
         assert f"error: invalid config: {key}" in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
         [parent] = client.search_runs([client.get_experiment_by_name("zero-inference").experiment_id],

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -29,9 +30,9 @@ def app_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in (zi_runs.PARENT_RUN_ENV, "MLFLOW_RUN_ID")}
 
 
-def start_sweep(root: Path, *overrides: str) -> subprocess.Popen:
+def start_sweep(root: Path, *overrides: str, python: Sequence[str] = (sys.executable,)) -> subprocess.Popen:
     """``python -m zi_app -m <overrides>`` in ``root``, output to root/stdout.txt and root/stderr.txt."""
-    return subprocess.Popen([sys.executable, "-m", "zi_app", "-m", *overrides, "hydra.sweep.dir=sweep"], cwd=root,
+    return subprocess.Popen([*python, "-m", "zi_app", "-m", *overrides, "hydra.sweep.dir=sweep"], cwd=root,
                             env=app_env(), stdout=open(root / "stdout.txt", "w"), stderr=open(root / "stderr.txt", "w"))
 
 
@@ -71,10 +72,10 @@ def parent_and_jobs(root: Path) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def failing_sweep(tmp_path_factory, forked_jobs):
+def failing_sweep(tmp_path_factory, forked_jobs, forked_python):
     """Four jobs: gen_len=0 fails validation, gen_len=1000 is killed from outside while generating."""
     root = tmp_path_factory.mktemp("failing-sweep")
-    sweep = start_sweep(root, "gen_len=4,0,1000,8", *QUICK, *forked_jobs())
+    sweep = start_sweep(root, "gen_len=4,0,1000,8", *QUICK, *forked_jobs(), python=forked_python())
     kill_while_generating(root, 2, sweep)
     returncode, stdout, stderr = finish(sweep, root)
     parent, jobs = parent_and_jobs(root)

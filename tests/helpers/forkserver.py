@@ -35,10 +35,12 @@ import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
-# What a test's app job imports that takes its time; OPT's and Llama's modelling code are the tiny models'.
+# What a test's app job imports that takes its time; OPT's and Llama's modelling code are the tiny models'. The
+# last three are the 0.7 s of imports a forked tiny job still made without them (python -X importtime).
 PRELOAD = ("torch", "transformers", "transformers.models.opt.modeling_opt",
            "transformers.models.llama.modeling_llama", "mlflow", "mlflow.tracking", "deepspeed", "hydra",
-           "omegaconf", "sqlalchemy", "alembic", "matplotlib.pyplot")
+           "omegaconf", "sqlalchemy", "alembic", "matplotlib.pyplot", "mlflow.store.tracking.sqlalchemy_store",
+           "git", "torch.utils.cpp_extension")
 
 
 def entry(argv: Sequence[str]) -> Optional[Tuple[str, str]]:

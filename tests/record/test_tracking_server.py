@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -31,10 +32,10 @@ def app_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-def start_sweep(root: Path, name: str, *overrides: str) -> subprocess.Popen:
+def start_sweep(root: Path, name: str, *overrides: str, python: Sequence[str] = (sys.executable,)) -> subprocess.Popen:
     """``python -m zi_app -m <overrides>`` in ``root``; output to root/<name>.out and root/<name>.err."""
     root.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "zi_app", "-m", *overrides, *QUICK], cwd=root, env=app_env(),
+    return subprocess.Popen([*python, "-m", "zi_app", "-m", *overrides, *QUICK], cwd=root, env=app_env(),
                             stdout=open(root / f"{name}.out", "w"), stderr=open(root / f"{name}.err", "w"))
 
 
@@ -58,13 +59,13 @@ def sweep_runs(client: MlflowClient, experiment: str) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def server_sweep(tracking_server, tmp_path_factory, forked_jobs):
+def server_sweep(tracking_server, tmp_path_factory, forked_jobs, forked_python):
     """A two-job sweep logging to the server with credentials in MLflow's environment variables (a password in
     the URI is refused: test_cluster), then the best-run command."""
     root = tmp_path_factory.mktemp("server-sweep")
     password = secrets.token_hex(10)
     env = {**app_env(), "MLFLOW_TRACKING_USERNAME": "zi", "MLFLOW_TRACKING_PASSWORD": password}
-    run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=1,2", "pin=true", *QUICK,
+    run = subprocess.run([*forked_python(), "-m", "zi_app", "-m", "batch=1,2", "pin=true", *QUICK,
                           f"tracking.uri={tracking_server.url}", "tracking.experiment=server-sweep", *forked_jobs()], cwd=root,
                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -72,7 +73,7 @@ def server_sweep(tracking_server, tmp_path_factory, forked_jobs):
     # A later sweep of someone else on the shared server: zi-best without --parent picks this user's latest
     someone_else = client.create_run(client.get_experiment_by_name("server-sweep").experiment_id, tags={
         zi_runs.ROLE_TAG: "sweep", "mlflow.user": "someone-else"}).info.run_id
-    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best", "--tracking-uri", tracking_server.url, "--json",
+    best = subprocess.run([*forked_python(), "-m", "zi_app.zi_best", "--tracking-uri", tracking_server.url, "--json",
                            "--experiment", "server-sweep"], cwd=root, env=app_env(), capture_output=True, text=True,
                           timeout=120)
     client.delete_run(someone_else)
@@ -139,7 +140,7 @@ def test_the_password_reaches_no_param_tag_artifact_or_output(server_sweep, trac
 
 
 @pytest.mark.parametrize("store", ["server", "sqlite"])
-def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_path, forked_jobs):
+def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_path, forked_jobs, forked_python):
     """Two sweeps started together on one new experiment, against one server (each from its own folder) or one
     SQLite file (both from the same folder, as two people at one machine would): every run is there."""
     experiment = f"race-{store}"
@@ -148,8 +149,8 @@ def test_two_sweeps_started_at_once_lose_nothing(store, tracking_server, tmp_pat
     else:
         roots, uri = [tmp_path, tmp_path], f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     common = [f"tracking.uri={uri}", f"tracking.experiment={experiment}", *forked_jobs()]
-    sweeps = [start_sweep(roots[0], "first", "batch=1,2", *common), start_sweep(roots[1], "second", "batch=3,4",
-                                                                               *common)]
+    sweeps = [start_sweep(roots[0], "first", "batch=1,2", *common, python=forked_python()),
+              start_sweep(roots[1], "second", "batch=3,4", *common, python=forked_python())]
     outputs = [finish(sweeps[0], roots[0], "first"), finish(sweeps[1], roots[1], "second")]
     client = MlflowClient(uri)
     parents, children = sweep_runs(client, experiment)

@@ -29,13 +29,13 @@ def app_env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, forked_jobs):
+def sweep(tmp_path_factory, forked_jobs, forked_python):
     """A two-job sweep; returns its folder, its summary (stdout) and the best-run command's answer."""
     root = tmp_path_factory.mktemp("ui-sweep")
-    run = subprocess.run([sys.executable, "-m", "zi_app", "-m", "batch=1,2", "prompt_len=16", "gen_len=4",
+    run = subprocess.run([*forked_python(), "-m", "zi_app", "-m", "batch=1,2", "prompt_len=16", "gen_len=4",
                           "warmup=0", "repeat=1", *forked_jobs()], cwd=root, env=app_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    best = subprocess.run([sys.executable, "-m", "zi_app.zi_best", "--json"], cwd=root, env=app_env(),
+    best = subprocess.run([*forked_python(), "-m", "zi_app.zi_best", "--json"], cwd=root, env=app_env(),
                           capture_output=True, text=True, timeout=120)
     assert best.returncode == 0, best.stderr
     return root, run.stdout, json.loads(best.stdout)
