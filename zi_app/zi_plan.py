@@ -30,7 +30,7 @@ from zi_app.config.spec import check_task, composition_error, validate
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
         "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",
-        "predicted_prefill_s", "predicted_tokens_per_sec")
+        "predicted_prefill_s", "predicted_tokens_per_sec", "pytorch_dequantization")
 
 
 def points(overrides: Sequence[str]) -> List[List[str]]:
@@ -78,7 +78,8 @@ def plan_point(point: Sequence[str], cfg: Any, cuda: bool) -> Dict[str, Any]:
                predicted_streamed_bytes_per_step=plan.predicted_streamed_bytes_per_step,
                predicted_peer_bytes_per_step=plan.predicted_peer_bytes_per_step,
                predicted_decode_step_s=plan.predicted_decode_step_s, predicted_prefill_s=plan.predicted_prefill_s,
-               predicted_tokens_per_sec=plan.predicted_tokens_per_sec)
+               predicted_tokens_per_sec=plan.predicted_tokens_per_sec,
+               pytorch_dequantization=plan.prediction.pytorch_dequantization)
     return row
 
 
@@ -108,6 +109,11 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header] + body]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines += [f"  {row['overrides'] or '(none)'}: {row['reason']}" for row in rows if not row["fits"]]
+    if any(row["pytorch_dequantization"] for row in rows):
+        lines.append("quantized weights in a dtype other than float16: DeepSpeed dequantizes them with separate "
+                     "PyTorch kernels (its dequantization kernel is float16-only), every weight every step, which "
+                     "the speed predicted here does not count (BLOOM-176B int4 bfloat16: a decode step 1.85x its "
+                     "roofline, 1.66x slower than predicted); model.dtype=float16 takes the kernel")
     if any(row["predicted_peak_gpu_bytes"] is not None and row["predicted_tokens_per_sec"] is None for row in rows):
         lines.append("no speed predicted: hardware=auto on a machine without a GPU (or a GPU no preset knows); "
                      "plan for a preset (hardware=h200, h100-80gb, a100-80gb, l40s, ...: conf/hardware) or set "

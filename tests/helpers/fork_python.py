@@ -22,17 +22,28 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
 
 
 def main(path: str, argv: list) -> None:
+    child: list = []  # its pid, once the server has forked it
+    early: list = []  # signals received before that, passed on then
+
+    def forward(signum: int, _frame) -> None:
+        if child:
+            os.kill(child[0], signum)
+        else:
+            early.append(signum)
+
+    for signum in FORWARDED:  # before anything else: a launcher may signal as soon as this process exists
+        signal.signal(signum, forward)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
     request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     socket.send_fds(client, [request], [0, 1, 2])
     replies = client.makefile("r")
-    child = int(replies.readline().split()[1])
-    for signum in FORWARDED:
-        signal.signal(signum, lambda received, _: os.kill(child, received))
+    child.append(int(replies.readline().split()[1]))
+    for signum in early:
+        os.kill(child[0], signum)
     line = replies.readline()
     if not line:  # the server went away before the child ended
-        sys.exit(f"fork_python: the fork server closed the connection while pid {child} ran")
+        sys.exit(f"fork_python: the fork server closed the connection while pid {child[0]} ran")
     status = int(line.split()[1])
     if status >= 0:
         sys.exit(status)

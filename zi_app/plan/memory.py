@@ -198,8 +198,35 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     prefill = prefill_held + max(activation_bytes(work.shape, work.batch, work.prompt_len, nbytes),
                                  projection_bytes(work.shape, work.batch, work.prompt_len, nbytes) + prefill_update)
     decode = sum(kv(prefill=False))
-    peak = resident + live + max(prefill, decode) + WORKSPACE_BYTES
+    # The logits come after the last layer has let go of its activations, beside the KV cache held; DeepSpeed's
+    # fetch lets go of the layer's weights first, ours (memory.fetch=overlap) has already issued the next step's
+    # first fetches (BLOOM-176B int4 streamed: 9.8 GiB above a plan without the head, 12.5 with the host cache).
+    head = lm_head_bytes(work, facts, resident < sum(sizes)) + kv(prefill=False)[0] + live * work.overlap_fetch
+    peak = resident + max(live + max(prefill, decode), head) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
+
+
+def lm_head_bytes(work: Workload, facts: ModelFacts, streamed: bool) -> int:
+    """GPU bytes live while the largest quantized weight (the word embedding tied to the LM head, or the LM head)
+    is dequantized for the logits: its stored bytes where it is streamed, its copy at the dtype's width and, on
+    DeepSpeed's pure-PyTorch path (any dtype but float16: its dequantization kernel is fp16-only), int4's codes
+    unpacked to a byte each. BLOOM-176B int4 in bfloat16: 3.6 billion elements, 11.7 GiB, which the plan left
+    out (peaks 9.8-9.9 GiB above it, 2026-12-05 and 12-06). Nothing for weights at their dtype's width, nor on
+    DeepSpeed's CPU accelerator, whose term holds the embedding at full width (:func:`cpu_device_bytes`)."""
+    nbytes = DTYPE_BYTES[work.dtype]
+    quantized = [numel for numel, size in zip(facts.param_numels, stored_bytes(work, facts)) if size < numel * nbytes]
+    if work.on_cpu or not quantized:
+        return 0
+    numel = max(quantized)
+    unpacked = numel if pytorch_dequantization(work) and work.weight_bytes < 1 else 0
+    return int(numel * work.weight_bytes) * streamed + numel * nbytes + unpacked
+
+
+def pytorch_dequantization(work: Workload) -> bool:
+    """Whether DeepSpeed (0.19.8) dequantizes this job's quantized weights on the GPU with its pure-PyTorch path
+    instead of its kernel, which serves float16 only: every weight is unpacked, copied, divided and shifted by
+    separate kernels each step (BLOOM-176B int4 in bfloat16: a decode step 1.85x its roofline)."""
+    return work.weight_bytes < DTYPE_BYTES[work.dtype] and work.dtype != "float16" and not work.on_cpu
 
 
 def fits(residency: Residency, budget_bytes: int) -> bool:

@@ -13,7 +13,8 @@ from typing import Optional, Tuple
 from zi_app.plan.facts import ModelFacts
 from zi_app.plan.hardware import Hardware
 from zi_app.plan.memory import (Residency, cached_kv_bytes, host_bytes, kv_cache_bytes, offloaded_kv_bytes,
-                                post_quantized, streamed_bytes_per_step, weight_total_bytes)
+                                post_quantized, pytorch_dequantization, streamed_bytes_per_step,
+                                weight_total_bytes)
 from zi_app.plan.workload import DTYPE_BYTES, Workload
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Prediction:
     prefill_s: Optional[float]
     tokens_per_sec: Optional[float]
     peer_bytes_per_step: int = 0  # bytes each rank all-gathers from its peers per decode step (devices > 1)
+    pytorch_dequantization: bool = False  # quantized weights dequantized by DeepSpeed's slow path (not fp16)
 
 
 def quantized_matrices(work: Workload, facts: ModelFacts) -> int:
@@ -144,7 +146,8 @@ def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Har
         speed = tokens_per_sec(work.batch * work.ranks, work.gen_len, prefill_s, decode_s)
     return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts, residency),
                       streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
-                      prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer)
+                      prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer,
+                      pytorch_dequantization=pytorch_dequantization(work))
 
 
 # A sweep's time plan (the launcher's "about 12 min left"). Loading reads and partitions the weights at
