@@ -29,7 +29,7 @@ PUBLISHED: Dict[Tuple[str, str], Dict[str, Tuple[float, int, str]]] = {
                       "bloom-176b": (1.33, 24, "cpu"), "llama-2-70b": (3.65, 200, "cpu")},
 }
 BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128, 160, 200, 256)
-COMMON = ("hardware=a6000", "prompt_len=512", "gen_len=32")
+COMMON = ("model.dtype=float16", "hardware=a6000", "prompt_len=512", "gen_len=32")  # float16: as the published runs
 
 
 def cell_overrides(model: str, quant: str, kvcache: str, offload: str) -> List[str]:
