@@ -161,6 +161,7 @@ def test_zero3_keeps_resident_the_int4_weights_the_plan_chose(run_python, compos
     ones the planner counted, byte for byte. ZeRO-3 compares a packed weight's size in the dtype's elements
     (about 0.28 of its own for int4 bfloat16); planned in unpacked elements, it kept 3.6x the bytes planned,
     and OPT-66B and OPT-175B int4 ran out of GPU memory."""
+    import dataclasses
     import sys
 
     import torch
@@ -174,7 +175,9 @@ def test_zero3_keeps_resident_the_int4_weights_the_plan_chose(run_python, compos
     common = ["model=tiny-opt", "model.dtype=bfloat16", "quant=int4", "memory=tuned", "memory.max_live_hh=1",
               "memory.prefetch_bucket_hh=1", *WORKLOAD]
     plan = plan_job(validate(compose(*common)), cuda=False)
-    work, facts, h = workload(plan.spec), plan.facts, plan.spec.model.shape.hidden_size
+    # Planned, as plan_job plans, for DeepSpeed's CPU accelerator (the probe's machine).
+    work = dataclasses.replace(workload(plan.spec), on_cpu=True)
+    facts, h = plan.facts, plan.spec.model.shape.hidden_size
     base, everything = predict(work, facts, h, sys.maxsize), predict(work, facts, max(facts.param_numels), sys.maxsize)
     budget = (base.predicted_peak_bytes + everything.predicted_peak_bytes) / 2 / PLAN_FRACTION
     overrides = [*common, f"memory.gpu_budget_gib={budget / 2**30!r}"]
