@@ -198,9 +198,10 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     prefill = prefill_held + max(activation_bytes(work.shape, work.batch, work.prompt_len, nbytes),
                                  projection_bytes(work.shape, work.batch, work.prompt_len, nbytes) + prefill_update)
     decode = sum(kv(prefill=False))
-    # The logits come after the last layer has let go of its activations, beside the KV cache held; DeepSpeed's
-    # fetch lets go of the layer's weights first, ours (memory.fetch=overlap) has already issued the next step's
-    # first fetches (BLOOM-176B int4 streamed: 9.8 GiB above a plan without the head, 12.5 with the host cache).
+    # The logits come after the last layer has let go of its activations, beside the KV cache held. With DeepSpeed's
+    # fetch the layers' weights are gone by then; with ours (memory.fetch=overlap) a live set of them is still
+    # there (BLOOM-176B int4 streamed: 9.8 and 12.5 GiB above a plan without the head; 0.6-1.0 for OPT-175B), most
+    # likely the next step's first fetches, which it issues at once: not profiled.
     head = lm_head_bytes(work, facts, resident < sum(sizes)) + kv(prefill=False)[0] + live * work.overlap_fetch
     peak = resident + max(live + max(prefill, decode), head) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
