@@ -211,7 +211,7 @@ def lm_head_bytes(work: Workload, facts: ModelFacts, streamed: bool) -> int:
     """GPU bytes live while the largest quantized weight (the word embedding tied to the LM head, or the LM head)
     is dequantized for the logits: its stored bytes where it is streamed, its copy at the dtype's width and, on
     DeepSpeed's pure-PyTorch path (any dtype but float16: its dequantization kernel is fp16-only), int4's codes
-    unpacked to a byte each. BLOOM-176B int4 in bfloat16: 3.6 billion elements, 11.7 GiB, which the plan left
+    unpacked to a byte each. BLOOM-176B int4 in bfloat16: 3.6 billion elements, 11.9 GiB, which the plan left
     out (peaks 9.8-9.9 GiB above it, 2026-12-05 and 12-06). Nothing for weights at their dtype's width, nor on
     DeepSpeed's CPU accelerator, whose term holds the embedding at full width (:func:`cpu_device_bytes`)."""
     nbytes = DTYPE_BYTES[work.dtype]
