@@ -197,25 +197,27 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     prefill_held, prefill_update = kv(prefill=True)
     prefill = prefill_held + max(activation_bytes(work.shape, work.batch, work.prompt_len, nbytes),
                                  projection_bytes(work.shape, work.batch, work.prompt_len, nbytes) + prefill_update)
-    decode = sum(kv(prefill=False))
+    decode_held, decode_update = kv(prefill=False)
+    decode = decode_held + decode_update
     # The logits come after the last layer has let go of its activations, beside the KV cache held. With DeepSpeed's
     # fetch the layers' weights are gone by then; with ours (memory.fetch=overlap) a live set of them is still
     # there (BLOOM-176B int4 streamed: 9.8 and 12.5 GiB above a plan without the head; 0.6-1.0 for OPT-175B), most
     # likely the next step's first fetches, which it issues at once: not profiled.
-    head = lm_head_bytes(work, facts, resident < sum(sizes)) + kv(prefill=False)[0] + live * work.overlap_fetch
+    head = lm_head_bytes(work, facts, sizes, resident < sum(sizes)) + decode_held + live * work.overlap_fetch
     peak = resident + max(live + max(prefill, decode), head) + WORKSPACE_BYTES
     return Residency(param_threshold, model_threshold, resident, peak)
 
 
-def lm_head_bytes(work: Workload, facts: ModelFacts, streamed: bool) -> int:
+def lm_head_bytes(work: Workload, facts: ModelFacts, sizes: Sequence[int], streamed: bool) -> int:
     """GPU bytes live while the largest quantized weight (the word embedding tied to the LM head, or the LM head)
     is dequantized for the logits: its stored bytes where it is streamed, its copy at the dtype's width and, on
     DeepSpeed's pure-PyTorch path (any dtype but float16: its dequantization kernel is fp16-only), int4's codes
     unpacked to a byte each. BLOOM-176B int4 in bfloat16: 3.6 billion elements, 11.9 GiB, which the plan left
     out (peaks 9.8-9.9 GiB above it, 2026-12-05 and 12-06). Nothing for weights at their dtype's width, nor on
-    DeepSpeed's CPU accelerator, whose term holds the embedding at full width (:func:`cpu_device_bytes`)."""
+    DeepSpeed's CPU accelerator, whose term holds the embedding at full width (:func:`cpu_device_bytes`). ``sizes``:
+    each parameter's stored bytes (:func:`stored_bytes`)."""
     nbytes = DTYPE_BYTES[work.dtype]
-    quantized = [numel for numel, size in zip(facts.param_numels, stored_bytes(work, facts)) if size < numel * nbytes]
+    quantized = [numel for numel, size in zip(facts.param_numels, sizes) if size < numel * nbytes]
     if work.on_cpu or not quantized:
         return 0
     numel = max(quantized)
