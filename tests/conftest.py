@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -99,8 +100,8 @@ class ForkServer:
 
     def job_python(self) -> str:
         """A ``hydra.launcher.python`` value that has the launcher's job processes forked from this server,
-        quoted for a Hydra override."""
-        return "'" + " ".join(self.python_command()) + "'"
+        quoted for a Hydra override (the launcher splits it as a shell would)."""
+        return '"' + shlex.join(self.python_command()) + '"'
 
     def stop(self) -> None:
         if self.server is not None:

@@ -69,16 +69,11 @@ time.sleep(120)
 '''
 
 
-def stand_in(fork_server, args, cwd) -> list:
-    """The command a launcher given ``forked_jobs()`` runs for ``python <args>``."""
-    return [*fork_server.job_python().strip("'").split(" "), *args]
-
-
 @pytest.mark.quick
 @pytest.mark.parametrize("how", ["0", "3", "raise", "interrupt"])
 def test_the_process_standing_for_a_forked_job_ends_as_a_new_interpreter_would(program, fork_server, how):
     args = ["-m", "progmod", how]
-    stood = subprocess.run(stand_in(fork_server, args, program), cwd=program, env=app_env(program),
+    stood = subprocess.run([*fork_server.python_command(), *args], cwd=program, env=app_env(program),
                            capture_output=True, text=True, timeout=120)
     new = fresh(args, program)
     assert (stood.returncode, stood.stdout.splitlines()[1:]) == (new.returncode, new.stdout.splitlines()[1:])
@@ -92,7 +87,7 @@ def test_the_process_standing_for_a_forked_job_ends_as_a_new_interpreter_would(p
                                                        ("default", signal.SIGKILL, -signal.SIGKILL)])
 def test_a_signal_to_the_standing_process_reaches_the_forked_job(program, fork_server, handler, signum, returncode):
     (program / "sleeper.py").write_text(SLEEPER)
-    process = subprocess.Popen(stand_in(fork_server, ["sleeper.py", handler], program), cwd=program,
+    process = subprocess.Popen([*fork_server.python_command(), "sleeper.py", handler], cwd=program,
                                env=app_env(program), stdout=subprocess.PIPE, text=True)
     child = int(process.stdout.readline().split()[1])
     assert child != process.pid and psutil.pid_exists(child)

@@ -66,8 +66,8 @@ def server_sweep(tracking_server, tmp_path_factory, forked_jobs, forked_python):
     password = secrets.token_hex(10)
     env = {**app_env(), "MLFLOW_TRACKING_USERNAME": "zi", "MLFLOW_TRACKING_PASSWORD": password}
     run = subprocess.run([*forked_python(), "-m", "zi_app", "-m", "batch=1,2", "pin=true", *QUICK,
-                          f"tracking.uri={tracking_server.url}", "tracking.experiment=server-sweep", *forked_jobs()], cwd=root,
-                         env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+                          f"tracking.uri={tracking_server.url}", "tracking.experiment=server-sweep", *forked_jobs()],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
     client = MlflowClient(tracking_server.url)
     # A later sweep of someone else on the shared server: zi-best without --parent picks this user's latest

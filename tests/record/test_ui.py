@@ -33,7 +33,8 @@ def sweep(tmp_path_factory, forked_jobs, forked_python):
     """A two-job sweep; returns its folder, its summary (stdout) and the best-run command's answer."""
     root = tmp_path_factory.mktemp("ui-sweep")
     run = subprocess.run([*forked_python(), "-m", "zi_app", "-m", "batch=1,2", "prompt_len=16", "gen_len=4",
-                          "warmup=0", "repeat=1", *forked_jobs()], cwd=root, env=app_env(), capture_output=True, text=True, timeout=900)
+                          "warmup=0", "repeat=1", *forked_jobs()], cwd=root, env=app_env(), capture_output=True,
+                         text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     best = subprocess.run([*forked_python(), "-m", "zi_app.zi_best", "--json"], cwd=root, env=app_env(),
                           capture_output=True, text=True, timeout=120)
