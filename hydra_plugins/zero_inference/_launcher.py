@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from hydra_plugins.zero_inference._progress import OUTPUT_LOG, JobProcessError, Progress, failure_line
 from hydra_plugins.zero_inference._sweep_plan import TimePlan, label, plan_jobs
+from zi_app.config.checks import EXIT_INVALID_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class JobFailed(CompactHydraException):
 class LauncherSettingError(CompactHydraException):
     """A launcher setting that cannot work, named with its value and what is allowed, before any job starts."""
 
-    exit_status = 2  # as the app's invalid configs (zi_app.config.checks.EXIT_INVALID_CONFIG)
+    exit_status = EXIT_INVALID_CONFIG
 
 
 def job_interpreter(python: Optional[str]) -> List[str]:
