@@ -8,17 +8,19 @@ run holds its table and plot; ``zi-best --experiment seed-<cell>`` names the win
 values beside ours.
 
     python benchmarks/seed_table.py run --store sqlite:////tmp/seed/mlflow.db int4:cpu:opt-66b int4:gpu:opt-66b
-    python benchmarks/seed_table.py table --store sqlite:////tmp/seed/mlflow.db [--out docs/results/seed_table.md]
+    python benchmarks/seed_table.py table --store sqlite:////tmp/seed/mlflow.db [--store ...] [--out FILE]
 
 A cell is WEIGHTS:KV:MODEL, WEIGHTS int4 or fp16, KV gpu or cpu, MODEL one of the table's (``run`` without cells runs
 every cell, in the issue's order of value). The KV-offload cells sweep ``kvcache.quant=none,int4`` too: the
-published runs kept the cache at fp16, FlexGen's compressed it.
+published runs kept the cache at fp16, FlexGen's compressed it. ``table`` reads one store per device session: a
+cell's row is its best job over them all, with DeepSpeed's settings from that job's session and the day it ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import subprocess
 import sys
@@ -92,6 +94,8 @@ def run(store: str, chosen: List[str]) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(store)
+    # The directory NVMe offload would swap into exists, so the plan measures its free disk against the need.
+    os.makedirs(NVME_PATH, exist_ok=True)
     for cell in chosen:
         common = cell_overrides(cell)
         swept = [f"batch={BATCHES}"] + (["kvcache.quant=none,int4"] if parse(cell)[1] == "cpu" else [])
@@ -108,15 +112,18 @@ def run(store: str, chosen: List[str]) -> None:
         app(store, cell, reference, multirun=False)
 
 
-def row(client, cell: str) -> List[str]:
-    """The table's row of a cell: published, ours (batch, roofline ratio, peaks), DeepSpeed's at our batch."""
+def row(clients: List, cell: str) -> List[str]:
+    """The table's row of a cell, its best over every store: published, ours (batch, roofline ratio, peaks),
+    DeepSpeed's at our batch in the same store (session), the day it was measured."""
     quant, kv, model = parse(cell)
     published, published_batch, _ = PUBLISHED[(quant, kv)][model]
     head = [model, "int4" if quant == "int4" else "fp16", kv, f"{published:.2f} (bsz {published_batch})"]
-    rows = cell_rows(client, cell)
-    top = winner(rows or [])
-    if top is None:
-        return head + ["not run" if rows is None else "no job finished (see the sweep's table)"] + [""] * 4
+    sessions = [found for found in (cell_rows(client, cell) for client in clients) if found is not None]
+    rows = max((found for found in sessions if winner(found)), key=lambda found: winner(found).metrics[results.METRIC],
+               default=None)
+    if rows is None:
+        return head + [outcomes(sum(sessions, [])) if sessions else "not run"] + [""] * 5
+    top = winner(rows)
     ours, values = top.metrics, top.values()
     references = [r for r in rows
                   if r.values().get("memory") == "reference" and r.values().get("batch") == values["batch"]]
@@ -129,26 +136,41 @@ def row(client, cell: str) -> List[str]:
     ratio = ours.get("roofline_ratio", math.nan)
     # A step that streams no weight (all resident under the budget) has no PCIe roofline to be measured against.
     roofline = "no weight streamed" if math.isnan(ratio) else f"{ratio:.2f}"
+    day = time.strftime("%Y-%m-%d", time.gmtime(top.start_time / 1000))
     return head + [f"{speed:.2f} (bsz {values['batch']}{width})", f"{speed / published:.2f}", roofline,
-                   f"{peaks[0]:.1f} / {peaks[1]:.1f}", theirs]
+                   f"{peaks[0]:.1f} / {peaks[1]:.1f}", theirs, day]
+
+
+def outcomes(rows: List[results.JobRow]) -> str:
+    """A cell none of whose jobs finished: why, once per distinct reason (a refusal names its host memory)."""
+    return "no job finished: " + "; ".join(dict.fromkeys(refusal(job) for job in rows))
+
+
+REFUSALS = (  # the plan's refusals a table cell names, by their numbers
+    (r"host RSS ([\d.]+) GiB .* exceeds the ([\d.]+) GiB", "host {} GiB predicted, {} GiB here"),
+    (r"swapped weights: ([\d.]+) GiB needed, ([\d.]+) GiB free", "NVMe {} GiB needed, {} GiB free"),
+    (r"(libaio) is missing", "no {} for NVMe"),
+)
 
 
 def refusal(job: results.JobRow) -> str:
-    """A job that did not finish, in a table cell: the plan's host-memory refusal as its two numbers."""
-    host = re.search(r"host RSS ([\d.]+) GiB .* exceeds the ([\d.]+) GiB", job.failure_message)
-    if job.failure_kind == "invalid-config" and host:
-        return f"refused by the plan: host {host[1]} GiB predicted, {host[2]} GiB here"
+    """A job that did not finish, in a table cell: the plan's refusals by their numbers, else its outcome."""
+    found = [text.format(*match.groups()) for pattern, text in REFUSALS
+             for match in [re.search(pattern, job.failure_message)] if match]
+    if job.failure_kind == "invalid-config" and found:
+        return "refused by the plan: " + ", ".join(found)
     return job.outcome()
 
 
-def table(store: str) -> str:
+def table(stores: List[str]) -> str:
+    """The published table with our row beside each cell, its best over ``stores`` (one per device session)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(store)
+    clients = [MlflowClient(store) for store in stores]
     header = ["model", "weights", "KV cache", "published A6000 tokens/s", "ours tokens/s (batch)", "ours / published",
-              "step / roofline", "peak GPU / host GiB", "DeepSpeed's settings at our batch"]
+              "step / roofline", "peak GPU / host GiB", "DeepSpeed's settings at our batch", "measured"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row(client, cell)) + " |" for cell in cells()]
+    lines += ["| " + " | ".join(row(clients, cell)) + " |" for cell in cells()]
     return "\n".join(lines)
 
 
@@ -156,14 +178,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=("run", "table"))
     parser.add_argument("cells", nargs="*", help="WEIGHTS:KV:MODEL (run: default every cell)")
-    parser.add_argument("--store", required=True, help="the MLflow store (sqlite:///... or a server)")
+    parser.add_argument("--store", required=True, action="append",
+                        help="the MLflow store (sqlite:///... or a server); table: one per session, repeated")
     parser.add_argument("--out", help="table: also write it here (Markdown)")
     args = parser.parse_intermixed_args()
     if args.mode == "run":
         chosen = args.cells or cells()
         for cell in chosen:
             parse(cell)  # every cell checked before the first sweep starts
-        run(args.store, chosen)
+        if len(args.store) > 1:
+            sys.exit("run: one --store (the sweeps' store)")
+        run(args.store[0], chosen)
         return
     text = table(args.store)
     print(text)
