@@ -10,6 +10,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -80,6 +81,13 @@ def test_the_process_standing_for_a_forked_job_ends_as_a_new_interpreter_would(p
     assert stood.stdout.splitlines()[0] == "preloaded True"
 
 
+def sleeper(program, python, handler, sigint):
+    """SLEEPER started with ``python`` (a command), SIGINT as its starter leaves it (``sigint``: a shell's background
+    job starts with it ignored, whatever the shell running pytest had)."""
+    return subprocess.Popen([*python, "sleeper.py", handler], cwd=program, env=app_env(program),
+                            stdout=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
+
 @pytest.mark.quick
 @pytest.mark.parametrize("handler,signum,returncode", [("handles-term", signal.SIGTERM, 7),
                                                        ("default", signal.SIGTERM, -signal.SIGTERM),
@@ -87,8 +95,7 @@ def test_the_process_standing_for_a_forked_job_ends_as_a_new_interpreter_would(p
                                                        ("default", signal.SIGKILL, -signal.SIGKILL)])
 def test_a_signal_to_the_standing_process_reaches_the_forked_job(program, fork_server, handler, signum, returncode):
     (program / "sleeper.py").write_text(SLEEPER)
-    process = subprocess.Popen([*fork_server.python_command(), "sleeper.py", handler], cwd=program,
-                               env=app_env(program), stdout=subprocess.PIPE, text=True)
+    process = sleeper(program, fork_server.python_command(), handler, signal.SIG_DFL)
     child = int(process.stdout.readline().split()[1])
     assert child != process.pid and psutil.pid_exists(child)
     process.send_signal(signum)
@@ -99,3 +106,18 @@ def test_a_signal_to_the_standing_process_reaches_the_forked_job(program, fork_s
     assert not psutil.pid_exists(child)
     if handler == "handles-term":
         assert process.stdout.read() == "got SIGTERM\n"
+
+
+@pytest.mark.quick
+def test_a_signal_its_starter_ignores_is_ignored_by_the_forked_job_as_by_a_new_interpreter(program, fork_server):
+    (program / "sleeper.py").write_text(SLEEPER)
+    stood, new = (sleeper(program, python, "default", signal.SIG_IGN)
+                  for python in (fork_server.python_command(), [sys.executable]))
+    for process in (stood, new):
+        process.stdout.readline()
+        process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    assert (stood.poll(), new.poll()) == (None, None)
+    for process in (stood, new):
+        process.terminate()
+    assert (stood.wait(timeout=60), new.wait(timeout=60)) == (-signal.SIGTERM, -signal.SIGTERM)

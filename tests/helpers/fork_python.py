@@ -31,11 +31,14 @@ def main(path: str, argv: list) -> None:
         else:
             early.append(signum)
 
+    # A new interpreter keeps the signals its starter ignored ignored (a job started in a shell's background
+    # ignores SIGINT): the child is told which, as the server's own dispositions are not this process's.
+    ignored = {signum: signal.getsignal(signum) == signal.SIG_IGN for signum in FORWARDED}
     for signum in FORWARDED:  # before anything else: a launcher may signal as soon as this process exists
         signal.signal(signum, forward)
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(path)
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored}).encode()
     socket.send_fds(client, [request], [0, 1, 2])
     replies = client.makefile("r")
     child.append(int(replies.readline().split()[1]))

@@ -14,7 +14,8 @@ everything:
   for a tiny job), so tests that measure it (``pytest.mark.fresh_interpreter``) keep new interpreters, as do
   forms other than ``-m MODULE`` and ``SCRIPT.py``, and the processes a sweep's launcher starts.
 
-Protocol, over a Unix socket: the client sends one JSON request (argv after the interpreter, cwd, env) with its
+Protocol, over a Unix socket: the client sends one JSON request (argv after the interpreter, cwd, env, optionally
+which signals it ignores) with its
 stdin, stdout and stderr as file descriptors; the server answers ``pid N`` once the child runs and ``status S``
 (``subprocess``'s returncode: negative for a signal) once it has ended.
 
@@ -33,7 +34,7 @@ import socket
 import sys
 import threading
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # What a test's app job imports that takes its time; OPT's and Llama's modelling code are the tiny models'. The
 # last three are the 0.7 s of imports a forked tiny job still made without them (python -X importtime).
@@ -61,8 +62,13 @@ def _print_uncaught(error: BaseException) -> None:
     sys.excepthook(type(error), error, frames)
 
 
-def _run(argv: List[str], cwd: str, env: dict) -> int:
-    """Run the request in this (forked) process as ``python <argv>`` would, and return its exit status."""
+def _run(argv: List[str], cwd: str, env: dict, ignored: Dict[str, bool]) -> int:
+    """Run the request in this (forked) process as ``python <argv>`` would, and return its exit status.
+    ``ignored``: {signal number: whether the requester ignores it}, for the signals a new interpreter would take
+    from its starter rather than from this server (empty: this server's)."""
+    for signum, ignore in ignored.items():
+        default = signal.default_int_handler if int(signum) == signal.SIGINT else signal.SIG_DFL
+        signal.signal(int(signum), signal.SIG_IGN if ignore else default)
     kind, target = entry(argv)
     os.chdir(cwd)
     os.environ.clear()
@@ -114,7 +120,7 @@ def _serve(connection: socket.socket) -> None:
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
-        os._exit(_run(request["argv"], request["cwd"], request["env"]) & 0xFF)
+        os._exit(_run(request["argv"], request["cwd"], request["env"], request.get("ignored", {})) & 0xFF)
     for fd in fds:
         os.close(fd)
     reaped = _Reaped()
