@@ -29,7 +29,7 @@ from zi_app.config.spec import check_task, composition_error, validate
 
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
-        "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",
+        "predicted_nvme_bytes", "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",
         "predicted_prefill_s", "predicted_tokens_per_sec", "pytorch_dequantization")
 
 
@@ -74,7 +74,7 @@ def plan_point(point: Sequence[str], cfg: Any, cuda: bool) -> Dict[str, Any]:
         return row
     row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name, devices=plan.spec.devices,
                predicted_peak_gpu_bytes=plan.predicted_peak_gpu_bytes,
-               predicted_peak_host_bytes=plan.predicted_peak_host_bytes,
+               predicted_peak_host_bytes=plan.predicted_peak_host_bytes, predicted_nvme_bytes=plan.predicted_nvme_bytes,
                predicted_streamed_bytes_per_step=plan.predicted_streamed_bytes_per_step,
                predicted_peer_bytes_per_step=plan.predicted_peer_bytes_per_step,
                predicted_decode_step_s=plan.predicted_decode_step_s, predicted_prefill_s=plan.predicted_prefill_s,
@@ -96,11 +96,14 @@ def _cell(value: Optional[float], scale: float, fmt: str) -> str:
 def table(rows: Sequence[Dict[str, Any]]) -> str:
     """The rows as aligned text, in grid order, the predicted best marked; reasons below the table."""
     top = best(rows)
-    header = ["", "overrides", "fits", "devices", "peak GPU GiB", "peak host GiB", "streamed GB/step",
-              "peer GB/step", "decode step s", "prefill s", "tokens/s"]
+    # The disk NVMe offload needs, where a point swaps weights to it (a preset knows no disk: compare it with yours).
+    nvme = any(row["predicted_nvme_bytes"] for row in rows)
+    header = ["", "overrides", "fits", "devices", "peak GPU GiB", "peak host GiB", *(["NVMe GiB"] if nvme else []),
+              "streamed GB/step", "peer GB/step", "decode step s", "prefill s", "tokens/s"]
     body = [["best" if row is top else "", row["overrides"] or "(none)", "yes" if row["fits"] else "NO",
              _cell(row["devices"], 1, "{:.0f}"),
              _cell(row["predicted_peak_gpu_bytes"], GIB, "{:.2f}"), _cell(row["predicted_peak_host_bytes"], GIB, "{:.2f}"),
+             *([_cell(row["predicted_nvme_bytes"], GIB, "{:.2f}")] if nvme else []),
              _cell(row["predicted_streamed_bytes_per_step"], 1e9, "{:.2f}"),
              _cell(row["predicted_peer_bytes_per_step"], 1e9, "{:.2f}"),
              _cell(row["predicted_decode_step_s"], 1, "{:.4f}"), _cell(row["predicted_prefill_s"], 1, "{:.3f}"),

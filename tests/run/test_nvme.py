@@ -6,6 +6,9 @@ Needs libaio-dev; install.sh builds the async_io op (otherwise the first NVMe jo
 
 from __future__ import annotations
 
+from zi_app.config.spec import validate
+from zi_app.plan.job import plan_job
+
 AIO_MIN_BYTES = 2**20  # DeepSpeed swaps a partition only if it has max(1 MiB, aio.block_size) bytes or more
 # tiny-opt with a wider MLP, so that its fc1/fc2 weights (2048 x 128 fp32 = 1 MiB) are swapped as well as
 # the 2050 x 128 learned position table: 5 swapped parameters.
@@ -23,9 +26,11 @@ def swappable_parameters(path) -> dict:
     return {name: size for name, size in sizes.items() if size >= AIO_MIN_BYTES}
 
 
-def test_nvme_offload_swaps_parameters_through_files(tiny_checkpoint, run_app, mlflow_store, plain_greedy, tmp_path):
+def test_nvme_offload_swaps_parameters_through_files(tiny_checkpoint, run_app, compose, mlflow_store, plain_greedy,
+                                                     tmp_path):
     """Each swappable parameter lives in its own swap file under <nvme_path>/zero_stage_3/, the job
-    finishes with its metrics, and greedy tokens equal plain transformers' on the same weights.
+    finishes with its metrics, greedy tokens equal plain transformers' on the same weights, and the files
+    take the disk the job's plan said they would.
 
     aio.block_size is lowered to 1 MiB: DeepSpeed keeps any partition smaller than the block size in
     host memory, and the default 16 MiB is larger than every parameter of a tiny model.
@@ -33,9 +38,10 @@ def test_nvme_offload_swaps_parameters_through_files(tiny_checkpoint, run_app, m
     checkpoint = tiny_checkpoint("tiny-opt", **ARCH)
     nvme = tmp_path / "nvme"
     nvme.mkdir()
-    run = run_app("model=pretrained", f"model.path={checkpoint}", "model.dtype=float32", "offload=nvme",
-                  f"offload.nvme_path={nvme}", f"offload.aio.block_size={AIO_MIN_BYTES}", f"batch={BATCH}",
-                  f"prompt_len={PROMPT_LEN}", f"gen_len={GEN_LEN}", "warmup=0", "repeat=1").expect_success()
+    overrides = ("model=pretrained", f"model.path={checkpoint}", "model.dtype=float32", "offload=nvme",
+                 f"offload.nvme_path={nvme}", f"offload.aio.block_size={AIO_MIN_BYTES}", f"batch={BATCH}",
+                 f"prompt_len={PROMPT_LEN}", f"gen_len={GEN_LEN}", "warmup=0", "repeat=1")
+    run = run_app(*overrides).expect_success()
 
     [job] = mlflow_store.job_runs()
     assert job.info.status == "FINISHED"
@@ -49,6 +55,7 @@ def test_nvme_offload_swaps_parameters_through_files(tiny_checkpoint, run_app, m
     # Files are padded to DeepSpeed's I/O alignment: each holds at least its parameter's bytes.
     file_sizes = sorted(f.stat().st_size for f in swap_files)
     assert all(written >= size for written, size in zip(file_sizes, sorted(swapped.values()))), file_sizes
+    assert plan_job(validate(compose(*overrides)), cuda=False).predicted_nvme_bytes == sum(file_sizes)
 
     tokens = mlflow_store.artifact_json(job, "generation.json")["generated_token_ids"]
     assert tokens == plain_greedy(checkpoint, BATCH, PROMPT_LEN, GEN_LEN)

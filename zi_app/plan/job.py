@@ -64,6 +64,10 @@ class JobPlan:
         return self.prediction.peak_host_bytes
 
     @property
+    def predicted_nvme_bytes(self) -> int:
+        return self.prediction.nvme_bytes
+
+    @property
     def predicted_streamed_bytes_per_step(self) -> int:
         return self.prediction.streamed_bytes_per_step
 

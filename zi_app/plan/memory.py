@@ -272,6 +272,21 @@ def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_th
     return predict(work, facts, param_threshold, base_elements + spare // DTYPE_BYTES[work.dtype])
 
 
+def partition_bytes(work: Workload, facts: ModelFacts) -> Tuple[int, ...]:
+    """Each parameter's partition on one rank, as stored: ZeRO-3 splits every parameter across the ranks."""
+    return tuple(math.ceil(size / work.ranks) for size in stored_bytes(work, facts))
+
+
+def nvme_bytes(work: Workload, facts: ModelFacts) -> int:
+    """Disk the weights swapped to NVMe take, every rank's: each partition of at least ``work.nvme_min_bytes``
+    in its own file padded to ``work.nvme_alignment``; smaller ones stay in host memory (:func:`host_parts`)."""
+    if work.offload != "nvme":
+        return 0
+    align = work.nvme_alignment
+    return work.ranks * sum(-(-size // align) * align for size in partition_bytes(work, facts)
+                            if size >= work.nvme_min_bytes)
+
+
 def weight_total_bytes(work: Workload, facts: ModelFacts) -> int:
     """Bytes of every weight as stored (quantized width where quantized)."""
     return sum(stored_bytes(work, facts))
@@ -352,6 +367,8 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
     elif work.offload == "nvme":
         size = work.nvme_buffer_elements * nbytes
         parts["NVMe staging buffers"] = work.ranks * (pinned_bytes(size) if work.pin else size)
+        parts["weights too small to swap"] = work.ranks * sum(
+            size for size in partition_bytes(work, facts) if size < work.nvme_min_bytes)
     if work.kv_offloaded:
         final = stored_kv_bytes(work, kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes))
         parts["KV cache"] = work.ranks * final

@@ -12,8 +12,8 @@ from typing import Optional, Tuple
 
 from zi_app.plan.facts import ModelFacts
 from zi_app.plan.hardware import Hardware
-from zi_app.plan.memory import (Residency, cached_kv_bytes, host_bytes, kv_cache_bytes, offloaded_kv_bytes,
-                                post_quantized, pytorch_dequantization, streamed_bytes_per_step,
+from zi_app.plan.memory import (Residency, cached_kv_bytes, host_bytes, kv_cache_bytes, nvme_bytes,
+                                offloaded_kv_bytes, post_quantized, pytorch_dequantization, streamed_bytes_per_step,
                                 weight_total_bytes)
 from zi_app.plan.workload import DTYPE_BYTES, Workload
 
@@ -24,7 +24,7 @@ class Prediction:
     peak_gpu_bytes: int
     peak_host_bytes: int
     streamed_bytes_per_step: int
-    nvme_bytes: int
+    nvme_bytes: int  # disk the weights swapped to NVMe take (offload=nvme)
     decode_step_s: Optional[float]
     prefill_s: Optional[float]
     tokens_per_sec: Optional[float]
@@ -139,13 +139,12 @@ def predict_job(work: Workload, facts: ModelFacts, residency: Residency, hw: Har
     memory of the whole job), speed when ``hw`` has its rates (and its peer rate, for more than one rank);
     tokens/s counts every rank's batch."""
     streamed, peer = rank_traffic(work, facts, streamed_bytes_per_step(work, facts, residency))
-    nvme = weight_total_bytes(work, facts) if work.offload == "nvme" else 0
     prefill_s = decode_s = speed = None
     if hw.has_gpu_rates and (not peer or hw.gpu_peer_gbps is not None):
         prefill_s, decode_s = predict_times(work, facts, streamed, hw, peer_bytes=peer)
         speed = tokens_per_sec(work.batch * work.ranks, work.gen_len, prefill_s, decode_s)
     return Prediction(peak_gpu_bytes=residency.predicted_peak_bytes, peak_host_bytes=host_bytes(work, facts, residency),
-                      streamed_bytes_per_step=streamed, nvme_bytes=nvme, decode_step_s=decode_s,
+                      streamed_bytes_per_step=streamed, nvme_bytes=nvme_bytes(work, facts), decode_step_s=decode_s,
                       prefill_s=prefill_s, tokens_per_sec=speed, peer_bytes_per_step=peer,
                       pytorch_dequantization=pytorch_dequantization(work))
 

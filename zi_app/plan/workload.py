@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from zi_app.config.schema import JobSpec, ModelShape
+from zi_app.config.schema import AioSpec, JobSpec, ModelShape
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 NVME_BUFFER_COUNT = 5  # offload_param.buffer_count when memory.offload.buffer_count is null (the reference's)
+NVME_MIN_AIO_BYTES = 2**20  # DeepSpeed swaps a partition to NVMe only from max(this, aio.block_size) bytes
+NVME_ALIGNED_BYTES = 1024  # ... into a file padded to a multiple of this times aio.intra_op_parallelism
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Workload:
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
     checkpoint_file_bytes: Optional[int] = None  # the largest of those files, when they load one by one
     nvme_buffer_elements: int = 0  # offload_param.buffer_count * buffer_size (NVMe offload)
+    nvme_min_bytes: int = 0  # a partition this size or larger swaps to NVMe; smaller ones stay in host memory
+    nvme_alignment: int = 1  # bytes each swap file is padded to a multiple of
     # memory.fetch=overlap: the host's per-fetch work runs while copies are in flight, and no hooks remain
     # when every weight is resident (zi_app/run/fetch.py)
     overlap_fetch: bool = False
@@ -82,6 +86,7 @@ def nvme_buffer_size(spec: JobSpec) -> int:
 def workload(spec: JobSpec) -> Workload:
     """The shapes, storage widths and streaming settings of ``spec`` that its predictions depend on."""
     shape, memory, offload = spec.model.shape, spec.memory, spec.offload
+    aio = offload.aio or AioSpec()
     h = shape.hidden_size
     return Workload(shape=shape, dtype=spec.model.dtype, weight_bytes=weight_bytes(spec),
                     batch=spec.batch, prompt_len=spec.prompt_len, gen_len=spec.gen_len,
@@ -97,6 +102,8 @@ def workload(spec: JobSpec) -> Workload:
                     checkpoint_file_bytes=spec.model.largest_file_bytes if spec.model.loader == "files" else None,
                     nvme_buffer_elements=((offload.buffer_count or NVME_BUFFER_COUNT) * nvme_buffer_size(spec)
                                           if offload.device == "nvme" else 0),
+                    nvme_min_bytes=max(NVME_MIN_AIO_BYTES, aio.block_size) if offload.device == "nvme" else 0,
+                    nvme_alignment=NVME_ALIGNED_BYTES * aio.intra_op_parallelism if offload.device == "nvme" else 1,
                     overlap_fetch=memory.fetch == "overlap",
                     post_quant_modules=(spec.quant.modules or ()) if spec.quant.mode == "post" else (),
                     ranks=spec.devices, pin_exact=spec.memory.pin_backend == "native")
