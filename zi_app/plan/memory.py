@@ -347,11 +347,11 @@ def partition_host_bytes(work: Workload, nbytes: int) -> int:
 
 def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[str, int]:
     """Predicted peak host RSS of the whole job, by what holds it (names as ``zi-plan`` and refusals show them):
-    per rank the process's base, NVMe staging buffers and an offloaded KV cache (its bytes at the final length,
-    and what transformers' cache keeps beyond them in size classes); the offloaded weights once (ZeRO-3
-    partitions each parameter across the ranks and each pins its own partition, rounded up alone: the pinning
-    round-up); and a checkpoint read from files (its largest file; optimistic where transformers keeps
-    every file mapped until the last module loads, docs/planner.md). Post-init quantization offloads the
+    per rank the process's base, NVMe staging buffers (and the partitions too small to swap) and an offloaded KV
+    cache (its bytes at the final length, and what transformers' cache keeps beyond them in size classes); the
+    offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each pins its own partition,
+    rounded up alone: the pinning round-up); and a checkpoint read from files (its largest file; optimistic where
+    transformers keeps every file mapped until the last module loads, docs/planner.md). Post-init quantization offloads the
     weights at their dtype's width while loading and their quantized replacements after; the host keeps both
     (measured: OPT-13B int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's "device" is host memory
     too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is added per rank."""
