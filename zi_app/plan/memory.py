@@ -282,8 +282,7 @@ def nvme_bytes(work: Workload, facts: ModelFacts) -> int:
     in its own file padded to ``work.nvme_alignment``; smaller ones stay in host memory (:func:`host_parts`)."""
     if work.offload != "nvme":
         return 0
-    align = work.nvme_alignment
-    return work.ranks * sum(-(-size // align) * align for size in partition_bytes(work, facts)
+    return work.ranks * sum(round_up(size, work.nvme_alignment) for size in partition_bytes(work, facts)
                             if size >= work.nvme_min_bytes)
 
 
@@ -332,9 +331,14 @@ def pinned_bytes(nbytes: int) -> int:
 PAGE_BYTES = 4096
 
 
+def round_up(nbytes: int, multiple: int) -> int:
+    """``nbytes`` rounded up to a multiple of ``multiple``."""
+    return -(-nbytes // multiple) * multiple
+
+
 def locked_bytes(nbytes: int) -> int:
     """Host bytes a page-locked allocation of ``nbytes`` takes (memory.pin_backend=native): whole pages."""
-    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+    return round_up(nbytes, PAGE_BYTES)
 
 
 def partition_host_bytes(work: Workload, nbytes: int) -> int:
@@ -360,8 +364,7 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
     if work.offload == "cpu":
         sizes = [int(math.ceil(math.ceil(numel / work.ranks) * (work.weight_bytes if packed else nbytes)))
                  for numel, packed in zip(facts.param_numels, init_quantized(work, facts))]
-        sizes += [math.ceil(size / work.ranks)
-                  for size, replaced in zip(stored_bytes(work, facts), post_quantized(work, facts)) if replaced]
+        sizes += [size for size, replaced in zip(partition_bytes(work, facts), post_quantized(work, facts)) if replaced]
         parts["offloaded weights"] = work.ranks * sum(sizes)
         parts["pinning round-up"] = work.ranks * sum(partition_host_bytes(work, size) - size for size in sizes)
     elif work.offload == "nvme":
