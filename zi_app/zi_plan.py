@@ -29,8 +29,8 @@ from zi_app.config.spec import check_task, composition_error, validate
 
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
-        "predicted_nvme_bytes", "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step", "predicted_decode_step_s",
-        "predicted_prefill_s", "predicted_tokens_per_sec", "pytorch_dequantization")
+        "predicted_nvme_bytes", "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step",
+        "predicted_decode_step_s", "predicted_prefill_s", "predicted_tokens_per_sec", "pytorch_dequantization")
 
 
 def points(overrides: Sequence[str]) -> List[List[str]]:
@@ -74,7 +74,8 @@ def plan_point(point: Sequence[str], cfg: Any, cuda: bool) -> Dict[str, Any]:
         return row
     row.update(fits=plan.fits, reason=plan.reason, hardware=plan.hardware.name, devices=plan.spec.devices,
                predicted_peak_gpu_bytes=plan.predicted_peak_gpu_bytes,
-               predicted_peak_host_bytes=plan.predicted_peak_host_bytes, predicted_nvme_bytes=plan.predicted_nvme_bytes,
+               predicted_peak_host_bytes=plan.predicted_peak_host_bytes,
+               predicted_nvme_bytes=plan.predicted_nvme_bytes,
                predicted_streamed_bytes_per_step=plan.predicted_streamed_bytes_per_step,
                predicted_peer_bytes_per_step=plan.predicted_peer_bytes_per_step,
                predicted_decode_step_s=plan.predicted_decode_step_s, predicted_prefill_s=plan.predicted_prefill_s,

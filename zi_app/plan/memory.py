@@ -355,10 +355,11 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
     cache (its bytes at the final length, and what transformers' cache keeps beyond them in size classes); the
     offloaded weights once (ZeRO-3 partitions each parameter across the ranks and each pins its own partition,
     rounded up alone: the pinning round-up); and a checkpoint read from files (its largest file; optimistic where
-    transformers keeps every file mapped until the last module loads, docs/planner.md). Post-init quantization offloads the
-    weights at their dtype's width while loading and their quantized replacements after; the host keeps both
-    (measured: OPT-13B int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's "device" is host memory
-    too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is added per rank."""
+    transformers keeps every file mapped until the last module loads, docs/planner.md). Post-init quantization
+    offloads the weights at their dtype's width while loading and their quantized replacements after; the host
+    keeps both (measured: OPT-13B int8-post 48.0 GiB pinned). On the CPU accelerator (``work.on_cpu``) each rank's
+    "device" is host memory too: the ``residency``'s peak (resident and gathered weights, KV cache, activations) is
+    added per rank."""
     nbytes = DTYPE_BYTES[work.dtype]
     parts = {"process base": (HOST_BASE_CPU_BYTES if work.on_cpu else HOST_BASE_BYTES) * work.ranks}
     if work.offload == "cpu":
