@@ -119,11 +119,11 @@ def row(clients: List, cell: str) -> List[str]:
     published, published_batch, _ = PUBLISHED[(quant, kv)][model]
     head = [model, "int4" if quant == "int4" else "fp16", kv, f"{published:.2f} (bsz {published_batch})"]
     sessions = [found for found in (cell_rows(client, cell) for client in clients) if found is not None]
-    rows = max((found for found in sessions if winner(found)), key=lambda found: winner(found).metrics[results.METRIC],
-               default=None)
-    if rows is None:
+    won = [(winner(found), found) for found in sessions]
+    top, rows = max(((best, found) for best, found in won if best), key=lambda pair: pair[0].metrics[results.METRIC],
+                    default=(None, None))
+    if top is None:
         return head + [outcomes(sum(sessions, [])) if sessions else "not run"] + [""] * 5
-    top = winner(rows)
     ours, values = top.metrics, top.values()
     references = [r for r in rows
                   if r.values().get("memory") == "reference" and r.values().get("batch") == values["batch"]]
