@@ -115,9 +115,9 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     lines += [f"  {row['overrides'] or '(none)'}: {row['reason']}" for row in rows if not row["fits"]]
     if any(row["pytorch_dequantization"] for row in rows):
         lines.append("quantized weights in a dtype other than float16: DeepSpeed dequantizes them with separate "
-                     "PyTorch kernels (its dequantization kernel is float16-only), every weight every step, which "
-                     "the speed predicted here does not count (BLOOM-176B int4 bfloat16: a decode step 1.85x its "
-                     "roofline, 1.66x slower than predicted); model.dtype=float16 takes the kernel")
+                     "PyTorch kernels (its dequantization kernel is float16-only), every streamed weight every "
+                     "step, which the speed predicted here counts (BLOOM-176B int4 bfloat16: a decode step 1.85x "
+                     "its roofline); model.dtype=float16 takes the kernel")
     if any(row["predicted_peak_gpu_bytes"] is not None and row["predicted_tokens_per_sec"] is None for row in rows):
         lines.append("no speed predicted: hardware=auto on a machine without a GPU (or a GPU no preset knows); "
                      "plan for a preset (hardware=h200, h100-80gb, a100-80gb, l40s, ...: conf/hardware) or set "

@@ -106,8 +106,6 @@ TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
                  "opt66b_int4_48gib_kv_quant_2026-12-06:int4_kv_b192",
                  "seed_table_opt66b_int4_kvcpu_jobs_2026-12-06:c6a9a2bf",
                  "seed_table_opt66b_int4_kvcpu_jobs_2026-12-06:b550d667",
-                 "bloom176b_int4_48gib_2026-12-05:gpu_kv_b12", "bloom176b_int4_48gib_2026-12-05:cpu_kv_b8",
-                 "bloom176b_int4_48gib_rest_2026-12-06:profiled",
                  "opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
                  "opt1-3b_largest_batch_8gib_measured_2026-12-04:batch60"}
 HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",

@@ -55,6 +55,23 @@ def fetches_per_forward(work: Workload, facts: ModelFacts) -> int:
     return facts.modules_with_leaves if work.leaf_modules else facts.modules
 
 
+# GPU seconds per weight element of DeepSpeed 0.19.8's pure-PyTorch dequantization (``DeQuantizer.dequantize``:
+# int4 codes unpacked to a byte each by strided stores, copied into a zeroed tensor of the dtype, divided and
+# shifted in place, one kernel after another). Measured with BLOOM-176B int4 in bfloat16, batch 12, every weight
+# streamed (180 billion elements, 1.83 s of copies): steps of 3.16 s on an H200 and 3.31 s on an H100, whose GPU
+# memory bandwidths differ by 1.43x, so neither the link nor GPU memory sets the step; the profile (2026-12-06)
+# shows 2.62 s of kernels beside 1.79 s of copies. About 2.9 s for 180 billion elements.
+PYTORCH_DEQUANT_S_PER_ELEMENT = 1.6e-11
+
+
+def pytorch_dequant_s(work: Workload, gathered_bytes: int) -> float:
+    """GPU seconds spent dequantizing ``gathered_bytes`` of fetched quantized weights on DeepSpeed's
+    pure-PyTorch path (:func:`pytorch_dequantization`); 0 where its float16 kernel serves."""
+    if not pytorch_dequantization(work):
+        return 0.0
+    return gathered_bytes / work.weight_bytes * PYTORCH_DEQUANT_S_PER_ELEMENT
+
+
 def decode_compute_s(work: Workload, facts: ModelFacts, hw: Hardware) -> float:
     """GPU seconds of one decode step: every weight and the KV cache read from GPU memory, and two FLOPs
     per weight and token plus attention, at the GPU's effective rates."""
@@ -121,8 +138,11 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
               + quantized_matrices(work, facts) * hw.dequant_overhead_s
               + sum(post_quantized(work, facts)) * hw.post_quant_overhead_s)
     # The overlapping fetch path issues the next fetch's copies before the current module runs, so the host's
-    # per-fetch and dequantization work hides behind the copies instead of adding to them.
-    fetch_s = max(stream_s, host_s) if work.overlap_fetch else stream_s + host_s
+    # per-fetch and dequantization work hides behind the copies instead of adding to them. DeepSpeed's
+    # pure-PyTorch dequantization keeps the GPU busy while later copies stream: the longer of the two sets the
+    # step, on either path.
+    fetch_s = max(max(stream_s, host_s) if work.overlap_fetch else stream_s + host_s,
+                  pytorch_dequant_s(work, weights + peer_bytes))
     decode_s = fetch_s + host_attention_s + decode_compute_s(work, facts, hw) + hw.step_overhead_s
     compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
     prefill_s = max(fetch_s, compute_s) + hw.step_overhead_s
