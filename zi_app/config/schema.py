@@ -67,6 +67,8 @@ class ModelShape:
     max_positions: Optional[int]  # learned or rotary position limit; None where the config has none
     tied_embeddings: bool  # the LM head is the embedding
     gated_mlp: bool = False  # the MLP is act(gate(x)) * up(x) (Llama's): three intermediates live at once, not two
+    # attention written out in PyTorch ops (BLOOM's ALiBi attention), not SDPA: the prefill holds every head's scores
+    eager_attention: bool = False
 
     @property
     def kv_dim(self) -> int:

@@ -157,6 +157,8 @@ def checkpoint_loader(model: ModelSpec) -> str:
 
 # transformers families whose MLP is LlamaMLP's act_fn(gate_proj(x)) * up_proj(x)
 GATED_MLP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# transformers families whose attention materializes the scores (no SDPA or attention-interface path)
+EAGER_ATTENTION_MODEL_TYPES = frozenset({"bloom"})
 
 
 def model_shape(arch: Any) -> ModelShape:
@@ -171,7 +173,8 @@ def model_shape(arch: Any) -> ModelShape:
                       embed_dim=int(arch.get("word_embed_proj_dim") or hidden),
                       max_positions=int(positions) if positions else None,
                       tied_embeddings=bool(arch.get("tie_word_embeddings", True)),
-                      gated_mlp=arch.get("model_type") in GATED_MLP_MODEL_TYPES)
+                      gated_mlp=arch.get("model_type") in GATED_MLP_MODEL_TYPES,
+                      eager_attention=arch.get("model_type") in EAGER_ATTENTION_MODEL_TYPES)
 
 
 def _check_model_type(model_type: Any) -> None:

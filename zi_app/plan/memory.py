@@ -100,6 +100,26 @@ def projection_bytes(shape: ModelShape, batch: int, prompt_len: int, dtype_bytes
     return batch * prompt_len * (3 * shape.hidden_size + 2 * shape.kv_dim) * dtype_bytes
 
 
+def scores_bytes(work: Workload) -> int:
+    """Transient bytes of the prefill's attention beyond :func:`projection_bytes` in a model that writes its
+    attention out (``eager_attention``, BLOOM's): every head's scores, their masked copy and their float32
+    softmax; either the softmax's input converted to float32 or its output's copy back in the dtype (ATen fuses
+    that conversion into the softmax for float16 on a GPU only); the previous layer's probabilities in the dtype,
+    which transformers' layer loop holds until the next layer returns; and the per-head copies of the queries,
+    keys and values. 0 where attention runs through SDPA, which never holds the scores. Per score that is 12
+    bytes in float16 on a GPU, 14 in bfloat16 (measured on a CPU: 14.2, two layers); BLOOM-176B int4 float16
+    batch 48 under 48 GiB ran out of memory asking for the float32 softmax's 5.25 GiB with 42.86 GiB allocated,
+    in a plan that counted only the MLP's activations."""
+    shape, nbytes = work.shape, DTYPE_BYTES[work.dtype]
+    if not shape.eager_attention:
+        return 0
+    converted = nbytes if work.dtype == "float16" and not work.on_cpu else 4 if nbytes < 4 else 0
+    previous = nbytes if shape.layers > 1 else 0
+    scores = work.batch * shape.heads * work.prompt_len ** 2
+    return (scores * (2 * nbytes + 4 + converted + previous)
+            + work.batch * work.prompt_len * 3 * shape.hidden_size * nbytes)
+
+
 def post_quantized(work: Workload, facts: ModelFacts) -> Tuple[bool, ...]:
     """Which parameters post-init quantization replaces: the weight of each Linear or Embedding module whose
     name contains one of its keys (DeepSpeed's own matching)."""
@@ -196,7 +216,8 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
     # as coexisting, 2.2 GiB above the measured peak).
     prefill_held, prefill_update = kv(prefill=True)
     prefill = prefill_held + max(activation_bytes(work.shape, work.batch, work.prompt_len, nbytes),
-                                 projection_bytes(work.shape, work.batch, work.prompt_len, nbytes) + prefill_update)
+                                 projection_bytes(work.shape, work.batch, work.prompt_len, nbytes)
+                                 + max(prefill_update, scores_bytes(work)))
     decode_held, decode_update = kv(prefill=False)
     decode = decode_held + decode_update
     # The logits come after the last layer has let go of its activations, beside the KV cache held. With DeepSpeed's

@@ -60,8 +60,11 @@ def fetches_per_forward(work: Workload, facts: ModelFacts) -> int:
 # shifted in place, one kernel after another). Measured with BLOOM-176B int4 in bfloat16, batch 12, every weight
 # streamed (180 billion elements, 1.83 s of copies): steps of 3.16 s on an H200 and 3.31 s on an H100, whose GPU
 # memory bandwidths differ by 1.43x, so neither the link nor GPU memory sets the step; the profile (2026-12-06)
-# shows 2.62 s of kernels beside 1.79 s of copies. About 2.9 s for 180 billion elements.
-PYTORCH_DEQUANT_S_PER_ELEMENT = 1.6e-11
+# shows 2.62 s of kernels beside 1.79 s of copies. 1.6e-11 from those runs alone predicted the held-out OPT-13B
+# int4 bfloat16 run (batch 32, every weight streamed, 2026-12-07) 23% fast; one constant serves both models to
+# within 15% (OPT-13B alone would take 2.0e-11, BLOOM 1.7e-11: a cost per matrix besides the one per element,
+# two models too few to fit it).
+PYTORCH_DEQUANT_S_PER_ELEMENT = 1.75e-11
 
 
 def pytorch_dequant_s(work: Workload, gathered_bytes: int) -> float:
