@@ -116,8 +116,9 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     if any(row["pytorch_dequantization"] for row in rows):
         lines.append("quantized weights in a dtype other than float16: DeepSpeed dequantizes them with separate "
                      "PyTorch kernels (its dequantization kernel is float16-only), every streamed weight every "
-                     "step, which the speed predicted here counts (BLOOM-176B int4 bfloat16: a decode step 1.85x "
-                     "its roofline); model.dtype=float16 takes the kernel")
+                     "step, which the speed predicted here counts (BLOOM-176B int4 batch 12, every weight streamed: a "
+                     "decode step 1.85x its roofline in bfloat16, 1.05x in float16); model.dtype=float16 takes the "
+                     "kernel")
     if any(row["predicted_peak_gpu_bytes"] is not None and row["predicted_tokens_per_sec"] is None for row in rows):
         lines.append("no speed predicted: hardware=auto on a machine without a GPU (or a GPU no preset knows); "
                      "plan for a preset (hardware=h200, h100-80gb, a100-80gb, l40s, ...: conf/hardware) or set "
