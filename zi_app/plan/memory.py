@@ -107,9 +107,10 @@ def scores_bytes(work: Workload) -> int:
     that conversion into the softmax for float16 on a GPU only); the previous layer's probabilities in the dtype,
     which transformers' layer loop holds until the next layer returns; and the per-head copies of the queries,
     keys and values. 0 where attention runs through SDPA, which never holds the scores. Per score that is 12
-    bytes in float16 on a GPU, 14 in bfloat16 (measured on a CPU: 14.2, two layers); BLOOM-176B int4 float16
-    batch 48 under 48 GiB ran out of memory asking for the float32 softmax's 5.25 GiB with 42.86 GiB allocated,
-    in a plan that counted only the MLP's activations."""
+    bytes in float16 on a GPU, 14 in bfloat16 or in float16 on a CPU, 16 in float32 (measured within 2% on a CPU:
+    benchmarks/attention_scores_memory.py); BLOOM-176B int4 float16 batch 48 under 48 GiB ran out of memory asking
+    for the float32 softmax's 5.25 GiB with 42.86 GiB allocated, in a plan that counted only the MLP's
+    activations."""
     shape, nbytes = work.shape, DTYPE_BYTES[work.dtype]
     if not shape.eager_attention:
         return 0
