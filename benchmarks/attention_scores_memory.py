@@ -15,7 +15,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 from zi_app.config.schema import ModelShape
 from zi_app.plan.memory import scores_bytes
-from zi_app.plan.workload import DTYPE_BYTES, Workload
+from zi_app.plan.workload import Workload
 
 HEADS, WIDTH, VOCAB = 32, 64, 1024
 
@@ -42,14 +42,14 @@ def measured_per_score(dtype: torch.dtype, layers: int, batch: int, prompt: int)
 
 
 def planned_per_score(dtype: str, layers: int, batch: int, prompt: int) -> float:
-    """``scores_bytes`` on a CPU, less its per-head query/key/value copies, per score."""
+    """``scores_bytes`` on a CPU (its per-head query/key/value copies included, as the measurement includes
+    them), per score."""
     shape = ModelShape(hidden_size=WIDTH, layers=layers, heads=HEADS, kv_heads=HEADS, ffn_dim=4 * WIDTH,
                        vocab_size=VOCAB, embed_dim=WIDTH, max_positions=None, tied_embeddings=True,
                        eager_attention=True)
     work = Workload(shape=shape, dtype=dtype, weight_bytes=2, batch=batch, prompt_len=prompt, gen_len=1,
                     live_elements=0, on_cpu=True)
-    copies = batch * prompt * 3 * WIDTH * DTYPE_BYTES[dtype]
-    return (scores_bytes(work) - copies) / (batch * HEADS * prompt ** 2)
+    return scores_bytes(work) / (batch * HEADS * prompt ** 2)
 
 
 def main() -> None:

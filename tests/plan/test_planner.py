@@ -49,10 +49,14 @@ def measured_runs():
     for path in sorted(RESULTS.glob("*_jobs_*.csv")):
         for row in csv.DictReader(path.open()):
             if row["status"] == "FINISHED":
-                metrics = {key: float(value) for key, value in row.items() if value and _is_number(value)}
                 runs.append((f"{path.stem}:{row['run_id'][:8]}", as_run_then(path.stem, row["overrides"].split()),
-                             metrics))
+                             row_metrics(row)))
     return runs
+
+
+def row_metrics(row: dict) -> dict:
+    """The numeric columns of a committed jobs CSV row (its metrics and numeric parameters)."""
+    return {key: float(value) for key, value in row.items() if value and _is_number(value)}
 
 
 def _is_number(text: str) -> bool:
@@ -155,8 +159,7 @@ def test_a_prefill_that_ran_out_of_memory_is_planned_over_it(compose):
     [row] = [row for row in csv.DictReader(path.open()) if row["failure_kind"] == "oom"]
     allocated, asked = (float(re.search(pattern, row["failure_message"]).group(1)) * 2**30
                         for pattern in (r"([\d.]+) GiB is allocated by PyTorch", r"Tried to allocate ([\d.]+) GiB"))
-    measured = {key: float(value) for key, value in row.items() if value and _is_number(value)}
-    _, peak, *_ = predicted_for_run(path.stem, row["overrides"].split(), measured, compose)
+    _, peak, *_ = predicted_for_run(path.stem, row["overrides"].split(), row_metrics(row), compose)
     assert peak >= allocated + asked, (peak / 2**30, (allocated + asked) / 2**30)
 
 
