@@ -161,6 +161,8 @@ def _measure(cfg: DictConfig, cuda: bool, run_id: str, recorder: "unrecorded.Rec
         result = run_inference(spec, plan.ds_config, plan.facts, on_metrics=recorder)
     recorder.outputs = {"repeats": result.repeats, "generated_token_ids": result.output_ids}
     recorder.attempt(runs.log_json, recorder.outputs, "generation.json")
+    for name, events in result.step_traces.items():
+        recorder.attempt(runs.log_trace, events, name)
     interrupt.check()  # a signal whose raise was swallowed: the run is closed FAILED (killed), not FINISHED
     if recorder.lost is not None:
         raise recorder.lost

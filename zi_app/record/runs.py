@@ -6,13 +6,15 @@ files only; knows nothing of torch or DeepSpeed.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import math
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 if TYPE_CHECKING:
     import mlflow
@@ -199,6 +201,21 @@ def log_text(text: str, name: str) -> None:
     import mlflow
 
     mlflow.log_text(text, name)
+
+
+PROFILE_ARTIFACTS = "profile"  # the profiled decode step's traces (``profile_step=true``)
+
+
+def log_trace(events: List[dict], name: str) -> None:
+    """Store Chrome-trace events as ``profile/<name>.json.gz`` of the active run (Perfetto and
+    chrome://tracing open it); gzipped because a step traced with Python calls holds many thousands."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json.gz"
+        with gzip.open(path, "wt") as handle:
+            json.dump({"traceEvents": events}, handle)
+        mlflow.log_artifact(str(path), artifact_path=PROFILE_ARTIFACTS)
 
 
 def log_tags(tags: Dict[str, str]) -> None:

@@ -19,11 +19,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InferenceResult:
-    """What one job measured: headline metrics, per-repeat metrics, and the last run's token ids."""
+    """What one job measured: headline metrics, per-repeat metrics, the last run's token ids and, with
+    ``profile_step``, the profiled decode step's Chrome traces by name (:func:`zi_app.run.measure.decode_step_trace`)."""
 
     metrics: Dict[str, float]
     repeats: List[Dict[str, float]] = field(default_factory=list)
     output_ids: Optional[List[List[int]]] = None
+    step_traces: Dict[str, List[dict]] = field(default_factory=dict)
 
 
 def random_prompts(batch: int, prompt_len: int, vocab_size: int, seed: int, device) -> torch.Tensor:
@@ -87,11 +89,12 @@ def run_inference(spec: JobSpec, ds_config: Dict[str, Any], facts: ModelFacts, o
     engine.cap_gpu_memory(spec.memory.gpu_budget_gib)
     try:
         with measure.peak_memory() as peaks, loading.zero3_construction(ds_config):
-            metrics, repeats, output = _load_and_generate(spec, ds_config, facts, on_progress, on_metrics)
+            metrics, repeats, output, traces = _load_and_generate(spec, ds_config, facts, on_progress, on_metrics)
     finally:
         on_metrics(peaks.as_metrics())
     metrics.update(peaks.as_metrics())
-    return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, spec.prompt_len:].tolist())
+    return InferenceResult(metrics=metrics, repeats=repeats, output_ids=output[:, spec.prompt_len:].tolist(),
+                           step_traces=traces)
 
 
 def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics):
@@ -114,23 +117,31 @@ def _load_and_generate(spec: JobSpec, ds_config, facts, on_progress, on_metrics)
     prompts = rank_prompts(spec, model.config.vocab_size, engine.device())
     with generate_arguments(spec) as kwargs:
         speed, repeats, output = timed_generates(spec, model, prompts, on_progress, kwargs)
-        _measure_steps(spec, model, prompts, kwargs, speed, on_progress)
+        traces = _measure_steps(spec, model, prompts, kwargs, speed, on_progress)
         speed.update(kwargs.metrics())
     on_metrics(speed)
-    return {**speed, **loaded}, repeats, output
+    return {**speed, **loaded}, repeats, output, traces
 
 
 def _measure_steps(spec: JobSpec, model, prompts, kwargs: GenerateArgs, speed: Dict[str, float],
-                   on_progress: Callable[[str], None]) -> None:
-    """Add the roofline (CUDA) and, with ``profile_step``, the decode step's breakdown to ``speed``."""
+                   on_progress: Callable[[str], None]) -> Dict[str, List[dict]]:
+    """Add the roofline (CUDA) and, with ``profile_step``, the decode step's breakdown to ``speed``; returns
+    the profiled step's traces with ``profile_step`` (``decode_step_timeline``: the CUDA side at real timing,
+    the one the roofline counts bytes in; ``decode_step_python``: with the Python tracer), else none."""
+    traces = {}
     if torch.cuda.is_available() and "decode_step_s" in speed:
-        speed.update(roofline(spec, model, prompts, kwargs, speed["decode_step_s"]))
+        timeline = measure.decode_step_trace(model, prompts, **kwargs())
+        speed.update(roofline(spec, measure.htod_bytes(timeline), speed["decode_step_s"]))
         on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
                     f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
+        if spec.profile_step:
+            traces["decode_step_timeline"] = timeline
     if spec.profile_step:
-        speed.update(measure.decode_step_breakdown(model, prompts, **kwargs()))
+        traces["decode_step_python"] = measure.decode_step_trace(model, prompts, python=True, **kwargs())
+        speed.update(measure.decode_step_breakdown(traces["decode_step_python"]))
         on_progress("profiled decode step: " + ", ".join(f"{k.removeprefix('profile_')} {v:.4g}"
                                                          for k, v in speed.items() if k.startswith("profile_")))
+    return traces
 
 
 def timed_generates(spec: JobSpec, model, prompts: torch.Tensor, on_progress: Callable[[str], None] = log.info,
@@ -154,10 +165,10 @@ def timed_generates(spec: JobSpec, model, prompts: torch.Tensor, on_progress: Ca
     return measure.median_metrics(repeats), repeats, output
 
 
-def roofline(spec: JobSpec, model, prompts, kwargs: GenerateArgs, decode_step_s: float) -> Dict[str, float]:
-    """Roofline figures of this job on CUDA: bandwidth, bytes streamed per decode step, bound and ratio."""
+def roofline(spec: JobSpec, streamed: int, decode_step_s: float) -> Dict[str, float]:
+    """Roofline figures of this job on CUDA, a decode step having streamed ``streamed`` bytes to the GPU:
+    bandwidth, bytes streamed per decode step, bound and ratio."""
     bandwidth = machine.cached_h2d_bandwidth(spec.cache_dir) or machine.measure_h2d_bandwidth(spec.cache_dir)
-    streamed = measure.htod_bytes_per_decode_step(model, prompts, **kwargs())
     metrics = measure.roofline_metrics(decode_step_s, streamed, bandwidth["pinned" if spec.pin else "pageable"])
     metrics.update({"h2d_pinned_gbps": bandwidth["pinned"], "h2d_pageable_gbps": bandwidth["pageable"]})
     attention = bandwidth.get(f"host_attention_{spec.model.dtype}")

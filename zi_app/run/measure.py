@@ -200,11 +200,14 @@ class _DecodeStepProfiler(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _decode_step_trace(model, input_ids: torch.Tensor, python: bool = False, **generate_kwargs) -> List[dict]:
-    """Chrome-trace events of one profiled decode step (an extra, untimed ``generate`` of 3 tokens).
+def decode_step_trace(model, input_ids: torch.Tensor, python: bool = False, **generate_kwargs) -> List[dict]:
+    """Chrome-trace events (complete events, ``"ph": "X"``) of one profiled decode step: an extra, untimed
+    ``generate`` of 3 tokens.
 
-    ``python`` adds CPU ops and the Python tracer (every Python call becomes an event), which slows
-    the host side: use it for where the time goes, not for how long a step takes.
+    Without ``python`` the trace holds the CUDA side only (copies, kernels, runtime calls such as the host's
+    synchronisations) at the step's real timing. ``python`` adds CPU ops and the Python tracer (every Python
+    call becomes an event), which slows the host side: use it for where the time goes, not for how long a
+    step takes.
     """
     import json
     import tempfile
@@ -225,13 +228,13 @@ def _decode_step_trace(model, input_ids: torch.Tensor, python: bool = False, **g
             return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
 
 
-def htod_bytes_per_decode_step(model, input_ids: torch.Tensor, **generate_kwargs) -> int:
-    """Bytes copied host->device during one decode step, read from the CUDA profiler's memcpy records.
+def htod_bytes(events: List[dict]) -> int:
+    """Bytes copied host->device in a step's trace (:func:`decode_step_trace`), from the CUDA profiler's
+    memcpy records.
 
     This is what the step really streams: resident parameters cost nothing, a weight fetched twice
     counts twice, and an offloaded KV cache's transfers count too.
     """
-    events = _decode_step_trace(model, input_ids, **generate_kwargs)
     return sum(int(e.get("args", {}).get("bytes", 0)) for e in events
                if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""))
 
@@ -251,16 +254,15 @@ _ZERO3_HOOKS = ("pre_sub_module_forward_function", "post_sub_module_forward_func
 _HOST_WAITS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
 
 
-def decode_step_breakdown(model, input_ids: torch.Tensor, **generate_kwargs) -> Dict[str, float]:
-    """Where one decode step's time goes, from a profile with the Python tracer on.
+def decode_step_breakdown(events: List[dict]) -> Dict[str, float]:
+    """Where one decode step's time goes, from its trace with the Python tracer on
+    (:func:`decode_step_trace` with ``python``).
 
     Host side: time inside ZeRO-3's forward hooks (fetch/prefetch/release) and blocked in CUDA
     synchronisation calls. Device side: copy-engine and kernel busy time, dequantization kernels, and
     the time neither a copy nor a kernel ran (the GPU waiting on the host). The tracer inflates host
     time, so the shares matter, not the absolute step time (``decode_step_s`` is the real one).
     """
-    events = _decode_step_trace(model, input_ids, python=True, **generate_kwargs)
-
     def named(category: str, *suffixes: str) -> List[dict]:
         return [e for e in events if e.get("cat") == category and e.get("name", "").endswith(suffixes or ("",))]
 
