@@ -127,12 +127,10 @@ def row(clients: List, cell: str) -> List[str]:
     if top is None:
         return head + [outcomes(sum(sessions, [])) if sessions else "not run"] + [""] * 5
     ours, values = top.metrics, top.values()
-    references = [r for r in rows
-                  if r.values().get("memory") == "reference" and r.values().get("batch") == values["batch"]]
     speed = ours[results.METRIC]
-    reference = next((r for r in references if r.completed), references[0] if references else None)
+    reference = reference_at(rows, values["batch"])
     theirs = (f"{reference.metrics[results.METRIC]:.2f}" if reference and reference.completed
-              else refusal(reference) if reference else "not run")
+              else refusal(reference) if reference else other_session(sessions, values["batch"]))
     width = f", KV {values['kvcache.quant']}" if "kvcache.quant" in values else ""
     peaks = [ours.get(key, 0) / results.GIB for key in (results.GPU_ALLOCATED, results.HOST_RSS)]
     ratio = ours.get("roofline_ratio", math.nan)
@@ -141,6 +139,24 @@ def row(clients: List, cell: str) -> List[str]:
     day = time.strftime("%Y-%m-%d", time.gmtime(top.start_time / 1000))
     return head + [f"{speed:.2f} (bsz {values['batch']}{width})", f"{speed / published:.2f}", roofline,
                    f"{peaks[0]:.1f} / {peaks[1]:.1f}", theirs, day]
+
+
+def reference_at(rows: List[results.JobRow], batch) -> Optional[results.JobRow]:
+    """DeepSpeed's settings at ``batch`` among one session's ``rows``: the finished job, else the first, else None."""
+    found = [r for r in rows if r.values().get("memory") == "reference" and r.values().get("batch") == batch]
+    return next((r for r in found if r.completed), found[0] if found else None)
+
+
+def other_session(sessions: List[List[results.JobRow]], batch) -> str:
+    """Where the winning session did not run DeepSpeed's settings at ``batch``: a session that ran both at that
+    batch, its pair named (the two measured side by side), else "not run"."""
+    for rows in sessions:
+        reference, ours = reference_at(rows, batch), winner([r for r in rows if r.values().get("batch") == batch])
+        if reference is not None and reference.completed and ours is not None:
+            day = time.strftime("%Y-%m-%d", time.gmtime(reference.start_time / 1000))
+            return (f"{reference.metrics[results.METRIC]:.2f} (ours {ours.metrics[results.METRIC]:.2f} beside it "
+                    f"on {day})")
+    return "not run"
 
 
 def outcomes(rows: List[results.JobRow]) -> str:

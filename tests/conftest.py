@@ -427,12 +427,13 @@ def pytest_collection_modifyitems(config, items):
 
 @dataclass
 class Job:
-    """A finished job's metrics, tags and generated token ids."""
+    """A finished job's metrics, tags, generated token ids, output and artifact folder."""
 
     metrics: Dict[str, float]
     tags: Dict[str, str]
     tokens: List[List[int]]
     output: str
+    artifacts: Path
 
 
 @pytest.fixture
@@ -451,7 +452,8 @@ def job(tmp_path_factory, run_python, new_store):
             [record] = store.job_runs()
             assert record.info.status == "FINISHED"
             tokens = store.artifact_json(record, "generation.json")["generated_token_ids"]
-            done[overrides] = Job(record.data.metrics, record.data.tags, tokens, proc.output)
+            done[overrides] = Job(record.data.metrics, record.data.tags, tokens, proc.output,
+                                  store.artifact_path(record, ""))
         return done[overrides]
 
     return run

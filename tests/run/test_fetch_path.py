@@ -8,6 +8,9 @@ synchronous: the overlap path runs its own ordering and bookkeeping, without str
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import pytest
 
 BATCH, PROMPT_LEN, GEN_LEN = 2, 8, 4
@@ -52,6 +55,29 @@ def test_greedy_tokens_identical_between_fetch_paths(case, tiny_checkpoint, job,
     assert overlap.metrics["profile_zero3_fetches"] == shipped.metrics["profile_zero3_fetches"] >= layers
     if "profile_host_sync_wait_s" in shipped.metrics:  # CUDA only: the CPU accelerator never synchronises
         assert overlap.metrics["profile_host_sync_wait_s"] < shipped.metrics["profile_host_sync_wait_s"]
+
+
+def _all_gathers(job) -> int:
+    """DeepSpeed all-gather calls (one fetch each) in the job's profiled decode step, read from its trace."""
+    with gzip.open(job.artifacts / "profile" / "decode_step_python.json.gz", "rt") as handle:
+        events = json.load(handle)["traceEvents"]
+    return sum(1 for e in events if e.get("cat") == "python_function"
+               and e["name"].startswith("deepspeed/runtime/zero/partition_parameters.py")
+               and e["name"].endswith(": all_gather_coalesced"))
+
+
+def test_the_prefetch_fetches_each_module_on_its_own(tiny_checkpoint, job, tmp_path):
+    """The overlap path prefetches each module's parameters in a fetch of their own (an event each on CUDA, so a
+    module waits for its own copies only), where DeepSpeed's coordinator fetches the prefetch bucket's modules
+    together: with every weight streamed and a bucket deeper than the model, more fetches a step."""
+    checkpoint = tiny_checkpoint("tiny-opt")
+    common = _overrides(checkpoint, "cpu", "none", tmp_path)
+    shipped = job(*common, "memory.fetch=deepspeed")
+    overlap = job(*common, "memory.fetch=overlap")
+    layers = 2
+    # At least one fetch for each layer and one for the token and position embeddings; DeepSpeed's takes 3.
+    assert _all_gathers(overlap) >= layers + 2
+    assert _all_gathers(overlap) > _all_gathers(shipped) > 0
 
 
 def test_every_weight_resident_runs_without_hooks(tiny_checkpoint, job, plain_greedy, tmp_path):

@@ -11,8 +11,8 @@ that, so the copy queue runs dry while the host waits (docs/benchmarks.md, "Wher
 time goes").
 
 What we do instead, for forward passes without autograd (inference): issue this module's missing
-parameters and, at once, the prefetch of the next modules; record a CUDA event after each fetch's own
-copies; make the compute stream ``wait_event`` on the events of the fetches that brought this module's
+parameters and, at once, the prefetch of the next modules, one fetch per module; record a CUDA event after
+each fetch's own copies; make the compute stream ``wait_event`` on the events of the fetches that brought this module's
 parameters (never ``wait_stream``); and block the host only when more than ``max_inflight_fetches``
 fetches are in flight, on the oldest one. Parameters read from NVMe are the exception: the host waits
 for their own copies, because DeepSpeed hands the pinned swap buffer they were copied from back to
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Deque, Dict, Iterable, Set
+from typing import Deque, Dict, Iterable, List, Set
 
 import torch
 from deepspeed.accelerator import get_accelerator
@@ -125,6 +125,10 @@ class OverlapCoordinator(PartitionedParameterCoordinator):
         last_fetched_for = self._private("most_recent_step_id_param_fetched_for")
         room = min(self._private("max_n_available_params") - self._private("n_available_params"), bucket)
         chosen: Set[torch.nn.Parameter] = set()
+        # One fetch per module of the trace (its entries share the step that uses them), so that a module waits
+        # for its own copies only: a bucket fetched as one would hold the first module (and the host, at the
+        # step's first synchronisation) until the whole bucket has landed.
+        by_module: Dict[int, List[torch.nn.Parameter]] = collections.defaultdict(list)
         numel = 0
         while queue and numel < room:
             entry = queue.popleft()
@@ -135,8 +139,10 @@ class OverlapCoordinator(PartitionedParameterCoordinator):
             last_fetched_for[param] = max(last_fetched_for[param], entry.step_id_last_used_at)
             if param.ds_status == ZeroParamStatus.NOT_AVAILABLE and param not in chosen:
                 chosen.add(param)
+                by_module[entry.step_id_last_used_at].append(param)
                 numel += param.ds_numel
-        self._gather(chosen)
+        for params in by_module.values():
+            self._gather(params)
         if self._private("prefetch_nvme"):
             self._private("prefetch_nvme_param_partitions")()
 
