@@ -57,13 +57,17 @@ def test_greedy_tokens_identical_between_fetch_paths(case, tiny_checkpoint, job,
         assert overlap.metrics["profile_host_sync_wait_s"] < shipped.metrics["profile_host_sync_wait_s"]
 
 
-def _all_gathers(job) -> int:
-    """DeepSpeed all-gather calls (one fetch each) in the job's profiled decode step, read from its trace."""
+def _calls(job, source: str, function: str) -> int:
+    """Calls of ``function`` of the file ``source`` in the job's profiled decode step, read from its trace."""
     with gzip.open(job.artifacts / "profile" / "decode_step_python.json.gz", "rt") as handle:
         events = json.load(handle)["traceEvents"]
     return sum(1 for e in events if e.get("cat") == "python_function"
-               and e["name"].startswith("deepspeed/runtime/zero/partition_parameters.py")
-               and e["name"].endswith(": all_gather_coalesced"))
+               and e["name"].startswith(source) and e["name"].endswith(f": {function}"))
+
+
+def _all_gathers(job) -> int:
+    """DeepSpeed all-gather calls (one fetch each) in the job's profiled decode step."""
+    return _calls(job, "deepspeed/runtime/zero/partition_parameters.py", "all_gather_coalesced")
 
 
 def test_the_prefetch_fetches_each_module_on_its_own(tiny_checkpoint, job, tmp_path):
@@ -78,6 +82,25 @@ def test_the_prefetch_fetches_each_module_on_its_own(tiny_checkpoint, job, tmp_p
     # At least one fetch for each layer and one for the token and position embeddings; DeepSpeed's takes 3.
     assert _all_gathers(overlap) >= layers + 2
     assert _all_gathers(overlap) > _all_gathers(shipped) > 0
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_linear_layers_skip_autograds_bookkeeping(quant, tiny_checkpoint, job, tmp_path):
+    """On the overlap path a decode step's linear layers compute DeepSpeed's linear without its autograd Function
+    (``apply`` binds its arguments on every call); on DeepSpeed's path every one goes through it. The tokens are
+    the same (test_greedy_tokens_identical_between_fetch_paths), quantized weights included."""
+    checkpoint = tiny_checkpoint("tiny-opt")
+    common = _overrides(checkpoint, "cpu", quant, tmp_path)
+    shipped = job(*common, "memory.fetch=deepspeed")
+    overlap = job(*common, "memory.fetch=overlap")
+    layers, linears_per_layer = 2, 6  # q, k, v, out, fc1, fc2
+    linears = _calls(shipped, "deepspeed/runtime/zero/linear.py", "forward")
+    assert linears >= layers * linears_per_layer
+    assert _calls(overlap, "deepspeed/runtime/zero/linear.py", "forward") == linears
+    # One autograd Function call fewer for each linear: the other calls are ZeRO-3's module hooks' own.
+    applies = (_calls(job, "torch/autograd/function.py", "apply") for job in (shipped, overlap))
+    assert next(applies) - next(applies) == linears
+    assert overlap.tokens == shipped.tokens
 
 
 def test_every_weight_resident_runs_without_hooks(tiny_checkpoint, job, plain_greedy, tmp_path):

@@ -132,7 +132,8 @@ def initialize(model: torch.nn.Module, ds_config: Dict[str, Any],
 
     Applies ``weight_quantization.post_init_quant`` when the config has it. ``overlap_fetches``: None
     keeps DeepSpeed's parameter coordinator as shipped; a number gives this engine the overlapping
-    fetch path of :mod:`zi_app.fetch` with that many fetches in flight (``memory.fetch=overlap``).
+    fetch path of :mod:`zi_app.run.fetch` with that many fetches in flight and its linear layers
+    :mod:`zi_app.run.inference_linear`'s path (``memory.fetch=overlap``).
     """
     import deepspeed
 
@@ -141,9 +142,10 @@ def initialize(model: torch.nn.Module, ds_config: Dict[str, Any],
     if "post_init_quant" in ds_config.get("weight_quantization", {}):
         _apply_post_init_quantization(engine.module, ds_config)
     if overlap_fetches is not None:
-        from zi_app.run import fetch
+        from zi_app.run import fetch, inference_linear
 
         fetch.install(engine, overlap_fetches)
+        inference_linear.install(engine.module)
     return engine.module
 
 

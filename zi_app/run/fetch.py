@@ -40,9 +40,10 @@ from typing import Deque, Dict, Iterable, List, Set
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, free_param
 from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
 from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator, iter_params
+from deepspeed.utils import z3_leaf_module
 
 log = logging.getLogger(__name__)
 _BASE = "_PartitionedParameterCoordinator__"  # DeepSpeed's name-mangled private attributes
@@ -177,6 +178,35 @@ class OverlapCoordinator(PartitionedParameterCoordinator):
         done = get_accelerator().Event()
         done.record(self._completion_stream)
         compute.wait_event(done)
+
+    def release_sub_module(self, submodule, forward: bool = False) -> None:
+        """After a module's forward without autograd, free the GPU copies of its parameters that the trace says
+        are not used again soon, as DeepSpeed does, without its repartitioning call chain: inference never
+        changes a weight, so releasing one is freeing its gathered copy (and an NVMe partition's swap buffer).
+        That chain formats debug strings and walks checks per parameter, host time a decode step pays once per
+        streamed parameter (OPT-13B int4: the post-forward hook was the host's largest cost after the fetch).
+        Backward passes, forwards under autograd, leaf modules sharded for speed and parameters with a secondary
+        (hpZ) partition keep DeepSpeed's path."""
+        leaf = z3_leaf_module(submodule)
+        if not forward or torch.is_grad_enabled() or (leaf and self.fast_sharding_for_leaf_module):
+            return super().release_sub_module(submodule, forward)
+        step_id = self._private("step_id")
+        to_release = (self._private("params_to_release")(submodule, step_id) if self.is_complete_trace()
+                      else {p.ds_id for p in iter_params(submodule, recurse=leaf)})
+        released = 0
+        for param in iter_params(submodule, recurse=leaf):
+            param.ds_active_sub_modules.discard(submodule.ds_id)
+            if (param.ds_id not in to_release or param.is_external_param or param.ds_active_sub_modules
+                    or param.ds_status != ZeroParamStatus.AVAILABLE):
+                continue
+            if param.ds_tensor is None or param.ds_secondary_tensor is not None:
+                param.partition(free_data=True)
+            else:
+                free_param(param)
+                if param.ds_tensor.final_location == OffloadDeviceEnum.nvme:
+                    param.nvme_swapper.remove_partition_and_release_buffers([param])
+            released += param.ds_numel
+        setattr(self, _BASE + "n_available_params", self._private("n_available_params") - released)
 
     def make_resident(self, module: torch.nn.Module) -> None:
         """Fetch every parameter of ``module`` now, one at a time (NVMe has few swap buffers)."""
