@@ -16,7 +16,9 @@ import argparse
 import collections
 import gzip
 import json
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, List, Tuple
+
+from zi_app.run.measure import busy_spans
 
 Interval = Tuple[float, float]
 
@@ -26,17 +28,6 @@ def load(path: str) -> List[dict]:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as handle:
         return [e for e in json.load(handle)["traceEvents"] if e.get("ph") == "X"]
-
-
-def merged(intervals: Iterable[Interval]) -> List[Interval]:
-    """The union of ``intervals`` as disjoint, sorted intervals."""
-    out: List[Interval] = []
-    for start, stop in sorted(intervals):
-        if out and start <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], stop))
-        else:
-            out.append((start, stop))
-    return out
 
 
 def span(event: dict) -> Interval:
@@ -83,14 +74,14 @@ def report(events: List[dict], shown: int) -> str:
     runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
     gpu = [span(e) for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset", "kernel")]
     step = (min(s for s, _ in gpu), max(e for _, e in gpu))
-    copy_busy = merged(span(e) for e in copies)
+    copy_busy = busy_spans(copies)
     idle = sorted(gaps(copy_busy, step), key=lambda g: g[0] - g[1])
     moved = sum(int(e.get("args", {}).get("bytes", 0)) for e in copies)
     length = step[1] - step[0]
     lines = [
         f"GPU span of the step: {length / 1e3:.2f} ms; host-to-device copies: {len(copies)}, {moved / 1e9:.3f} GB, "
         f"busy {busy(copy_busy) / 1e3:.2f} ms ({moved / busy(copy_busy) / 1e3:.1f} GB/s while busy)",
-        f"kernels: {len(kernels)}, busy {busy(merged(span(e) for e in kernels)) / 1e3:.2f} ms; copy queue idle "
+        f"kernels: {len(kernels)}, busy {busy(busy_spans(kernels)) / 1e3:.2f} ms; copy queue idle "
         f"{busy(idle) / 1e3:.2f} ms in {len(idle)} gaps ({sum(1 for g in idle if g[1] - g[0] >= 50)} of 50 us or more)",
         "",
         "| gap at ms | length us | kernels running | host CUDA calls |",

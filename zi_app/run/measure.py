@@ -11,7 +11,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from transformers import StoppingCriteria
@@ -239,14 +239,21 @@ def htod_bytes(events: List[dict]) -> int:
                if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", ""))
 
 
-def _busy_seconds(events: List[dict]) -> float:
-    """Seconds covered by the union of the events' intervals (overlaps and nesting counted once)."""
-    total, end = 0.0, float("-inf")
+def busy_spans(events: List[dict]) -> List[Tuple[float, float]]:
+    """The union of trace events' intervals as disjoint (start, stop) spans in the trace's microseconds, in
+    order (overlaps and nesting counted once)."""
+    spans: List[Tuple[float, float]] = []
     for start, stop in sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events):
-        if stop > end:
-            total += stop - max(start, end)
-            end = stop
-    return total / 1e6
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], stop))
+        else:
+            spans.append((start, stop))
+    return spans
+
+
+def _busy_seconds(events: List[dict]) -> float:
+    """Seconds covered by the union of the events' intervals."""
+    return sum(stop - start for start, stop in busy_spans(events)) / 1e6
 
 
 # DeepSpeed 0.19.8's per-module forward hooks (parameter_offload.py): fetch before, release after.
