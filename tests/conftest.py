@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gzip
 import json
 import os
 import re
@@ -423,6 +424,12 @@ def pytest_collection_modifyitems(config, items):
     """The longest units first (a stable sort: the order within a module stays); xdist keeps this order
     (``--no-loadscope-reorder``)."""
     items.sort(key=_rank)
+
+
+def profiled_step_events(artifacts: Path) -> List[dict]:
+    """The Python-traced decode step a ``profile_step=true`` run keeps, from its artifact folder ``artifacts``."""
+    with gzip.open(artifacts / "profile" / "decode_step_python.json.gz", "rt") as handle:
+        return json.load(handle)["traceEvents"]
 
 
 @dataclass

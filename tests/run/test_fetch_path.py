@@ -8,10 +8,9 @@ synchronous: the overlap path runs its own ordering and bookkeeping, without str
 
 from __future__ import annotations
 
-import gzip
-import json
-
 import pytest
+
+from conftest import profiled_step_events
 
 BATCH, PROMPT_LEN, GEN_LEN = 2, 8, 4
 WORKLOAD = (f"batch={BATCH}", f"prompt_len={PROMPT_LEN}", f"gen_len={GEN_LEN}", "warmup=0", "repeat=1")
@@ -59,9 +58,7 @@ def test_greedy_tokens_identical_between_fetch_paths(case, tiny_checkpoint, job,
 
 def _calls(job, source: str, function: str) -> int:
     """Calls of ``function`` of the file ``source`` in the job's profiled decode step, read from its trace."""
-    with gzip.open(job.artifacts / "profile" / "decode_step_python.json.gz", "rt") as handle:
-        events = json.load(handle)["traceEvents"]
-    return sum(1 for e in events if e.get("cat") == "python_function"
+    return sum(1 for e in profiled_step_events(job.artifacts) if e.get("cat") == "python_function"
                and e["name"].startswith(source) and e["name"].endswith(f": {function}"))
 
 

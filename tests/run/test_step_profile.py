@@ -7,8 +7,7 @@ is kept as the run's ``profile/decode_step_python.json.gz`` artifact, the events
 
 from __future__ import annotations
 
-import gzip
-import json
+from conftest import profiled_step_events
 
 COMMON = ("model=tiny-opt", "batch=2", "prompt_len=16", "gen_len=4", "warmup=1", "repeat=1")
 
@@ -19,12 +18,6 @@ def _profiled_job(run_app, mlflow_store, *overrides: str) -> dict:
     return job.data.metrics
 
 
-def _profiled_trace(mlflow_store) -> list:
-    [job] = mlflow_store.job_runs()
-    with gzip.open(mlflow_store.artifact_path(job, "profile/decode_step_python.json.gz"), "rt") as handle:
-        return json.load(handle)["traceEvents"]
-
-
 def test_profiled_step_reports_hook_time_and_fetches(run_app, mlflow_store, model_arch):
     reference = _profiled_job(run_app, mlflow_store, "memory=reference", "profile_step=true")
     layers = model_arch("tiny-opt")["num_hidden_layers"]
@@ -33,7 +26,8 @@ def test_profiled_step_reports_hook_time_and_fetches(run_app, mlflow_store, mode
     assert 0 < reference["profile_zero3_hook_s"] < reference["profile_step_s"]
     assert "tokens_per_sec" in reference and reference["decode_step_s"] > 0
     # The artifact is the trace the metrics were read from: its fetch hooks, counted again, give the same number.
-    trace = _profiled_trace(mlflow_store)
+    [job] = mlflow_store.job_runs()
+    trace = profiled_step_events(mlflow_store.artifact_path(job, ""))
     hooks = [e for e in trace if e.get("cat") == "python_function"
              and e["name"].endswith("pre_sub_module_forward_function")]
     assert len(hooks) == reference["profile_zero3_fetches"]
