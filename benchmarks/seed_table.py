@@ -100,7 +100,9 @@ def run(store: str, chosen: List[str]) -> None:
     os.makedirs(NVME_PATH, exist_ok=True)
     for cell in chosen:
         common = cell_overrides(cell)
-        swept = [f"batch={BATCHES}"] + (["kvcache.quant=none,int4"] if parse(cell)[1] == "cpu" else [])
+        # An offloaded cache keeps what the budget holds of it on the GPU (kvcache.gpu_layers=auto).
+        swept = [f"batch={BATCHES}"] + (["kvcache.quant=none,int4", "kvcache.gpu_layers=auto"]
+                                        if parse(cell)[1] == "cpu" else [])
         # The planner can misplace a cell's peak (docs/results/seed_table_2026-12-06.md): points it predicts faster
         # than the measured best are measured too.
         app(store, cell, ["hydra/sweeper=adaptive", "hydra.sweeper.measure_predicted_faster=true", *common, *swept],

@@ -30,7 +30,8 @@ from zi_app.config.spec import check_task, composition_error, validate
 GIB = 2**30
 KEYS = ("overrides", "fits", "reason", "devices", "predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
         "predicted_nvme_bytes", "predicted_streamed_bytes_per_step", "predicted_peer_bytes_per_step",
-        "predicted_decode_step_s", "predicted_prefill_s", "predicted_tokens_per_sec", "pytorch_dequantization")
+        "predicted_decode_step_s", "predicted_prefill_s", "predicted_tokens_per_sec", "pytorch_dequantization",
+        "kv_gpu_layers")
 
 
 def points(overrides: Sequence[str]) -> List[List[str]]:
@@ -80,7 +81,8 @@ def plan_point(point: Sequence[str], cfg: Any, cuda: bool) -> Dict[str, Any]:
                predicted_peer_bytes_per_step=plan.predicted_peer_bytes_per_step,
                predicted_decode_step_s=plan.predicted_decode_step_s, predicted_prefill_s=plan.predicted_prefill_s,
                predicted_tokens_per_sec=plan.predicted_tokens_per_sec,
-               pytorch_dequantization=plan.prediction.pytorch_dequantization)
+               pytorch_dequantization=plan.prediction.pytorch_dequantization,
+               kv_gpu_layers=int(plan.spec.kvcache.gpu_layers))
     return row
 
 
@@ -99,12 +101,15 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     top = best(rows)
     # The disk NVMe offload needs, where a point swaps weights to it (a preset knows no disk: compare it with yours).
     nvme = any(row["predicted_nvme_bytes"] for row in rows)
+    kept = any(row["kv_gpu_layers"] for row in rows)  # layers whose offloaded cache stays on the GPU
     header = ["", "overrides", "fits", "devices", "peak GPU GiB", "peak host GiB", *(["NVMe GiB"] if nvme else []),
+              *(["KV GPU layers"] if kept else []),
               "streamed GB/step", "peer GB/step", "decode step s", "prefill s", "tokens/s"]
     body = [["best" if row is top else "", row["overrides"] or "(none)", "yes" if row["fits"] else "NO",
              _cell(row["devices"], 1, "{:.0f}"),
              _cell(row["predicted_peak_gpu_bytes"], GIB, "{:.2f}"), _cell(row["predicted_peak_host_bytes"], GIB, "{:.2f}"),
              *([_cell(row["predicted_nvme_bytes"], GIB, "{:.2f}")] if nvme else []),
+             *([_cell(row["kv_gpu_layers"], 1, "{:.0f}")] if kept else []),
              _cell(row["predicted_streamed_bytes_per_step"], 1e9, "{:.2f}"),
              _cell(row["predicted_peer_bytes_per_step"], 1e9, "{:.2f}"),
              _cell(row["predicted_decode_step_s"], 1, "{:.4f}"), _cell(row["predicted_prefill_s"], 1, "{:.3f}"),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from zi_app import validate
-from zi_app.plan.memory import kv_cache_bytes, offloaded_kv_bytes, offloaded_kv_host_bytes, stored_kv_bytes
+from zi_app.plan.memory import (kept_kv_bytes, kv_cache_bytes, offloaded_kv_bytes, offloaded_kv_host_bytes,
+                                stored_kv_bytes, streamed_kv_share)
 from zi_app.plan.workload import DTYPE_BYTES, workload
 
 BATCH, PROMPT_LEN, GEN_LEN = 3, 8, 5
@@ -59,6 +60,25 @@ def test_host_cache_generates_the_gpu_caches_tokens(model, tiny_checkpoint, job,
     assert "kv_host_bytes" not in on_device.metrics
 
 
+def test_layers_kept_on_the_gpu_as_planned_generate_the_gpu_caches_tokens(tiny_checkpoint, job, compose):
+    """``kvcache.gpu_layers=auto``: the plan keeps every layer's cache in device memory where the budget holds
+    every weight and the cache (here 1 GiB for a tiny model), the job runs with that many and its host buffers
+    are then empty; one layer kept by hand leaves the other's in host memory, the planner's bytes. Both generate
+    the GPU cache's tokens."""
+    checkpoint = tiny_checkpoint("tiny-opt")
+    on_device = job(*_common(checkpoint), "kvcache=gpu")
+    auto = ("kvcache=cpu", "kvcache.gpu_layers=auto", "memory.persistence=auto", "memory.gpu_budget_gib=1")
+    planned = job(*_common(checkpoint), *auto)
+    one = job(*_common(checkpoint), "kvcache=cpu", "kvcache.gpu_layers=1")
+    assert planned.tokens == one.tokens == on_device.tokens
+    assert (planned.metrics["kv_gpu_layers"], planned.metrics["kv_host_bytes"]) == (2, 0)
+    assert planned.metrics["kv_gpu_bytes"] == kept_kv_bytes(workload(validate(compose(
+        *_common(checkpoint), *auto[:-3], "kvcache.gpu_layers=2")))) > 0
+    work = workload(validate(compose(*_common(checkpoint), "kvcache=cpu", "kvcache.gpu_layers=1")))
+    assert one.metrics["kv_gpu_layers"] == 1
+    assert one.metrics["kv_host_bytes"] == offloaded_kv_host_bytes(work) == one.metrics["kv_gpu_bytes"] > 0
+
+
 def test_a_job_with_a_quantized_host_cache_holds_the_planned_host_bytes(tiny_checkpoint, job, compose):
     """The app with ``kvcache.quant=int4`` (grouped-query attention): it generates (its tokens are not the GPU
     cache's exactly: attention reads dequantized keys and values), and its host buffers are the planner's."""
@@ -76,15 +96,19 @@ def test_a_job_with_a_quantized_host_cache_holds_the_planned_host_bytes(tiny_che
     (["kvcache=cpu", "kvcache.attention=host", "kvcache.quant=int8"], "kvcache.attention=device"),
     (["kvcache=cpu", "kvcache.quant=int4", "model.arch.hidden_size=160", "model.arch.num_attention_heads=2"],
      "groups of 64 of a head's 80 elements"),
+    (["kvcache=cpu", "kvcache.gpu_layers=3"], "a whole number from 0 to the model's 2 layers"),
+    (["kvcache=cpu", "kvcache.gpu_layers=half"], "'auto' or a whole number"),
+    (["kvcache=gpu", "kvcache.gpu_layers=auto"], "ours in host memory attended on the GPU"),
+    (["kvcache=cpu", "kvcache.attention=host", "kvcache.gpu_layers=1"], "kvcache.attention=device"),
 ])
-def test_a_quantized_cache_it_cannot_hold_is_refused(overrides, allowed, compose):
-    """kvcache.quant is refused, naming the key, the value and what is allowed, before anything loads."""
+def test_a_cache_setting_it_cannot_hold_is_refused(overrides, allowed, compose):
+    """kvcache.quant and kvcache.gpu_layers are refused, naming the key, the value and what is allowed, before anything loads."""
     from zi_app.config.checks import ConfigError
 
     with pytest.raises(ConfigError) as refused:
         validate(compose("model=tiny-opt", *overrides))
-    quant = next(o for o in overrides if o.startswith("kvcache.quant=")).split("=")[1]
-    assert (refused.value.key, refused.value.value) == ("kvcache.quant", quant)
+    key, value = next(o for o in overrides if o.startswith(("kvcache.quant=", "kvcache.gpu_layers="))).split("=")
+    assert (refused.value.key, str(refused.value.value)) == (key, value)
     assert allowed in str(refused.value)
 
 
@@ -192,6 +216,49 @@ def test_bytes_moved_are_the_planners(model, tiny_checkpoint, compose):
         assert memory.d2h_bytes == per_token * last
         assert memory.h2d_bytes == (GEN_LEN - 1) * offloaded_kv_bytes(work) + per_token * last // shape.layers
         assert memory.host_bytes() == kv_cache_bytes(shape, BATCH, PROMPT_LEN + GEN_LEN, DTYPE_BYTES[spec.model.dtype])
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("model", ["tiny-opt", "tiny-llama"])
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_layers_kept_on_the_gpu_cross_no_link(model, quant, tiny_checkpoint, compose):
+    """kvcache.gpu_layers=1 of 2, counted by the cache over one generate against the same cache with none kept:
+    the same tokens; over the link only the other layer's bytes (the planner's terms for the spec), the kept
+    layer's within the device, in a device buffer of the planner's size; the host buffers hold one layer."""
+    import torch
+
+    from zi_app.run.kvcache import host_kv
+
+    spec, plain, arguments, _ = _plain(tiny_checkpoint(model), compose, f"kvcache.quant={quant}",
+                                       "kvcache.gpu_layers=1")
+    shape, work, bits = spec.model.shape, workload(spec), spec.kvcache.bits
+    every = workload(validate(compose(*_common(tiny_checkpoint(model)), "kvcache=cpu", f"kvcache.quant={quant}")))
+    with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, bits=bits) as offloaded, torch.no_grad():
+        expected = plain.generate(**arguments, past_key_values=offloaded.cache())
+        moved = offloaded.h2d_bytes + offloaded.d2h_bytes
+    with host_kv(shape.layers, PROMPT_LEN + GEN_LEN, pin=False, bits=bits, gpu_layers=1) as memory, torch.no_grad():
+        assert plain.generate(**arguments, past_key_values=memory.cache()).equal(expected)
+        assert memory.where == [(0, 0), (1, 0)]  # the second layer kept, the first streamed
+        per_token = kv_cache_bytes(shape, BATCH, 1, DTYPE_BYTES[spec.model.dtype])
+        last = PROMPT_LEN + GEN_LEN - 1
+        assert memory.d2h_bytes == streamed_kv_share(work, stored_kv_bytes(work, per_token * last))
+        # each decode step the streamed layer's prefix, and after the last one the first layer's fetched ahead
+        assert memory.h2d_bytes == ((GEN_LEN - 1) * offloaded_kv_bytes(work)
+                                    + stored_kv_bytes(work, per_token * last // shape.layers))
+        assert 0 < offloaded_kv_bytes(work) == offloaded_kv_bytes(every) // 2
+        assert memory.h2d_bytes + memory.d2h_bytes + memory.kept_bytes == moved
+        assert memory.kept_store_bytes() == kept_kv_bytes(work) == memory.host_bytes() > 0
+        assert memory.host_bytes() == offloaded_kv_host_bytes(work) == offloaded_kv_host_bytes(every) // 2
+
+
+@pytest.mark.quick
+def test_layers_kept_on_the_gpu_are_spread_through_the_model():
+    """kvcache.gpu_layers spread evenly: the link never idles through more than a run of them."""
+    from zi_app.run.kvcache import on_gpu
+
+    assert on_gpu(8, 0) == (False,) * 8 and on_gpu(8, 8) == (True,) * 8
+    assert on_gpu(8, 2) == (False, False, False, True) * 2
+    assert on_gpu(48, 36).count(True) == 36 and "TTTT" not in "".join("T" if k else "F" for k in on_gpu(48, 36))
 
 
 @pytest.mark.quick

@@ -125,6 +125,7 @@ MAX_LAYERS = 1024  # model.arch.num_hidden_layers / n_layer: beyond any released
 _ARCH_SIZES = ("hidden_size", "num_hidden_layers", "n_layer", "vocab_size", "intermediate_size", "ffn_dim",
                "word_embed_proj_dim", "max_position_embeddings")
 _ARCH_HEADS = ("num_attention_heads", "n_head")
+_ARCH_LAYERS = ("num_hidden_layers", "n_layer")
 ARCH_HIDDEN = ("hidden_size", "n_embed", "d_model", "n_embd")  # the hidden size, under each family's name
 
 
@@ -134,7 +135,7 @@ def _check_arch(arch: Any) -> None:
     for key in (*_ARCH_SIZES, *_ARCH_HEADS, "num_key_value_heads"):
         if arch.get(key) is not None:
             _positive_int(f"model.arch.{key}", arch[key])
-    for key in ("num_hidden_layers", "n_layer"):
+    for key in _ARCH_LAYERS:
         # Checked before the model's facts are read from a meta model, which builds every layer (100000 took
         # minutes before any refusal).
         if arch.get(key) is not None and arch[key] > MAX_LAYERS:
@@ -244,6 +245,7 @@ def _check_kvcache(kvcache: Any, model: Any) -> None:
         raise ConfigError("kvcache.quant", kvcache.quant,
                           "'none' with this cache: a quantized cache is ours in host memory attended on the GPU, "
                           "kvcache=cpu with kvcache.attention=device")
+    _check_kv_gpu_layers(kvcache, model)
     hidden = next((model.arch[key] for key in ARCH_HIDDEN if model.arch.get(key)), None)
     heads = next((model.arch[key] for key in _ARCH_HEADS if model.arch.get(key)), None)
     if kvcache.quant != "none" and hidden and heads:
@@ -253,6 +255,18 @@ def _check_kvcache(kvcache: Any, model: Any) -> None:
             raise ConfigError("kvcache.quant", kvcache.quant,
                               f"'none' for this model: a quantized cache takes groups of {group} of a head's "
                               f"{head_dim} elements (an even number dividing it)")
+
+
+def _check_kv_gpu_layers(kvcache: Any, model: Any) -> None:
+    value = str(kvcache.gpu_layers)
+    layers = next((model.arch[key] for key in _ARCH_LAYERS if model.arch.get(key)), None)
+    allowed = f"'auto' or a whole number from 0 to the model's {layers or 'number of'} layers"
+    if value != "auto" and not (value.isdigit() and (layers is None or int(value) <= layers)):
+        raise ConfigError("kvcache.gpu_layers", kvcache.gpu_layers, allowed)
+    if value != "0" and (kvcache.cache_implementation != "host" or kvcache.attention != "device"):
+        raise ConfigError("kvcache.gpu_layers", kvcache.gpu_layers,
+                          "0 with this cache: layers kept on the GPU are a part of ours in host memory attended on "
+                          "the GPU, kvcache=cpu with kvcache.attention=device")
 
 
 def _check_hardware(hardware: Any) -> None:

@@ -139,6 +139,10 @@ class KVCacheSpec:
     # none: the host cache holds keys and values in the model's dtype; int8 or int4: quantized in groups of 64
     # along each head (a minimum and a step per group), dequantized on the GPU as each layer's prefix comes up
     quant: str = "none"
+    # layers whose cache stays in GPU memory (at the host cache's width, spread evenly through the model) instead
+    # of crossing PCIe every step: 0, up to the model's layers, or auto (as many as the GPU budget holds once
+    # every weight is resident; planned, zi_app/plan/memory.py)
+    gpu_layers: str = "0"
 
     @property
     def attends_on_host(self) -> bool:
@@ -149,6 +153,14 @@ class KVCacheSpec:
     def bits(self) -> int:
         """Bits per cached key or value element: 16 (the model's 16-bit dtype) unless ``quant`` is int8/int4."""
         return {"int8": 8, "int4": 4}.get(self.quant, 16)
+
+    @property
+    def planned_gpu_layers(self) -> int:
+        """``gpu_layers`` as a number; ``auto`` must have been planned first (zi_app.plan.job.plan_job)."""
+        if self.gpu_layers == "auto":
+            raise ValueError("kvcache.gpu_layers=auto is a plan's to resolve: run the job's plan "
+                             "(zi_app.plan.job.plan_job) and use its spec")
+        return int(self.gpu_layers)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from zi_app.config.schema import JobSpec
 from zi_app.plan import dsconfig, hardware as machine, preflight
 from zi_app.plan.facts import ModelFacts, model_facts
 from zi_app.plan.hardware import Hardware
-from zi_app.plan.memory import Residency, host_parts, offload_needed, plan_residency, predict
+from zi_app.plan.memory import (Residency, host_parts, offload_needed, plan_kv_gpu_layers, plan_residency,
+                                predict)
 from zi_app.plan.speed import Prediction, predict_job, predicted_job_s
 from zi_app.plan.workload import DTYPE_BYTES, Workload, budget_bytes, persistence_threshold, workload
 
@@ -119,6 +120,17 @@ def residency(spec: JobSpec, work: Workload, facts: ModelFacts, budget: Optional
     return dataclasses.replace(planned, offload_needed=offload_needed(work, facts, budget))
 
 
+def _keep_kv_layers(spec: JobSpec, work: Workload, facts: ModelFacts, planned: Residency,
+                    budget: Optional[int]) -> Tuple[JobSpec, Workload, Residency]:
+    """kvcache.gpu_layers=auto, planned: the number of layers whose cache the budget keeps on the GPU (none
+    where it is unknown), written into the spec the job runs with and the workload its predictions use."""
+    layers = plan_kv_gpu_layers(work, facts, planned, budget) if budget is not None else 0
+    work = dataclasses.replace(work, kv_gpu_layers=layers)
+    kept = predict(work, facts, planned.param_threshold, planned.model_threshold)
+    spec = dataclasses.replace(spec, kvcache=dataclasses.replace(spec.kvcache, gpu_layers=str(layers)))
+    return spec, work, dataclasses.replace(planned, predicted_peak_bytes=kept.predicted_peak_bytes)
+
+
 def _over_budget(spec: JobSpec, residency: Residency, budget: Optional[int]) -> Tuple[ConfigError, ...]:
     if budget is None or residency.predicted_peak_bytes <= budget:
         return ()
@@ -199,6 +211,8 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     work = dataclasses.replace(workload(spec), on_cpu=not cuda and hw.name == "auto")
     budget = budget_bytes(spec, device_bytes)
     planned = residency(spec, work, facts, budget)
+    if spec.kvcache.gpu_layers == "auto":
+        spec, work, planned = _keep_kv_layers(spec, work, facts, planned, budget)
     prediction = predict_job(work, facts, planned, hw)
     mismatch = machine.hardware_problem(hw, cuda) if here else None
     environment = tuple(preflight.environment_problems(spec, cuda)) if here else ()

@@ -80,6 +80,20 @@ def stored_kv_parts(work: Workload, nbytes: int) -> Tuple[int, int]:
     return elements * work.kv_bits // 8, elements // group * 2 * width
 
 
+def streamed_kv_share(work: Workload, nbytes: int) -> int:
+    """The part of ``nbytes`` (spread evenly over the layers) that belongs to layers whose cache is in host
+    memory: all of it but the ``kv_gpu_layers`` kept on the GPU."""
+    layers = max(1, work.shape.layers)
+    return nbytes * (layers - work.kv_gpu_layers) // layers
+
+
+def kept_kv_bytes(work: Workload) -> int:
+    """GPU bytes of the layers' caches kept there (kvcache.gpu_layers): at the final length, stored as the host
+    stores them."""
+    final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, DTYPE_BYTES[work.dtype])
+    return stored_kv_bytes(work, final // max(1, work.shape.layers) * work.kv_gpu_layers)
+
+
 def stored_kv_bytes(work: Workload, nbytes: int) -> int:
     """Bytes our host cache stores for ``nbytes`` of keys and values in the model's dtype (:func:`stored_kv_parts`)."""
     return sum(stored_kv_parts(work, nbytes))
@@ -202,7 +216,7 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         if not work.kv_offloaded:
             return full, 0
-        held = min(full, half_layers_held * full // (2 * layers))
+        held = min(full, half_layers_held * full // (2 * layers)) + kept_kv_bytes(work)
         if not (work.kv_preallocated and work.kv_bits < 16):
             return held, 0
         # Quantized, each slot's room for a layer's packed prefix; 64 tokens at a time, the prefill quantizes the
@@ -294,6 +308,18 @@ def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_th
     return predict(work, facts, param_threshold, base_elements + spare // DTYPE_BYTES[work.dtype])
 
 
+def plan_kv_gpu_layers(work: Workload, facts: ModelFacts, residency: Residency, budget_bytes: int) -> int:
+    """kvcache.gpu_layers=auto: how many layers' caches the GPU budget holds beside ``residency`` (planned with
+    none kept), once every weight is resident. A byte kept on the GPU saves a step the same link time, a weight's
+    or a cache's; weights come first, since a streamed weight also costs the host its fetch."""
+    if not (work.kv_preallocated and not work.kv_attend_on_host) or residency.resident_bytes < weight_total_bytes(
+            work, facts):
+        return 0
+    per_layer = kept_kv_bytes(replace(work, kv_gpu_layers=1))
+    spare = int(budget_bytes * PLAN_FRACTION) - residency.predicted_peak_bytes
+    return max(0, min(work.shape.layers, spare // max(1, per_layer)))
+
+
 def partition_bytes(work: Workload, facts: ModelFacts) -> Tuple[int, ...]:
     """Each parameter's partition on one rank, as stored: ZeRO-3 splits every parameter across the ranks."""
     return tuple(math.ceil(size / work.ranks) for size in stored_bytes(work, facts))
@@ -333,7 +359,9 @@ def offloaded_kv_bytes(work: Workload) -> int:
         return 0
     if work.kv_attend_on_host:
         return work.shape.layers * work.batch * work.shape.hidden_size * DTYPE_BYTES[work.dtype]
-    return stored_kv_bytes(work, cached_kv_bytes(work)) if work.kv_preallocated else cached_kv_bytes(work)
+    if work.kv_preallocated:
+        return streamed_kv_share(work, stored_kv_bytes(work, cached_kv_bytes(work)))
+    return cached_kv_bytes(work)
 
 
 def cached_kv_bytes(work: Workload) -> int:
@@ -396,7 +424,8 @@ def host_parts(work: Workload, facts: ModelFacts, residency: Residency) -> Dict[
         parts["weights too small to swap"] = work.ranks * sum(
             size for size in partition_bytes(work, facts) if size < work.nvme_min_bytes)
     if work.kv_offloaded:
-        final = stored_kv_bytes(work, kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes))
+        final = streamed_kv_share(work, stored_kv_bytes(
+            work, kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, nbytes)))
         parts["KV cache"] = work.ranks * final
         parts["KV size classes"] = work.ranks * (offloaded_kv_host_bytes(work) - final)
     if work.reads_checkpoint:  # its largest file where its files are known, else the whole checkpoint
@@ -433,7 +462,9 @@ def offloaded_kv_host_bytes(work: Workload) -> int:
     48 GiB for a 17 GB cache)."""
     if work.kv_preallocated:
         final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, DTYPE_BYTES[work.dtype])
-        parts = [part for part in stored_kv_parts(work, final) if part]  # one buffer each, locked on its own
+        # one buffer each, locked on its own
+        parts = [streamed_kv_share(work, part) for part in stored_kv_parts(work, final) if part]
+        parts = [part for part in parts if part]
         return sum(locked_bytes(part) for part in parts) if work.pin else sum(parts)
     per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, work.shape.layers))
     classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}

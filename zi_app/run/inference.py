@@ -54,8 +54,12 @@ class GenerateArgs:
         return {"past_key_values": self.memory.cache()} if self.memory is not None else dict(self.fixed)
 
     def metrics(self) -> Dict[str, float]:
-        """``kv_host_bytes``: the host buffer of ``kvcache=cpu`` (absent otherwise)."""
-        return {"kv_host_bytes": float(self.memory.host_bytes())} if self.memory is not None else {}
+        """``kv_host_bytes``: the host buffers of ``kvcache=cpu``; ``kv_gpu_layers``, ``kv_gpu_bytes``: the layers
+        whose cache it keeps on the GPU, and those layers' buffers there (absent with another cache)."""
+        if self.memory is None:
+            return {}
+        return {"kv_host_bytes": float(self.memory.host_bytes()), "kv_gpu_layers": float(self.memory.gpu_layers),
+                "kv_gpu_bytes": float(self.memory.kept_store_bytes())}
 
 
 @contextlib.contextmanager
@@ -66,7 +70,8 @@ def generate_arguments(spec: JobSpec) -> Iterator[GenerateArgs]:
         yield GenerateArgs(impl)
         return
     with kvcache.host_kv(spec.model.shape.layers, spec.prompt_len + spec.gen_len, spec.pin,
-                         attend_on_host=spec.kvcache.attends_on_host, bits=spec.kvcache.bits) as memory:
+                         attend_on_host=spec.kvcache.attends_on_host, bits=spec.kvcache.bits,
+                         gpu_layers=spec.kvcache.planned_gpu_layers) as memory:
         yield GenerateArgs(memory=memory)
 
 

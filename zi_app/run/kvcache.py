@@ -24,6 +24,10 @@ copy's time (OPT-30B and OPT-66B int4 on an H200, 2026-12-06). A step attends ov
 width, as they were computed (the prefill over the whole prompt, so its token is the GPU cache's), and over the
 cached ones dequantized: the tokens that follow are no longer exactly the GPU cache's.
 
+With ``kvcache.gpu_layers`` some layers' caches stay in GPU memory, stored as the host's are (packed when
+quantized), spread evenly through the model (FlexGen's cache GPU percentage): their prefixes come to the slot by a
+copy within the GPU, so a step sends over PCIe only the other layers' cached tokens, and the host holds only theirs.
+
 On DeepSpeed's CPU accelerator the same path runs with plain copies (the "device" is host memory too), which is
 how the CPU tests check its tokens and the bytes it moves.
 """
@@ -87,14 +91,22 @@ class HostKV:
     """The host buffers, GPU slots, side stream and transfer counters of one job's offloaded KV cache.
 
     ``layers``: the model's decoder layers; ``max_len``: prompt + generated tokens, the most any ``generate``
-    of the job holds; ``pin``: page-lock the host buffer (CUDA only), so that copies are asynchronous DMA.
+    of the job holds; ``pin``: page-lock the host buffer (CUDA only), so that copies are asynchronous DMA;
+    ``gpu_layers``: how many layers' caches stay on the device (:func:`on_gpu`).
     Buffers are made at the first update, when the keys' batch, heads, head size, dtype and device are known.
     """
 
     def __init__(self, layers: int, max_len: int, pin: bool = True, attend_on_host: bool = False,
-                 bits: int = 16) -> None:
+                 bits: int = 16, gpu_layers: int = 0) -> None:
+        if not 0 <= gpu_layers <= layers or (gpu_layers and attend_on_host):
+            raise ValueError(f"gpu_layers={gpu_layers}: from 0 to {layers}, and 0 where the host attends")
         self.layers, self.max_len, self.pin, self.attend_on_host = layers, max_len, pin, attend_on_host
         self.bits = bits  # 16: the model's dtype; 8 or 4: quantized on the host (kvcache.quant)
+        # Each layer's (store, index): 0 the host buffers, 1 the device's, at the layer's index among them.
+        kept = on_gpu(layers, gpu_layers)
+        self.gpu_layers = sum(kept)
+        self.where = [(int(keep), sum(1 for earlier in kept[:layer] if earlier == keep))
+                      for layer, keep in enumerate(kept)]
         # Token-major, so that any run of tokens is one contiguous block: a strided copy between host and device
         # would stage through pageable memory and block the host thread until the stream reached it.
         # [layers, max_len, 2 (keys, values), batch, heads, head_dim]; attending on the host, head-major:
@@ -105,6 +117,9 @@ class HostKV:
         # each group's minimum and step [layers, max_len, 2, batch, heads, groups, 2], and each slot has room for
         # a layer's packed codes and scales on the device (``packed_slots``, ``scale_slots``).
         self.host_scales: Optional[torch.Tensor] = None
+        # The layers kept on the device, laid out as ``host`` and ``host_scales`` (kvcache.gpu_layers)
+        self.kept: Optional[torch.Tensor] = None
+        self.kept_scales: Optional[torch.Tensor] = None
         self.packed_slots: Optional[torch.Tensor] = None
         self.scale_slots: Optional[torch.Tensor] = None
         self.shape: Tuple[int, int, int] = (0, 0, 0)  # batch, heads, head size the buffers were made for
@@ -112,6 +127,7 @@ class HostKV:
         self.dequant_stream = None  # quantized: the side stream that dequantizes what the copies brought up
         self.h2d_bytes = 0  # bytes copied host -> device (cached prefixes)
         self.d2h_bytes = 0  # bytes copied device -> host (new tokens' keys and values)
+        self.kept_bytes = 0  # bytes copied within the device, to and from the layers kept there
         self.host_read_bytes = 0  # cached keys and values handed to the host's attention (kvcache.attention=host)
         self._registered: list = []  # host buffers page-locked by cudaHostRegister
 
@@ -125,21 +141,25 @@ class HostKV:
         else:
             shape = (self.max_len, 2, batch, heads, head_dim)
             self.slots = torch.empty((2,) + shape, dtype=dtype, device=device)
+            streamed = self.layers - self.gpu_layers
             if self.bits < 16:
                 packed = shape[:-1] + (head_dim * self.bits // 8,)
                 scales = shape[:-1] + (head_dim // kv_quant_group(head_dim), 2)
-                self.host = torch.empty((self.layers,) + packed, dtype=torch.uint8)
-                self.host_scales = torch.empty((self.layers,) + scales, dtype=dtype)
+                self.host = torch.empty((streamed,) + packed, dtype=torch.uint8)
+                self.host_scales = torch.empty((streamed,) + scales, dtype=dtype)
+                self.kept = torch.empty((self.gpu_layers,) + packed, dtype=torch.uint8, device=device)
+                self.kept_scales = torch.empty((self.gpu_layers,) + scales, dtype=dtype, device=device)
                 self.packed_slots = torch.empty((2,) + packed, dtype=torch.uint8, device=device)
                 self.scale_slots = torch.empty((2,) + scales, dtype=dtype, device=device)
             else:
-                self.host = torch.empty((self.layers,) + shape, dtype=dtype)
+                self.host = torch.empty((streamed,) + shape, dtype=dtype)
+                self.kept = torch.empty((self.gpu_layers,) + shape, dtype=dtype, device=device)
         if key_states.is_cuda:
             self.stream = None if self.attend_on_host else torch.cuda.Stream(device=device)
             self.dequant_stream = torch.cuda.Stream(device=device) if self.bits < 16 else None
             if self.pin:
                 for buffer in (self.host, self.host_scales):
-                    if buffer is not None:
+                    if buffer is not None and buffer.numel():  # none when every layer's cache is kept on the GPU
                         self._register(buffer)
 
     def _register(self, buffer: torch.Tensor) -> None:
@@ -151,11 +171,23 @@ class HostKV:
         self._registered.append(buffer)
 
     def on_host(self, layer: int, tokens: slice) -> Tuple[torch.Tensor, ...]:
-        """Where ``tokens`` of ``layer`` are kept in host memory: their keys and values, or their packed codes
-        and scales when quantized (token-major layout)."""
+        """Where ``tokens`` of ``layer`` are kept, in host memory or, for a layer kept on the GPU, in its
+        memory: their keys and values, or their packed codes and scales when quantized (token-major layout)."""
+        kept, index = self.where[layer]
+        codes, scales = (self.kept, self.kept_scales) if kept else (self.host, self.host_scales)
         if self.bits < 16:
-            return self.host[layer, tokens], self.host_scales[layer, tokens]
-        return (self.host[layer, tokens],)
+            return codes[index, tokens], scales[index, tokens]
+        return (codes[index, tokens],)
+
+    def count(self, layer: int, down: bool, nbytes: int) -> None:
+        """Count ``nbytes`` copied for ``layer`` (``down``: device to its store, else back up): over the link, or
+        within the device for a layer kept there."""
+        if self.where[layer][0]:
+            self.kept_bytes += nbytes
+        elif down:
+            self.d2h_bytes += nbytes
+        else:
+            self.h2d_bytes += nbytes
 
     def on_device(self, index: int, tokens: slice) -> Tuple[torch.Tensor, ...]:
         """What crosses the link for ``tokens`` of slot ``index``, in the order of :meth:`on_host`: the slot's
@@ -194,15 +226,19 @@ class HostKV:
 
     def host_bytes(self) -> int:
         """Bytes of the host buffers (0 before the first update)."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in (self.host, self.host_scales)
-                   if buffer is not None)
+        return _nbytes(self.host, self.host_scales)
+
+    def kept_store_bytes(self) -> int:
+        """Bytes of the device buffers of the layers kept on the GPU (0 before the first update)."""
+        return _nbytes(self.kept, self.kept_scales)
 
     def close(self) -> None:
         """Unlock and drop the buffers."""
         for buffer in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
         self._registered = []
-        self.host = self.host_scales = self.slots = self.packed_slots = self.scale_slots = None
+        self.host = self.host_scales = self.kept = self.kept_scales = None
+        self.slots = self.packed_slots = self.scale_slots = None
         self.stream = self.dequant_stream = None
 
     def cache(self) -> "HostKVCache":
@@ -210,10 +246,21 @@ class HostKV:
         return HostKVCache(self)
 
 
+def _nbytes(*buffers: Optional[torch.Tensor]) -> int:
+    return sum(buffer.numel() * buffer.element_size() for buffer in buffers if buffer is not None)
+
+
+def on_gpu(layers: int, gpu_layers: int) -> Tuple[bool, ...]:
+    """Which of ``layers`` keep their cache on the GPU: ``gpu_layers`` of them, spread evenly, so that the link
+    carries the other layers' prefixes while these compute instead of idling through a run of them."""
+    return tuple((layer + 1) * gpu_layers // layers > layer * gpu_layers // layers for layer in range(layers))
+
+
 @contextlib.contextmanager
-def host_kv(layers: int, max_len: int, pin: bool, attend_on_host: bool = False, bits: int = 16) -> Iterator[HostKV]:
+def host_kv(layers: int, max_len: int, pin: bool, attend_on_host: bool = False, bits: int = 16,
+            gpu_layers: int = 0) -> Iterator[HostKV]:
     """A job's :class:`HostKV`, closed (its host memory unlocked) on exit."""
-    memory = HostKV(layers, max_len, pin, attend_on_host, bits)
+    memory = HostKV(layers, max_len, pin, attend_on_host, bits, gpu_layers)
     try:
         yield memory
     finally:
@@ -306,7 +353,7 @@ class HostKVCache(Cache):
                 side.wait_event(self.released)
             for down, made in zip(memory.on_host(layer_idx, new), memory.on_device(index, new)):
                 down.copy_(made, non_blocking=True)
-                memory.d2h_bytes += down.numel() * down.element_size()
+                memory.count(layer_idx, True, down.numel() * down.element_size())
         self.updates += 1
         return keys, values
 
@@ -347,7 +394,7 @@ class HostKVCache(Cache):
             for cached in _token_ranges(tokens, KV_QUANT_CHUNK_TOKENS if memory.bits < 16 else tokens):
                 for into, up in zip(memory.on_device(index, cached), memory.on_host(layer_idx, cached)):
                     into.copy_(up, non_blocking=True)
-                    memory.h2d_bytes += up.numel() * up.element_size()
+                    memory.count(layer_idx, False, up.numel() * up.element_size())
                 if memory.bits < 16:
                     with memory.dequantizing():
                         dequantize(*memory.on_device(index, cached), memory.bits, out=memory.slots[index, cached])
