@@ -211,8 +211,10 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
             # sends them to the host padded to the final length (kvcache.py)
             return (kv_cache_bytes(work.shape, work.batch, work.prompt_len, nbytes) // layers,
                     kv_cache_bytes(work.shape, work.batch, final, nbytes) // layers)
+        streams = work.kv_gpu_layers < layers  # some layer's cache crosses the link: the slots are made
         if work.kv_preallocated:  # two slots of one layer at the final length, made at the first update, and
-            tokens, half_layers_held = final, 6  # the computing layer's keys and values in attention's layout
+            # the computing layer's keys and values in attention's layout
+            tokens, half_layers_held = final, 6 if streams else 2
         full = kv_cache_bytes(work.shape, work.batch, tokens, nbytes)
         if not work.kv_offloaded:
             return full, 0
@@ -223,7 +225,7 @@ def predict(work: Workload, facts: ModelFacts, param_threshold: int, model_thres
         # prompt (a float32 copy and its differences: four times the chunk's bytes in the dtype) and a decode step
         # dequantizes the prefix (the unpacked codes and their dtype copy: one and a half times)
         chunk = kv_cache_bytes(work.shape, work.batch, min(tokens, KV_QUANT_CHUNK_TOKENS), nbytes) // layers
-        held += 2 * stored_kv_bytes(work, full) // layers
+        held += 2 * stored_kv_bytes(work, full) // layers * streams
         return held, 4 * chunk if prefill else 3 * chunk // 2
 
     # A cache update's transient buffers live before the layer's attention, beside the prompt's projections,
