@@ -104,7 +104,8 @@ PEAK_GPU_MISSES = {"opt13b_int4_fetch_paths_2026-12-03:streamed-overlap",
                    "seed_table_llama2-70b_int4_kvcpu_jobs_2026-12-06:edca7791",
                    "seed_table_llama2-70b_int4_kvcpu_jobs_2026-12-06:68f9fe8d",
                    "seed_table_llama2-70b_int4_kvcpu_reference_jobs_2026-12-07:5bcafa0f",
-                   "seed_table_llama2-70b_int4_kvcpu_reference_jobs_2026-12-07:659bbc3a"}
+                   "seed_table_llama2-70b_int4_kvcpu_reference_jobs_2026-12-07:659bbc3a",
+                   "seed_table_opt30b_int4_kvcpu_kept_jobs_2026-12-07:1ffc343d"}
 TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
                  "opt30b_int4_48gib_kv_attention_2026-12-06:host_b64", "opt66b_int4_48gib_kv_2026-12-06:reference",
                  "opt30b_int4_48gib_kv_quant_2026-12-06:int4_kv_b256",
@@ -114,7 +115,11 @@ TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
                  "seed_table_opt66b_int4_kvcpu_jobs_2026-12-06:b550d667",
                  "opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
                  "opt1-3b_largest_batch_8gib_measured_2026-12-04:batch60",
-                 "opt13b_int4_step_2026-12-07:int4", "opt13b_int4_step_2026-12-07:int4-bucket96"}
+                 "opt13b_int4_step_2026-12-07:int4", "opt13b_int4_step_2026-12-07:int4-bucket96",
+                 "opt13b_int4_step_after_2026-12-07:reference",
+                 "seed_table_opt30b_int4_kvcpu_kept_jobs_2026-12-07:1ffc343d",
+                 "seed_table_opt30b_int4_kvcpu_kept_jobs_2026-12-07:c3fd36e1",
+                 "seed_table_opt30b_int4_kvcpu_kept_jobs_2026-12-07:ff26f969"}
 HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
                "opt67b_b64_kv_paths_2026-12-05:cpu_transformers", "opt13b_int4_step_2026-12-07:int4"}
 
