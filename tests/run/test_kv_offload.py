@@ -251,31 +251,6 @@ def test_layers_kept_on_the_gpu_cross_no_link(model, quant, tiny_checkpoint, com
         assert memory.host_bytes() == offloaded_kv_host_bytes(work) == offloaded_kv_host_bytes(every) // 2
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_a_kept_layers_fused_dequantization_compiles_to_the_same_values(bits):
-    """The one kernel a kept layer's keys and values come from on CUDA (``torch.compile`` of
-    :func:`dequantized_with`, shapes dynamic), compiled here for the CPU: a growing prefix of a buffer, two lengths
-    on one compilation, gives :func:`dequantize`'s values to the bit in float16, then the new token as given."""
-    import torch
-
-    from zi_app.run.kvcache import dequantize, dequantized_with, quantize
-
-    generator = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 4, 70, 128, generator=generator).mul_(3).to(torch.float16)
-    codes = torch.zeros(x.shape[:-2] + (100, 128 * bits // 8), dtype=torch.uint8)
-    scales = torch.zeros(x.shape[:-2] + (100, 2, 2), dtype=x.dtype)
-    quantize(x, bits, codes[:, :, :, :70], scales[:, :, :, :70])
-    new = torch.randn(2, 3, 4, 1, 128, generator=generator).to(torch.float16)
-    fused = torch.compile(dequantized_with, dynamic=True)
-    for cached in (70, 41):
-        both = fused(codes[:, :, :, :cached], scales[:, :, :, :cached], bits, new)
-        expected = torch.empty(x.shape[:-2] + (cached, 128), dtype=x.dtype)
-        dequantize(codes[:, :, :, :cached], scales[:, :, :, :cached], bits, out=expected)
-        assert both.is_contiguous() and both.shape == (2, 3, 4, cached + 1, 128)
-        assert both[:, :, :, :cached].equal(expected) and both[:, :, :, cached:].equal(new)
-        assert not both[:, :, :, :cached].equal(x[:, :, :, :cached])
-
-
 @pytest.mark.quick
 def test_layers_kept_on_the_gpu_are_spread_through_the_model():
     """kvcache.gpu_layers spread evenly: the link never idles through more than a run of them."""

@@ -120,15 +120,22 @@ def residency(spec: JobSpec, work: Workload, facts: ModelFacts, budget: Optional
     return dataclasses.replace(planned, offload_needed=offload_needed(work, facts, budget))
 
 
-def _keep_kv_layers(spec: JobSpec, work: Workload, facts: ModelFacts, planned: Residency,
-                    budget: Optional[int]) -> Tuple[JobSpec, Workload, Residency]:
-    """kvcache.gpu_layers=auto, planned: the number of layers whose cache the budget keeps on the GPU (none
-    where it is unknown), written into the spec the job runs with and the workload its predictions use."""
-    layers = plan_kv_gpu_layers(work, facts, planned, budget) if budget is not None else 0
-    work = dataclasses.replace(work, kv_gpu_layers=layers)
-    kept = predict(work, facts, planned.param_threshold, planned.model_threshold)
+def _keep_kv_layers(spec: JobSpec, work: Workload, facts: ModelFacts, planned: Residency, budget: Optional[int],
+                    hw: Hardware) -> Tuple[JobSpec, Workload, Residency]:
+    """kvcache.gpu_layers=auto, planned: as many layers' caches as the budget keeps on the GPU, or none where that
+    is predicted slower on ``hw`` (a quantized layer's dequantization on the GPU against its bytes over the link;
+    the step is linear in the layers kept, so one of the two ends is the best) or the budget is unknown; written
+    into the spec the job runs with and the workload its predictions use."""
+    fitting = plan_kv_gpu_layers(work, facts, planned, budget) if budget is not None else 0
+    choices = []
+    for layers in sorted({0, fitting}, reverse=True):
+        kept_work = dataclasses.replace(work, kv_gpu_layers=layers)
+        peak = predict(kept_work, facts, planned.param_threshold, planned.model_threshold).predicted_peak_bytes
+        kept = dataclasses.replace(planned, predicted_peak_bytes=peak)
+        choices.append((predict_job(kept_work, facts, kept, hw).tokens_per_sec or 0.0, layers, kept_work, kept))
+    _, layers, work, kept = max(choices, key=lambda choice: choice[0])  # ties: the first, more layers kept
     spec = dataclasses.replace(spec, kvcache=dataclasses.replace(spec.kvcache, gpu_layers=str(layers)))
-    return spec, work, dataclasses.replace(planned, predicted_peak_bytes=kept.predicted_peak_bytes)
+    return spec, work, kept
 
 
 def _over_budget(spec: JobSpec, residency: Residency, budget: Optional[int]) -> Tuple[ConfigError, ...]:
@@ -212,7 +219,7 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     budget = budget_bytes(spec, device_bytes)
     planned = residency(spec, work, facts, budget)
     if spec.kvcache.gpu_layers == "auto":
-        spec, work, planned = _keep_kv_layers(spec, work, facts, planned, budget)
+        spec, work, planned = _keep_kv_layers(spec, work, facts, planned, budget, hw)
     prediction = predict_job(work, facts, planned, hw)
     mismatch = machine.hardware_problem(hw, cuda) if here else None
     environment = tuple(preflight.environment_problems(spec, cuda)) if here else ()

@@ -28,10 +28,12 @@ With ``kvcache.gpu_layers`` some layers' caches stay in GPU memory at the host c
 quantized), spread evenly through the model (FlexGen's cache GPU percentage): a step sends over PCIe only the other
 layers' cached tokens, and the host holds only theirs. A kept layer is stored head-major, so that its prefix is
 dequantized straight into the layout attention takes, beside the new tokens at full width: no slot, no copy within
-the GPU, no transposing copy. On CUDA that is one fused kernel (``torch.compile``; PyTorch's separate unpack, convert
-and scale kernels when it cannot compile): the first try, through the slots and eager kernels, moved about 28 bytes of
-GPU memory per cached element a step, as much time as the link would have taken (OPT-30B int4 batch 64, every layer
-kept, on an H100: a 0.368 s step against 0.117 s for the GPU cache at batch 32).
+the GPU, no transposing copy. Dequantizing on the GPU is not free: PyTorch's separate unpack, convert and scale
+kernels cost about as much per cached element as bringing it over the link packed (OPT-30B int4 with every layer
+kept at batch 64 on H100s: 0.368 s a step through slots, where the GPU cache's batch 32 took 0.117; 0.503 s with
+the dequantization compiled into one kernel by ``torch.compile``, where it took 0.135: the compiled kernel was
+slower; the planner's ``KEPT_KV_DEQUANT_S_PER_ELEMENT``). Kept layers pay where the host cache is at the model's
+width, or where the link is slower than the GPU's dequantization.
 
 On DeepSpeed's CPU accelerator the same path runs with plain copies (the "device" is host memory too), which is
 how the CPU tests check its tokens and the bytes it moves.
@@ -40,8 +42,7 @@ how the CPU tests check its tokens and the bytes it moves.
 from __future__ import annotations
 
 import contextlib
-import logging
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -49,8 +50,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, kv_quant_group
 
 ATTENTION = "zi_where_cached"  # the attention implementation of kvcache.attention=host (see attend_where_cached)
-
-log = logging.getLogger(__name__)
 
 
 def quantize(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.Tensor) -> None:
@@ -83,41 +82,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.
                       out=grouped)
 
 
-def dequantized_with(codes: torch.Tensor, scales: torch.Tensor, bits: int, new: torch.Tensor) -> torch.Tensor:
-    """The cached tokens of ``codes`` and ``scales`` (..., tokens, packed) dequantized as :func:`dequantize`
-    does, followed along the tokens by ``new`` (..., new tokens, head_dim) as given: a kept layer's keys or values
-    for attention, written in one pass where compiled."""
-    levels = torch.stack((codes >> 4, codes & 15), dim=-1).flatten(-2) if bits == 4 else codes
-    grouped = levels.unflatten(-1, (scales.shape[-2], new.shape[-1] // scales.shape[-2])).to(new.dtype)
-    cached = torch.addcmul(scales[..., :1], grouped, scales[..., 1:]).flatten(-2)
-    return torch.cat((cached, new), dim=-2)
-
-
-_fused: Optional[Callable] = None  # dequantized_with compiled for CUDA, once per process
-_fused_failed = False
-
-
-def _fused_dequantized_with() -> Optional[Callable]:
-    """:func:`dequantized_with` as one kernel (``torch.compile``, shapes dynamic: the prefix grows every step), or
-    None where this process could not compile it."""
-    global _fused
-    if _fused is None and not _fused_failed:
-        _fused = torch.compile(dequantized_with, dynamic=True)
-    return _fused
-
-
 def _dequantized_with_new(codes: torch.Tensor, scales: torch.Tensor, bits: int, new: torch.Tensor) -> torch.Tensor:
-    """:func:`dequantized_with` fused on CUDA; elsewhere, or where it cannot compile, the same values with
-    :func:`dequantize`'s kernels, 64 cached tokens at a time (their temporaries a chunk's, as the slots')."""
-    global _fused_failed
-    fused = _fused_dequantized_with() if new.is_cuda else None
-    if fused is not None:
-        try:
-            return fused(codes, scales, bits, new)
-        except Exception as error:  # noqa: BLE001 - torch.compile's failures have no common type (no Triton, ...)
-            _fused_failed = True
-            log.warning("kvcache.gpu_layers: the fused dequantization did not compile (%s); using separate kernels",
-                        str(error).splitlines()[0] if str(error) else type(error).__name__)
+    """A kept layer's keys or values for attention: its cached tokens (``codes`` and ``scales``, head-major)
+    dequantized 64 at a time (their temporaries a chunk's, as a slot's), then ``new`` as given, contiguous."""
     cached = codes.shape[-2]
     both = new.new_empty(new.shape[:-2] + (cached + new.shape[-2], new.shape[-1]))
     for part in _token_ranges(cached):
