@@ -141,7 +141,7 @@ class KVCacheSpec:
     quant: str = "none"
     # layers whose cache stays in GPU memory (at the host cache's width, spread evenly through the model) instead
     # of crossing PCIe every step: 0, up to the model's layers, or auto (as many as the GPU budget holds once
-    # every weight is resident; planned, zi_app/plan/memory.py)
+    # every weight is resident, or 0 where the plan predicts that slower; zi_app/plan/job.py)
     gpu_layers: str = "0"
 
     @property
