@@ -135,7 +135,8 @@ class HostKV:
         # each group's minimum and step [layers, max_len, 2, batch, heads, groups, 2], and each slot has room for
         # a layer's packed codes and scales on the device (``packed_slots``, ``scale_slots``).
         self.host_scales: Optional[torch.Tensor] = None
-        # The layers kept on the device, laid out as ``host`` and ``host_scales`` (kvcache.gpu_layers)
+        # The layers kept on the device (kvcache.gpu_layers), head-major: [kept layers, 2, batch, heads, max_len,
+        # head_dim], or its packed codes [..., head_dim * bits / 8] and scales [..., groups, 2]
         self.kept: Optional[torch.Tensor] = None
         self.kept_scales: Optional[torch.Tensor] = None
         self.packed_slots: Optional[torch.Tensor] = None
@@ -145,7 +146,7 @@ class HostKV:
         self.dequant_stream = None  # quantized: the side stream that dequantizes what the copies brought up
         self.h2d_bytes = 0  # bytes copied host -> device (cached prefixes)
         self.d2h_bytes = 0  # bytes copied device -> host (new tokens' keys and values)
-        self.kept_bytes = 0  # bytes copied within the device, to and from the layers kept there
+        self.kept_bytes = 0  # bytes of kept layers' caches written (new tokens) and read (cached prefixes), on the device
         self.host_read_bytes = 0  # cached keys and values handed to the host's attention (kvcache.attention=host)
         self._registered: list = []  # host buffers page-locked by cudaHostRegister
 
@@ -412,7 +413,7 @@ class HostKVCache(Cache):
             stored[0].copy_(new)
         memory.kept_bytes += _nbytes(*stored)
         cached = memory.in_kept(layer_idx, slice(0, start))
-        memory.kept_bytes += _nbytes(*cached) if start else 0
+        memory.kept_bytes += _nbytes(*cached)
         if not start:
             both = new
         elif memory.bits == 16:
