@@ -312,8 +312,9 @@ def plan_residency(work: Workload, facts: ModelFacts, budget_bytes: int, base_th
 
 def plan_kv_gpu_layers(work: Workload, facts: ModelFacts, residency: Residency, budget_bytes: int) -> int:
     """kvcache.gpu_layers=auto: how many layers' caches the GPU budget holds beside ``residency`` (planned with
-    none kept), once every weight is resident. A byte kept on the GPU saves a step the same link time, a weight's
-    or a cache's; weights come first, since a streamed weight also costs the host its fetch."""
+    none kept), once every weight is resident. Weights come first: a kept weight saves its link time and the host
+    its fetch, a kept quantized cache saves its link time but is dequantized on the GPU every step (whether that
+    pays is the speed prediction's to say: zi_app/plan/job.py)."""
     if not (work.kv_preallocated and not work.kv_attend_on_host) or residency.resident_bytes < weight_total_bytes(
             work, facts):
         return 0

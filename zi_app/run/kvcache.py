@@ -122,7 +122,7 @@ class HostKV:
         self.bits = bits  # 16: the model's dtype; 8 or 4: quantized on the host (kvcache.quant)
         # Each layer's (store, index): 0 the host buffers, 1 the device's, at the layer's index among them.
         kept = on_gpu(layers, gpu_layers)
-        self.gpu_layers = sum(kept)
+        self.gpu_layers = gpu_layers
         self.where = [(int(keep), sum(1 for earlier in kept[:layer] if earlier == keep))
                       for layer, keep in enumerate(kept)]
         # Token-major, so that any run of tokens is one contiguous block: a strided copy between host and device
