@@ -82,7 +82,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.
                       out=grouped)
 
 
-def _dequantized_with_new(codes: torch.Tensor, scales: torch.Tensor, bits: int, new: torch.Tensor) -> torch.Tensor:
+def dequantize_with_new(codes: torch.Tensor, scales: torch.Tensor, bits: int, new: torch.Tensor) -> torch.Tensor:
     """A kept layer's keys or values for attention: its cached tokens (``codes`` and ``scales``, head-major)
     dequantized 64 at a time (their temporaries a chunk's, as a slot's), then ``new`` as given, contiguous."""
     cached = codes.shape[-2]
@@ -419,7 +419,7 @@ class HostKVCache(Cache):
         elif memory.bits == 16:
             both = torch.cat((cached[0], new), dim=-2)
         else:
-            both = _dequantized_with_new(*cached, memory.bits, new)
+            both = dequantize_with_new(*cached, memory.bits, new)
         layer.length, layer.is_initialized = end, True
         # No memory of its own between steps: what attention gets lives while this layer computes.
         layer.keys = layer.values = key_states.new_empty(0)

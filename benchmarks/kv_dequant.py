@@ -1,0 +1,89 @@
+"""Does a quantized KV cache kept on the GPU (``kvcache.gpu_layers``) pay against streaming it (issue 21 item 1)?
+
+For one decoder layer of a model, one decode step at ``batch`` x ``context`` cached tokens: (a) the GPU time of
+what a kept layer does each step, :func:`zi_app.run.kvcache.dequantize_with_new` (its packed keys and values
+dequantized into attention's layout 64 tokens at a time, then the new token); (b) what transformers' GPU cache does
+for the same layer at full width (``torch.cat`` of the cache and the new token); and on CUDA (c) the pinned link's
+time for the layer's packed bytes, which the host cache streams instead. Keeping a layer pays where (a) is below
+(c); the planner's ``KEPT_KV_DEQUANT_S_PER_ELEMENT`` (zi_app/plan/speed.py) is (a) per cached element.
+
+    python benchmarks/kv_dequant.py --model opt-30b --bits 4 --batch 64 96
+    python benchmarks/kv_dequant.py --hidden 256 --heads 4 --batch 2 --context 128   # a CPU-only smoke run
+
+Prints a table, each time the median of ``--repeat`` timings after one untimed call; dtype float16 on CUDA,
+bfloat16 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, kv_quant_group
+from zi_app.plan.hardware import h2d_gbps
+from zi_app.run.kvcache import dequantize_with_new, quantize
+
+SHAPES = {"opt-30b": (7168, 56), "opt-66b": (9216, 72), "opt-175b": (12288, 96)}  # hidden size, attention heads
+
+
+def median_s(work, repeat: int, cuda: bool) -> float:
+    """Median seconds of ``work()`` over ``repeat`` calls after one untimed one (GPU work synchronised)."""
+    work()
+    seconds = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SHAPES), help="hidden size and heads of this model")
+    parser.add_argument("--hidden", type=int, help="hidden size (instead of --model)")
+    parser.add_argument("--heads", type=int, help="attention heads (instead of --model)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="kvcache.quant: int4 or int8")
+    parser.add_argument("--batch", type=int, nargs="+", required=True)
+    parser.add_argument("--context", type=int, default=543, help="cached tokens (prompt 512 + 31: the last step)")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    hidden, heads = SHAPES[args.model] if args.model else (args.hidden, args.heads)
+    if not hidden or not heads or hidden % heads:
+        parser.error("give --model, or --hidden and --heads with heads dividing hidden")
+    head_dim = hidden // heads
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.bfloat16)
+    print(f"hidden {hidden}, heads {heads}, int{args.bits}, context {args.context}, {dtype}, "
+          f"{torch.cuda.get_device_name(0) if cuda else 'no GPU'}; one layer's keys and values, one decode step")
+    print("| batch | cached elements (M) | packed MB | kept: dequantize ms | ps / element | GPU cache: cat ms | "
+          "link ms | kept / link |")
+    print("|---|---|---|---|---|---|---|---|")
+    generator = torch.Generator(device=device).manual_seed(0)
+    for batch in args.batch:
+        cached = torch.randn(2, batch, heads, args.context, head_dim, generator=generator, device=device, dtype=dtype)
+        codes = torch.empty(cached.shape[:-1] + (head_dim * args.bits // 8,), dtype=torch.uint8, device=device)
+        scales = torch.empty(cached.shape[:-1] + (head_dim // kv_quant_group(head_dim), 2), dtype=dtype, device=device)
+        for start in range(0, args.context, KV_QUANT_CHUNK_TOKENS):  # as the cache stores them, a chunk at a time
+            part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
+            quantize(cached[:, :, :, part], args.bits, codes[:, :, :, part], scales[:, :, :, part])
+        new = torch.randn(2, batch, heads, 1, head_dim, generator=generator, device=device, dtype=dtype)
+        kept_s = median_s(lambda: dequantize_with_new(codes, scales, args.bits, new), args.repeat, cuda)
+        cat_s = median_s(lambda: torch.cat((cached, new), dim=-2), args.repeat, cuda)
+        packed = codes.numel() + scales.numel() * scales.element_size()
+        link = " | "
+        if cuda:
+            link_s = packed / h2d_gbps(pinned=True, nbytes=packed, repeats=args.repeat) / 1e9
+            link = f"{link_s * 1e3:.3f} | {kept_s / link_s:.2f}"
+        print(f"| {batch} | {cached.numel() / 1e6:.1f} | {packed / 1e6:.1f} | {kept_s * 1e3:.3f} | "
+              f"{kept_s / cached.numel() * 1e12:.1f} | {cat_s * 1e3:.3f} | {link} |")
+
+
+if __name__ == "__main__":
+    main()
