@@ -25,19 +25,30 @@ from zi_app.plan.hardware import h2d_gbps, host_attention_gbps
 SHAPES = {"opt-30b": (7168, 56), "opt-66b": (9216, 72), "opt-175b": (12288, 96)}  # hidden size, attention heads
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_layer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, or ``--hidden`` and ``--heads``: the attention layer a KV-cache benchmark sizes its cache by."""
     parser.add_argument("--model", choices=sorted(SHAPES), help="hidden size and heads of this model")
     parser.add_argument("--hidden", type=int, help="hidden size (instead of --model)")
     parser.add_argument("--heads", type=int, help="attention heads (instead of --model)")
+
+
+def layer_shape(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
+    """(hidden size, attention heads) of :func:`add_layer_arguments`' arguments; a usage error where unusable."""
+    hidden, heads = SHAPES[args.model] if args.model else (args.hidden, args.heads)
+    if not hidden or not heads or hidden % heads:
+        parser.error("give --model, or --hidden and --heads with heads dividing hidden")
+    return hidden, heads
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layer_arguments(parser)
     parser.add_argument("--batch", type=int, nargs="+", required=True)
     parser.add_argument("--context", type=int, default=544, help="cached tokens (prompt 512 + 32: the last step)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    hidden, heads = SHAPES[args.model] if args.model else (args.hidden, args.heads)
-    if not hidden or not heads or hidden % heads:
-        parser.error("give --model, or --hidden and --heads with heads dividing hidden")
+    hidden, heads = layer_shape(parser, args)
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.bfloat16

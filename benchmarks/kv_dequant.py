@@ -17,46 +17,24 @@ bfloat16 on the CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from cpu_attention import add_layer_arguments, layer_shape  # benchmarks/, the script's own directory
 from zi_app.config.checks import KV_QUANT_CHUNK_TOKENS, kv_quant_group
-from zi_app.plan.hardware import h2d_gbps
+from zi_app.plan.hardware import h2d_gbps, median_seconds
 from zi_app.run.kvcache import dequantize_with_new, quantize
-
-SHAPES = {"opt-30b": (7168, 56), "opt-66b": (9216, 72), "opt-175b": (12288, 96)}  # hidden size, attention heads
-
-
-def median_s(work, repeat: int, cuda: bool) -> float:
-    """Median seconds of ``work()`` over ``repeat`` calls after one untimed one (GPU work synchronised)."""
-    work()
-    seconds = []
-    for _ in range(repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        work()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SHAPES), help="hidden size and heads of this model")
-    parser.add_argument("--hidden", type=int, help="hidden size (instead of --model)")
-    parser.add_argument("--heads", type=int, help="attention heads (instead of --model)")
+    add_layer_arguments(parser)
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="kvcache.quant: int4 or int8")
     parser.add_argument("--batch", type=int, nargs="+", required=True)
     parser.add_argument("--context", type=int, default=543, help="cached tokens (prompt 512 + 31: the last step)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
-    hidden, heads = SHAPES[args.model] if args.model else (args.hidden, args.heads)
-    if not hidden or not heads or hidden % heads:
-        parser.error("give --model, or --hidden and --heads with heads dividing hidden")
+    hidden, heads = layer_shape(parser, args)
     head_dim = hidden // heads
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.bfloat16)
@@ -74,8 +52,8 @@ def main(argv=None) -> None:
             part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
             quantize(cached[:, :, :, part], args.bits, codes[:, :, :, part], scales[:, :, :, part])
         new = torch.randn(2, batch, heads, 1, head_dim, generator=generator, device=device, dtype=dtype)
-        kept_s = median_s(lambda: dequantize_with_new(codes, scales, args.bits, new), args.repeat, cuda)
-        cat_s = median_s(lambda: torch.cat((cached, new), dim=-2), args.repeat, cuda)
+        kept_s = median_seconds(lambda: dequantize_with_new(codes, scales, args.bits, new), args.repeat, cuda)
+        cat_s = median_seconds(lambda: torch.cat((cached, new), dim=-2), args.repeat, cuda)
         packed = codes.numel() + scales.numel() * scales.element_size()
         link = " | "
         if cuda:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from zi_app.config.schema import JobSpec
 
@@ -177,6 +177,24 @@ def _bandwidth_file(cache_dir: str, device_name: str) -> Path:
     return Path(cache_dir).expanduser() / name
 
 
+def median_seconds(work: Callable[[], object], repeats: int, cuda: bool) -> float:
+    """Median wall seconds of ``work()`` over ``repeats`` calls after one untimed call; with ``cuda``, the GPU
+    work each call queued is waited for inside its timing."""
+    import torch
+
+    work()
+    seconds = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        work()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
 def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
     """Median host-to-device copy bandwidth in GB/s (10^9 bytes/s) of a pinned or pageable buffer (creates a
     CUDA context)."""
@@ -184,15 +202,7 @@ def h2d_gbps(pinned: bool, nbytes: int = 2**30, repeats: int = 5) -> float:
 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
     device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    device.copy_(host, non_blocking=pinned)
-    seconds = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        device.copy_(host, non_blocking=pinned)
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return nbytes / statistics.median(seconds) / 1e9
+    return nbytes / median_seconds(lambda: device.copy_(host, non_blocking=pinned), repeats, cuda=True) / 1e9
 
 
 HOST_ATTENTION_DTYPES = ("float16", "bfloat16")
@@ -211,13 +221,8 @@ def host_attention_gbps(dtype: str, batch: int = 16, heads: int = 56, context: i
     keys = torch.randn(batch, heads, context, head_dim, dtype=getattr(torch, dtype))
     values, query = torch.randn_like(keys), torch.randn(batch, heads, 1, head_dim, dtype=keys.dtype)
     attend = torch.nn.functional.scaled_dot_product_attention
-    attend(query, keys, values)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        attend(query, keys, values)
-        seconds.append(time.perf_counter() - start)
-    return 2 * keys.numel() * keys.element_size() / statistics.median(seconds) / 1e9
+    seconds = median_seconds(lambda: attend(query, keys, values), repeats, cuda=False)
+    return 2 * keys.numel() * keys.element_size() / seconds / 1e9
 
 
 def measure_h2d_bandwidth(cache_dir: str) -> Dict[str, float]:
