@@ -465,9 +465,8 @@ def offloaded_kv_host_bytes(work: Workload) -> int:
     48 GiB for a 17 GB cache)."""
     if work.kv_preallocated:
         final = kv_cache_bytes(work.shape, work.batch, work.prompt_len + work.gen_len, DTYPE_BYTES[work.dtype])
-        # one buffer each, locked on its own
-        parts = [streamed_kv_share(work, part) for part in stored_kv_parts(work, final) if part]
-        parts = [part for part in parts if part]
+        # one buffer each (the streamed layers'), locked on its own
+        parts = [streamed_kv_share(work, part) for part in stored_kv_parts(work, final)]
         return sum(locked_bytes(part) for part in parts) if work.pin else sum(parts)
     per_token = kv_cache_bytes(work.shape, work.batch, 1, DTYPE_BYTES[work.dtype]) // (2 * max(1, work.shape.layers))
     classes = {pinned_bytes(per_token * tokens) for tokens in range(work.prompt_len, work.prompt_len + work.gen_len + 1)}
