@@ -2,13 +2,16 @@
 
 For one decoder layer of a model, one decode step at ``batch`` x ``context`` cached tokens: (a) the GPU time of
 what a kept layer does each step, :func:`zi_app.run.kvcache.dequantize_with_new` (its packed keys and values
-dequantized into attention's layout 64 tokens at a time, then the new token); (b) what transformers' GPU cache does
+dequantized into attention's layout, then the new token), with each ``--kernel`` (kvcache.dequant: PyTorch's
+kernels 64 tokens at a time, Triton's fused one at once); (b) what transformers' GPU cache does
 for the same layer at full width (``torch.cat`` of the cache and the new token); and on CUDA (c) the pinned link's
 time for the layer's packed bytes, which the host cache streams instead. Keeping a layer pays where (a) is below
-(c); the planner's ``KEPT_KV_DEQUANT_S_PER_ELEMENT`` (zi_app/plan/speed.py) is (a) per cached element.
+(c); the planner's ``KEPT_KV_DEQUANT_S_PER_ELEMENT`` (zi_app/plan/speed.py) is PyTorch's (a) per cached element,
+and ``FUSED_KV_DEQUANT_BANDWIDTH_SHARE`` Triton's bytes read and written over (a), as a share of ``--gpu-gbps``.
 
-    python benchmarks/kv_dequant.py --model opt-30b --bits 4 --batch 64 96
+    python benchmarks/kv_dequant.py --model opt-30b --bits 4 --batch 64 96 --kernel torch triton
     python benchmarks/kv_dequant.py --hidden 256 --heads 4 --batch 2 --context 128   # a CPU-only smoke run
+    TRITON_INTERPRET=1 python benchmarks/kv_dequant.py --hidden 256 --heads 4 --batch 2 --context 128 --kernel triton
 
 Prints a table, each time the median of ``--repeat`` timings after one untimed call; dtype float16 on CUDA,
 bfloat16 on the CPU.
@@ -33,6 +36,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", required=True)
     parser.add_argument("--context", type=int, default=543, help="cached tokens (prompt 512 + 31: the last step)")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--kernel", nargs="+", choices=("torch", "triton"), default=["torch"],
+                        help="kvcache.dequant: the kernels that dequantize (triton: on CUDA, or TRITON_INTERPRET=1)")
+    parser.add_argument("--gpu-gbps", type=float, default=3350.0,
+                        help="the GPU's memory bandwidth, GB/s, for the share Triton's kernel reaches (H100 SXM: 3350)")
     args = parser.parse_args(argv)
     hidden, heads = layer_shape(parser, args)
     head_dim = hidden // heads
@@ -40,9 +47,9 @@ def main(argv=None) -> None:
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.bfloat16)
     print(f"hidden {hidden}, heads {heads}, int{args.bits}, context {args.context}, {dtype}, "
           f"{torch.cuda.get_device_name(0) if cuda else 'no GPU'}; one layer's keys and values, one decode step")
-    print("| batch | cached elements (M) | packed MB | kept: dequantize ms | ps / element | GPU cache: cat ms | "
-          "link ms | kept / link |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | kernel | cached elements (M) | packed MB | kept: dequantize ms | ps / element | share of "
+          f"{args.gpu_gbps:.0f} GB/s | max difference from torch | GPU cache: cat ms | link ms | kept / link |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     generator = torch.Generator(device=device).manual_seed(0)
     for batch in args.batch:
         cached = torch.randn(2, batch, heads, args.context, head_dim, generator=generator, device=device, dtype=dtype)
@@ -52,16 +59,20 @@ def main(argv=None) -> None:
             part = slice(start, start + KV_QUANT_CHUNK_TOKENS)
             quantize(cached[:, :, :, part], args.bits, codes[:, :, :, part], scales[:, :, :, part])
         new = torch.randn(2, batch, heads, 1, head_dim, generator=generator, device=device, dtype=dtype)
-        kept_s = median_seconds(lambda: dequantize_with_new(codes, scales, args.bits, new), args.repeat, cuda)
         cat_s = median_seconds(lambda: torch.cat((cached, new), dim=-2), args.repeat, cuda)
         packed = codes.numel() + scales.numel() * scales.element_size()
-        link = " | "
-        if cuda:
-            link_s = packed / h2d_gbps(pinned=True, nbytes=packed, repeats=args.repeat) / 1e9
-            link = f"{link_s * 1e3:.3f} | {kept_s / link_s:.2f}"
-        print(f"| {batch} | {cached.numel() / 1e6:.1f} | {packed / 1e6:.1f} | {kept_s * 1e3:.3f} | "
-              f"{kept_s / cached.numel() * 1e12:.1f} | {cat_s * 1e3:.3f} | {link} |")
-
+        link_s = packed / h2d_gbps(pinned=True, nbytes=packed, repeats=args.repeat) / 1e9 if cuda else None
+        reference = dequantize_with_new(codes, scales, args.bits, new, "torch")
+        for kernel in args.kernel:
+            difference = (dequantize_with_new(codes, scales, args.bits, new, kernel).float() - reference.float()).abs()
+            kept_s = median_seconds(lambda: dequantize_with_new(codes, scales, args.bits, new, kernel), args.repeat,
+                                    cuda)
+            moved = packed + cached.numel() * cached.element_size()  # read once, written once at full width
+            link = f"{link_s * 1e3:.3f} | {kept_s / link_s:.2f}" if link_s else " | "
+            print(f"| {batch} | {kernel} | {cached.numel() / 1e6:.1f} | {packed / 1e6:.1f} | {kept_s * 1e3:.3f} | "
+                  f"{kept_s / cached.numel() * 1e12:.1f} | {moved / kept_s / 1e9 / args.gpu_gbps:.2f} | "
+                  f"{difference.max().item():.3g} | "
+                  f"{cat_s * 1e3:.3f} | {link} |")
 
 if __name__ == "__main__":
     main()

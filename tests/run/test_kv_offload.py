@@ -79,6 +79,20 @@ def test_layers_kept_on_the_gpu_as_planned_generate_the_gpu_caches_tokens(tiny_c
     assert one.metrics["kv_host_bytes"] == offloaded_kv_host_bytes(work) == one.metrics["kv_gpu_bytes"] > 0
 
 
+def test_triton_dequantization_generates_pytorchs_tokens(tiny_checkpoint, job, monkeypatch):
+    """``kvcache.dequant=triton`` in Triton's interpreter (no GPU here): the app with the int4 cache, one layer kept
+    on the device and one streamed through the slots, both dequantized by the fused kernel, generates the tokens
+    of PyTorch's kernels (``torch``), and the plan resolves ``auto`` without CUDA to ``torch``."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cache = (*_common(tiny_checkpoint("tiny-llama")), "kvcache=cpu", "kvcache.quant=int4", "kvcache.gpu_layers=1")
+    fused, separate = job(*cache, "kvcache.dequant=triton"), job(*cache, "kvcache.dequant=torch")
+    assert fused.tokens == separate.tokens
+    assert fused.metrics["kv_gpu_layers"] == 1 and fused.metrics["kv_host_bytes"] > 0
+    assert len({t for row in fused.tokens for t in row}) > 2, f"degenerate output {fused.tokens}"
+    auto = job(*cache)
+    assert auto.tokens == separate.tokens
+
+
 def test_a_job_with_a_quantized_host_cache_holds_the_planned_host_bytes(tiny_checkpoint, job, compose):
     """The app with ``kvcache.quant=int4`` (grouped-query attention): it generates (its tokens are not the GPU
     cache's exactly: attention reads dequantized keys and values), and its host buffers are the planner's."""
@@ -100,14 +114,16 @@ def test_a_job_with_a_quantized_host_cache_holds_the_planned_host_bytes(tiny_che
     (["kvcache=cpu", "kvcache.gpu_layers=half"], "'auto' or a whole number"),
     (["kvcache=gpu", "kvcache.gpu_layers=auto"], "ours in host memory attended on the GPU"),
     (["kvcache=cpu", "kvcache.attention=host", "kvcache.gpu_layers=1"], "kvcache.attention=device"),
+    (["kvcache=cpu", "kvcache.quant=int4", "kvcache.dequant=cuda"], "'auto', 'triton' (one fused kernel) or 'torch'"),
 ])
 def test_a_cache_setting_it_cannot_hold_is_refused(overrides, allowed, compose):
-    """kvcache.quant and kvcache.gpu_layers are refused, naming the key, the value and what is allowed, before anything loads."""
+    """kvcache.quant, kvcache.gpu_layers and kvcache.dequant are refused, naming the key, the value and what is
+    allowed, before anything loads."""
     from zi_app.config.checks import ConfigError
 
     with pytest.raises(ConfigError) as refused:
         validate(compose("model=tiny-opt", *overrides))
-    key, value = next(o for o in overrides if o.startswith(("kvcache.quant=", "kvcache.gpu_layers="))).split("=")
+    key, value = next(o for o in reversed(overrides) if o.startswith("kvcache.")).split("=")
     assert (refused.value.key, str(refused.value.value)) == (key, value)
     assert allowed in str(refused.value)
 

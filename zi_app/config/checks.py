@@ -21,6 +21,7 @@ QUANT_BITS = (4, 8)
 CACHE_IMPLEMENTATIONS = (None, "host", "offloaded")
 KV_ATTENTION = ("device", "host")
 KV_QUANT = ("none", "int8", "int4")
+KV_DEQUANT = ("auto", "triton", "torch")
 KV_QUANT_GROUP = 64  # elements of a head sharing a minimum and a step in a quantized KV cache (zi_app/run/kvcache.py)
 # Tokens it quantizes or dequantizes at once: their float32 and unpacked temporaries stay a small part of a
 # layer's cache on the GPU (a prompt's or a prefix's whole would be several times one).
@@ -246,6 +247,10 @@ def _check_kvcache(kvcache: Any, model: Any) -> None:
                           "'none' with this cache: a quantized cache is ours in host memory attended on the GPU, "
                           "kvcache=cpu with kvcache.attention=device")
     _check_kv_gpu_layers(kvcache, model)
+    if kvcache.dequant not in KV_DEQUANT:
+        raise ConfigError("kvcache.dequant", kvcache.dequant,
+                          "'auto', 'triton' (one fused kernel) or 'torch' (PyTorch's kernels): how the GPU dequantizes "
+                          "a quantized cache")
     hidden = next((model.arch[key] for key in ARCH_HIDDEN if model.arch.get(key)), None)
     heads = next((model.arch[key] for key in _ARCH_HEADS if model.arch.get(key)), None)
     if kvcache.quant != "none" and hidden and heads:

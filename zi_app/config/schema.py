@@ -143,6 +143,10 @@ class KVCacheSpec:
     # of crossing PCIe every step: 0, up to the model's layers, or auto (as many as the GPU budget holds once
     # every weight is resident, or 0 where the plan predicts that slower; zi_app/plan/job.py)
     gpu_layers: str = "0"
+    # the GPU kernels that dequantize a quantized cache: triton (one fused kernel, zi_app/run/kv_kernels.py), torch
+    # (PyTorch's separate unpack, convert and scale kernels) or auto (triton unless the job runs on DeepSpeed's
+    # CPU accelerator, or Triton is missing here; zi_app/plan/job.py)
+    dequant: str = "auto"
 
     @property
     def attends_on_host(self) -> bool:
@@ -161,6 +165,14 @@ class KVCacheSpec:
             raise ValueError("kvcache.gpu_layers=auto is a plan's to resolve: run the job's plan "
                              "(zi_app.plan.job.plan_job) and use its spec")
         return int(self.gpu_layers)
+
+    @property
+    def planned_dequant(self) -> str:
+        """``dequant`` as the job runs it (torch or triton); ``auto`` must have been planned first."""
+        if self.dequant == "auto":
+            raise ValueError("kvcache.dequant=auto is a plan's to resolve: run the job's plan "
+                             "(zi_app.plan.job.plan_job) and use its spec")
+        return self.dequant
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,11 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     hw = machine.hardware(spec, cuda)
     device_bytes = hw.gpu_memory_bytes if (cuda or hw.name != "auto") else None
     # Planned for this machine without CUDA, DeepSpeed's CPU accelerator runs the job in host memory.
-    work = dataclasses.replace(workload(spec), on_cpu=not cuda and hw.name == "auto")
+    on_cpu = not cuda and hw.name == "auto"
+    if spec.kvcache.dequant == "auto":
+        dequant = preflight.kv_dequant_kernel(spec.kvcache.dequant, on_cpu, cuda and here)
+        spec = dataclasses.replace(spec, kvcache=dataclasses.replace(spec.kvcache, dequant=dequant))
+    work = dataclasses.replace(workload(spec), on_cpu=on_cpu)
     budget = budget_bytes(spec, device_bytes)
     planned = residency(spec, work, facts, budget)
     if spec.kvcache.gpu_layers == "auto":

@@ -77,6 +77,36 @@ def _has_deepspeed_module(*names: str) -> bool:
     return False
 
 
+def triton_installed() -> bool:
+    """Whether Triton can be imported here (PyTorch's CUDA wheels for Linux bring it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kv_dequant_kernel(choice: str, on_cpu: bool, cuda: bool) -> str:
+    """kvcache.dequant as a job runs it: ``choice`` unless it is ``auto``, which is Triton's fused kernel except
+    where the job runs on DeepSpeed's CPU accelerator (``on_cpu``) or runs here on CUDA (``cuda``) without Triton
+    installed. A job planned for a GPU elsewhere (a preset) is planned with Triton, as its PyTorch brings it."""
+    if choice != "auto":
+        return choice
+    if on_cpu or (cuda and not triton_installed()):
+        return "torch"
+    return "triton"
+
+
+def _kv_dequant_problems(spec: JobSpec, cuda: bool) -> List[ConfigError]:
+    """kvcache.dequant=triton (as planned) where Triton is missing, or without CUDA outside its interpreter."""
+    if spec.kvcache.dequant != "triton" or spec.kvcache.bits >= 16:
+        return []
+    if not triton_installed():
+        return [ConfigError("kvcache.dequant", "triton", "'torch' here: Triton is not installed "
+                                                          "(`pip install triton`, or PyTorch's CUDA wheel)")]
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return [ConfigError("kvcache.dequant", "triton",
+                            "'torch' or 'auto' without CUDA: Triton's kernels run on a CUDA device, or on the CPU "
+                            "in its interpreter (TRITON_INTERPRET=1, as the tests run it)")]
+    return []
+
+
 def _pin_backend_problems(spec: JobSpec) -> List[ConfigError]:
     """memory.pin_backend=native where this DeepSpeed has no native pinned-memory backend, or where this
     process may not page-lock memory at all (RLIMIT_MEMLOCK, unless root)."""
@@ -100,6 +130,7 @@ def environment_problems(cfg: JobSpec, cuda: bool) -> List[ConfigError]:
     check_deepspeed_version()
     problems = _nvme_problems(cfg.offload) if cfg.offload.device == "nvme" else []
     problems += _pin_backend_problems(cfg)
+    problems += _kv_dequant_problems(cfg, cuda)
     try:
         check_fetch_supported(cfg.memory.fetch)
     except ConfigError as refused:

@@ -13,8 +13,8 @@ from typing import Optional, Tuple
 from zi_app.plan.facts import ModelFacts
 from zi_app.plan.hardware import Hardware
 from zi_app.plan.memory import (Residency, cached_kv_bytes, host_bytes, kv_cache_bytes, nvme_bytes,
-                                offloaded_kv_bytes, post_quantized, pytorch_dequantization, streamed_bytes_per_step,
-                                weight_total_bytes)
+                                offloaded_kv_bytes, post_quantized, pytorch_dequantization, stored_kv_bytes,
+                                streamed_bytes_per_step, weight_total_bytes)
 from zi_app.plan.workload import DTYPE_BYTES, Workload
 
 @dataclass(frozen=True)
@@ -68,22 +68,30 @@ PYTORCH_DEQUANT_S_PER_ELEMENT = 1.75e-11
 
 
 # GPU seconds per cached key or value element of a quantized cache kept on the GPU (kvcache.gpu_layers) to
-# dequantize for a decode step's attention, PyTorch's separate kernels 64 tokens at a time. Fitted on OPT-30B int4,
-# the int4 cache, H100, 2026-12-07: 48, 36 and 19 layers kept at batch 64, 96 and 128 left 0.217, 0.292 and 0.195 s
-# a step over the plan without it, 0.91, 1.08 and 1.03e-11 per element (that implementation also copied each layer
-# through a slot and transposed it for attention; the present one does less). About a packed element's time over a
-# 55 GB/s link (1.0e-11 for int4's 0.56 bytes): keeping a quantized layer on the GPU saves the link what it costs
-# the GPU.
+# dequantize for a decode step's attention, PyTorch's separate kernels 64 tokens at a time (kvcache.dequant=torch).
+# Fitted on OPT-30B int4, the int4 cache, H100, 2026-12-07: 48, 36 and 19 layers kept at batch 64, 96 and 128 left
+# 0.217, 0.292 and 0.195 s a step over the plan without it, 0.91, 1.08 and 1.03e-11 per element (that
+# implementation also copied each layer through a slot and transposed it for attention). About a packed element's
+# time over a 55 GB/s link (1.0e-11 for int4's 0.56 bytes): keeping a layer dequantized so saves the link what it
+# costs the GPU.
 KEPT_KV_DEQUANT_S_PER_ELEMENT = 1.0e-11
 
+# The share of the GPU's memory bandwidth Triton's fused dequantization (kvcache.dequant=triton) reaches: one pass
+# reading each packed element and its group's scales and writing the value (benchmarks/kv_dequant.py measures it).
+FUSED_KV_DEQUANT_BANDWIDTH_SHARE = 0.7
 
-def kept_kv_dequant_s(work: Workload) -> float:
+
+def kept_kv_dequant_s(work: Workload, hw: Hardware) -> float:
     """GPU seconds a decode step spends dequantizing the cached keys and values of the layers whose quantized cache
-    is kept on the GPU (kvcache.gpu_layers; nothing at the model's width, whose layers attention reads as they are)."""
+    is kept on the GPU (kvcache.gpu_layers; nothing at the model's width, whose layers attention reads as they are):
+    PyTorch's kernels at a fitted cost per element, Triton's at the bytes it reads and writes over ``hw``'s memory."""
     if work.kv_bits >= 16 or not work.kv_gpu_layers:
         return 0.0
-    elements = cached_kv_bytes(work) // DTYPE_BYTES[work.dtype] * work.kv_gpu_layers // max(1, work.shape.layers)
-    return elements * KEPT_KV_DEQUANT_S_PER_ELEMENT
+    values = cached_kv_bytes(work) * work.kv_gpu_layers // max(1, work.shape.layers)  # at the model's width
+    if not work.kv_fused_dequant:
+        return values // DTYPE_BYTES[work.dtype] * KEPT_KV_DEQUANT_S_PER_ELEMENT
+    moved = stored_kv_bytes(work, values) + values  # the packed codes and their scales in, the values out
+    return moved / (hw.gpu_memory_gbps * 1e9 * FUSED_KV_DEQUANT_BANDWIDTH_SHARE)
 
 
 def pytorch_dequant_s(work: Workload, gathered_bytes: int) -> float:
@@ -167,7 +175,7 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     # other kernels (BLOOM-176B int4 bfloat16, batch 12: a 3.2-3.3 s step for 1.83 s of copies; a 6.5-6.8 s
     # prefill for 3.9 s of prompt compute).
     dequant_s = pytorch_dequant_s(work, weights + peer_bytes)
-    decode_s = (max(fetch_s, dequant_s) + host_attention_s + kept_kv_dequant_s(work) + decode_compute_s(work, facts, hw)
+    decode_s = (max(fetch_s, dequant_s) + host_attention_s + kept_kv_dequant_s(work, hw) + decode_compute_s(work, facts, hw)
                 + hw.step_overhead_s)
     compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
     prefill_s = max(fetch_s, compute_s + dequant_s) + hw.step_overhead_s

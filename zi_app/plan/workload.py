@@ -33,6 +33,7 @@ class Workload:
     kv_attend_on_host: bool = False  # ... where decode steps attend over it on the CPU (kvcache.attention=host)
     kv_bits: int = 16  # ... held quantized to 8 or 4 bits per element (kvcache.quant); 16: in the model's dtype
     kv_gpu_layers: int = 0  # ... but for this many layers', kept in GPU memory (kvcache.gpu_layers, as planned)
+    kv_fused_dequant: bool = False  # ... dequantized on the GPU by one Triton kernel (kvcache.dequant=triton)
     leaf_modules: bool = False
     refetch_tied: bool = False  # a tied embedding / LM head is fetched twice per step
     reads_checkpoint: bool = False  # weights come from files (mapped into host memory while loading)
@@ -96,6 +97,7 @@ def workload(spec: JobSpec) -> Workload:
                     kv_preallocated=spec.kvcache.cache_implementation == "host",
                     kv_attend_on_host=spec.kvcache.attends_on_host, kv_bits=spec.kvcache.bits,
                     kv_gpu_layers=0 if spec.kvcache.gpu_layers == "auto" else spec.kvcache.planned_gpu_layers,
+                    kv_fused_dequant=spec.kvcache.dequant == "triton",
                     leaf_modules=memory.leaf_modules,
                     # measured: only the reference's small buckets release the embedding between its two uses
                     refetch_tied=shape.tied_embeddings and not memory.leaf_modules

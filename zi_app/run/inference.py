@@ -71,7 +71,7 @@ def generate_arguments(spec: JobSpec) -> Iterator[GenerateArgs]:
         return
     with kvcache.host_kv(spec.model.shape.layers, spec.prompt_len + spec.gen_len, spec.pin,
                          attend_on_host=spec.kvcache.attends_on_host, bits=spec.kvcache.bits,
-                         gpu_layers=spec.kvcache.planned_gpu_layers) as memory:
+                         gpu_layers=spec.kvcache.planned_gpu_layers, dequant=spec.kvcache.planned_dequant) as memory:
         yield GenerateArgs(memory=memory)
 
 

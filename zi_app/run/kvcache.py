@@ -72,8 +72,14 @@ def quantize(x: torch.Tensor, bits: int, codes: torch.Tensor, scales: torch.Tens
             codes.copy_(levels)
 
 
-def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor) -> None:
-    """Write the values of :func:`quantize`'s ``codes`` and ``scales`` into ``out`` (tokens, ..., head_dim)."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.Tensor, kernel: str = "torch") -> None:
+    """Write the values of :func:`quantize`'s ``codes`` and ``scales`` into ``out`` (tokens, ..., head_dim), with
+    PyTorch's kernels (``kernel="torch"``) or one Triton kernel (``"triton"``: :mod:`zi_app.run.kv_kernels`)."""
+    if kernel == "triton":
+        from zi_app.run import kv_kernels  # Triton only where it runs (kvcache.dequant)
+
+        kv_kernels.dequantize(codes, scales, bits, out)
+        return
     for codes, scales, out in _chunks(codes, scales, out):
         if bits == 4:
             codes = torch.stack((codes >> 4, codes & 15), dim=-1).flatten(-2)
@@ -82,13 +88,15 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: torch.
                       out=grouped)
 
 
-def dequantize_with_new(codes: torch.Tensor, scales: torch.Tensor, bits: int, new: torch.Tensor) -> torch.Tensor:
+def dequantize_with_new(codes: torch.Tensor, scales: torch.Tensor, bits: int, new: torch.Tensor,
+                        kernel: str = "torch") -> torch.Tensor:
     """A kept layer's keys or values for attention: its cached tokens (``codes`` and ``scales``, head-major)
-    dequantized 64 at a time (their temporaries a chunk's, as a slot's), then ``new`` as given, contiguous."""
+    dequantized by ``kernel`` (:func:`dequantize`; PyTorch's 64 tokens at a time, so that their temporaries are a
+    chunk's, as a slot's; Triton's, which makes none, at once), then ``new`` as given, contiguous."""
     cached = codes.shape[-2]
     both = new.new_empty(new.shape[:-2] + (cached + new.shape[-2], new.shape[-1]))
-    for part in _token_ranges(cached):
-        dequantize(codes[:, :, :, part], scales[:, :, :, part], bits, out=both[:, :, :, part])
+    for part in _token_ranges(cached, cached if kernel == "triton" else KV_QUANT_CHUNK_TOKENS):
+        dequantize(codes[:, :, :, part], scales[:, :, :, part], bits, both[:, :, :, part], kernel)
     both[:, :, :, cached:].copy_(new)
     return both
 
@@ -110,16 +118,18 @@ class HostKV:
 
     ``layers``: the model's decoder layers; ``max_len``: prompt + generated tokens, the most any ``generate``
     of the job holds; ``pin``: page-lock the host buffer (CUDA only), so that copies are asynchronous DMA;
-    ``gpu_layers``: how many layers' caches stay on the device (:func:`on_gpu`).
+    ``gpu_layers``: how many layers' caches stay on the device (:func:`on_gpu`); ``dequant``: the kernels that
+    dequantize a quantized cache on the device (:func:`dequantize`'s ``kernel``, kvcache.dequant as planned).
     Buffers are made at the first update, when the keys' batch, heads, head size, dtype and device are known.
     """
 
     def __init__(self, layers: int, max_len: int, pin: bool = True, attend_on_host: bool = False,
-                 bits: int = 16, gpu_layers: int = 0) -> None:
+                 bits: int = 16, gpu_layers: int = 0, dequant: str = "torch") -> None:
         if not 0 <= gpu_layers <= layers or (gpu_layers and attend_on_host):
             raise ValueError(f"gpu_layers={gpu_layers}: from 0 to {layers}, and 0 where the host attends")
         self.layers, self.max_len, self.pin, self.attend_on_host = layers, max_len, pin, attend_on_host
         self.bits = bits  # 16: the model's dtype; 8 or 4: quantized on the host (kvcache.quant)
+        self.dequant = dequant
         # Each layer's (store, index): 0 the host buffers, 1 the device's, at the layer's index among them.
         kept = on_gpu(layers, gpu_layers)
         self.gpu_layers = gpu_layers
@@ -289,9 +299,9 @@ def on_gpu(layers: int, gpu_layers: int) -> Tuple[bool, ...]:
 
 @contextlib.contextmanager
 def host_kv(layers: int, max_len: int, pin: bool, attend_on_host: bool = False, bits: int = 16,
-            gpu_layers: int = 0) -> Iterator[HostKV]:
+            gpu_layers: int = 0, dequant: str = "torch") -> Iterator[HostKV]:
     """A job's :class:`HostKV`, closed (its host memory unlocked) on exit."""
-    memory = HostKV(layers, max_len, pin, attend_on_host, bits, gpu_layers)
+    memory = HostKV(layers, max_len, pin, attend_on_host, bits, gpu_layers, dequant)
     try:
         yield memory
     finally:
@@ -419,7 +429,7 @@ class HostKVCache(Cache):
         elif memory.bits == 16:
             both = torch.cat((cached[0], new), dim=-2)
         else:
-            both = dequantize_with_new(*cached, memory.bits, new)
+            both = dequantize_with_new(*cached, memory.bits, new, memory.dequant)
         layer.length, layer.is_initialized = end, True
         # No memory of its own between steps: what attention gets lives while this layer computes.
         layer.keys = layer.values = key_states.new_empty(0)
@@ -465,7 +475,8 @@ class HostKVCache(Cache):
                     memory.h2d_bytes += up.numel() * up.element_size()
                 if memory.bits < 16:
                     with memory.dequantizing():
-                        dequantize(*memory.on_device(index, cached), memory.bits, out=memory.slots[index, cached])
+                        dequantize(*memory.on_device(index, cached), memory.bits, memory.slots[index, cached],
+                                   memory.dequant)
 
 
 def attend_where_cached(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
