@@ -28,12 +28,11 @@ With ``kvcache.gpu_layers`` some layers' caches stay in GPU memory at the host c
 quantized), spread evenly through the model (FlexGen's cache GPU percentage): a step sends over PCIe only the other
 layers' cached tokens, and the host holds only theirs. A kept layer is stored head-major, so that its prefix is
 dequantized straight into the layout attention takes, beside the new tokens at full width: no slot, no copy within
-the GPU, no transposing copy. Dequantizing on the GPU is not free: PyTorch's separate unpack, convert and scale
-kernels cost about as much per cached element as bringing it over the link packed (OPT-30B int4 with every layer
-kept at batch 64 on H100s: 0.368 s a step through slots, where the GPU cache's batch 32 took 0.117; 0.503 s with
-the dequantization compiled into one kernel by ``torch.compile``, where it took 0.135: the compiled kernel was
-slower; the planner's ``KEPT_KV_DEQUANT_S_PER_ELEMENT``). Kept layers pay where the host cache is at the model's
-width, or where the link is slower than the GPU's dequantization.
+the GPU, no transposing copy. A quantized kept layer is dequantized every step, and that is where the choice of
+kernels (``kvcache.dequant``) decides whether keeping it pays: PyTorch's separate unpack, convert and scale kernels
+cost about as much per cached element as bringing it over the link packed (OPT-30B int4 with every layer kept at
+batch 64 on H100s: 0.368 s a step, where the GPU cache's batch 32 took 0.117; ``torch.compile`` made it slower,
+0.503 s), while one Triton kernel (:mod:`zi_app.run.kv_kernels`) reads each packed byte and writes each value once.
 
 On DeepSpeed's CPU accelerator the same path runs with plain copies (the "device" is host memory too), which is
 how the CPU tests check its tokens and the bytes it moves.
