@@ -38,6 +38,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--kernel", nargs="+", choices=("torch", "triton"), default=["torch"],
                         help="kvcache.dequant: the kernels that dequantize (triton: on CUDA, or TRITON_INTERPRET=1)")
+    parser.add_argument("--configs", action="store_true",
+                        help="also time Triton's kernel at each of kv_kernels.CONFIGS (the autotuner's choices)")
     parser.add_argument("--gpu-gbps", type=float, default=3350.0,
                         help="the GPU's memory bandwidth, GB/s, for the share Triton's kernel reaches (H100 SXM: 3350)")
     args = parser.parse_args(argv)
@@ -63,16 +65,26 @@ def main(argv=None) -> None:
         packed = codes.numel() + scales.numel() * scales.element_size()
         link_s = packed / h2d_gbps(pinned=True, nbytes=packed, repeats=args.repeat) / 1e9 if cuda else None
         reference = dequantize_with_new(codes, scales, args.bits, new, "torch")
+        moved = packed + cached.numel() * cached.element_size()  # read once, written once at full width
         for kernel in args.kernel:
             difference = (dequantize_with_new(codes, scales, args.bits, new, kernel).float() - reference.float()).abs()
             kept_s = median_seconds(lambda: dequantize_with_new(codes, scales, args.bits, new, kernel), args.repeat,
                                     cuda)
-            moved = packed + cached.numel() * cached.element_size()  # read once, written once at full width
             link = f"{link_s * 1e3:.3f} | {kept_s / link_s:.2f}" if link_s else " | "
             print(f"| {batch} | {kernel} | {cached.numel() / 1e6:.1f} | {packed / 1e6:.1f} | {kept_s * 1e3:.3f} | "
                   f"{kept_s / cached.numel() * 1e12:.1f} | {moved / kept_s / 1e9 / args.gpu_gbps:.2f} | "
                   f"{difference.max().item():.3g} | "
                   f"{cat_s * 1e3:.3f} | {link} |")
+        if args.configs:  # the dequantization alone (no new token), into a buffer of the cache's shape
+            from zi_app.run import kv_kernels
+
+            out = torch.empty_like(cached)
+            for rows, warps in kv_kernels.CONFIGS:
+                config_s = median_seconds(lambda: kv_kernels.dequantize(codes, scales, args.bits, out, (rows, warps)),
+                                          args.repeat, cuda)
+                print(f"| {batch} | triton, {rows} rows x {warps} warps | | | {config_s * 1e3:.3f} | "
+                      f"{config_s / cached.numel() * 1e12:.1f} | {moved / config_s / 1e9 / args.gpu_gbps:.2f} | "
+                      f"{(out.float() - reference[..., :-1, :].float()).abs().max().item():.3g} | | | |")
 
 if __name__ == "__main__":
     main()

@@ -21,12 +21,14 @@ def kv_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dtype,head_dim", [("float16", 128), ("float16", 16), ("bfloat16", 128), ("float32", 32)])
-def test_fused_dequantization_writes_pytorchs_values_where_it_is_told(kv_kernels, bits, dtype, head_dim):
+@pytest.mark.parametrize("dtype,head_dim,config", [("float16", 128, None), ("float16", 16, (256, 8)),
+                                                   ("bfloat16", 128, (16, 4)), ("float32", 32, None)])
+def test_fused_dequantization_writes_pytorchs_values_where_it_is_told(kv_kernels, bits, dtype, head_dim, config):
     """A kept layer's cached prefix (a strided view of its head-major buffer) into the front of attention's
     tensor, and a slot's token-major chunk: the values of PyTorch's kernels (float16 to the bit; float32 to its
     rounding, PyTorch's CPU kernel fusing the multiply and add; bfloat16 to one unit in the last place, which the
-    interpreter's conversion truncates where the GPU rounds), and nothing written past the tokens given."""
+    interpreter's conversion truncates where the GPU rounds), and nothing written past the tokens given; with blocks
+    of rows the autotuner may pick (``config``) as with the interpreter's."""
     import torch
 
     from zi_app.config.checks import kv_quant_group
@@ -45,10 +47,10 @@ def test_fused_dequantization_writes_pytorchs_values_where_it_is_told(kv_kernels
     assert (expected - values).abs().max() > 0  # quantized: the comparison below is not with the input
 
     both = torch.full((2, 3, 4, cached + 1, head_dim), 7.0, dtype=dtype)  # the new token's place stays as it was
-    kv_kernels.dequantize(codes[:, :, :, :cached], scales[:, :, :, :cached], bits, both[:, :, :, :cached])
+    kv_kernels.dequantize(codes[:, :, :, :cached], scales[:, :, :, :cached], bits, both[:, :, :, :cached], config)
     slot = torch.full((cached, 2, 3, 4, head_dim), 7.0, dtype=dtype)
     kv_kernels.dequantize(codes[:, :, :, :cached].permute(3, 0, 1, 2, 4).contiguous(),
-                          scales[:, :, :, :cached].permute(3, 0, 1, 2, 4, 5).contiguous(), bits, slot)
+                          scales[:, :, :, :cached].permute(3, 0, 1, 2, 4, 5).contiguous(), bits, slot, config)
     rtol, atol = {torch.float16: (0, 0), torch.float32: (2.0**-22, 1e-5), torch.bfloat16: (2.0**-7, 0)}[dtype]
     for got in (both[:, :, :, :cached], slot.permute(1, 2, 3, 0, 4)):
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
