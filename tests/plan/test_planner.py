@@ -127,7 +127,10 @@ TOKENS_MISSES = {"opt67b_resident_hook_tax_2026-12-03:resident-overlap",
                  "opt1-3b_largest_batch_8gib_measured_2026-12-04:batch60",
                  "opt13b_int4_step_2026-12-07:int4", "opt13b_int4_step_2026-12-07:int4-bucket96",
                  "opt13b_int4_step_after_2026-12-07:reference",
-                 "seed_table_opt30b_int4_kvcpu_kept_fused_jobs_2026-12-07:43b5e47e"}
+                 "seed_table_opt30b_int4_kvcpu_kept_fused_jobs_2026-12-07:43b5e47e",
+                 "seed_table_opt30b_int4_kvcpu_triton_first_kernel_jobs_2026-12-07:51cb9d7f",
+                 "seed_table_opt30b_int4_kvcpu_triton_first_kernel_jobs_2026-12-07:8bc05a5f",
+                 "seed_table_opt30b_int4_kvcpu_triton_first_kernel_jobs_2026-12-07:b00c36aa"}
 HOST_MISSES = {"opt1-3b_kvcpu_b64_planner_accuracy_2026-12-04:tuned",
                "opt67b_b64_kv_paths_2026-12-05:cpu_transformers", "opt13b_int4_step_2026-12-07:int4"}
 

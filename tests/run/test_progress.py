@@ -24,7 +24,7 @@ from conftest import SUBPROCESS_TIMEOUT_S, app_env
 from zi_app import validate
 from zi_app.plan.job import plan_job
 from zi_app.plan.speed import Prediction, predicted_job_s
-from zi_app.run.progress import INTERVAL_S, human_seconds, progress
+from zi_app.run.progress import INTERVAL_S, human_seconds, progress, roofline_text
 
 QUICK = ["prompt_len=8", "gen_len=4"]
 # The H200 preset's rates: the planner predicts speed, and so a job's time, on a machine without a GPU.
@@ -135,3 +135,13 @@ def test_sweep_prints_its_planned_time_and_the_time_left(run_app, compose):
     first = re.search(r"^\[1/2\] #0 .*batch=1: COMPLETED .* · about (.+) left$", result.stdout, re.M)
     assert first and first.group(1) == human_seconds(planned[1]), result.tail()
     assert re.search(r"^\[2/2\] #1 .*batch=2: COMPLETED [^·]*$", result.stdout, re.M), "nothing left, no time left"
+
+
+@pytest.mark.quick
+def test_the_roofline_is_said_only_where_something_crossed_the_link():
+    """A decode step that streamed nothing (every weight and the cache on the GPU) has no roofline ratio to print:
+    the line says so instead of "nanx"; one that streamed says its ratio, bytes and rate."""
+    resident = roofline_text({"streamed_bytes_per_step": 0.0, "h2d_gbps": 55.1, "roofline_ratio": float("nan")})
+    assert resident == "no roofline: nothing crossed the link in a decode step (0.00 GB/step at 55.1 GB/s)"
+    streamed = roofline_text({"streamed_bytes_per_step": 4.757e9, "h2d_gbps": 55.1, "roofline_ratio": 2.336})
+    assert streamed == "2.34x the roofline (4.76 GB/step at 55.1 GB/s)"

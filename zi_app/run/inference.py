@@ -12,7 +12,7 @@ import torch
 from zi_app.config.schema import JobSpec
 from zi_app.plan import hardware as machine
 from zi_app.plan.facts import ModelFacts
-from zi_app.run import engine, heap, kvcache, lm_head, loading, measure
+from zi_app.run import engine, heap, kvcache, lm_head, loading, measure, progress
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def _measure_steps(spec: JobSpec, model, prompts, kwargs: GenerateArgs, speed: D
     if torch.cuda.is_available() and "decode_step_s" in speed:
         timeline = measure.decode_step_trace(model, prompts, **kwargs())
         speed.update(roofline(spec, measure.htod_bytes(timeline), speed["decode_step_s"]))
-        on_progress(f"decode step {speed['decode_step_s']:.4f} s = {speed['roofline_ratio']:.2f}x the roofline "
-                    f"({speed['streamed_bytes_per_step'] / 1e9:.2f} GB at {speed['h2d_gbps']:.1f} GB/s)")
+        on_progress(f"decode step {speed['decode_step_s']:.4f} s: {progress.roofline_text(speed)}")
         if spec.profile_step:
             traces["decode_step_timeline"] = timeline
     if spec.profile_step:

@@ -3,9 +3,10 @@
 PyTorch dequantizes a packed cache in separate kernels (unpack the nibbles, convert, scale and shift), each of which
 reads and writes the whole chunk: about 1.0e-11 s per cached element on an H100, what the link takes to bring the
 same int4 element up (docs/benchmarks.md, sixth run), so that a layer kept on the GPU saved nothing. This kernel
-reads each packed byte and its group's minimum and step once and writes the values once, in the layout the caller
-gives (the kept layers' attention layout, a slot's token-major one), a block of rows (one token's head each) a
-program, the block's size chosen by Triton's autotuner on the GPU.
+takes 1.5e-12 s, half the GPU's memory bandwidth, with the same values to the bit (benchmarks/kv_dequant.py,
+docs/benchmarks.md's seventh run). It reads each packed byte and its group's minimum and step once and writes the
+values once, in the layout the caller gives (the kept layers' attention layout, a slot's token-major one), a block
+of rows (one token's head each) a program, the block's size chosen by Triton's autotuner on the GPU.
 
 Imported only where the kernel runs: Triton comes with PyTorch's CUDA wheels for Linux; without a GPU it runs in
 Triton's interpreter (``TRITON_INTERPRET=1``, set before this module is imported), which is how the CPU tests run it.

@@ -104,6 +104,15 @@ def progress(label: str, total: float, unit: str = "it", in_bytes: bool = False)
     work.close()
 
 
+def roofline_text(m: dict) -> str:
+    """The decode step against the PCIe roofline, as the result line and the job's log say it: no ratio where
+    nothing crossed the link in a step (every weight and the KV cache on the GPU)."""
+    streamed = f"{m['streamed_bytes_per_step'] / 1e9:.2f} GB/step at {m['h2d_gbps']:.1f} GB/s"
+    if not m["streamed_bytes_per_step"]:
+        return f"no roofline: nothing crossed the link in a decode step ({streamed})"
+    return f"{m['roofline_ratio']:.2f}x the roofline ({streamed})"
+
+
 def result_line(spec: JobSpec, m: dict, offload_needed: Optional[bool] = None) -> str:
     """One line with a job's headline numbers (a job of several devices: its ranks' count, the whole job's
     tokens/s, the largest rank's GPU peak); the GPU and roofline figures where they were measured, and
@@ -117,8 +126,7 @@ def result_line(spec: JobSpec, m: dict, offload_needed: Optional[bool] = None) -
         parts.append(f"peak GPU {m['peak_gpu_allocated_bytes'] / 2**30:.2f} GiB{' (largest rank)' if ranks else ''} "
                      f"(predicted {m['predicted_peak_gpu_bytes'] / 2**30:.2f})")
     if "roofline_ratio" in m:
-        parts.append(f"{m['roofline_ratio']:.2f}x the roofline ({m['streamed_bytes_per_step'] / 1e9:.2f} GB/step "
-                     f"at {m['h2d_gbps']:.1f} GB/s)")
+        parts.append(roofline_text(m))
     if offload_needed is False:
         parts.append("offload not needed: every weight fits the GPU budget with offload=none")
     return ", ".join(parts)
