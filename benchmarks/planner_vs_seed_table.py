@@ -43,11 +43,14 @@ def plan(point: List[str]) -> dict:
     return plan_point(point, composed(point), cuda=True)
 
 
-def describe(overrides: str) -> str:
-    """A planned point's batch, and its host cache's width where quantized: "bsz 48, KV int4"."""
-    values = dict(o.split("=", 1) for o in overrides.split())
+def describe(row: dict) -> str:
+    """A planned point's batch, its host cache's width where quantized, and the layers whose cache the plan keeps
+    on the GPU: "bsz 48, KV int4, 36 layers kept"."""
+    values = dict(o.split("=", 1) for o in row["overrides"].split())
     width = values.get("kvcache.quant", "none")
-    return f"bsz {values['batch']}" + ("" if width == "none" else f", KV {width}")
+    kept = row.get("kv_gpu_layers") or 0
+    return (f"bsz {values['batch']}" + ("" if width == "none" else f", KV {width}")
+            + (f", {kept} layers kept" if kept else ""))
 
 
 def ratio(ours: Optional[float], published: float) -> str:
@@ -60,8 +63,10 @@ def rows() -> List[List[str]]:
     for (quant, kvcache), models in PUBLISHED.items():
         for model, (published, batch, offload) in models.items():
             common = cell_overrides(model, quant, kvcache, offload)
-            # with the cache offloaded, our host cache at full width and quantized, as seed_table.py sweeps them
-            widths = [[f"kvcache.quant={width}"] for width in ("none", "int4")] if kvcache == "cpu" else [[]]
+            # with the cache offloaded, our host cache at full width and quantized, what the budget holds of it kept
+            # on the GPU, as seed_table.py sweeps them
+            widths = ([[f"kvcache.quant={width}", "kvcache.gpu_layers=auto"] for width in ("none", "int4")]
+                      if kvcache == "cpu" else [[]])
             sweep = [plan([*common, f"batch={b}", "memory=tuned", *width]) for b in BATCHES for width in widths]
             top = best(sweep)
             reference = plan([*common, f"batch={batch}", "memory=reference"])
@@ -70,7 +75,7 @@ def rows() -> List[List[str]]:
             table.append([
                 f"{'int4' if quant == 'int4' else 'fp16'}{', NVMe' if offload == 'nvme' else ''}", kvcache, model,
                 f"{published:.2f} (bsz {batch})",
-                f"{top['predicted_tokens_per_sec']:.2f} ({describe(top['overrides'])})" if top else "none fits",
+                f"{top['predicted_tokens_per_sec']:.2f} ({describe(top)})" if top else "none fits",
                 ratio(top and top["predicted_tokens_per_sec"], published),
                 f"{ref_speed:.2f}" if ref_speed else f"refused: {why}", ratio(ref_speed, published)])
     return table
