@@ -102,8 +102,8 @@ def _kv_dequant_problems(spec: JobSpec, cuda: bool) -> List[ConfigError]:
                                                           "(`pip install triton`, or PyTorch's CUDA wheel)")]
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         return [ConfigError("kvcache.dequant", "triton",
-                            "'torch' or 'auto' without CUDA: Triton's kernels run on a CUDA device, or on the CPU "
-                            "in its interpreter (TRITON_INTERPRET=1, as the tests run it)")]
+                            "'torch' without CUDA (auto plans it for a GPU's hardware): Triton's kernels run on a "
+                            "CUDA device, or on the CPU in its interpreter (TRITON_INTERPRET=1, as the tests run it)")]
     return []
 
 

@@ -96,7 +96,7 @@ def dequantize_with_new(codes: torch.Tensor, scales: torch.Tensor, bits: int, ne
     chunk's, as a slot's; Triton's, which makes none, at once), then ``new`` as given, contiguous."""
     cached = codes.shape[-2]
     both = new.new_empty(new.shape[:-2] + (cached + new.shape[-2], new.shape[-1]))
-    for part in _token_ranges(cached, cached if kernel == "triton" else KV_QUANT_CHUNK_TOKENS):
+    for part in _token_ranges(cached, max(1, cached) if kernel == "triton" else KV_QUANT_CHUNK_TOKENS):
         dequantize(codes[:, :, :, part], scales[:, :, :, part], bits, both[:, :, :, part], kernel)
     both[:, :, :, cached:].copy_(new)
     return both
