@@ -142,7 +142,7 @@ def _measure(cfg: DictConfig, cuda: bool, run_id: str, recorder: "unrecorded.Rec
     """The job inside its open run: validated, planned, run; returns (spec, plan, result). Each measurement
     goes to ``recorder`` as it is taken; the first write the store refuses is raised once the job is done."""
     plan = ready(validate(cfg), cuda)
-    spec = plan.spec  # as planned: kvcache.gpu_layers=auto resolved
+    spec = plan.spec  # as planned: kvcache.gpu_layers=auto and kvcache.dequant=auto resolved (in its config artifact)
     # Predictions mean nothing where DeepSpeed's CPU accelerator keeps everything in host memory.
     recorder(plan.predicted_metrics() if cuda else {})
     if plan.residency.offload_needed is not None:
