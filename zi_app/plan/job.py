@@ -219,7 +219,7 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     if spec.kvcache.dequant == "auto":
         dequant = preflight.kv_dequant_kernel(spec.kvcache.dequant, on_cpu, cuda and here)
         spec = dataclasses.replace(spec, kvcache=dataclasses.replace(spec.kvcache, dequant=dequant))
-    work = dataclasses.replace(workload(spec), on_cpu=on_cpu)
+    work = dataclasses.replace(workload(spec), on_cpu=on_cpu, imports_triton=on_cpu and preflight.triton_installed())
     budget = budget_bytes(spec, device_bytes)
     planned = residency(spec, work, facts, budget)
     if spec.kvcache.gpu_layers == "auto":

@@ -49,6 +49,8 @@ class Workload:
     pin_exact: bool = False  # pinned partitions at their own size (memory.pin_backend=native), not a power of two
     # DeepSpeed's CPU accelerator: what a GPU would hold (KV cache, activations, gathered weights) is host memory
     on_cpu: bool = False
+    # ... where Triton is installed, which torch's compiler stack then imports while the model loads
+    imports_triton: bool = False
 
 
 def persistence_threshold(word: str, h: int) -> int:

@@ -42,7 +42,9 @@ def _dequantize_kernel(codes, scales, out, rows, tokens,
     if BITS == 4:  # two codes a byte, the even element's in the high nibble (zi_app.run.kvcache.quantize)
         pair = tl.arange(0, BLOCK_DIM // 2)[None, :]
         byte = tl.load(packed + pair, mask=live & (pair < HEAD_DIM // 2), other=0)
-        code = tl.interleave(byte >> 4, byte & 15)
+        # tl.interleave's own definition, written out: a function of Triton's standard library made before the
+        # interpreter was asked for (torch imports Triton) cannot run in it
+        code = tl.reshape(tl.join(byte >> 4, byte & 15), (BLOCK_ROWS, BLOCK_DIM))
     else:
         code = tl.load(packed + element, mask=mask, other=0)
     group = scales + outer * scales_outer + token * scales_token + (element // GROUP) * 2
