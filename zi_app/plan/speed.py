@@ -177,8 +177,8 @@ def predict_times(work: Workload, facts: ModelFacts, streamed: int, hw: Hardware
     # other kernels (BLOOM-176B int4 bfloat16, batch 12: a 3.2-3.3 s step for 1.83 s of copies; a 6.5-6.8 s
     # prefill for 3.9 s of prompt compute).
     dequant_s = pytorch_dequant_s(work, weights + peer_bytes)
-    decode_s = (max(fetch_s, dequant_s) + host_attention_s + kept_kv_dequant_s(work, hw) + decode_compute_s(work, facts, hw)
-                + hw.step_overhead_s)
+    decode_s = (max(fetch_s, dequant_s) + host_attention_s + kept_kv_dequant_s(work, hw)
+                + decode_compute_s(work, facts, hw) + hw.step_overhead_s)
     compute_s = prefill_flops(work, facts) / (hw.gpu_tflops * 1e12 * hw.compute_efficiency)
     prefill_s = max(fetch_s, compute_s + dequant_s) + hw.step_overhead_s
     return prefill_s, decode_s
