@@ -216,9 +216,8 @@ def plan_job(spec: JobSpec, cuda: bool, here: bool = True) -> JobPlan:
     device_bytes = hw.gpu_memory_bytes if (cuda or hw.name != "auto") else None
     # Planned for this machine without CUDA, DeepSpeed's CPU accelerator runs the job in host memory.
     on_cpu = not cuda and hw.name == "auto"
-    if spec.kvcache.dequant == "auto":
-        dequant = preflight.kv_dequant_kernel(spec.kvcache.dequant, on_cpu, cuda and here)
-        spec = dataclasses.replace(spec, kvcache=dataclasses.replace(spec.kvcache, dequant=dequant))
+    dequant = preflight.kv_dequant_kernel(spec.kvcache.dequant, on_cpu, cuda and here)  # auto resolved
+    spec = dataclasses.replace(spec, kvcache=dataclasses.replace(spec.kvcache, dequant=dequant))
     work = dataclasses.replace(workload(spec), on_cpu=on_cpu, imports_triton=on_cpu and preflight.triton_installed())
     budget = budget_bytes(spec, device_bytes)
     planned = residency(spec, work, facts, budget)
